@@ -1,0 +1,12 @@
+"""svdq: compress Hugging Face checkpoints with low-rank factors and quantization."""
+__version__ = "0.1.0"
+
+
+def load(path, device: str = "cpu", verify: bool = True):
+    """Load an svdq artifact folder as a ready transformers model."""
+    from svdq.artifact import load as _load
+
+    return _load(path, device=device, verify=verify)
+
+
+__all__ = ["__version__", "load"]

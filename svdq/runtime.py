@@ -1,0 +1,222 @@
+"""Load an svdq artifact with torch, transformers and safetensors alone.
+
+This file is svdq's loader. `svdq compress` copies it, byte for byte, into every artifact as
+`svdq_loader.py`, so an artifact loads where svdq is not installed:
+
+    python out/svdq_loader.py out/            # load, print a summary
+    >>> import svdq_loader; model = svdq_loader.load("out/")
+
+Keep it self-contained: nothing here may import svdq or any package beyond torch,
+transformers and safetensors (json, hashlib and the standard library are fine).
+
+Tensor keys in `model.safetensors` (NAME is a module name such as `model.layers.0.mlp.up_proj`):
+
+    NAME.svdq.s                          Σ, float32, shape (k,)
+    NAME.svdq.u / NAME.svdq.v            16-bit factors: Uᵀ (k, out) and Vᵀ (k, in), float16
+    NAME.svdq.{u,v}.codes / .absmax      the same factors quantized (8-bit or NF4 codes, and
+                                         one float32 absmax per block of the flattened factor)
+    NAME.weight.codes / .absmax          a dense layer stored quantized, weight as (out, in)
+    NAME.bias                            bias of any target layer, in the model's dtype
+    svdq.codebook.8 / svdq.codebook.4    the 256 / 16 code values, stored once
+    anything else                        an untouched tensor of the model under its own name
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import sys
+from pathlib import Path
+
+import torch
+from torch import nn
+
+FORMAT_VERSION = 1
+MANIFEST = "svdq.json"
+TENSORS = "model.safetensors"
+
+
+class ArtifactError(ValueError):
+    """The artifact is missing, damaged or of another format version."""
+
+
+# ----------------------------------------------------------------------------- quantized codes
+def dequantize(codes: torch.Tensor, absmax: torch.Tensor, codebook: torch.Tensor,
+               shape: tuple[int, ...], block_size: int, bits: int) -> torch.Tensor:
+    """Blockwise codes -> float32 tensor of `shape` (the layout bitsandbytes writes).
+
+    8-bit: one code per byte. 4-bit: two codes per byte, the first element in the high nibble.
+    Each block of `block_size` consecutive elements of the flattened tensor shares one absmax.
+    """
+    n = math.prod(shape)
+    flat = codes.reshape(-1)
+    if bits == 4:
+        flat = torch.stack((flat >> 4, flat & 0x0F), dim=1).reshape(-1)
+    idx = flat[:n].long()
+    values = codebook.float()[idx]
+    pad = (-n) % block_size
+    if pad:
+        values = torch.cat((values, values.new_zeros(pad)))
+    values = values.view(-1, block_size) * absmax.float().view(-1, 1)
+    return values.reshape(-1)[:n].reshape(shape)
+
+
+# ----------------------------------------------------------------------------- the module
+class LowRankLinear(nn.Module):
+    """y = ((x Vᵀ) · Σ) Uᵀ + b, a drop-in for a linear layer of shape (out, in).
+
+    `u` holds Uᵀ (rank, out) and `v` holds Vᵀ (rank, in): each row is one singular vector.
+    """
+
+    def __init__(self, u: torch.Tensor, s: torch.Tensor, v: torch.Tensor,
+                 bias: torch.Tensor | None = None):
+        super().__init__()
+        self.in_features, self.out_features, self.rank = v.shape[1], u.shape[1], s.shape[0]
+        self.u = nn.Parameter(u, requires_grad=False)
+        self.s = nn.Parameter(s, requires_grad=False)
+        self.v = nn.Parameter(v, requires_grad=False)
+        self.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = ((x @ self.v.T) * self.s) @ self.u
+        return y if self.bias is None else y + self.bias
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, "
+                f"rank={self.rank}, bias={self.bias is not None}")
+
+
+def _take(tensors: dict, key: str, used: set) -> torch.Tensor:
+    if key not in tensors:
+        raise ArtifactError(f"tensor {key!r} is missing from {TENSORS}: the artifact is damaged; "
+                            "compress the model again")
+    used.add(key)
+    return tensors[key]
+
+
+def _factor(tensors: dict, key: str, shape: tuple[int, int], layer: dict, used: set) -> torch.Tensor:
+    bits = layer["bits"]
+    if bits not in (4, 8):
+        return _take(tensors, key, used).float()
+    codebook = _take(tensors, f"svdq.codebook.{bits}", used)
+    return dequantize(_take(tensors, key + ".codes", used), _take(tensors, key + ".absmax", used),
+                      codebook, shape, layer["block_size"], bits)
+
+
+def build_layer(layer: dict, tensors: dict, dtype: torch.dtype, used: set) -> nn.Module | None:
+    """The module that replaces target layer `layer` (a plan entry), or None if it stays as is."""
+    name, out_f, in_f = layer["name"], layer["out_features"], layer["in_features"]
+    bias_key = name + ".bias"
+    bias = _take(tensors, bias_key, used).to(dtype) if layer["bias"] else None
+    if layer["kind"] == "lowrank":
+        k = layer["rank"]
+        u = _factor(tensors, name + ".svdq.u", (k, out_f), layer, used)
+        v = _factor(tensors, name + ".svdq.v", (k, in_f), layer, used)
+        s = _take(tensors, name + ".svdq.s", used).float()
+        return LowRankLinear(u.to(dtype), s.to(dtype), v.to(dtype), bias)
+    if layer["bits"] in (4, 8):
+        w = _factor(tensors, name + ".weight", (out_f, in_f), layer, used)
+        linear = nn.Linear(in_f, out_f, bias=bias is not None, device="meta")
+        linear.weight = nn.Parameter(w.to(dtype), requires_grad=False)
+        if bias is not None:
+            linear.bias = nn.Parameter(bias, requires_grad=False)
+        return linear
+    used.discard(bias_key)  # a layer kept in its own form loads with the untouched tensors
+    return None
+
+
+def set_module(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, child, module)
+
+
+# ----------------------------------------------------------------------------- reading
+def sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 22), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def read_manifest(path: str | Path, verify: bool = True) -> dict:
+    """The manifest of artifact folder `path`, after checking format version and checksum."""
+    folder = Path(path)
+    if not (folder / MANIFEST).is_file():
+        raise ArtifactError(f"{folder} is not an svdq artifact (no {MANIFEST}); "
+                            "give the folder that `svdq compress -o` wrote")
+    try:
+        manifest = json.loads((folder / MANIFEST).read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ArtifactError(f"{folder / MANIFEST} is not valid JSON ({e}); "
+                            "the artifact is damaged: compress the model again") from None
+    version = manifest.get("format_version")
+    if version != FORMAT_VERSION:
+        raise ArtifactError(f"{folder} has svdq format version {version!r}, this loader reads "
+                            f"version {FORMAT_VERSION}; use the svdq release that wrote it")
+    if not (folder / TENSORS).is_file():
+        raise ArtifactError(f"{folder / TENSORS} is missing; the artifact is incomplete")
+    if verify and sha256(folder / TENSORS) != manifest.get("sha256"):
+        raise ArtifactError(f"{folder / TENSORS} does not match the checksum in {MANIFEST} "
+                            "(truncated or modified); compress the model again")
+    return manifest
+
+
+def load(path: str | Path, device: str | torch.device = "cpu", verify: bool = True) -> nn.Module:
+    """Load artifact folder `path` as a ready transformers model in eval mode.
+
+    Every stored tensor must be used and every tensor of the model provided, or it refuses.
+    """
+    import transformers
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    folder = Path(path)
+    manifest = read_manifest(folder, verify)
+    try:
+        tensors = load_file(folder / TENSORS)
+    except (SafetensorError, OSError) as e:
+        raise ArtifactError(f"cannot read {folder / TENSORS} ({e}); compress the model again") from None
+    config = transformers.AutoConfig.from_pretrained(folder)
+    dtype = getattr(torch, manifest["dtype"])
+    model_cls = getattr(transformers, manifest["architecture"])
+    model = model_cls(config).to(dtype)  # every weight below is overwritten; strictness checks it
+    used: set[str] = set()
+    replaced = set()
+    for layer in manifest["layers"]:
+        module = build_layer(layer, tensors, dtype, used)
+        if module is not None:
+            set_module(model, layer["name"], module)
+            replaced.add(layer["name"])
+    state = {}
+    for key in model.state_dict():
+        if key.rpartition(".")[0] in replaced:
+            continue
+        source = manifest.get("aliases", {}).get(key, key)
+        state[key] = _take(tensors, source, used)
+    unused = sorted(set(tensors) - used)
+    if unused:
+        raise ArtifactError(f"{TENSORS} holds {len(unused)} tensors the manifest does not explain "
+                            f"(first: {unused[0]!r}); the artifact is inconsistent")
+    model.load_state_dict(state, strict=False, assign=True)  # `state` covers every key: strict by construction
+    return model.to(device).eval()
+
+
+def main(argv: list[str]) -> int:
+    if len(argv) != 1:
+        print("usage: python svdq_loader.py ARTIFACT_FOLDER", file=sys.stderr)
+        return 2
+    try:
+        model = load(argv[0])
+    except ArtifactError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    n = sum(p.numel() for p in model.parameters())
+    lowrank = sum(isinstance(m, LowRankLinear) for m in model.modules())
+    print(f"loaded {type(model).__name__} from {argv[0]}: {n:,} parameters in memory, "
+          f"{lowrank} low-rank layers")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -1,0 +1,88 @@
+"""Shared fixtures: tiny models built from configs, a word-level tokenizer, calibration text.
+
+Nothing here touches the network: HF_HUB_OFFLINE is set before transformers is imported.
+"""
+from __future__ import annotations
+
+import os
+
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import random
+from pathlib import Path
+
+import pytest
+import torch
+
+WORDS = ("the of and to in a is that for it as was with be by on not he this are or his from "
+         "at which but have an they you were her she there one all we their can has been if "
+         "more when will would who so no model layer rank error weight matrix low data text "
+         "small large value input output train test left right first last time year day").split()
+
+
+def make_tokenizer(folder: Path):
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {w: i for i, w in enumerate(["<unk>", "<s>", "</s>", *WORDS])}
+    core = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    core.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok = PreTrainedTokenizerFast(tokenizer_object=core, unk_token="<unk>", bos_token="<s>",
+                                  eos_token="</s>", pad_token="</s>")
+    tok.save_pretrained(folder)
+    return tok
+
+
+def make_text(n_words: int, seed: int = 0) -> str:
+    rng = random.Random(seed)
+    # a little structure (bigram habits) so models and statistics are not pure noise
+    out, prev = [], 0
+    for _ in range(n_words):
+        prev = (prev + rng.choice((1, 2, 3, 7))) % len(WORDS) if rng.random() < 0.7 else rng.randrange(len(WORDS))
+        out.append(WORDS[prev])
+    return " ".join(out)
+
+
+def tiny_config(arch: str, vocab: int):
+    from transformers import BertConfig, GPT2Config, LlamaConfig
+
+    if arch == "gpt2":
+        return GPT2Config(n_embd=64, n_layer=2, n_head=4, vocab_size=vocab, n_positions=128,
+                          bos_token_id=1, eos_token_id=2, architectures=["GPT2LMHeadModel"])
+    if arch == "llama":
+        return LlamaConfig(hidden_size=64, intermediate_size=160, num_hidden_layers=2,
+                           num_attention_heads=4, num_key_value_heads=2, vocab_size=vocab,
+                           max_position_embeddings=128, bos_token_id=1, eos_token_id=2,
+                           tie_word_embeddings=True, architectures=["LlamaForCausalLM"])
+    if arch == "bert":
+        return BertConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                          intermediate_size=160, vocab_size=vocab, max_position_embeddings=128,
+                          architectures=["BertModel"])
+    raise ValueError(arch)
+
+
+def make_model(arch: str, folder: Path, seed: int = 0) -> Path:
+    """A tiny model of `arch` with random weights saved with its tokenizer into `folder`."""
+    import transformers
+
+    folder.mkdir(parents=True, exist_ok=True)
+    tok = make_tokenizer(folder)
+    config = tiny_config(arch, len(tok))
+    torch.manual_seed(seed)
+    model = getattr(transformers, config.architectures[0])(config)
+    model.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def models(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("models")
+    return {arch: make_model(arch, root / arch) for arch in ("gpt2", "llama", "bert")}
+
+
+@pytest.fixture(scope="session")
+def calib_file(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("text") / "calib.txt"
+    path.write_text(make_text(20000))
+    return path
