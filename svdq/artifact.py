@@ -70,6 +70,7 @@ def _config_dict(model) -> dict:
     config = model.config.to_dict()
     config.pop("quantization_config", None)  # a GGUF source's; the artifact is plain weights
     config.pop("_commit_hash", None)
+    config["architectures"] = [type(model).__name__]  # GGUF sources record none
     return config
 
 

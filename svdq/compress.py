@@ -7,6 +7,8 @@ the artifact will hold. The next block receives the outputs of the original bloc
 """
 from __future__ import annotations
 
+import time
+from collections import defaultdict
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -34,6 +36,7 @@ class Result:
     tensors: dict[str, torch.Tensor]  # the target layers' stored tensors, by artifact key
     calibration: dict
     source_params: int  # parameters of the model before compression (tied ones once)
+    timings: dict[str, float] = field(default_factory=dict)  # seconds per stage
     notes: list[str] = field(default_factory=list)
 
 
@@ -78,11 +81,21 @@ def compress(source: Source, settings: Settings, progress: Progress | None = Non
     names = surgery.targets(model, settings.include, settings.exclude)
     torch.manual_seed(settings.seed)
 
+    clock = defaultdict(float)
+    t0 = time.perf_counter()
+
+    def lap(stage: str) -> None:
+        nonlocal t0
+        now = time.perf_counter()
+        clock[stage] += now - t0
+        t0 = now
+
     report("calibration text", 0, 1)
     ids, calibration = calibrate.calibration_ids(
         model, source.tokenizer, settings.calib, settings.calib_samples, settings.calib_len,
         settings.batch_size, settings.seed, source.is_causal)
     report("calibration text", 1, 1)
+    lap("calibration text")
     inputs = calibrate.block_inputs(model, blocks[0], ids, settings.batch_size)
 
     layers: list[dict] = []
@@ -92,12 +105,14 @@ def compress(source: Source, settings: Settings, progress: Progress | None = Non
         mine = {n: model.get_submodule(n) for n in names if n.startswith(f"{prefix}.{i}.")}
         with calibrate.collect(mine) as stats:
             outputs = [(calibrate.run_block(block, h, kw), kw) for h, kw in inputs]
+        lap("forward and statistics")
         for name, module in mine.items():
             w = weight_of(module).float()
             bias = None if module.bias is None else module.bias.detach().float()
             st = stats[name]
             st.gram, st.total = st.gram.to(device), st.total.to(device)
             factors = factorize(settings.method, w, st)
+            lap("factorize")
             choice = choose(w, bias, factors, st, settings.eps, settings.bits, settings.block_size)
             stored = {k: v.cpu() for k, v in _stored(name, module, choice).items()}
             plan = _plan(name, module, choice, stored, settings)
@@ -109,8 +124,9 @@ def compress(source: Source, settings: Settings, progress: Progress | None = Non
                 surgery.set_module(model, name, replacement.to(device))
                 tensors.update(stored)
             layers.append(plan)
+            lap("rank search and quantization")
             report("layers", len(layers), len(names))
         inputs = [(h, kw) for h, kw in outputs]
     for b in sorted(codebooks_used):
         tensors[f"svdq.codebook.{b}"] = codebook(b)
-    return Result(model, layers, tensors, calibration, params)
+    return Result(model, layers, tensors, calibration, params, dict(clock))

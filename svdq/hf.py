@@ -5,6 +5,8 @@ weights as (out, in) through `weight_of`, the one place that knows.
 """
 from __future__ import annotations
 
+import contextlib
+import functools
 import hashlib
 import os
 import warnings
@@ -71,6 +73,9 @@ def _model_class(config) -> type:
     for name in getattr(config, "architectures", None) or []:
         if hasattr(transformers, name):
             return getattr(transformers, name)
+    # no architecture recorded (GGUF files): a causal LM when the config type has one
+    if type(config) in transformers.AutoModelForCausalLM._model_mapping:
+        return transformers.AutoModelForCausalLM
     return transformers.AutoModel
 
 
@@ -106,7 +111,8 @@ def load_source(spec: str, revision: str | None = None, dtype: str = "auto") -> 
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             config = transformers.AutoConfig.from_pretrained(folder, **kwargs)
-            model = _model_class(config).from_pretrained(folder, dtype=torch_dtype, **kwargs)
+            with _quiet_gguf():
+                model = _model_class(config).from_pretrained(folder, dtype=torch_dtype, **kwargs)
             tokenizer = transformers.AutoTokenizer.from_pretrained(folder, **kwargs)
     except OSError as e:
         if kind != "hub":
@@ -126,6 +132,22 @@ def load_source(spec: str, revision: str | None = None, dtype: str = "auto") -> 
     sha = file_sha256(path) if kind == "gguf" else None
     rev = getattr(model.config, "_commit_hash", None) if kind == "hub" else None
     return Source(model, tokenizer, kind, spec, revision=rev or revision, sha256=sha, notes=notes)
+
+
+@contextlib.contextmanager
+def _quiet_gguf():
+    """transformers' GGUF reader draws its own tqdm bar on stderr; svdq shows its own status."""
+    try:
+        from transformers import modeling_gguf_pytorch_utils as gguf_utils
+    except ImportError:  # pragma: no cover - transformers without GGUF support
+        yield
+        return
+    original = gguf_utils.tqdm
+    gguf_utils.tqdm = functools.partial(original, disable=True)
+    try:
+        yield
+    finally:
+        gguf_utils.tqdm = original
 
 
 def _fallback(spec: str) -> Path | None:

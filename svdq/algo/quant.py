@@ -11,6 +11,7 @@ Quantizing goes through bitsandbytes' functional quantizers; de-quantizing is th
 """
 from __future__ import annotations
 
+import logging
 import math
 from dataclasses import dataclass
 
@@ -44,9 +45,18 @@ class Quantized:
                           self.block_size, self.bits)
 
 
+def _bnb():
+    """bitsandbytes.functional, imported without its warning about optional CPU GEMM kernels
+    (svdq quantizes with bitsandbytes but never runs its matmuls)."""
+    logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
+    import bitsandbytes.functional
+
+    return bitsandbytes.functional
+
+
 def codebook(bits: int) -> torch.Tensor:
     """The code values bitsandbytes uses for `bits` (stored once per artifact)."""
-    import bitsandbytes.functional as bnbf
+    bnbf = _bnb()
 
     if bits == 8:
         return bnbf.create_dynamic_map(signed=True).float()
@@ -60,7 +70,7 @@ def quantize(w: torch.Tensor, bits: int, block_size: int) -> Quantized:
     shape = tuple(w.shape)
     if bits == 16:
         return Quantized(w.detach().to(torch.float16).contiguous(), None, shape, 16, block_size)
-    import bitsandbytes.functional as bnbf
+    bnbf = _bnb()
 
     w = w.detach().float().contiguous()
     if bits == 8:
