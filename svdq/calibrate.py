@@ -59,6 +59,8 @@ def _self_text(model: nn.Module, tokenizer, samples: int, length: int, batch_siz
     device = next(model.parameters()).device
     torch.manual_seed(seed)
     out = []
+    # decoding is bound by per-step overhead, not FLOPs: wide batches cost little more per step
+    batch_size = max(batch_size, 32)
     for i in range(0, samples, batch_size):
         n = min(batch_size, samples - i)
         prompt = torch.full((n, 1), start, dtype=torch.long, device=device)
@@ -143,12 +145,16 @@ def collect(modules: dict[str, nn.Module]) -> Iterator[dict[str, LayerStats]]:
 
     def hook_for(name: str) -> Callable:
         def hook(module, args):
-            x = args[0].detach()
+            src = args[0]
+            x = src.detach()
             x = x.reshape(-1, x.shape[-1])
-            key = (x.data_ptr(), tuple(x.shape))
-            if last.get("key") != key:
+            # Same object, not modified in place since. Holding `src` keeps its memory from being
+            # recycled for the next batch's input (a data_ptr key alone reused a stale Gram then).
+            version = None if src.is_inference() else src._version
+            if last.get("src") is not src or last.get("version") != version:
                 x32 = x.float()
-                last.update(key=key, gram=(x32.T @ x32).double(), total=x32.sum(0).double())
+                last.update(src=src, version=version, gram=(x32.T @ x32).double(),
+                            total=x32.sum(0).double())
             st = stats.get(name)
             if st is None:
                 stats[name] = LayerStats(last["gram"].clone(), last["total"].clone(), x.shape[0])
@@ -164,3 +170,4 @@ def collect(modules: dict[str, nn.Module]) -> Iterator[dict[str, LayerStats]]:
     finally:
         for h in handles:
             h.remove()
+        last.clear()

@@ -9,6 +9,8 @@ import contextlib
 import functools
 import hashlib
 import os
+import socket
+import urllib.parse
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -83,6 +85,19 @@ def _offline() -> bool:
     return os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes")
 
 
+def hub_reachable(timeout: float = 3.0) -> bool:
+    """Can a TCP connection to the hub be opened? Checked once up front, because an
+    unreachable hub otherwise costs a minute of retries inside huggingface_hub."""
+    if _offline():
+        return False
+    url = urllib.parse.urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
+    try:
+        socket.create_connection((url.hostname, url.port or 443), timeout=timeout).close()
+    except OSError:
+        return False
+    return True
+
+
 def load_source(spec: str, revision: str | None = None, dtype: str = "auto") -> Source:
     """Load `spec` (hub id, local HF folder or .gguf file) with its tokenizer."""
     import transformers
@@ -106,7 +121,9 @@ def load_source(spec: str, revision: str | None = None, dtype: str = "auto") -> 
     else:
         folder, kind = spec, "hub"
         kwargs["revision"] = revision
-    notes: list[str] = []
+    offline = kind == "hub" and not hub_reachable()
+    if offline:
+        kwargs["local_files_only"] = True  # the local HF cache may still have it
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
@@ -117,21 +134,22 @@ def load_source(spec: str, revision: str | None = None, dtype: str = "auto") -> 
     except OSError as e:
         if kind != "hub":
             raise SvdqError(f"cannot load {spec}: {str(e).splitlines()[0]}") from None
+        message = str(e).lower()
+        if not (offline or "offline" in message or "connect" in message):
+            raise SvdqError(f"model {spec!r} was not found on the Hugging Face hub; check the id "
+                            "(and --revision) or give a local folder") from None
         fallback = _fallback(spec)
-        if fallback is not None:
-            source = load_source(str(fallback), dtype=dtype)
-            source.notes.append(f"the hub was unreachable: loaded {spec} from the offline "
-                                f"copy {fallback}")
-            return source
-        if _offline() or "offline" in str(e).lower() or "connect" in str(e).lower():
+        if fallback is None:
             raise SvdqError(f"cannot download {spec}: the Hugging Face hub is unreachable "
                             "(offline); give a local model folder or .gguf file") from None
-        raise SvdqError(f"model {spec!r} was not found on the Hugging Face hub; check the id "
-                        "(and --revision) or give a local folder") from None
+        source = load_source(str(fallback), dtype=dtype)
+        source.notes.append(f"the Hugging Face hub is unreachable: loaded {spec} from its "
+                            f"offline copy {fallback}")
+        return source
     model.eval()
     sha = file_sha256(path) if kind == "gguf" else None
     rev = getattr(model.config, "_commit_hash", None) if kind == "hub" else None
-    return Source(model, tokenizer, kind, spec, revision=rev or revision, sha256=sha, notes=notes)
+    return Source(model, tokenizer, kind, spec, revision=rev or revision, sha256=sha)
 
 
 @contextlib.contextmanager

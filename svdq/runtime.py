@@ -114,7 +114,7 @@ def build_layer(layer: dict, tensors: dict, dtype: torch.dtype, used: set) -> nn
         v = _factor(tensors, name + ".svdq.v", (k, in_f), layer, used)
         s = _take(tensors, name + ".svdq.s", used).float()
         return LowRankLinear(u.to(dtype), s.to(dtype), v.to(dtype), bias)
-    if layer["bits"] in (4, 8):
+    if layer["bits"] is not None:  # 4, 8 or 16 bits
         w = _factor(tensors, name + ".weight", (out_f, in_f), layer, used)
         linear = nn.Linear(in_f, out_f, bias=bias is not None, device="meta")
         linear.weight = nn.Parameter(w.to(dtype), requires_grad=False)
