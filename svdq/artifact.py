@@ -84,7 +84,8 @@ def save(out: Path, source: Source, result: Result, settings: Settings,
     try:
         untouched, aliases = untouched_tensors(result)
         tensors = {**untouched, **result.tensors}
-        save_file(tensors, str(tmp / runtime.TENSORS), metadata={"format": "pt", "svdq": __version__})
+        # one metadata key only: safetensors writes several in random order (runs must match)
+        save_file(tensors, str(tmp / runtime.TENSORS), metadata={"format": "pt"})
         tensor_bytes = sum(t.numel() * t.element_size() for t in tensors.values())
         dtype = next(result.model.parameters()).dtype
         manifest = {

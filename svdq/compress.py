@@ -10,13 +10,13 @@ from __future__ import annotations
 import time
 from collections import defaultdict
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Callable, Iterator
 
 import torch
 from torch import nn
 
 from svdq import calibrate, surgery
-from svdq.algo.factorize import factorize
+from svdq.algo.factorize import Factors, LayerStats, factorize
 from svdq.algo.quant import codebook
 from svdq.algo.search import Choice, choose
 from svdq.config import Settings
@@ -69,64 +69,102 @@ def _plan(name: str, module: nn.Module, choice: Choice, tensors: dict, settings:
             "error": choice.error}
 
 
-def compress(source: Source, settings: Settings, progress: Progress | None = None) -> Result:
-    """Compress `source.model` in place according to `settings`."""
-    report = progress or (lambda stage, done, total: None)
+class Clock:
+    """Seconds spent per stage: `lap(stage)` charges the time since the previous lap."""
+
+    def __init__(self) -> None:
+        self.spent: dict[str, float] = defaultdict(float)
+        self._t = time.perf_counter()
+
+    def lap(self, stage: str) -> None:
+        now = time.perf_counter()
+        self.spent[stage] += now - self._t
+        self._t = now
+
+
+@dataclass
+class LayerWork:
+    """What choosing a layer's form needs, computed once: weight, statistics, factors."""
+
+    name: str
+    module: nn.Module  # the original layer
+    w: torch.Tensor  # (out, in) float32
+    bias: torch.Tensor | None
+    stats: LayerStats
+    factors: Factors
+
+
+def walk(source: Source, settings: Settings, clock: Clock, report: Progress,
+         calibration: dict) -> Iterator[LayerWork]:
+    """Calibrate, then walk the blocks; yield each target layer's work as its block is done.
+
+    The caller may replace a yielded layer in the model at once: the block's outputs, which
+    feed the next block, were computed before the first of its layers is yielded.
+    """
     device = torch.device(settings.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise SvdqError("--device cuda was asked for but no CUDA GPU is available; use --device cpu")
     model = source.model.to(device)
-    params = sum(p.numel() for p in model.parameters())
     prefix, blocks = blocks_of(model)
     names = surgery.targets(model, settings.include, settings.exclude)
     torch.manual_seed(settings.seed)
 
-    clock = defaultdict(float)
-    t0 = time.perf_counter()
-
-    def lap(stage: str) -> None:
-        nonlocal t0
-        now = time.perf_counter()
-        clock[stage] += now - t0
-        t0 = now
-
     report("calibration text", 0, 1)
-    ids, calibration = calibrate.calibration_ids(
+    ids, info = calibrate.calibration_ids(
         model, source.tokenizer, settings.calib, settings.calib_samples, settings.calib_len,
         settings.batch_size, settings.seed, source.is_causal)
+    calibration.update(info)
     report("calibration text", 1, 1)
-    lap("calibration text")
+    clock.lap("calibration text")
     inputs = calibrate.block_inputs(model, blocks[0], ids, settings.batch_size)
-
-    layers: list[dict] = []
-    tensors: dict[str, torch.Tensor] = {}
-    codebooks_used: set[int] = set()
+    done = 0
     for i, block in enumerate(blocks):
         mine = {n: model.get_submodule(n) for n in names if n.startswith(f"{prefix}.{i}.")}
         with calibrate.collect(mine) as stats:
             outputs = [(calibrate.run_block(block, h, kw), kw) for h, kw in inputs]
-        lap("forward and statistics")
+        clock.lap("forward and statistics")
         for name, module in mine.items():
             w = weight_of(module).float()
             bias = None if module.bias is None else module.bias.detach().float()
             st = stats[name]
             st.gram, st.total = st.gram.to(device), st.total.to(device)
             factors = factorize(settings.method, w, st)
-            lap("factorize")
-            choice = choose(w, bias, factors, st, settings.eps, settings.bits, settings.block_size)
-            stored = {k: v.cpu() for k, v in _stored(name, module, choice).items()}
-            plan = _plan(name, module, choice, stored, settings)
-            if choice.bits in (4, 8):
-                codebooks_used.add(choice.bits)
-            if choice.kind == "lowrank" or choice.bits is not None:
-                with_books = {**stored, **{f"svdq.codebook.{b}": codebook(b) for b in (4, 8)}}
-                replacement = build_layer(plan, with_books, module.weight.dtype, set())
-                surgery.set_module(model, name, replacement.to(device))
-                tensors.update(stored)
-            layers.append(plan)
-            lap("rank search and quantization")
-            report("layers", len(layers), len(names))
-        inputs = [(h, kw) for h, kw in outputs]
-    for b in sorted(codebooks_used):
+            clock.lap("factorize")
+            yield LayerWork(name, module, w, bias, st, factors)
+            done += 1
+            report("layers", done, len(names))
+        inputs = outputs
+
+
+def realize(model: nn.Module, work: LayerWork, choice: Choice,
+            settings: Settings) -> tuple[dict, dict[str, torch.Tensor]]:
+    """Swap `choice` for layer `work.name` into `model`; returns its plan entry and tensors."""
+    module = work.module
+    stored = {k: v.cpu() for k, v in _stored(work.name, module, choice).items()}
+    plan = _plan(work.name, module, choice, stored, settings)
+    if choice.kind == "lowrank" or choice.bits is not None:
+        with_books = {**stored, **{f"svdq.codebook.{b}": codebook(b) for b in (4, 8)}}
+        replacement = build_layer(plan, with_books, module.weight.dtype, set())
+        surgery.set_module(model, work.name, replacement.to(module.weight.device))
+    else:
+        stored = {}  # kept as is: its tensors are stored with the untouched ones
+    return plan, stored
+
+
+def compress(source: Source, settings: Settings, progress: Progress | None = None) -> Result:
+    """Compress `source.model` in place according to `settings`."""
+    report = progress or (lambda stage, done, total: None)
+    params = sum(p.numel() for p in source.model.parameters())
+    clock, calibration = Clock(), {}
+    layers: list[dict] = []
+    tensors: dict[str, torch.Tensor] = {}
+    for work in walk(source, settings, clock, report, calibration):
+        choice = choose(work.w, work.bias, work.factors, work.stats, settings.eps, settings.bits,
+                        settings.block_size)
+        plan, stored = realize(source.model, work, choice, settings)
+        layers.append(plan)
+        tensors.update(stored)
+        clock.lap("rank search and quantization")
+    for b in sorted({p["bits"] for p in layers if p["bits"] in (4, 8)}):
         tensors[f"svdq.codebook.{b}"] = codebook(b)
-    return Result(model, layers, tensors, calibration, params, dict(clock))
+    return Result(source.model, layers, tensors, calibration, params, dict(clock.spent))
