@@ -119,7 +119,12 @@ def _swap_in(tmp: Path, out: Path) -> None:
     if out.exists():
         old = out.with_name(f".{out.name}.old-{os.getpid()}")
         out.rename(old)
-    tmp.rename(out)
+    try:
+        tmp.rename(out)
+    except BaseException:
+        if old is not None:
+            old.rename(out)  # put the previous artifact back
+        raise
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
 
