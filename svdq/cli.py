@@ -5,7 +5,7 @@ import json
 import os
 import sys
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 import typer
 from rich.console import Console
@@ -16,13 +16,26 @@ from svdq.errors import SvdqError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="Compress Hugging Face checkpoints with low-rank factors and quantization.")
-out = Console()
-err = Console(stderr=True)
+out = Console(soft_wrap=True)
+err = Console(stderr=True, soft_wrap=True)
 
 
 def _fail(message: str, code: int = 1) -> None:
     err.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
     raise typer.Exit(code)
+
+
+def _progress() -> tuple[Progress, Callable[[str, int, int], None]]:
+    """A transient progress display on stderr and the (stage, done, total) callback feeding it."""
+    bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                   TimeElapsedColumn(), console=err, transient=True)
+    tasks: dict[str, int] = {}
+
+    def progress(stage: str, done: int, total: int) -> None:
+        if stage not in tasks:
+            tasks[stage] = bar.add_task(stage, total=total)
+        bar.update(tasks[stage], completed=done, total=total)
+    return bar, progress
 
 
 def _mb(n: int) -> str:
@@ -79,15 +92,7 @@ def _run_compress(model: str, output: Path, settings, revision, overwrite: bool,
         source = hf.load_source(model, revision=revision, dtype=settings.dtype)
     for note in source.notes:
         err.print(f"[yellow]warning:[/] {note}", highlight=False)
-    bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                   TimeElapsedColumn(), console=err, transient=True)
-    tasks: dict[str, int] = {}
-
-    def progress(stage: str, done: int, total: int) -> None:
-        if stage not in tasks:
-            tasks[stage] = bar.add_task(stage, total=total)
-        bar.update(tasks[stage], completed=done)
-
+    bar, progress = _progress()
     with bar:
         result = run(source, settings, progress)
     if "warning" in result.calibration:
@@ -291,6 +296,105 @@ def _eval_summary(report: dict, manifest: Optional[dict]) -> None:
         out.print(f"similarity to {sim['source']} on {sim['n']} lines of {sim['file']}: "
                   f"mean {sim['mean']:.6f}, min {sim['min']:.6f}, 5th percentile {sim['p5']:.6f}",
                   highlight=False)
+
+
+def _floats(text: str, what: str) -> list[float]:
+    try:
+        return [float(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise SvdqError(f"--{what} takes comma-separated numbers, e.g. 0.02,0.05,0.1; got {text!r}") from None
+
+
+@app.command()
+def sweep(
+    model: str = typer.Argument(..., help="Hub id, local Hugging Face folder, or .gguf file."),
+    output: Path = typer.Option(..., "-o", "--output", help="Folder for results.json, "
+                                "results.csv and frontier.png."),
+    eps: str = typer.Option("0.02,0.05,0.1,0.2", help="Comma-separated eps values."),
+    bits: str = typer.Option("4,8", help="Comma-separated bit widths (4, 8, 16)."),
+    ppl: Optional[str] = typer.Option(None, "--ppl", help="Perplexity on wikitext or a text file."),
+    similarity: Optional[str] = typer.Option(None, "--similarity", help="Sentences file: cosine "
+                                             "similarity to the source (encoders)."),
+    block_size: int = typer.Option(64, help="Elements per quantization block."),
+    method: str = typer.Option("svd", help="Factorization."),
+    calib: str = typer.Option("auto", help="wikitext, self, or a text file (as for compress)."),
+    calib_samples: int = typer.Option(32, help="Calibration sequences."),
+    calib_len: int = typer.Option(512, help="Tokens per calibration sequence."),
+    ctx: Optional[int] = typer.Option(None, help="Perplexity window (default: model context, ≤1024)."),
+    stride: Optional[int] = typer.Option(None, help="Perplexity stride (default ctx)."),
+    max_tokens: int = typer.Option(16384, help="Evaluate on the first N tokens of the text (0: all)."),
+    batch_size: int = typer.Option(1, help="Windows (or sentences) per evaluation forward pass."),
+    include: list[str] = typer.Option([], help="Only layers matching this glob (repeatable)."),
+    exclude: list[str] = typer.Option([], help="Never layers matching this glob (repeatable)."),
+    device: str = typer.Option("cpu", help="cpu or cuda."),
+    seed: int = typer.Option(0, help="Seed for calibration sampling."),
+    overwrite: bool = typer.Option(False, help="Replace results already in the output folder."),
+    as_json: bool = typer.Option(False, "--json", help="Print the results as JSON."),
+) -> None:
+    """Compress MODEL at every eps × bits, evaluate each against quantization-only baselines."""
+    from svdq import evaluate as ev
+    from svdq import hf
+    from svdq import sweep as sw
+    from svdq.config import Settings
+
+    try:
+        if (ppl is None) == (similarity is None):
+            raise SvdqError("give exactly one quality measure: --ppl wikitext|FILE or --similarity FILE")
+        eps_list, bits_list = _floats(eps, "eps"), [int(b) for b in _floats(bits, "bits")]
+        if not eps_list or not bits_list:
+            raise SvdqError("--eps and --bits need at least one value each")
+        # one Settings carries what the shared analysis needs; eps and bits vary per setting
+        settings = Settings(eps=eps_list[0], bits=bits_list[0], block_size=block_size,
+                            method=method, include=tuple(include), exclude=tuple(exclude),
+                            calib=calib, calib_samples=calib_samples, calib_len=calib_len,
+                            seed=seed, device=device)
+        if output.exists() and (not output.is_dir() or (any(output.iterdir()) and not overwrite)):
+            raise SvdqError(f"{output} exists and is not an empty folder; pass --overwrite or "
+                            "choose another -o")
+        for e in eps_list:  # every value is checked before minutes of work
+            for b in bits_list:
+                Settings(eps=e, bits=b, block_size=block_size)
+        ev.check_options(ctx, stride, max_tokens, batch_size, device)
+        text = ev.read_text(ppl) if ppl is not None else None
+        lines = ev.read_lines(similarity) if similarity is not None else None
+        if lines == []:
+            raise SvdqError(f"{similarity} has no non-empty lines; give one sentence per line")
+        with err.status(f"loading {model}"):
+            source = hf.load_source(model, dtype="auto")
+        for note in source.notes:
+            err.print(f"[yellow]warning:[/] {note}", highlight=False)
+        measure, metric = sw.evaluator(source, text, lines, ctx, stride, max_tokens, batch_size)
+        bar, progress = _progress()
+        with bar:
+            results = sw.run(source, settings, eps_list, bits_list, measure, metric, progress)
+        results["evaluation"] = {"text": text[1] if text else similarity, "max_tokens": max_tokens,
+                                 "ctx": ctx, "stride": stride, "lines": len(lines or [])}
+        files = sw.write(results, output)
+    except SvdqError as e:
+        _fail(str(e))
+    except KeyboardInterrupt:
+        _fail("interrupted", 130)
+    if as_json:
+        print(json.dumps(results))
+        return
+    _sweep_table(results)
+    out.print("wrote " + ", ".join(str(f) for f in files), highlight=False)
+
+
+def _sweep_table(results: dict) -> None:
+    better = "lower" if results["metric"] == "perplexity" else "higher"
+    table = Table(title=f"{results['source']}: {results['metric']} ({better} is better); "
+                  f"analysis (calibration, statistics, SVDs) {results['analysis_s']} s, done once",
+                  title_justify="left")
+    for col in ("method", "bits", "eps", "bytes", "× fp16", results["metric"], "low-rank",
+                "frontier"):
+        table.add_column(col, justify="left" if col == "method" else "right", no_wrap=True)
+    for r in results["rows"]:
+        table.add_row(r["method"], str(r["bits"] or "-"), "-" if r["eps"] is None else f"{r['eps']:g}",
+                      f"{r['target_bytes']:,}", f"{r['target_ratio_fp16']:.3f}",
+                      f"{r['quality']:.4f}", f"{r['lowrank_layers']}/{r['layers']}",
+                      "★" if r["pareto"] else "")
+    out.print(table)
 
 
 def main() -> None:

@@ -149,7 +149,8 @@ def load_source(spec: str, revision: str | None = None, dtype: str = "auto") -> 
     model.eval()
     sha = file_sha256(path) if kind == "gguf" else None
     rev = getattr(model.config, "_commit_hash", None) if kind == "hub" else None
-    return Source(model, tokenizer, kind, spec, revision=rev or revision, sha256=sha)
+    ident = spec if kind == "hub" else str(path.resolve())  # a path that works from anywhere
+    return Source(model, tokenizer, kind, ident, revision=rev or revision, sha256=sha)
 
 
 @contextlib.contextmanager
