@@ -1,0 +1,75 @@
+"""Benchmark: the size-versus-quality frontier of svdq against quantization-only baselines.
+
+    python benchmarks/sweep.py smollm2   # perplexity, ctx 1024, 16,384 evaluated tokens
+    python benchmarks/sweep.py minilm    # sentence-embedding similarity to the source
+
+Both use the offline assets (svdq.assets): the Wikipedia text is split by characters into a
+calibration part (the first 80%) and an evaluation part (the last 20%), so the two never
+overlap. MiniLM is evaluated on sentences cut from the evaluation part. Runs `svdq sweep` as a
+child process and leaves results.json, results.csv and frontier.png in
+benchmarks/results/sweep_<model>/, with the command in command.txt.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from svdq import assets
+
+HERE = Path(__file__).parent
+
+
+def split_text(folder: Path) -> tuple[Path, Path, Path]:
+    """calib.txt (first 80% of the wiki text), eval.txt (the rest), sentences.txt (from eval)."""
+    text = assets.fetch("wiki").read_text(encoding="utf-8")
+    cut = text.index("\n\n", int(0.8 * len(text)))  # at an article boundary
+    folder.mkdir(parents=True, exist_ok=True)
+    calib, evaluation, sentences = folder / "calib.txt", folder / "eval.txt", folder / "sentences.txt"
+    calib.write_text(text[:cut], encoding="utf-8")
+    evaluation.write_text(text[cut:].lstrip(), encoding="utf-8")
+    found = [s.strip() for s in re.split(r"(?<=[.!?])\s+", text[cut:])]
+    found = [s for s in found if 40 <= len(s) <= 300 and "\n" not in s]
+    sentences.write_text("\n".join(found[:1000]) + "\n", encoding="utf-8")
+    return calib, evaluation, sentences
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("model", choices=["smollm2", "minilm"])
+    parser.add_argument("--eps", default="0.02,0.05,0.1,0.2")
+    parser.add_argument("--bits", default="4,8")
+    parser.add_argument("--method", default="svd")
+    parser.add_argument("--out", type=Path, default=None)
+    args = parser.parse_args()
+
+    calib, evaluation, sentences = split_text(assets.cache_dir() / "bench-text")
+    out = args.out or HERE / "results" / f"sweep_{args.model}"
+    common = ["--eps", args.eps, "--bits", args.bits, "--method", args.method,
+              "--calib", str(calib), "-o", str(out), "--overwrite"]
+    if args.model == "smollm2":
+        cmd = ["svdq", "sweep", str(assets.fetch("smollm2")), *common, "--ppl", str(evaluation),
+               "--ctx", "1024", "--max-tokens", "16384"]
+    else:
+        cmd = ["svdq", "sweep", str(assets.fetch("minilm")), *common, "--calib-len", "128",
+               "--similarity", str(sentences), "--batch-size", "32"]
+    shown = " ".join(c.replace(str(assets.cache_dir()), "$SVDQ_CACHE") for c in cmd)
+    print(shown, flush=True)
+    start = time.perf_counter()
+    run = subprocess.run(cmd, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    if run.returncode != 0:
+        sys.exit(run.returncode)
+    wall = time.perf_counter() - start
+    (out / "command.txt").write_text(
+        f"python benchmarks/sweep.py {args.model} --eps {args.eps} --bits {args.bits} "
+        f"--method {args.method}\n# which ran:\n{shown}\n# wall time: {wall:.0f} s on "
+        f"{os.cpu_count()} CPUs\n")
+    print(f"wall time {wall:.0f} s; results in {out}")
+
+
+if __name__ == "__main__":
+    main()
