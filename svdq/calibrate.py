@@ -154,13 +154,15 @@ def collect(modules: dict[str, nn.Module]) -> Iterator[dict[str, LayerStats]]:
             if last.get("src") is not src or last.get("version") != version:
                 x32 = x.float()
                 last.update(src=src, version=version, gram=(x32.T @ x32).double(),
-                            total=x32.sum(0).double())
+                            total=x32.sum(0).double(), abs_total=x32.abs().sum(0).double())
             st = stats.get(name)
             if st is None:
-                stats[name] = LayerStats(last["gram"].clone(), last["total"].clone(), x.shape[0])
+                stats[name] = LayerStats(last["gram"].clone(), last["total"].clone(), x.shape[0],
+                                         last["abs_total"].clone())
             else:
                 st.gram += last["gram"]
                 st.total += last["total"]
+                st.abs_total += last["abs_total"]
                 st.tokens += x.shape[0]
         return hook
 

@@ -49,7 +49,8 @@ def compress(
     eps: float = typer.Option(0.05, help="Largest relative output error allowed per layer."),
     bits: int = typer.Option(8, help="Bits of the stored factors: 4 (NF4), 8 or 16 (float16)."),
     block_size: int = typer.Option(64, help="Elements per quantization block."),
-    method: str = typer.Option("svd", help="Factorization: svd."),
+    method: str = typer.Option("svd", help="Factorization: svd, asvd (activation-scaled) or "
+                               "whiten (SVD-LLM, truncation-aware)."),
     calib: str = typer.Option("auto", help="wikitext, self (text sampled from the model), or a "
                               "text file. auto: wikitext, else self for causal LMs."),
     calib_samples: int = typer.Option(32, help="Calibration sequences."),

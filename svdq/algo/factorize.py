@@ -19,6 +19,7 @@ class LayerStats:
     gram: torch.Tensor  # XᵀX, float64 (in, in)
     total: torch.Tensor  # Σ_t x_t, float64 (in,)
     tokens: int
+    abs_total: torch.Tensor | None = None  # Σ_t |x_t|, float64 (in,), for activation scaling
 
 
 @dataclass
@@ -50,6 +51,56 @@ def plain_svd(w: torch.Tensor, stats: LayerStats) -> Factors:
     """Truncated SVD of the weight itself: optimal in ‖W − Ŵ‖_F, blind to the data."""
     u, s, vt = torch.linalg.svd(w.float(), full_matrices=False)
     return Factors(u, s, vt)
+
+
+def gram_root(gram: torch.Tensor, rel_damp: float = 1e-6) -> tuple[torch.Tensor, torch.Tensor]:
+    """A square root S of the damped Gram matrix (G + λI = S Sᵀ) and its inverse, float64.
+
+    ‖X Δᵀ‖_F = ‖Δ S‖_F, so S carries the calibration data into weight space. Cholesky first,
+    with the damping raised tenfold while it fails; for a Gram that stays indefinite in
+    floating point, the eigendecomposition (S = Q √Λ, eigenvalues floored at the damping).
+    """
+    g = gram.double()
+    scale = float(g.diagonal().mean()) or 1.0
+    eye = torch.eye(g.shape[0], dtype=g.dtype, device=g.device)
+    for damp in (rel_damp, rel_damp * 10, rel_damp * 100, rel_damp * 1000):
+        root, info = torch.linalg.cholesky_ex(g + damp * scale * eye)
+        if int(info) == 0:
+            inverse = torch.linalg.solve_triangular(root, eye, upper=False)
+            return root, inverse
+    values, vectors = torch.linalg.eigh(g)
+    values = values.clamp_min(rel_damp * scale).sqrt()
+    return vectors * values, (vectors / values).T
+
+
+@register("whiten")
+def whitened_svd(w: torch.Tensor, stats: LayerStats) -> Factors:
+    """Truncation-aware SVD (SVD-LLM): factorize W S with G = S Sᵀ, store Vᵀ S⁻¹.
+
+    Truncating W S at rank k is then optimal for the output error on the calibration inputs,
+    and that error is exactly sqrt(Σ_{i>k} σᵢ²) / ‖X Wᵀ‖ before quantization.
+    """
+    root, inverse = gram_root(stats.gram)
+    u, s, vt = torch.linalg.svd(w.double() @ root, full_matrices=False)
+    return Factors(u.float(), s.float(), (vt @ inverse).float())
+
+
+ASVD_ALPHA = 0.5
+
+
+@register("asvd")
+def activation_aware_svd(w: torch.Tensor, stats: LayerStats) -> Factors:
+    """ASVD: scale input channel j by (mean |x_j|)^α, factorize, fold 1/scale back into Vᵀ.
+
+    Channels that carry large activations weigh more in the truncation, a cheap, diagonal
+    stand-in for whitening.
+    """
+    if stats.abs_total is None:
+        raise ValueError("asvd needs the mean |x| per input channel (LayerStats.abs_total)")
+    mean_abs = (stats.abs_total / max(stats.tokens, 1)).double()
+    scale = mean_abs.clamp_min(1e-8 * float(mean_abs.max() or 1.0)) ** ASVD_ALPHA
+    u, s, vt = torch.linalg.svd(w.double() * scale, full_matrices=False)
+    return Factors(u.float(), s.float(), (vt / scale).float())
 
 
 def factorize(method: str, w: torch.Tensor, stats: LayerStats) -> Factors:
