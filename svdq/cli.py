@@ -317,7 +317,8 @@ def sweep(
     similarity: Optional[str] = typer.Option(None, "--similarity", help="Sentences file: cosine "
                                              "similarity to the source (encoders)."),
     block_size: int = typer.Option(64, help="Elements per quantization block."),
-    method: str = typer.Option("svd", help="Factorization."),
+    method: str = typer.Option("svd", help="Comma-separated factorizations to compare: "
+                               "svd, asvd, whiten."),
     calib: str = typer.Option("auto", help="wikitext, self, or a text file (as for compress)."),
     calib_samples: int = typer.Option(32, help="Calibration sequences."),
     calib_len: int = typer.Option(512, help="Tokens per calibration sequence."),
@@ -345,8 +346,11 @@ def sweep(
         if not eps_list or not bits_list:
             raise SvdqError("--eps and --bits need at least one value each")
         # one Settings carries what the shared analysis needs; eps and bits vary per setting
+        methods = [m.strip() for m in method.split(",") if m.strip()]
+        for m in methods:
+            Settings(method=m)
         settings = Settings(eps=eps_list[0], bits=bits_list[0], block_size=block_size,
-                            method=method, include=tuple(include), exclude=tuple(exclude),
+                            method=methods[0] if methods else "", include=tuple(include), exclude=tuple(exclude),
                             calib=calib, calib_samples=calib_samples, calib_len=calib_len,
                             seed=seed, device=device)
         if output.exists() and (not output.is_dir() or (any(output.iterdir()) and not overwrite)):
@@ -367,7 +371,8 @@ def sweep(
         measure, metric = sw.evaluator(source, text, lines, ctx, stride, max_tokens, batch_size)
         bar, progress = _progress()
         with bar:
-            results = sw.run(source, settings, eps_list, bits_list, measure, metric, progress)
+            results = sw.run(source, settings, eps_list, bits_list, measure, metric, progress,
+                             methods)
         results["evaluation"] = {"text": text[1] if text else similarity, "max_tokens": max_tokens,
                                  "ctx": ctx, "stride": stride, "lines": len(lines or [])}
         files = sw.write(results, output)

@@ -19,6 +19,7 @@ from typing import Callable
 import torch
 from torch import nn
 
+from svdq.algo.factorize import factorize
 from svdq.algo.quant import quantize
 from svdq.algo.search import Choice, choose, error_norm2, output_norm2
 from svdq.compress import Clock, LayerWork, Progress, realize, walk
@@ -93,12 +94,23 @@ def evaluator(source: Source, text: tuple[str, str] | None, lines: list[str] | N
 
 
 def run(source: Source, settings: Settings, eps_list: list[float], bits_list: list[int],
-        evaluate: Evaluate, metric: Metric, progress: Progress | None = None) -> dict:
-    """Analyse once, then evaluate baselines and every (bits, eps) setting."""
+        evaluate: Evaluate, metric: Metric, progress: Progress | None = None,
+        methods: list[str] | None = None) -> dict:
+    """Analyse once, then evaluate baselines and every (method, bits, eps) setting.
+
+    `methods` defaults to `settings.method`; the calibration statistics serve them all, and
+    each method factorizes each layer once.
+    """
     report = progress or (lambda stage, done, total: None)
+    methods = methods or [settings.method]
     clock, calibration = Clock(), {}
     original = source.model
     works = list(walk(source, settings, clock, report, calibration))
+    factors = {settings.method: [w.factors for w in works]}
+    for method in methods:
+        if method not in factors:
+            factors[method] = [factorize(method, w.w, w.stats) for w in works]
+            clock.lap("factorize")
     analysis_s = sum(clock.spent.values())
     fp16_bytes = sum(2 * (w.w.numel() + (0 if w.bias is None else w.bias.numel())) for w in works)
     jobs: list[tuple[str, int | None, float | None, Callable[[], list[Choice]] | None]] = [
@@ -110,10 +122,12 @@ def run(source: Source, settings: Settings, eps_list: list[float], bits_list: li
             label = "bnb-nf4" if bits == 4 else "bnb-8bit"
             jobs.append((label, bits, None,
                          lambda b=bits: [_dense(w, b, settings.block_size) for w in works]))
-    for bits in bits_list:
-        for eps in eps_list:
-            jobs.append((settings.method, bits, eps, lambda b=bits, e=eps: [
-                choose(w.w, w.bias, w.factors, w.stats, e, b, settings.block_size) for w in works]))
+    for method in methods:
+        for bits in bits_list:
+            for eps in eps_list:
+                jobs.append((method, bits, eps, lambda m=method, b=bits, e=eps: [
+                    choose(w.w, w.bias, f, w.stats, e, b, settings.block_size)
+                    for w, f in zip(works, factors[m])]))
     rows = []
     for i, (label, bits, eps, make) in enumerate(jobs):
         report("settings", i, len(jobs))
