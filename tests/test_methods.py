@@ -104,3 +104,36 @@ def test_asvd_needs_abs_statistics(layer):
     w, _, x, stats = layer
     with pytest.raises(ValueError, match="mean \\|x\\|"):
         factorize("asvd", w.float(), LayerStats(stats.gram, stats.total, stats.tokens))
+
+
+def test_sweep_compares_methods_on_one_calibration(models, calib_file, monkeypatch):
+    """Every method factorizes every layer exactly once; calibration runs once for all."""
+    from svdq import calibrate, evaluate, hf, sweep
+    from svdq.algo import factorize as fz
+    from svdq.config import Settings
+
+    calls = {"svd": 0, "whiten": 0, "calibration": 0}
+    for name in ("svd", "whiten"):
+        original = fz.METHODS[name]
+
+        def counted(w, stats, _name=name, _fn=original):
+            calls[_name] += 1
+            return _fn(w, stats)
+        monkeypatch.setitem(fz.METHODS, name, counted)
+    real_ids = calibrate.calibration_ids
+
+    def counted_ids(*args, **kwargs):
+        calls["calibration"] += 1
+        return real_ids(*args, **kwargs)
+    monkeypatch.setattr(calibrate, "calibration_ids", counted_ids)
+
+    source = hf.load_source(str(models["llama"]))
+    ids = evaluate.tokenize(source.tokenizer, calib_file.read_text()[:4000])
+    measure = lambda m: {"quality": evaluate.perplexity(m, ids, ctx=64)["ppl"]}  # noqa: E731
+    settings = Settings(calib=str(calib_file), calib_samples=4, calib_len=32)
+    results = sweep.run(source, settings, [0.3, 0.5], [8], measure, sweep.Metric("perplexity", True),
+                        methods=["svd", "whiten"])
+    layers = results["rows"][0]["layers"]
+    assert calls == {"svd": layers, "whiten": layers, "calibration": 1}
+    found = {(r["method"], r["eps"]) for r in results["rows"] if r["eps"] is not None}
+    assert found == {(m, e) for m in ("svd", "whiten") for e in (0.3, 0.5)}
