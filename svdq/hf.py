@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import hashlib
 import os
 import socket
 import urllib.parse
@@ -19,6 +18,7 @@ import torch
 from torch import nn
 
 from svdq.errors import SvdqError
+from svdq.runtime import sha256
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -59,14 +59,6 @@ class Source:
     @property
     def is_causal(self) -> bool:
         return bool(getattr(self.model, "can_generate", lambda: False)())
-
-
-def file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 22), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _model_class(config) -> type:
@@ -147,7 +139,7 @@ def load_source(spec: str, revision: str | None = None, dtype: str = "auto") -> 
                             f"offline copy {fallback}")
         return source
     model.eval()
-    sha = file_sha256(path) if kind == "gguf" else None
+    sha = sha256(path) if kind == "gguf" else None
     rev = getattr(model.config, "_commit_hash", None) if kind == "hub" else None
     ident = spec if kind == "hub" else str(path.resolve())  # a path that works from anywhere
     return Source(model, tokenizer, kind, ident, revision=rev or revision, sha256=sha)
