@@ -75,6 +75,17 @@ def make_model(arch: str, folder: Path, seed: int = 0) -> Path:
     return folder
 
 
+@pytest.fixture(autouse=True, scope="session")
+def one_thread():
+    """Tiny models gain nothing from threads, and a busy machine makes threads wait on each
+    other (on a loaded 2-core box two threads made tiny ops 10x slower): run every test's torch
+    work on one thread."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="session")
 def models(tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("models")

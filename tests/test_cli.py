@@ -28,16 +28,6 @@ FAST = ["--calib-samples", "4", "--calib-len", "32", "--batch-size", "4"]
 ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models gain nothing from threads, and a busy machine makes threads wait on each
-    other (milliseconds per op): run this module's torch work on one thread."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def run(*args: str):
     result = CliRunner().invoke(app, [str(a) for a in args])
     return result

@@ -39,16 +39,6 @@ KEPT = ("gpt2", 0.03, 4)  # NF4 error ~0.03: low-rank, dense 4-bit and kept-as-i
 CASES = [G4, G8, G16, L4, L8, B8, KEPT]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models gain nothing from threads, and a busy machine makes threads wait on each
-    other (milliseconds per op): run this module's torch work on one thread."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def ids_for(tokenizer, n_words: int = 24, seed: int = 5) -> torch.Tensor:
     return torch.tensor([tokenizer(make_text(n_words, seed), add_special_tokens=False)["input_ids"]])
 
@@ -275,7 +265,7 @@ def test_standalone_loader_without_svdq(built, tmp_path):
     paths = sysconfig.get_paths()
     site = "\0".join(sorted({paths["purelib"], paths["platlib"]}))
     env = {k: v for k, v in os.environ.items() if not k.startswith("PYTHON")}
-    env["OMP_NUM_THREADS"] = "1"  # as in this process (see one_thread)
+    env["OMP_NUM_THREADS"] = "1"  # as in this process (see conftest.one_thread)
     # -I: no PYTHONPATH, no user site, no script folder; -S: no site module, so no .pth files
     proc = subprocess.run([sys.executable, "-I", "-S", str(script), site, *jobs],
                           cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
@@ -494,7 +484,7 @@ def test_save_refuses_non_empty_output(built, tmp_path):
 @pytest.mark.slow
 def test_full_size_gpt2_round_trip(tmp_path, calib_file):
     """GPT-2 124M shapes, random weights: compresses, saves and loads back in under 3 minutes
-    (about 40 s here, on the one thread `one_thread` leaves; 48 SVDs are most of it)."""
+    (about 40 s here, on the one thread `conftest.one_thread` leaves; 48 SVDs are most of it)."""
     import transformers
 
     folder = tmp_path / "gpt2-124m"
