@@ -299,11 +299,14 @@ def _eval_summary(report: dict, manifest: Optional[dict]) -> None:
                   highlight=False)
 
 
-def _floats(text: str, what: str) -> list[float]:
+def _values(text: str, what: str, kind: type, example: str) -> list:
+    """Comma-separated values of `kind`, each once, in the order given."""
     try:
-        return [float(x) for x in text.split(",") if x.strip()]
+        values = [kind(x) for x in text.split(",") if x.strip()]
     except ValueError:
-        raise SvdqError(f"--{what} takes comma-separated numbers, e.g. 0.02,0.05,0.1; got {text!r}") from None
+        raise SvdqError(f"--{what} takes comma-separated {kind.__name__}s, e.g. {example}; "
+                        f"got {text!r}") from None
+    return list(dict.fromkeys(values))
 
 
 @app.command()
@@ -342,11 +345,12 @@ def sweep(
     try:
         if (ppl is None) == (similarity is None):
             raise SvdqError("give exactly one quality measure: --ppl wikitext|FILE or --similarity FILE")
-        eps_list, bits_list = _floats(eps, "eps"), [int(b) for b in _floats(bits, "bits")]
+        eps_list = _values(eps, "eps", float, "0.02,0.05,0.1")
+        bits_list = _values(bits, "bits", int, "4,8")
         if not eps_list or not bits_list:
             raise SvdqError("--eps and --bits need at least one value each")
         # one Settings carries what the shared analysis needs; eps and bits vary per setting
-        methods = [m.strip() for m in method.split(",") if m.strip()]
+        methods = _values(method, "method", str.strip, "svd,whiten")
         for m in methods:
             Settings(method=m)
         settings = Settings(eps=eps_list[0], bits=bits_list[0], block_size=block_size,
