@@ -299,12 +299,12 @@ def _eval_summary(report: dict, manifest: Optional[dict]) -> None:
                   highlight=False)
 
 
-def _values(text: str, what: str, kind: type, example: str) -> list:
+def _values(text: str, what: str, kind: Callable, example: str, noun: str = "numbers") -> list:
     """Comma-separated values of `kind`, each once, in the order given."""
     try:
         values = [kind(x) for x in text.split(",") if x.strip()]
     except ValueError:
-        raise SvdqError(f"--{what} takes comma-separated {kind.__name__}s, e.g. {example}; "
+        raise SvdqError(f"--{what} takes comma-separated {noun}, e.g. {example}; "
                         f"got {text!r}") from None
     return list(dict.fromkeys(values))
 
@@ -346,11 +346,11 @@ def sweep(
         if (ppl is None) == (similarity is None):
             raise SvdqError("give exactly one quality measure: --ppl wikitext|FILE or --similarity FILE")
         eps_list = _values(eps, "eps", float, "0.02,0.05,0.1")
-        bits_list = _values(bits, "bits", int, "4,8")
+        bits_list = _values(bits, "bits", int, "4,8", "whole numbers")
         if not eps_list or not bits_list:
             raise SvdqError("--eps and --bits need at least one value each")
         # one Settings carries what the shared analysis needs; eps and bits vary per setting
-        methods = _values(method, "method", str.strip, "svd,whiten")
+        methods = _values(method, "method", str.strip, "svd,whiten", "names")
         for m in methods:
             Settings(method=m)
         settings = Settings(eps=eps_list[0], bits=bits_list[0], block_size=block_size,
