@@ -12,6 +12,7 @@ benchmarks/results/sweep_<model>/, with the command in command.txt.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import re
 import subprocess
@@ -36,6 +37,23 @@ def split_text(folder: Path) -> tuple[Path, Path, Path]:
     found = [s for s in found if 40 <= len(s) <= 300 and "\n" not in s]
     sentences.write_text("\n".join(found[:1000]) + "\n", encoding="utf-8")
     return calib, evaluation, sentences
+
+
+def summary(results: dict) -> str:
+    """The results as a markdown table, one row per variant in the order they ran."""
+    metric = results["metric"]
+    lines = [f"| method | bits | eps | bytes vs fp16 | {metric} | low-rank layers | frontier |",
+             "|---|---|---|---|---|---|---|"]
+    for r in results["rows"]:
+        lines.append(f"| {r['method']} | {r['bits'] or '-'} | "
+                     f"{'-' if r['eps'] is None else format(r['eps'], 'g')} | "
+                     f"{r['target_ratio_fp16']:.3f} | {r['quality']:.4f} | "
+                     f"{r['lowrank_layers']}/{r['layers']} | {'★' if r['pareto'] else ''} |")
+    stages = ", ".join(f"{k} {v} s" for k, v in results["analysis_stages_s"].items())
+    evals = sum(r["eval_s"] for r in results["rows"])
+    lines += ["", f"Analysis once for all settings: {results['analysis_s']} s ({stages}); "
+              f"evaluation of {len(results['rows'])} variants: {evals:.0f} s in all."]
+    return "\n".join(lines) + "\n"
 
 
 def main() -> None:
@@ -68,6 +86,9 @@ def main() -> None:
         f"python benchmarks/sweep.py {args.model} --eps {args.eps} --bits {args.bits} "
         f"--method {args.method}\n# which ran:\n{shown}\n# wall time: {wall:.0f} s on "
         f"{os.cpu_count()} CPUs\n")
+    results = json.loads((out / "results.json").read_text())
+    (out / "summary.md").write_text(summary(results))
+    print(summary(results))
     print(f"wall time {wall:.0f} s; results in {out}")
 
 
