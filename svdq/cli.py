@@ -62,6 +62,8 @@ def compress(
     device: str = typer.Option("cpu", help="cpu or cuda."),
     dtype: str = typer.Option("auto", help="auto (the checkpoint's), float32, float16 or bfloat16."),
     seed: int = typer.Option(0, help="Seed for sampling calibration text; runs are reproducible."),
+    sequential: bool = typer.Option(False, help="Calibrate each block on the outputs of the "
+                                    "blocks already compressed (one more forward per block)."),
     overwrite: bool = typer.Option(False, help="Replace a non-empty output folder."),
     as_json: bool = typer.Option(False, "--json", help="Print a JSON summary instead of tables."),
 ) -> None:
@@ -73,7 +75,8 @@ def compress(
         settings = Settings(eps=eps, bits=bits, block_size=block_size, method=method,
                             include=tuple(include), exclude=tuple(exclude), calib=calib,
                             calib_samples=calib_samples, calib_len=calib_len,
-                            batch_size=batch_size, seed=seed, device=device, dtype=dtype)
+                            batch_size=batch_size, seed=seed, device=device, dtype=dtype,
+                            sequential=sequential)
         artifact.check_output(output, overwrite)
         if calib not in ("auto", "wikitext", "self") and not Path(calib).is_file():
             raise SvdqError(f"calibration file {calib} does not exist; give a text file, "

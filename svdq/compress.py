@@ -3,7 +3,8 @@
 The walk captures what the first block receives, then runs the blocks one at a time on those
 inputs. Per block: hooks gather the statistics of its target layers while the block runs,
 then each target is factorized once, its rank searched, and the layer swapped for the module
-the artifact will hold. The next block receives the outputs of the original block.
+the artifact will hold. The next block receives the outputs of the original block, or with
+`--sequential` those of the block as compressed.
 """
 from __future__ import annotations
 
@@ -99,7 +100,9 @@ def walk(source: Source, settings: Settings, clock: Clock, report: Progress,
     """Calibrate, then walk the blocks; yield each target layer's work as its block is done.
 
     The caller may replace a yielded layer in the model at once: the block's outputs, which
-    feed the next block, were computed before the first of its layers is yielded.
+    feed the next block, were computed before the first of its layers is yielded. With
+    `settings.sequential` the block runs again once all its layers were yielded, so the next
+    block is calibrated on what the compressed blocks before it really produce.
     """
     device = torch.device(settings.device)
     if device.type == "cuda" and not torch.cuda.is_available():
@@ -133,6 +136,9 @@ def walk(source: Source, settings: Settings, clock: Clock, report: Progress,
             yield LayerWork(name, module, w, bias, st, factors)
             done += 1
             report("layers", done, len(names))
+        if settings.sequential:  # the caller has swapped this block's layers in: rerun it
+            outputs = [(calibrate.run_block(block, h, kw), kw) for h, kw in inputs]
+            clock.lap("forward and statistics")
         inputs = outputs
 
 

@@ -25,6 +25,7 @@ class Settings:
     seed: int = 0
     device: str = "cpu"
     dtype: str = "auto"
+    sequential: bool = False  # calibrate each block on the outputs of the compressed blocks before it
     _version: int = field(default=SETTINGS_VERSION, repr=False)
 
     def __post_init__(self) -> None:

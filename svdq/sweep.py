@@ -24,6 +24,7 @@ from svdq.algo.quant import quantize
 from svdq.algo.search import Choice, choose, error_norm2, output_norm2
 from svdq.compress import Clock, LayerWork, Progress, realize, walk
 from svdq.config import Settings
+from svdq.errors import SvdqError
 from svdq.hf import Source
 
 Evaluate = Callable[[nn.Module], dict]  # model -> {"quality": float, ...}
@@ -101,6 +102,9 @@ def run(source: Source, settings: Settings, eps_list: list[float], bits_list: li
     `methods` defaults to `settings.method`; the calibration statistics serve them all, and
     each method factorizes each layer once.
     """
+    if settings.sequential:
+        raise SvdqError("sweep shares one calibration across settings, which --sequential "
+                        "cannot (its statistics depend on each setting's choices); drop it")
     report = progress or (lambda stage, done, total: None)
     methods = methods or [settings.method]
     clock, calibration = Clock(), {}
