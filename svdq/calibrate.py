@@ -95,7 +95,7 @@ def calibration_ids(model: nn.Module, tokenizer, calib: str, samples: int, lengt
     info["source"] = "wikitext" if what == "WikiText-2 train" else str(Path(calib).resolve())
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+        ids = tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"]  # long text is chunked here
     return _chunks(ids, samples, length, seed, what), info
 
 
