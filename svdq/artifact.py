@@ -97,6 +97,7 @@ def save(out: Path, source: Source, result: Result, settings: Settings,
             "timings_s": {k: round(v, 2) for k, v in result.timings.items()},
             "notes": source.notes + result.notes, "aliases": aliases, "layers": result.layers,
             "totals": totals(result.layers, tensor_bytes, result.source_params, dtype.itemsize),
+            **({"budget": result.budget} if result.budget is not None else {}),
             "sha256": runtime.sha256(tmp / runtime.TENSORS),
         }
         (tmp / runtime.MANIFEST).write_text(json.dumps(manifest, indent=1))

@@ -46,7 +46,13 @@ def _mb(n: int) -> str:
 def compress(
     model: str = typer.Argument(..., help="Hub id, local Hugging Face folder, or .gguf file."),
     output: Path = typer.Option(..., "-o", "--output", help="Artifact folder to write."),
-    eps: float = typer.Option(0.05, help="Largest relative output error allowed per layer."),
+    eps: Optional[float] = typer.Option(None, help="Largest relative output error allowed per "
+                                        "layer (default 0.05)."),
+    ratio: Optional[float] = typer.Option(None, help="Instead of --eps: total stored bytes of the "
+                                          "target layers at most RATIO × their fp16 bytes."),
+    size: Optional[str] = typer.Option(None, help="Instead of --eps: total stored bytes of the "
+                                       "target layers, e.g. 60MB, 1.5GiB (B, KB, MB, GB, KiB, "
+                                       "MiB, GiB)."),
     bits: int = typer.Option(8, help="Bits of the stored factors: 4 (NF4), 8 or 16 (float16)."),
     block_size: int = typer.Option(64, help="Elements per quantization block."),
     method: str = typer.Option("svd", help="Factorization: svd, asvd (activation-scaled) or "
@@ -69,14 +75,18 @@ def compress(
 ) -> None:
     """Compress MODEL into an artifact folder."""
     from svdq import artifact
-    from svdq.config import Settings
+    from svdq.config import Settings, parse_size
 
     try:
-        settings = Settings(eps=eps, bits=bits, block_size=block_size, method=method,
-                            include=tuple(include), exclude=tuple(exclude), calib=calib,
-                            calib_samples=calib_samples, calib_len=calib_len,
+        if eps is not None and (ratio is not None or size is not None):
+            raise SvdqError("--eps bounds each layer's error, --ratio/--size the total bytes: "
+                            "give one of them")
+        settings = Settings(eps=0.05 if eps is None else eps, bits=bits, block_size=block_size,
+                            method=method, include=tuple(include), exclude=tuple(exclude),
+                            calib=calib, calib_samples=calib_samples, calib_len=calib_len,
                             batch_size=batch_size, seed=seed, device=device, dtype=dtype,
-                            sequential=sequential)
+                            sequential=sequential, budget_ratio=ratio,
+                            budget_bytes=None if size is None else parse_size(size))
         artifact.check_output(output, overwrite)
         if calib not in ("auto", "wikitext", "self") and not Path(calib).is_file():
             raise SvdqError(f"calibration file {calib} does not exist; give a text file, "
@@ -105,6 +115,7 @@ def _run_compress(model: str, output: Path, settings, revision, overwrite: bool,
         manifest = artifact.save(output, source, result, settings, overwrite=overwrite)
     if as_json:
         print(json.dumps({"output": str(output), "totals": manifest["totals"],
+                          "budget": manifest.get("budget"),
                           "calibration": manifest["calibration"], "layers": manifest["layers"]}))
     else:
         _summary(manifest, output)
@@ -122,6 +133,11 @@ def _summary(manifest: dict, output: Path) -> None:
               f"whole checkpoint {_mb(t['artifact_tensor_bytes'])} = "
               f"{t['checkpoint_ratio_fp16']:.3f} × fp16, {t['checkpoint_ratio_source']:.3f} × "
               f"{manifest['dtype']}", highlight=False)
+    if manifest.get("budget"):
+        b = manifest["budget"]
+        out.print(f"  budget {_mb(b['requested_bytes'])} requested, {_mb(b['achieved_bytes'])} "
+                  f"used ({b['achieved_bytes'] / b['requested_bytes']:.1%}); Σ error² "
+                  f"{b['error2']:.4g} over the layers", highlight=False)
     out.print(f"  inspect it with: svdq inspect {output}", highlight=False)
 
 

@@ -4,7 +4,8 @@ The walk captures what the first block receives, then runs the blocks one at a t
 inputs. Per block: hooks gather the statistics of its target layers while the block runs,
 then each target is factorized once, its rank searched, and the layer swapped for the module
 the artifact will hold. The next block receives the outputs of the original block, or with
-`--sequential` those of the block as compressed.
+`--sequential` those of the block as compressed. With a byte budget (`--ratio`/`--size`)
+every layer is walked first, then `svdq.budget` chooses all their forms together.
 """
 from __future__ import annotations
 
@@ -39,6 +40,7 @@ class Result:
     source_params: int  # parameters of the model before compression (tied ones once)
     timings: dict[str, float] = field(default_factory=dict)  # seconds per stage
     notes: list[str] = field(default_factory=list)
+    budget: dict | None = None  # --ratio/--size: requested, planned and achieved bytes
 
 
 def _stored(name: str, module: nn.Module, choice: Choice) -> dict[str, torch.Tensor]:
@@ -164,13 +166,29 @@ def compress(source: Source, settings: Settings, progress: Progress | None = Non
     clock, calibration = Clock(), {}
     layers: list[dict] = []
     tensors: dict[str, torch.Tensor] = {}
-    for work in walk(source, settings, clock, report, calibration):
-        choice = choose(work.w, work.bias, work.factors, work.stats, settings.eps, settings.bits,
-                        settings.block_size)
+    budget = None
+
+    def keep(work: LayerWork, choice: Choice) -> None:
         plan, stored = realize(source.model, work, choice, settings)
         layers.append(plan)
         tensors.update(stored)
-        clock.lap("rank search and quantization")
+
+    if settings.budgeted:  # every layer is measured before any is chosen
+        from svdq import budget as budgets
+
+        works = list(walk(source, settings, clock, report, calibration))
+        choices, budget = budgets.choose_all(works, settings, report)
+        clock.lap("options and allocation")
+        for work, choice in zip(works, choices):
+            keep(work, choice)
+        budget["achieved_bytes"] = sum(p["bytes"] for p in layers)
+        clock.lap("quantization")
+    else:
+        for work in walk(source, settings, clock, report, calibration):
+            keep(work, choose(work.w, work.bias, work.factors, work.stats, settings.eps,
+                              settings.bits, settings.block_size))
+            clock.lap("rank search and quantization")
     for b in sorted({p["bits"] for p in layers if p["bits"] in (4, 8)}):
         tensors[f"svdq.codebook.{b}"] = codebook(b)
-    return Result(source.model, layers, tensors, calibration, params, dict(clock.spent))
+    return Result(source.model, layers, tensors, calibration, params, dict(clock.spent),
+                  budget=budget)

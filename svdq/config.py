@@ -1,7 +1,10 @@
 """Settings of a compression run: frozen, validated, versioned, written into the manifest."""
 from __future__ import annotations
 
+import math
+import re
 from dataclasses import asdict, dataclass, field
+from decimal import Decimal
 
 from svdq.algo.factorize import METHODS
 from svdq.algo.quant import BITS
@@ -26,6 +29,8 @@ class Settings:
     device: str = "cpu"
     dtype: str = "auto"
     sequential: bool = False  # calibrate each block on the outputs of the compressed blocks before it
+    budget_bytes: int | None = None  # --size: total stored bytes of the target layers (eps unused)
+    budget_ratio: float | None = None  # --ratio: that total as a fraction of their fp16 bytes
     _version: int = field(default=SETTINGS_VERSION, repr=False)
 
     def __post_init__(self) -> None:
@@ -47,6 +52,21 @@ class Settings:
             raise SvdqError(f"--device must be cpu or cuda, got {self.device!r}")
         if self.dtype not in ("auto", "float32", "float16", "bfloat16"):
             raise SvdqError(f"--dtype must be auto, float32, float16 or bfloat16, got {self.dtype!r}")
+        if self.budget_ratio is not None and not (0 < self.budget_ratio < math.inf):
+            raise SvdqError(f"--ratio must be a positive number (stored bytes of the target layers "
+                            f"over their fp16 bytes), e.g. --ratio 0.3; got {self.budget_ratio}")
+        if self.budget_bytes is not None and self.budget_bytes < 1:
+            raise SvdqError(f"--size must be positive, e.g. --size 60MB; got {self.budget_bytes} bytes")
+        if self.budget_ratio is not None and self.budget_bytes is not None:
+            raise SvdqError("give one budget: --ratio or --size, not both")
+        if self.budgeted and self.sequential:
+            raise SvdqError("--sequential cannot be combined with --ratio/--size (the budget is "
+                            "shared out once every layer is measured); drop one")
+
+    @property
+    def budgeted(self) -> bool:
+        """A total byte budget (--ratio/--size) decides instead of eps."""
+        return self.budget_bytes is not None or self.budget_ratio is not None
 
     def to_dict(self) -> dict:
         data = asdict(self)
@@ -61,3 +81,19 @@ class Settings:
         data = dict(d["_data"])
         data["include"], data["exclude"] = tuple(data["include"]), tuple(data["exclude"])
         return cls(**data)
+
+
+SIZE_UNITS = {"": 1, "b": 1, "kb": 10 ** 3, "mb": 10 ** 6, "gb": 10 ** 9,
+              "kib": 2 ** 10, "mib": 2 ** 20, "gib": 2 ** 30}
+
+
+def parse_size(text: str) -> int:
+    """'60MB', '1.5GiB', '200000' (bytes) -> bytes, rounded down; units ignore case."""
+    m = re.fullmatch(r"\s*(\d+(?:\.\d*)?|\.\d+)\s*([a-zA-Z]*)\s*", text)
+    if not m or m[2].lower() not in SIZE_UNITS:
+        raise SvdqError(f"--size takes a number and a unit (B, KB, MB, GB, KiB, MiB, GiB), e.g. "
+                        f"--size 60MB; got {text!r}")
+    n = int(Decimal(m[1]) * SIZE_UNITS[m[2].lower()])
+    if n < 1:
+        raise SvdqError(f"--size must be at least 1 byte, got {text!r}")
+    return n

@@ -66,23 +66,50 @@ class Choice:
     weight: Quantized | None = None
 
 
+def stored_lowrank(w: torch.Tensor, factors: Factors, stats: LayerStats, ref: float, k: int,
+                   bits: int, block_size: int, k_break: int) -> Choice:
+    """The layer stored at rank `k` (Uᵀ, Vᵀ quantized at `bits`, Σ float32) and its error.
+
+    `ref` is ‖X Wᵀ + 1 bᵀ‖_F (`reference`): errors are relative to it.
+    """
+    u, v = quantize(factors.u[:, :k].T, bits, block_size), quantize(factors.vt[:k], bits, block_size)
+    s = factors.s[:k].float().contiguous()
+    w_hat = (u.dequantize().T * s) @ v.dequantize()
+    err = error_norm2(w - w_hat, stats) ** 0.5 / ref
+    return Choice("lowrank", k, k_break, bits, err, u=u, s=s, v=v)
+
+
+def stored_dense(w: torch.Tensor, stats: LayerStats, ref: float, bits: int, block_size: int,
+                 k_break: int) -> Choice:
+    """The whole weight quantized at `bits`, and its error relative to `ref`."""
+    q = quantize(w, bits, block_size)
+    err = error_norm2(w - q.dequantize(), stats) ** 0.5 / ref
+    return Choice("dense", 0, k_break, bits, err, weight=q)
+
+
+def reference(w: torch.Tensor, bias: torch.Tensor | None, stats: LayerStats) -> float:
+    """The denominator of the relative error; an all-zero output makes errors absolute."""
+    return output_norm2(w, bias, stats) ** 0.5 or 1.0
+
+
 def choose(w: torch.Tensor, bias: torch.Tensor | None, factors: Factors, stats: LayerStats,
-           eps: float, bits: int, block_size: int) -> Choice:
+           eps: float, bits: int, block_size: int, cache: dict | None = None) -> Choice:
     """Binary-search the smallest rank in 1..k_break whose stored layer has error ≤ eps.
 
     Assumes the error falls with the rank (it does up to quantization noise); the answer k
-    always meets eps and, when k > 1, rank k − 1 was measured not to.
+    always meets eps and, when k > 1, rank k − 1 was measured not to. `cache` (one per layer,
+    optional) keeps the stored layers tried, keyed (kind, bits, rank), for later calls.
     """
     out_f, in_f = w.shape
-    ref = output_norm2(w, bias, stats) ** 0.5 or 1.0  # an all-zero output: errors are absolute
+    ref = reference(w, bias, stats)
     k_break = min(break_even_rank(out_f, in_f, bits, block_size), factors.max_rank)
+    cache = {} if cache is None else cache
 
     def lowrank(k: int) -> Choice:
-        u, v = quantize(factors.u[:, :k].T, bits, block_size), quantize(factors.vt[:k], bits, block_size)
-        s = factors.s[:k].float().contiguous()
-        w_hat = (u.dequantize().T * s) @ v.dequantize()
-        err = error_norm2(w - w_hat, stats) ** 0.5 / ref
-        return Choice("lowrank", k, k_break, bits, err, u=u, s=s, v=v)
+        key = ("lowrank", bits, k)
+        if key not in cache:
+            cache[key] = stored_lowrank(w, factors, stats, ref, k, bits, block_size, k_break)
+        return cache[key]
 
     best = lowrank(k_break) if k_break > 0 else None
     if best is not None and best.error <= eps:
@@ -95,8 +122,9 @@ def choose(w: torch.Tensor, bias: torch.Tensor | None, factors: Factors, stats: 
             else:
                 lo = mid
         return best
-    q = quantize(w, bits, block_size)
-    err = error_norm2(w - q.dequantize(), stats) ** 0.5 / ref
-    if err <= eps:
-        return Choice("dense", 0, k_break, bits, err, weight=q)
+    key = ("dense", bits, 0)
+    if key not in cache:
+        cache[key] = stored_dense(w, stats, ref, bits, block_size, k_break)
+    if cache[key].error <= eps:
+        return cache[key]
     return Choice("dense", 0, k_break, None, 0.0)

@@ -1,0 +1,199 @@
+"""A global byte budget: one stored form per layer, least Σ error² with Σ bytes ≤ budget.
+
+Each layer offers options (kept as is; dense or low-rank at a few ranks, per bit width), each
+with its exact bytes and relative output error (`search`): a multiple-choice knapsack.
+`allocate` returns the best of (a) `greedy`: every layer at its cheapest option, then upgrades
+along each layer's lower convex hull of (bytes, error²), most error² saved per extra byte first,
+while they fit, then single option changes that lower Σ error² and fit; (b) `table`: dynamic
+programming on a byte grid, exact at 1 byte per unit; (c) the candidates given (e.g. per-layer
+eps choices), each improved as in (a). So it is never worse than any candidate.
+"""
+from __future__ import annotations
+
+import heapq
+import math
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+
+from svdq.algo.factorize import Factors, LayerStats
+from svdq.algo.quant import nbytes
+from svdq.algo.search import (Choice, break_even_rank, lowrank_bytes, reference, stored_dense,
+                              stored_lowrank)
+
+
+@dataclass(frozen=True)
+class Option:
+    """One stored form of a layer: kind 'lowrank' (rank, bits) or 'dense' (bits; None: kept)."""
+
+    bytes: int
+    error: float
+    kind: str
+    rank: int
+    bits: int | None
+
+
+def rank_grid(k_break: int, n: int = 12) -> list[int]:
+    """About `n` ranks spaced geometrically from 1 to `k_break`, both included."""
+    if k_break <= n:
+        return list(range(1, k_break + 1))
+    return sorted({max(1, round(k_break ** (i / (n - 1)))) for i in range(n)} | {k_break})
+
+
+def k_break_of(w: torch.Tensor, factors: Factors, bits: int, block_size: int) -> int:
+    return min(break_even_rank(*w.shape, bits, block_size), factors.max_rank)
+
+
+def layer_options(w: torch.Tensor, bias: torch.Tensor | None, factors: Factors,
+                  stats: LayerStats, bits_choices: Sequence[int], block_size: int,
+                  ranks: Sequence[int] | None = None, elsize: int = 2,
+                  cache: dict | None = None) -> list[Option]:
+    """Kept as is (`elsize` bytes per source element, weight and bias), then per bits: dense, and
+    low-rank at each rank of `ranks` (None: `rank_grid`) up to that bits' break-even rank.
+    Errors are `search.choose`'s; `cache` may be shared with `choose` calls on the layer."""
+    out_f, in_f = w.shape
+    bias_bytes = 0 if bias is None else bias.numel() * elsize
+    ref = reference(w, bias, stats)
+    cache = {} if cache is None else cache
+    options = [Option((w.numel() * elsize) + bias_bytes, 0.0, "dense", 0, None)]
+    for bits in dict.fromkeys(bits_choices):
+        kb = k_break_of(w, factors, bits, block_size)
+        key = ("dense", bits, 0)
+        cache[key] = cache.get(key) or stored_dense(w, stats, ref, bits, block_size, kb)
+        options.append(Option(nbytes(w.numel(), bits, block_size) + bias_bytes, cache[key].error,
+                              "dense", 0, bits))
+        for k in (rank_grid(kb) if ranks is None else sorted({r for r in ranks if 1 <= r <= kb})):
+            key = ("lowrank", bits, k)
+            cache[key] = cache.get(key) or stored_lowrank(w, factors, stats, ref, k, bits,
+                                                          block_size, kb)
+            options.append(Option(lowrank_bytes(out_f, in_f, k, bits, block_size) + bias_bytes,
+                                  cache[key].error, "lowrank", k, bits))
+    return options
+
+
+def choice_of(option: Option, w: torch.Tensor, bias: torch.Tensor | None, factors: Factors,
+              stats: LayerStats, block_size: int, k_break: int) -> Choice:
+    """The stored layer of `option`, rebuilt (deterministic: the same tensors and error);
+    `k_break` is what a kept-as-is layer records."""
+    ref = reference(w, bias, stats)
+    if option.kind == "lowrank":
+        kb = k_break_of(w, factors, option.bits, block_size)
+        return stored_lowrank(w, factors, stats, ref, option.rank, option.bits, block_size, kb)
+    if option.bits is not None:
+        return stored_dense(w, stats, ref, option.bits, block_size,
+                            k_break_of(w, factors, option.bits, block_size))
+    return Choice("dense", 0, k_break, None, 0.0)
+
+
+def _hull(opts: list[Option]) -> list[int]:
+    """Indices on the lower convex hull of (bytes, error²), cheapest first, error falling."""
+    hull: list[int] = []
+    for i in sorted(range(len(opts)), key=lambda i: (opts[i].bytes, opts[i].error, i)):
+        x, e = opts[i].bytes, opts[i].error ** 2
+        if hull and e >= opts[hull[-1]].error ** 2:
+            continue  # a cheaper option is at least as good
+        while len(hull) >= 2:  # drop the last point while it lies above the chord to this one
+            (xa, ea), (xb, eb) = ((opts[j].bytes, opts[j].error ** 2) for j in hull[-2:])
+            if (eb - ea) * (x - xb) <= (e - eb) * (xb - xa):
+                break
+            hull.pop()
+        hull.append(i)
+    return hull
+
+
+def total(options: list[list[Option]], alloc: Sequence[int]) -> tuple[int, float]:
+    """(Σ bytes, Σ error²) of an allocation."""
+    return (sum(o[i].bytes for o, i in zip(options, alloc)),
+            math.fsum(o[i].error ** 2 for o, i in zip(options, alloc)))
+
+
+def _improve(options: list[list[Option]], alloc: list[int], budget: int) -> list[int]:
+    """Apply the single option change that lowers Σ error² most and fits, until none does."""
+    used = total(options, alloc)[0]
+    while True:
+        best = None  # (error² change, bytes change, layer, option)
+        for layer, opts in enumerate(options):
+            cur = opts[alloc[layer]]
+            for i, o in enumerate(opts):
+                d_err, d_bytes = o.error ** 2 - cur.error ** 2, o.bytes - cur.bytes
+                if d_err < 0 and used + d_bytes <= budget and (best is None
+                                                               or (d_err, d_bytes) < best[:2]):
+                    best = (d_err, d_bytes, layer, i)
+        if best is None:
+            return alloc
+        used += best[1]
+        alloc[best[2]] = best[3]
+
+
+def greedy(options: list[list[Option]], budget: int) -> list[int] | None:
+    """Cheapest start, hull upgrades by gain per byte (a heap), then `_improve`."""
+    hulls = [_hull(opts) for opts in options]
+    alloc, pos = [h[0] for h in hulls], [0] * len(options)
+    used = total(options, alloc)[0]
+    if used > budget:
+        return None
+
+    def push(layer: int) -> None:
+        h, p = hulls[layer], pos[layer]
+        if p + 1 < len(h):
+            a, b = options[layer][h[p]], options[layer][h[p + 1]]
+            heapq.heappush(heap, ((b.error ** 2 - a.error ** 2) / (b.bytes - a.bytes), layer))
+
+    heap: list = []
+    for layer in range(len(options)):
+        push(layer)
+    while heap:
+        _, layer = heapq.heappop(heap)
+        h, p = hulls[layer], pos[layer]
+        extra = options[layer][h[p + 1]].bytes - options[layer][h[p]].bytes
+        if used + extra <= budget:  # else this layer stays where it is on its hull
+            used, pos[layer], alloc[layer] = used + extra, p + 1, h[p + 1]
+            push(layer)
+    return _improve(options, alloc, budget)
+
+
+def table(options: list[list[Option]], budget: int, resolution: int = 2 ** 20) -> list[int] | None:
+    """Dynamic programming on a grid of `unit` = Σ largest options / resolution bytes (≥ 1),
+    bytes rounded up: optimal on the grid (truly optimal at unit 1); Σ error² of its answer
+    never rises with the budget (the grid does not depend on it)."""
+    unit = max(1, -(-sum(max(o.bytes for o in opts) for opts in options) // resolution))
+    cap = min(budget // unit, sum(-(-max(o.bytes for o in opts) // unit) for opts in options))
+    best = torch.zeros(cap + 1, dtype=torch.float64)  # least Σ error² within c units, per c
+    picks = []
+    for opts in options:
+        new = torch.full_like(best, math.inf)
+        pick = torch.zeros(cap + 1, dtype=torch.int16)
+        for i, o in enumerate(opts):
+            w = -(-o.bytes // unit)
+            if w <= cap:
+                trial = best[: cap + 1 - w] + o.error ** 2
+                better = trial < new[w:]
+                new[w:] = torch.where(better, trial, new[w:])
+                pick[w:][better] = i
+        best = new
+        picks.append(pick)
+    if not math.isfinite(float(best[cap])):
+        return None
+    alloc, c = [0] * len(options), cap
+    for layer in reversed(range(len(options))):
+        alloc[layer] = int(picks[layer][c])
+        c -= -(-options[layer][alloc[layer]].bytes // unit)
+    return alloc
+
+
+def allocate(options: list[list[Option]], budget: int,
+             candidates: Sequence[Sequence[int]] = ()) -> list[int]:
+    """Option indices, one per layer, with Σ bytes ≤ `budget`: the least Σ error² of `greedy`,
+    `table` and the feasible candidates after `_improve`. ValueError if nothing fits."""
+    least = sum(min(o.bytes for o in opts) for opts in options)
+    if least > budget:
+        raise ValueError(f"a budget of {budget:,} bytes cannot be met: the smallest achievable "
+                         f"for these layers is {least:,} bytes")
+    found = [a for a in (greedy(options, budget), table(options, budget)) if a is not None]
+    for cand in candidates:
+        if len(cand) != len(options):
+            raise ValueError(f"a candidate has {len(cand)} entries for {len(options)} layers")
+        if total(options, cand)[0] <= budget:
+            found.append(_improve(options, list(cand), budget))
+    return min(found, key=lambda a: total(options, a)[::-1])
