@@ -415,12 +415,12 @@ def _sweep_table(results: dict) -> None:
     table = Table(title=f"{results['source']}: {results['metric']} ({better} is better); "
                   f"analysis (calibration, statistics, SVDs) {results['analysis_s']} s, done once",
                   title_justify="left")
-    for col in ("method", "bits", "eps", "bytes", "× fp16", results["metric"], "low-rank",
+    for col in ("method", "bits", "eps", "MB", "× fp16", results["metric"], "low-rank",
                 "frontier"):
         table.add_column(col, justify="left" if col == "method" else "right", no_wrap=True)
     for r in results["rows"]:
         table.add_row(r["method"], str(r["bits"] or "-"), "-" if r["eps"] is None else f"{r['eps']:g}",
-                      f"{r['target_bytes']:,}", f"{r['target_ratio_fp16']:.3f}",
+                      f"{r['target_bytes'] / 1e6:,.2f}", f"{r['target_ratio_fp16']:.3f}",
                       f"{r['quality']:.4f}", f"{r['lowrank_layers']}/{r['layers']}",
                       "★" if r["pareto"] else "")
     out.print(table)
