@@ -171,7 +171,9 @@ def inspect(
     for col, just in [("layer", "left"), ("shape", "right"), ("kind", "left"), ("rank", "right"),
                       ("k_break", "right"), ("bits", "right"), ("bytes", "right"),
                       ("× fp16", "right"), ("error", "right")]:
-        table.add_column(col, justify=just)
+        # names fold onto more lines in a narrow terminal; numbers never wrap
+        table.add_column(col, justify=just, overflow="fold" if col == "layer" else "ellipsis",
+                         no_wrap=col != "layer", min_width=12 if col == "layer" else None)
     for p in rows:
         table.add_row(p["name"], f"{p['out_features']}×{p['in_features']}",
                       "low-rank" if p["kind"] == "lowrank" else "dense",
