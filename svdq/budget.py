@@ -78,6 +78,6 @@ def choose_all(works: list["LayerWork"], settings: Settings,
     planned, error2 = total(options, picks)
     info = {"requested_bytes": budget, "planned_bytes": planned, "target_fp16_bytes": fp16,
             "error2": error2, "bits_choices": list(bits_choices),
-            "uniform": [{"eps": eps, "bytes": total(options, p)[0], "error2": total(options, p)[1]}
+            "uniform": [dict(zip(("eps", "bytes", "error2"), (eps, *total(options, p))))
                         for eps, p in uniform.items()]}
     return choices, info

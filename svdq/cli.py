@@ -1,11 +1,12 @@
 """The `svdq` command: parse, call the library, show progress and tables. Nothing imports it."""
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import sys
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Callable, Iterator, Optional
 
 import typer
 from rich.console import Console
@@ -23,6 +24,17 @@ err = Console(stderr=True, soft_wrap=True)
 def _fail(message: str, code: int = 1) -> None:
     err.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
     raise typer.Exit(code)
+
+
+@contextlib.contextmanager
+def _user_errors(interrupted: str = "interrupted") -> Iterator[None]:
+    """Turn SvdqError and Ctrl-C inside the body into one `error:` line and a non-zero exit."""
+    try:
+        yield
+    except SvdqError as e:
+        _fail(str(e))
+    except KeyboardInterrupt:
+        _fail(interrupted, 130)
 
 
 def _progress() -> tuple[Progress, Callable[[str, int, int], None]]:
@@ -77,7 +89,7 @@ def compress(
     from svdq import artifact
     from svdq.config import Settings, parse_size
 
-    try:
+    with _user_errors(f"interrupted; nothing was written to {output}"):
         if eps is not None and (ratio is not None or size is not None):
             raise SvdqError("--eps bounds each layer's error, --ratio/--size the total bytes: "
                             "give one of them")
@@ -92,10 +104,6 @@ def compress(
             raise SvdqError(f"calibration file {calib} does not exist; give a text file, "
                             "wikitext or self")
         _run_compress(model, output, settings, revision, overwrite, as_json)
-    except SvdqError as e:
-        _fail(str(e))
-    except KeyboardInterrupt:
-        _fail(f"interrupted; nothing was written to {output}", 130)
 
 
 def _run_compress(model: str, output: Path, settings, revision, overwrite: bool, as_json: bool) -> None:
@@ -152,12 +160,10 @@ def inspect(
     from svdq import artifact
 
     keys = {"name": None, "bytes": "bytes", "ratio": "ratio", "error": "error", "rank": "rank"}
-    try:
+    with _user_errors():
         if sort not in keys:
             raise SvdqError(f"--sort {sort!r} is unknown; use one of {', '.join(keys)}")
         manifest = artifact.read(path)
-    except SvdqError as e:
-        _fail(str(e))
     rows = [dict(p, ratio=p["bytes"] / p["fp16_bytes"]) for p in manifest["layers"]]
     if keys[sort]:
         rows.sort(key=lambda p: p[keys[sort]], reverse=True)
@@ -216,7 +222,7 @@ def eval_(
     """Measure perplexity (sliding window) and/or encoder similarity of a model or artifact."""
     from svdq import evaluate as ev
 
-    try:
+    with _user_errors():
         if ppl is None and similarity is None:
             raise SvdqError("nothing to measure; give --ppl wikitext|FILE and/or --similarity FILE")
         ev.check_options(ctx, stride, max_tokens, batch_size, device)  # before minutes of loading
@@ -246,10 +252,6 @@ def eval_(
             with err.status(f"similarity on {len(lines)} lines"):
                 sim = ev.similarity(subject.model, base.model, subject.tokenizer, lines, batch_size)
             report["similarity"] = {**sim, "file": similarity, "source": base.label}
-    except SvdqError as e:
-        _fail(str(e))
-    except KeyboardInterrupt:
-        _fail("interrupted", 130)
     if as_json:
         print(json.dumps(report))
     else:
@@ -363,7 +365,7 @@ def sweep(
     from svdq import sweep as sw
     from svdq.config import Settings
 
-    try:
+    with _user_errors():
         if (ppl is None) == (similarity is None):
             raise SvdqError("give exactly one quality measure: --ppl wikitext|FILE or --similarity FILE")
         eps_list = _values(eps, "eps", float, "0.02,0.05,0.1")
@@ -401,10 +403,6 @@ def sweep(
         results["evaluation"] = {"text": text[1] if text else similarity, "max_tokens": max_tokens,
                                  "ctx": ctx, "stride": stride, "lines": len(lines or [])}
         files = sw.write(results, output)
-    except SvdqError as e:
-        _fail(str(e))
-    except KeyboardInterrupt:
-        _fail("interrupted", 130)
     if as_json:
         print(json.dumps(results))
         return
