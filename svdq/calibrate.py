@@ -1,7 +1,8 @@
 """Calibration: text -> token batches -> the inputs of the first block -> per-layer statistics.
 
 Statistics are accumulated by forward hooks (Gram matrix XᵀX in float64, input sum, token
-count); activations are never kept. Hooks are always removed, whatever happens.
+count); activations are never kept. Hooks are always removed, whatever happens. Where asked
+for, `gradients` adds what the loss says about each layer (per-row Fisher, output sensitivity).
 """
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ from torch import nn
 
 from svdq.algo.factorize import LayerStats
 from svdq.errors import SvdqError
+from svdq.hf import conv1d_type
 
 
 def _read_text(path: Path) -> str:
@@ -173,3 +175,98 @@ def collect(modules: dict[str, nn.Module]) -> Iterator[dict[str, LayerStats]]:
         for h in handles:
             h.remove()
         last.clear()
+
+
+def gradients(model: nn.Module, ids: torch.Tensor, modules: dict[str, nn.Module], batch_size: int,
+              causal: bool, seed: int, report: Callable[[str, int, int], None] | None = None
+              ) -> dict[str, tuple[torch.Tensor, float]]:
+    """Gradient statistics of each named linear layer: (row_fisher, grad2).
+
+    row_fisher (float64, (out,)): Σ_s Σ_j (∂L_s/∂W_ij)², the diagonal empirical Fisher summed
+    over each row of W (out, in) — per-sample gradients, so one sample per backward (the
+    squares of a batch's summed gradient would not be these; `batch_size` does not batch here).
+    grad2: Σ_t ‖∂L_s/∂y_t‖² over every sample's tokens, y_t the layer's output for token t.
+
+    The loss L_s of a sample: for a causal LM (`model` with its LM head), the mean next-token
+    cross-entropy (as transformers computes it for labels=ids). Otherwise (a bare encoder) a
+    random-projection surrogate, L_s = mean_t rᵀ h_t over the last hidden states h_t with
+    r ~ N(0, I) drawn per sample from a generator seeded by `seed`: since E_r[r rᵀ] = I,
+    E_r[(∂L/∂y)(∂L/∂y)ᵀ] = J Jᵀ / T² (J the Jacobian of the final hidden states in y) is the
+    Gauss–Newton matrix of the output, so grad2 measures how far an error in the layer's output
+    moves the final hidden states.
+
+    Only the target weights take part in autograd (every other parameter's requires_grad is off
+    while this runs), each weight's gradient is read and dropped as soon as it is accumulated,
+    and only output-gradient norms are kept: no activation or gradient outlives its backward.
+    Every parameter's requires_grad and .grad are restored and hooks removed, whatever happens;
+    the model is left in eval mode. Runs under autograd even when called under no_grad.
+    """
+    report = report or (lambda stage, done, total: None)
+    if causal and ids.shape[1] < 2:
+        raise SvdqError("gradient statistics of a causal LM need calibration sequences of at "
+                        "least 2 tokens (a next token to predict); raise --calib-len")
+    conv1d = conv1d_type()
+    device = next(model.parameters()).device
+    fisher = {n: torch.zeros(m.weight.shape[-1] if conv1d is not None and isinstance(m, conv1d)
+                             else m.weight.shape[0], dtype=torch.float64, device=m.weight.device)
+              for n, m in modules.items()}
+    grad2 = {n: torch.zeros((), dtype=torch.float64, device=m.weight.device)
+             for n, m in modules.items()}
+
+    def output_hook(name: str) -> Callable:
+        def hook(module, args, output):
+            y = output[0] if isinstance(output, tuple) else output
+            if y.requires_grad:
+                y.register_hook(accumulate)
+
+        def accumulate(g: torch.Tensor) -> None:  # returns None: the gradient flows on unchanged
+            grad2[name].add_(g.detach().double().pow(2).sum())
+        return hook
+
+    def weight_hook(name: str, module: nn.Module) -> Callable:
+        transposed = conv1d is not None and isinstance(module, conv1d)  # Conv1D: (in, out)
+
+        def hook(param):
+            g = param.grad.detach()
+            fisher[name] += g.double().pow(2).sum(0 if transposed else 1)
+            param.grad = None  # read once, never accumulated across samples
+        return hook
+
+    params = list({id(p): p for p in model.parameters()}.values())
+    saved = [(p, p.requires_grad, p.grad) for p in params]
+    weights = {id(m.weight) for m in modules.values()}
+    handles = []
+    generator = torch.Generator().manual_seed(seed)
+
+    def loss_of(sample: torch.Tensor) -> torch.Tensor:
+        mask = torch.ones_like(sample)
+        if causal:  # what labels=sample computes, without transformers' warning on loss_type
+            logits = model(input_ids=sample, attention_mask=mask, use_cache=False).logits
+            return nn.functional.cross_entropy(logits[0, :-1].float(), sample[0, 1:])
+        out = model(input_ids=sample, attention_mask=mask, output_hidden_states=True)
+        h = getattr(out, "last_hidden_state", None)
+        h = out.hidden_states[-1] if h is None else h
+        r = torch.randn(h.shape[-1], generator=generator, dtype=torch.float64)
+        return (h @ r.to(h.device, h.dtype)).mean()
+
+    model.eval()
+    try:
+        for p in params:
+            p.grad = None
+            p.requires_grad_(id(p) in weights)
+        for n, m in modules.items():
+            handles.append(m.register_forward_hook(output_hook(n)))
+            handles.append(m.weight.register_post_accumulate_grad_hook(weight_hook(n, m)))
+        total = ids.shape[0]
+        report("gradients", 0, total)
+        with torch.enable_grad():
+            for i in range(total):
+                loss_of(ids[i: i + 1].to(device)).backward()
+                report("gradients", i + 1, total)
+    finally:
+        for handle in handles:
+            handle.remove()
+        for p, requires_grad, grad in saved:
+            p.requires_grad_(requires_grad)
+            p.grad = grad
+    return {n: (fisher[n], float(grad2[n])) for n in modules}

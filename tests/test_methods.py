@@ -16,7 +16,8 @@ def layer():
     x = torch.randn(600, 40, generator=g, dtype=torch.float64) @ mix.T + 0.3
     w = torch.randn(24, 40, generator=g, dtype=torch.float64)
     b = torch.randn(24, generator=g, dtype=torch.float64)
-    return w, b, x, LayerStats(x.T @ x, x.sum(0), x.shape[0], x.abs().sum(0))
+    row_fisher = torch.rand(24, generator=g, dtype=torch.float64) + 0.1  # for `fisher`
+    return w, b, x, LayerStats(x.T @ x, x.sum(0), x.shape[0], x.abs().sum(0), row_fisher=row_fisher)
 
 
 def unquantized_error(w, b, stats, factors, k):

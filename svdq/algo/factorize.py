@@ -20,11 +20,22 @@ class LayerStats:
     total: torch.Tensor  # Σ_t x_t, float64 (in,)
     tokens: int
     abs_total: torch.Tensor | None = None  # Σ_t |x_t|, float64 (in,), for activation scaling
+    # Gradient statistics (`calibrate.gradients`), only where asked for:
+    # Σ_samples Σ_j (∂L_s/∂W_ij)², float64 (out,): the diagonal empirical Fisher of each row of W
+    row_fisher: torch.Tensor | None = None
+    # Σ_tokens ‖∂L/∂y_t‖²: how much the loss moves with the layer's output y
+    grad2: float | None = None
 
 
 @dataclass
 class Factors:
-    """`u` (out, r) with orthonormal columns, `s` (r,) descending, `vt` (r, in)."""
+    """`u` (out, r), `s` (r,), `vt` (r, in): W ≈ u[:, :k] diag(s[:k]) vt[:k] for every k.
+
+    Ranks are taken in the order of the columns: the first k are the method's best rank-k
+    approximation. For `svd`, `whiten` and `asvd` u has orthonormal columns and s descends;
+    for `fisher` u's columns have unit norm but are not orthogonal, and s need not descend
+    (the order is that of the row-weighted singular values, which is what FWSVD truncates).
+    """
 
     u: torch.Tensor
     s: torch.Tensor
@@ -101,6 +112,32 @@ def activation_aware_svd(w: torch.Tensor, stats: LayerStats) -> Factors:
     scale = mean_abs.clamp_min(1e-8 * float(mean_abs.max() or 1.0)) ** ASVD_ALPHA
     u, s, vt = torch.linalg.svd(w.double() * scale, full_matrices=False)
     return Factors(u.float(), s.float(), (vt / scale).float())
+
+
+@register("fisher")
+def fisher_weighted_svd(w: torch.Tensor, stats: LayerStats) -> Factors:
+    """FWSVD (Hsu et al. 2022): rows weighted by the square root of their summed Fisher.
+
+    With r_i = sqrt(Σ_j F_ij) (F the diagonal empirical Fisher of W's entries), factorize
+    diag(r) W = U Σ Vᵀ, so truncating at rank k minimizes Σ_i r_i² ‖(W − Ŵ)_i‖² — rows the loss
+    is sensitive to are kept more exactly — and fold diag(1/r) back into U. The columns of
+    diag(1/r) U are then rescaled to unit norm, their norms moved into s: u's columns have unit
+    norm but are not orthogonal, and s is not sorted; rank k is still the first k columns.
+    Row Fisher sums are floored at 1e-8 of the largest (weights at 1e-4), so no row is dropped
+    and 1/r stays well within float64's reach; all-zero gradient statistics give the plain SVD.
+    """
+    if stats.row_fisher is None:
+        raise ValueError("fisher needs gradient statistics (LayerStats.row_fisher)")
+    fisher = stats.row_fisher.to(device=w.device, dtype=torch.float64).clamp_min(0)
+    top = float(fisher.max()) if fisher.numel() else 0.0
+    if not top > 0:  # no gradient reached the layer (or NaN): nothing to weight by
+        fisher = torch.ones_like(fisher)
+        top = 1.0
+    r = fisher.clamp_min(1e-8 * top).sqrt()
+    u, s, vt = torch.linalg.svd(w.double() * r[:, None], full_matrices=False)
+    u = u / r[:, None]
+    norms = torch.linalg.vector_norm(u, dim=0)
+    return Factors((u / norms).float(), (s * norms).float(), vt.float())
 
 
 def factorize(method: str, w: torch.Tensor, stats: LayerStats) -> Factors:
