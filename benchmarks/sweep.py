@@ -42,13 +42,15 @@ def split_text(folder: Path) -> tuple[Path, Path, Path]:
 def summary(results: dict) -> str:
     """The results as a markdown table, one row per variant in the order they ran."""
     metric = results["metric"]
-    lines = [f"| method | bits | eps | bytes vs fp16 | {metric} | low-rank layers | frontier |",
-             "|---|---|---|---|---|---|---|"]
+    lines = [f"| method | bits | eps / budget | bytes vs fp16 | {metric} | low-rank layers | "
+             "corrected layers | frontier |", "|---|---|---|---|---|---|---|---|"]
     for r in results["rows"]:
-        lines.append(f"| {r['method']} | {r['bits'] or '-'} | "
-                     f"{'-' if r['eps'] is None else format(r['eps'], 'g')} | "
+        knob = (format(r["eps"], "g") if r["eps"] is not None
+                else f"≤ {r['ratio']:g}" if r.get("ratio") is not None else "-")
+        lines.append(f"| {r['method']} | {r['bits'] or '-'} | {knob} | "
                      f"{r['target_ratio_fp16']:.3f} | {r['quality']:.4f} | "
-                     f"{r['lowrank_layers']}/{r['layers']} | {'★' if r['pareto'] else ''} |")
+                     f"{r['lowrank_layers']}/{r['layers']} | "
+                     f"{r.get('residual_layers', 0)}/{r['layers']} | {'★' if r['pareto'] else ''} |")
     stages = ", ".join(f"{k} {v} s" for k, v in results["analysis_stages_s"].items())
     evals = sum(r["eval_s"] for r in results["rows"])
     lines += ["", f"Analysis once for all settings: {results['analysis_s']} s ({stages}); "
@@ -62,12 +64,16 @@ def main() -> None:
     parser.add_argument("--eps", default="0.02,0.05,0.1,0.2")
     parser.add_argument("--bits", default="4,8")
     parser.add_argument("--method", default="svd")
+    parser.add_argument("--residual", action="store_true",
+                        help="also the quantized weights with low-rank corrections")
+    parser.add_argument("--ratio", default="", help="global byte budgets, e.g. 0.28,0.4")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
 
     calib, evaluation, sentences = split_text(assets.cache_dir() / "bench-text")
     out = args.out or HERE / "results" / f"sweep_{args.model}"
     common = ["--eps", args.eps, "--bits", args.bits, "--method", args.method,
+              *(["--residual"] if args.residual else []), "--ratio", args.ratio,
               "--calib", str(calib), "-o", str(out), "--overwrite"]
     if args.model == "smollm2":
         cmd = ["svdq", "sweep", str(assets.fetch("smollm2")), *common, "--ppl", str(evaluation),
@@ -84,7 +90,8 @@ def main() -> None:
     wall = time.perf_counter() - start
     (out / "command.txt").write_text(
         f"python benchmarks/sweep.py {args.model} --eps {args.eps} --bits {args.bits} "
-        f"--method {args.method}\n# which ran:\n{shown}\n# wall time: {wall:.0f} s on "
+        f"--method {args.method}{' --residual' if args.residual else ''}"
+        f"{' --ratio ' + args.ratio if args.ratio else ''}\n# which ran:\n{shown}\n# wall time: {wall:.0f} s on "
         f"{os.cpu_count()} CPUs\n")
     results = json.loads((out / "results.json").read_text())
     (out / "summary.md").write_text(summary(results))

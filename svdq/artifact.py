@@ -36,7 +36,7 @@ def untouched_tensors(result: Result) -> tuple[dict[str, torch.Tensor], dict[str
 
     Returns the tensors and the aliases: {tied name: stored name} (e.g. lm_head -> embeddings).
     """
-    replaced = {p["name"] for p in result.layers if p["kind"] == "lowrank" or p["bits"] is not None}
+    replaced = {p["name"] for p in result.layers if p["kind"] != "dense" or p["bits"] is not None}
     seen: dict[tuple, str] = {}
     tensors, aliases = {}, {}
     for key, t in result.model.state_dict(keep_vars=False).items():
@@ -53,10 +53,12 @@ def untouched_tensors(result: Result) -> tuple[dict[str, torch.Tensor], dict[str
 
 def totals(layers: list[dict], tensor_bytes: int, params: int, source_elsize: int) -> dict:
     lowrank = [p for p in layers if p["kind"] == "lowrank"]
+    residual = [p for p in layers if p["kind"] == "residual"]
     layer_bytes = sum(p["bytes"] for p in layers)
     layer_fp16 = sum(p["fp16_bytes"] for p in layers)
     return {
         "layers": len(layers), "lowrank_layers": len(lowrank),
+        "residual_layers": len(residual),
         "target_bytes": layer_bytes, "target_fp16_bytes": layer_fp16,
         "target_ratio_fp16": layer_bytes / layer_fp16,
         "artifact_tensor_bytes": tensor_bytes, "source_params": params,

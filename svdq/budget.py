@@ -1,19 +1,24 @@
 """`svdq compress --ratio R | --size S`: one byte budget for all target layers together.
 
 Every layer's options (`algo.allocate.layer_options`: kept as is; dense and low-rank at a grid
-of ranks, at `--bits`, 4 and 8 bits) are measured on its calibration statistics, together with
-the choices a uniform `--eps` would make at a few eps values; `allocate` then picks one option
-per layer for the least Σ error² within the budget — never worse than any of those uniform
-settings that fits. The chosen forms are rebuilt (deterministically) for the artifact.
+of ranks, at `--bits`, 4 and 8 bits; the weight at 4 or 8 bits plus a low-rank correction of
+its quantization error) are measured on its calibration statistics, together with the choices
+a uniform `--eps` would make at a few eps values. `allocate` then picks one option per layer
+for the least Σ weight · error² within the budget, never worse than any of those uniform
+settings that fits. A layer's weight is its loss sensitivity when gradients were gathered
+(`LayerStats.grad2`): the mean squared loss gradient of its outputs times its output energy,
+so that weight · error² estimates the loss damage of its output error; 1 otherwise. The chosen
+forms are rebuilt (deterministically) for the artifact.
 """
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Callable
 
 from svdq.algo.allocate import Option, allocate, choice_of, k_break_of, layer_options, total
 from svdq.algo.quant import nbytes
-from svdq.algo.search import Choice, choose, lowrank_bytes
+from svdq.algo.search import Choice, choose, lowrank_bytes, output_norm2, residual_of
 from svdq.config import Settings
 from svdq.errors import SvdqError
 
@@ -21,13 +26,36 @@ if TYPE_CHECKING:
     from svdq.compress import LayerWork
 
 UNIFORM_EPS = (0.02, 0.05, 0.1, 0.2, 0.3)  # the per-layer eps settings the result must beat
+RESIDUAL_BITS = (4, 8)  # the weight precisions a low-rank correction is offered on
 
 
 def fp16_bytes(work: "LayerWork") -> int:
     return 2 * (work.w.numel() + (0 if work.bias is None else work.bias.numel()))
 
 
-def _option(choice: Choice, work: "LayerWork", options: list[Option], block_size: int) -> int:
+def sensitivities(works: list["LayerWork"]) -> list[float]:
+    """Per layer, how much loss a relative output error costs, scaled to average 1; all 1
+    without gradient statistics."""
+    if any(w.stats.grad2 is None for w in works):
+        return [1.0] * len(works)
+    raw = [w.stats.grad2 / (w.stats.tokens * w.w.shape[0]) * output_norm2(w.w, w.bias, w.stats)
+           for w in works]
+    mean = sum(raw) / len(raw) or 1.0
+    return [r / mean for r in raw]
+
+
+@dataclass
+class Measured:
+    """Every layer's options and the uniform-eps allocations, measured once for any budget."""
+
+    options: list[list[Option]]
+    uniform: dict[float, list[int]]
+    bits_choices: tuple[int, ...]
+    fp16: int
+
+
+def _option(choice: Choice, work: "LayerWork", options: list[Option], block_size: int,
+            weight: float) -> int:
     """The index of `choice` among `options`, appended there if it is not one of them."""
     for i, o in enumerate(options):
         if (o.kind, o.rank, o.bits) == (choice.kind, choice.rank, choice.bits):
@@ -37,34 +65,47 @@ def _option(choice: Choice, work: "LayerWork", options: list[Option], block_size
         size = lowrank_bytes(*work.w.shape, choice.rank, choice.bits, block_size)
     else:  # quantized dense: the kept-as-is option is always there
         size = nbytes(work.w.numel(), choice.bits, block_size)
-    options.append(Option(size + bias, choice.error, choice.kind, choice.rank, choice.bits))
+    options.append(Option(size + bias, choice.error, choice.kind, choice.rank, choice.bits, weight))
     return len(options) - 1
 
 
-def choose_all(works: list["LayerWork"], settings: Settings,
-               report: Callable[[str, int, int], None]) -> tuple[list[Choice], dict]:
-    """One choice per layer within the budget of `settings`, and what to record about it."""
-    fp16 = sum(fp16_bytes(w) for w in works)
-    if settings.budget_ratio is not None:
-        budget = math.floor(settings.budget_ratio * fp16)
-    else:
-        budget = settings.budget_bytes
+def measure(works: list["LayerWork"], settings: Settings,
+            report: Callable[[str, int, int], None]) -> Measured:
+    """Options of every layer, residual forms included (the allocator decides where a
+    correction pays), and the uniform-eps allocations."""
     bits_choices = tuple(dict.fromkeys((settings.bits, 4, 8)))
+    weights = sensitivities(works)
     options, uniform = [], {eps: [] for eps in UNIFORM_EPS}
-    for n, work in enumerate(works):
+    for n, (work, weight) in enumerate(zip(works, weights)):
         report("budget: options per layer", n, len(works))
         cache: dict = {}  # stored forms measured for this layer, shared by all the calls below
+        residuals = {b: residual_of(work.w, work.stats, b, settings.block_size, settings.method)
+                     for b in RESIDUAL_BITS}
         opts = layer_options(work.w, work.bias, work.factors, work.stats, bits_choices,
                              settings.block_size, elsize=work.module.weight.element_size(),
-                             cache=cache)
+                             cache=cache, residuals=residuals, weight=weight)
         for eps in UNIFORM_EPS:
             c = choose(work.w, work.bias, work.factors, work.stats, eps, settings.bits,
                        settings.block_size, cache=cache)
-            uniform[eps].append(_option(c, work, opts, settings.block_size))
+            uniform[eps].append(_option(c, work, opts, settings.block_size, weight))
         options.append(opts)
     report("budget: options per layer", len(works), len(works))
+    return Measured(options, uniform, bits_choices, sum(fp16_bytes(w) for w in works))
+
+
+def budget_of(settings: Settings, fp16: int) -> int:
+    if settings.budget_ratio is not None:
+        return math.floor(settings.budget_ratio * fp16)
+    return settings.budget_bytes
+
+
+def pick(works: list["LayerWork"], measured: Measured, budget: int,
+         settings: Settings) -> tuple[list[Choice], dict]:
+    """One choice per layer within `budget` bytes, and what to record about it (`weights`:
+    each layer's sensitivity, in the order of `works`)."""
+    options, fp16 = measured.options, measured.fp16
     try:
-        picks = allocate(options, budget, list(uniform.values()))
+        picks = allocate(options, budget, list(measured.uniform.values()))
     except ValueError:
         least = sum(min(o.bytes for o in opts) for opts in options)
         raise SvdqError(f"a budget of {budget:,} bytes ({budget / fp16:.3f} × fp16) is below the "
@@ -72,12 +113,26 @@ def choose_all(works: list["LayerWork"], settings: Settings,
                         f"({least / fp16:.3f} × fp16); ask for at least that") from None
     choices = []
     for work, opts, i in zip(works, options, picks):
+        o = opts[i]
+        residual = None
+        if o.kind == "residual":  # rebuilt here rather than kept for every layer: memory
+            residual = residual_of(work.w, work.stats, o.bits, settings.block_size, settings.method)
         kb = k_break_of(work.w, work.factors, settings.bits, settings.block_size)
-        choices.append(choice_of(opts[i], work.w, work.bias, work.factors, work.stats,
-                                 settings.block_size, kb))
-    planned, error2 = total(options, picks)
+        choices.append(choice_of(o, work.w, work.bias, work.factors, work.stats,
+                                 settings.block_size, kb, residual))
+    planned, cost = total(options, picks)
+    weighted = any(o.weight != 1.0 for opts in options for o in opts)
     info = {"requested_bytes": budget, "planned_bytes": planned, "target_fp16_bytes": fp16,
-            "error2": error2, "bits_choices": list(bits_choices),
+            "weights": [opts[0].weight for opts in options],
+            "objective": "sensitivity-weighted error²" if weighted else "error²",
+            "error2": cost, "bits_choices": list(measured.bits_choices),
             "uniform": [dict(zip(("eps", "bytes", "error2"), (eps, *total(options, p))))
-                        for eps, p in uniform.items()]}
+                        for eps, p in measured.uniform.items()]}
     return choices, info
+
+
+def choose_all(works: list["LayerWork"], settings: Settings,
+               report: Callable[[str, int, int], None]) -> tuple[list[Choice], dict]:
+    """One choice per layer within the budget of `settings`, and what to record about it."""
+    measured = measure(works, settings, report)
+    return pick(works, measured, budget_of(settings, measured.fp16), settings)

@@ -67,8 +67,9 @@ def compress(
                                        "MiB, GiB)."),
     bits: int = typer.Option(8, help="Bits of the stored factors: 4 (NF4), 8 or 16 (float16)."),
     block_size: int = typer.Option(64, help="Elements per quantization block."),
-    method: str = typer.Option("svd", help="Factorization: svd, asvd (activation-scaled) or "
-                               "whiten (SVD-LLM, truncation-aware)."),
+    method: str = typer.Option("svd", help="Factorization: svd, asvd (activation-scaled), "
+                               "whiten (SVD-LLM, truncation-aware) or fisher (rows weighted "
+                               "by loss gradients)."),
     calib: str = typer.Option("auto", help="wikitext, self (text sampled from the model), or a "
                               "text file. auto: wikitext, else self for causal LMs."),
     calib_samples: int = typer.Option(32, help="Calibration sequences."),
@@ -82,6 +83,10 @@ def compress(
     seed: int = typer.Option(0, help="Seed for sampling calibration text; runs are reproducible."),
     sequential: bool = typer.Option(False, help="Calibrate each block on the outputs of the "
                                     "blocks already compressed (one more forward per block)."),
+    residual: bool = typer.Option(False, help="Quantize every weight at --bits and let low rank "
+                                  "correct its quantization error (factors 8-bit) instead of "
+                                  "replacing it. With --ratio/--size the allocator always "
+                                  "considers this form."),
     overwrite: bool = typer.Option(False, help="Replace a non-empty output folder."),
     as_json: bool = typer.Option(False, "--json", help="Print a JSON summary instead of tables."),
 ) -> None:
@@ -97,7 +102,7 @@ def compress(
                             method=method, include=tuple(include), exclude=tuple(exclude),
                             calib=calib, calib_samples=calib_samples, calib_len=calib_len,
                             batch_size=batch_size, seed=seed, device=device, dtype=dtype,
-                            sequential=sequential, budget_ratio=ratio,
+                            sequential=sequential, budget_ratio=ratio, residual=residual,
                             budget_bytes=None if size is None else parse_size(size))
         artifact.check_output(output, overwrite)
         if calib not in ("auto", "wikitext", "self") and not Path(calib).is_file():
@@ -129,11 +134,20 @@ def _run_compress(model: str, output: Path, settings, revision, overwrite: bool,
         _summary(manifest, output)
 
 
+def _kind(p: dict, dtype: str) -> str:
+    """A plan entry's form in words: 'low-rank', 'dense 8' or 'residual 4+8'."""
+    if p["kind"] == "lowrank":
+        return "low-rank"
+    if p["kind"] == "residual":
+        return f"residual {p['bits']}+{p['factor_bits']}"
+    return f"dense {p['bits'] or dtype}"
+
+
 def _summary(manifest: dict, output: Path) -> None:
     t = manifest["totals"]
     kinds = {}
     for p in manifest["layers"]:
-        key = "low-rank" if p["kind"] == "lowrank" else f"dense {p['bits'] or manifest['dtype']}"
+        key = _kind(p, manifest["dtype"])
         kinds[key] = kinds.get(key, 0) + 1
     out.print(f"[bold]{output}[/]: {t['layers']} target layers ("
               + ", ".join(f"{v} {k}" for k, v in kinds.items()) + ")", highlight=False)
@@ -182,8 +196,8 @@ def inspect(
                          no_wrap=col != "layer", min_width=12 if col == "layer" else None)
     for p in rows:
         table.add_row(p["name"], f"{p['out_features']}×{p['in_features']}",
-                      "low-rank" if p["kind"] == "lowrank" else "dense",
-                      str(p["rank"]) if p["kind"] == "lowrank" else "-", str(p["k_break"]),
+                      {"lowrank": "low-rank", "residual": "dense+low-rank"}.get(p["kind"], "dense"),
+                      str(p["rank"]) if p["kind"] != "dense" else "-", str(p["k_break"]),
                       str(p["bits"] or manifest["dtype"]), f"{p['bytes']:,}",
                       f"{p['ratio']:.3f}", f"{p['error']:.4f}")
     out.print(table)
@@ -344,7 +358,12 @@ def sweep(
                                              "similarity to the source (encoders)."),
     block_size: int = typer.Option(64, help="Elements per quantization block."),
     method: str = typer.Option("svd", help="Comma-separated factorizations to compare: "
-                               "svd, asvd, whiten."),
+                               "svd, asvd, whiten, fisher."),
+    residual: bool = typer.Option(False, help="Also, per method, bits and eps: quantized weights "
+                                  "with low-rank corrections (as compress --residual)."),
+    ratio: str = typer.Option("", help="Comma-separated byte budgets (× fp16 of the target "
+                              "layers), one global allocation per method each (as compress "
+                              "--ratio), e.g. 0.28,0.35,0.5."),
     calib: str = typer.Option("auto", help="wikitext, self, or a text file (as for compress)."),
     calib_samples: int = typer.Option(32, help="Calibration sequences."),
     calib_len: int = typer.Option(512, help="Tokens per calibration sequence."),
@@ -370,13 +389,16 @@ def sweep(
             raise SvdqError("give exactly one quality measure: --ppl wikitext|FILE or --similarity FILE")
         eps_list = _values(eps, "eps", float, "0.02,0.05,0.1")
         bits_list = _values(bits, "bits", int, "4,8", "whole numbers")
-        if not eps_list or not bits_list:
-            raise SvdqError("--eps and --bits need at least one value each")
+        ratios = _values(ratio, "ratio", float, "0.28,0.35")
+        if not (eps_list or ratios) or not bits_list:
+            raise SvdqError("--bits needs at least one value, and --eps or --ratio at least one")
+        for r in ratios:
+            Settings(budget_ratio=r)
         # one Settings carries what the shared analysis needs; eps and bits vary per setting
         methods = _values(method, "method", str.strip, "svd,whiten", "names")
         for m in methods:
             Settings(method=m)
-        settings = Settings(eps=eps_list[0], bits=bits_list[0], block_size=block_size,
+        settings = Settings(eps=eps_list[0] if eps_list else 0.05, bits=bits_list[0], block_size=block_size,
                             method=methods[0] if methods else "", include=tuple(include), exclude=tuple(exclude),
                             calib=calib, calib_samples=calib_samples, calib_len=calib_len,
                             seed=seed, device=device)
@@ -399,7 +421,7 @@ def sweep(
         bar, progress = _progress()
         with bar:
             results = sw.run(source, settings, eps_list, bits_list, measure, metric, progress,
-                             methods)
+                             methods, residual, ratios)
         results["evaluation"] = {"text": text[1] if text else similarity, "max_tokens": max_tokens,
                                  "ctx": ctx, "stride": stride, "lines": len(lines or [])}
         files = sw.write(results, output)
@@ -415,14 +437,16 @@ def _sweep_table(results: dict) -> None:
     table = Table(title=f"{results['source']}: {results['metric']} ({better} is better); "
                   f"analysis (calibration, statistics, SVDs) {results['analysis_s']} s, done once",
                   title_justify="left")
-    for col in ("method", "bits", "eps", "MB", "× fp16", results["metric"], "low-rank",
-                "frontier"):
+    for col in ("method", "bits", "eps / ratio", "MB", "× fp16", results["metric"], "low-rank",
+                "corrected", "frontier"):
         table.add_column(col, justify="left" if col == "method" else "right", no_wrap=True)
     for r in results["rows"]:
-        table.add_row(r["method"], str(r["bits"] or "-"), "-" if r["eps"] is None else f"{r['eps']:g}",
+        knob = (f"{r['eps']:g}" if r["eps"] is not None
+                else f"≤ {r['ratio']:g}" if r.get("ratio") is not None else "-")
+        table.add_row(r["method"], str(r["bits"] or "-"), knob,
                       f"{r['target_bytes'] / 1e6:,.2f}", f"{r['target_ratio_fp16']:.3f}",
                       f"{r['quality']:.4f}", f"{r['lowrank_layers']}/{r['layers']}",
-                      "★" if r["pareto"] else "")
+                      f"{r.get('residual_layers', 0)}/{r['layers']}", "★" if r["pareto"] else "")
     out.print(table)
 
 

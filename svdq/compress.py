@@ -20,7 +20,7 @@ from torch import nn
 from svdq import calibrate, surgery
 from svdq.algo.factorize import Factors, LayerStats, factorize
 from svdq.algo.quant import codebook
-from svdq.algo.search import Choice, choose
+from svdq.algo.search import Choice, choose, choose_residual, residual_of
 from svdq.config import Settings
 from svdq.errors import SvdqError
 from svdq.hf import Source, blocks_of, weight_of
@@ -45,11 +45,11 @@ class Result:
 
 def _stored(name: str, module: nn.Module, choice: Choice) -> dict[str, torch.Tensor]:
     out: dict[str, torch.Tensor] = {}
-    if choice.kind == "lowrank":
+    if choice.kind in ("lowrank", "residual"):
         out.update(choice.u.tensors(name + ".svdq.u"))
         out.update(choice.v.tensors(name + ".svdq.v"))
         out[name + ".svdq.s"] = choice.s
-    elif choice.bits is not None:
+    if choice.kind == "residual" or (choice.kind == "dense" and choice.bits is not None):
         out.update(choice.weight.tensors(name + ".weight"))
     if module.bias is not None:
         out[name + ".bias"] = module.bias.detach().clone()
@@ -65,11 +65,14 @@ def _plan(name: str, module: nn.Module, choice: Choice, tensors: dict, settings:
     else:
         nbytes = sum(t.numel() * t.element_size() for t in tensors.values())
     fp16 = 2 * (w.numel() + (0 if module.bias is None else module.bias.numel()))
-    return {"name": name, "module": type(module).__name__, "out_features": out_f,
+    plan = {"name": name, "module": type(module).__name__, "out_features": out_f,
             "in_features": in_f, "bias": module.bias is not None, "kind": choice.kind,
             "rank": choice.rank, "k_break": choice.k_break, "bits": choice.bits,
             "block_size": settings.block_size, "bytes": nbytes, "fp16_bytes": fp16,
             "error": choice.error}
+    if choice.kind == "residual":
+        plan["factor_bits"] = choice.u.bits
+    return plan
 
 
 class Clock:
@@ -98,13 +101,16 @@ class LayerWork:
 
 
 def walk(source: Source, settings: Settings, clock: Clock, report: Progress,
-         calibration: dict) -> Iterator[LayerWork]:
+         calibration: dict, gradients: bool = False) -> Iterator[LayerWork]:
     """Calibrate, then walk the blocks; yield each target layer's work as its block is done.
 
     The caller may replace a yielded layer in the model at once: the block's outputs, which
     feed the next block, were computed before the first of its layers is yielded. With
     `settings.sequential` the block runs again once all its layers were yielded, so the next
     block is calibrated on what the compressed blocks before it really produce.
+    With `gradients` (always for method fisher) each layer's statistics also carry its
+    gradient statistics (`calibrate.gradients`: row Fisher, output sensitivity), measured on
+    the source model before any block is walked.
     """
     device = torch.device(settings.device)
     if device.type == "cuda" and not torch.cuda.is_available():
@@ -121,6 +127,11 @@ def walk(source: Source, settings: Settings, clock: Clock, report: Progress,
     calibration.update(info)
     report("calibration text", 1, 1)
     clock.lap("calibration text")
+    grads = {}
+    if gradients or settings.method == "fisher":
+        grads = calibrate.gradients(model, ids, {n: model.get_submodule(n) for n in names},
+                                    settings.batch_size, source.is_causal, settings.seed, report)
+        clock.lap("gradients")
     inputs = calibrate.block_inputs(model, blocks[0], ids, settings.batch_size)
     done = 0
     for i, block in enumerate(blocks):
@@ -133,6 +144,8 @@ def walk(source: Source, settings: Settings, clock: Clock, report: Progress,
             bias = None if module.bias is None else module.bias.detach().float()
             st = stats[name]
             st.gram, st.total = st.gram.to(device), st.total.to(device)
+            if name in grads:
+                st.row_fisher, st.grad2 = grads[name][0].to(device), grads[name][1]
             factors = factorize(settings.method, w, st)
             clock.lap("factorize")
             yield LayerWork(name, module, w, bias, st, factors)
@@ -150,13 +163,23 @@ def realize(model: nn.Module, work: LayerWork, choice: Choice,
     module = work.module
     stored = {k: v.cpu() for k, v in _stored(work.name, module, choice).items()}
     plan = _plan(work.name, module, choice, stored, settings)
-    if choice.kind == "lowrank" or choice.bits is not None:
+    if choice.kind != "dense" or choice.bits is not None:
         with_books = {**stored, **{f"svdq.codebook.{b}": codebook(b) for b in (4, 8)}}
         replacement = build_layer(plan, with_books, module.weight.dtype, set())
         surgery.set_module(model, work.name, replacement.to(module.weight.device))
     else:
         stored = {}  # kept as is: its tensors are stored with the untouched ones
     return plan, stored
+
+
+def choose_form(work: LayerWork, settings: Settings) -> Choice:
+    """The eps-mode choice for one layer: low rank replaces the weight, or with
+    `settings.residual` corrects the weight's quantization error."""
+    if settings.residual:
+        res = residual_of(work.w, work.stats, settings.bits, settings.block_size, settings.method)
+        return choose_residual(work.w, work.bias, res, work.stats, settings.eps)
+    return choose(work.w, work.bias, work.factors, work.stats, settings.eps, settings.bits,
+                  settings.block_size)
 
 
 def compress(source: Source, settings: Settings, progress: Progress | None = None) -> Result:
@@ -176,19 +199,20 @@ def compress(source: Source, settings: Settings, progress: Progress | None = Non
     if settings.budgeted:  # every layer is measured before any is chosen
         from svdq import budget as budgets
 
-        works = list(walk(source, settings, clock, report, calibration))
+        works = list(walk(source, settings, clock, report, calibration, gradients=True))
         choices, budget = budgets.choose_all(works, settings, report)
         clock.lap("options and allocation")
-        for work, choice in zip(works, choices):
+        for work, choice, weight in zip(works, choices, budget.pop("weights")):
             keep(work, choice)
+            layers[-1]["sensitivity"] = weight
         budget["achieved_bytes"] = sum(p["bytes"] for p in layers)
         clock.lap("quantization")
     else:
         for work in walk(source, settings, clock, report, calibration):
-            keep(work, choose(work.w, work.bias, work.factors, work.stats, settings.eps,
-                              settings.bits, settings.block_size))
+            keep(work, choose_form(work, settings))
             clock.lap("rank search and quantization")
-    for b in sorted({p["bits"] for p in layers if p["bits"] in (4, 8)}):
+    used = {p["bits"] for p in layers} | {p.get("factor_bits") for p in layers}
+    for b in sorted(used & {4, 8}):
         tensors[f"svdq.codebook.{b}"] = codebook(b)
     return Result(source.model, layers, tensors, calibration, params, dict(clock.spent),
                   budget=budget)

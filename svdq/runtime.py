@@ -16,6 +16,9 @@ Tensor keys in `model.safetensors` (NAME is a module name such as `model.layers.
     NAME.svdq.{u,v}.codes / .absmax      the same factors quantized (8-bit or NF4 codes, and
                                          one float32 absmax per block of the flattened factor)
     NAME.weight.codes / .absmax          a dense layer stored quantized, weight as (out, in)
+    a residual layer                     NAME.weight.* (quantized at the plan's `bits`) plus
+                                         NAME.svdq.{u,v,s} at its `factor_bits`; it loads as one
+                                         linear layer of weight Q + U·diag(Σ)·Vᵀ
     NAME.bias                            bias of any target layer, in the model's dtype
     svdq.codebook.8 / svdq.codebook.4    the 256 / 16 code values, stored once
     anything else                        an untouched tensor of the model under its own name
@@ -31,7 +34,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2 added the residual kind; version 1 artifacts read unchanged
+READS = (1, 2)
 MANIFEST = "svdq.json"
 TENSORS = "model.safetensors"
 
@@ -94,13 +98,21 @@ def _take(tensors: dict, key: str, used: set) -> torch.Tensor:
     return tensors[key]
 
 
-def _factor(tensors: dict, key: str, shape: tuple[int, int], layer: dict, used: set) -> torch.Tensor:
-    bits = layer["bits"]
+def _factor(tensors: dict, key: str, shape: tuple[int, int], bits: int, block_size: int,
+            used: set) -> torch.Tensor:
     if bits not in (4, 8):
         return _take(tensors, key, used).float()
     codebook = _take(tensors, f"svdq.codebook.{bits}", used)
     return dequantize(_take(tensors, key + ".codes", used), _take(tensors, key + ".absmax", used),
-                      codebook, shape, layer["block_size"], bits)
+                      codebook, shape, block_size, bits)
+
+
+def _linear(w: torch.Tensor, bias: torch.Tensor | None) -> nn.Linear:
+    linear = nn.Linear(w.shape[1], w.shape[0], bias=bias is not None, device="meta")
+    linear.weight = nn.Parameter(w, requires_grad=False)
+    if bias is not None:
+        linear.bias = nn.Parameter(bias, requires_grad=False)
+    return linear
 
 
 def build_layer(layer: dict, tensors: dict, dtype: torch.dtype, used: set) -> nn.Module | None:
@@ -108,19 +120,19 @@ def build_layer(layer: dict, tensors: dict, dtype: torch.dtype, used: set) -> nn
     name, out_f, in_f = layer["name"], layer["out_features"], layer["in_features"]
     bias_key = name + ".bias"
     bias = _take(tensors, bias_key, used).to(dtype) if layer["bias"] else None
-    if layer["kind"] == "lowrank":
-        k = layer["rank"]
-        u = _factor(tensors, name + ".svdq.u", (k, out_f), layer, used)
-        v = _factor(tensors, name + ".svdq.v", (k, in_f), layer, used)
+    bits, block = layer["bits"], layer["block_size"]
+    if layer["kind"] in ("lowrank", "residual"):
+        k, fbits = layer["rank"], layer.get("factor_bits", bits)
+        u = _factor(tensors, name + ".svdq.u", (k, out_f), fbits, block, used)
+        v = _factor(tensors, name + ".svdq.v", (k, in_f), fbits, block, used)
         s = _take(tensors, name + ".svdq.s", used).float()
-        return LowRankLinear(u.to(dtype), s.to(dtype), v.to(dtype), bias)
-    if layer["bits"] is not None:  # 4, 8 or 16 bits
-        w = _factor(tensors, name + ".weight", (out_f, in_f), layer, used)
-        linear = nn.Linear(in_f, out_f, bias=bias is not None, device="meta")
-        linear.weight = nn.Parameter(w.to(dtype), requires_grad=False)
-        if bias is not None:
-            linear.bias = nn.Parameter(bias, requires_grad=False)
-        return linear
+        if layer["kind"] == "lowrank":
+            return LowRankLinear(u.to(dtype), s.to(dtype), v.to(dtype), bias)
+        w = _factor(tensors, name + ".weight", (out_f, in_f), bits, block, used)
+        return _linear((w + (u.T * s) @ v).to(dtype), bias)  # the correction folded in once
+    if bits is not None:  # 4, 8 or 16 bits
+        w = _factor(tensors, name + ".weight", (out_f, in_f), bits, block, used)
+        return _linear(w.to(dtype), bias)
     used.discard(bias_key)  # a layer kept in its own form loads with the untouched tensors
     return None
 
@@ -151,9 +163,10 @@ def read_manifest(path: str | Path, verify: bool = True) -> dict:
         raise ArtifactError(f"{folder / MANIFEST} is not valid JSON ({e}); "
                             "the artifact is damaged: compress the model again") from None
     version = manifest.get("format_version")
-    if version != FORMAT_VERSION:
+    if version not in READS:
         raise ArtifactError(f"{folder} has svdq format version {version!r}, this loader reads "
-                            f"version {FORMAT_VERSION}; use the svdq release that wrote it")
+                            f"versions {', '.join(map(str, READS))}; use the svdq release that "
+                            "wrote it")
     if not (folder / TENSORS).is_file():
         raise ArtifactError(f"{folder / TENSORS} is missing; the artifact is incomplete")
     if verify and sha256(folder / TENSORS) != manifest.get("sha256"):

@@ -11,8 +11,9 @@ from __future__ import annotations
 import copy
 import csv
 import json
+import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable
 
@@ -21,8 +22,8 @@ from torch import nn
 
 from svdq.algo.factorize import factorize
 from svdq.algo.quant import quantize
-from svdq.algo.search import Choice, choose, error_norm2, output_norm2
-from svdq.compress import Clock, LayerWork, Progress, realize, walk
+from svdq.algo.search import Choice, choose_residual, error_norm2, output_norm2, residual_of
+from svdq.compress import Clock, LayerWork, Progress, choose_form, realize, walk
 from svdq.config import Settings
 from svdq.errors import SvdqError
 from svdq.hf import Source
@@ -96,20 +97,27 @@ def evaluator(source: Source, text: tuple[str, str] | None, lines: list[str] | N
 
 def run(source: Source, settings: Settings, eps_list: list[float], bits_list: list[int],
         evaluate: Evaluate, metric: Metric, progress: Progress | None = None,
-        methods: list[str] | None = None) -> dict:
+        methods: list[str] | None = None, residual: bool = False,
+        ratios: list[float] | None = None) -> dict:
     """Analyse once, then evaluate baselines and every (method, bits, eps) setting.
 
     `methods` defaults to `settings.method`; the calibration statistics serve them all, and
-    each method factorizes each layer once.
+    each method factorizes each layer once. `residual` adds, per method, bits and eps, the
+    quantized weights with low-rank corrections of their error (`--residual`); each of `ratios`
+    adds, per method, the global byte budget of that fraction of fp16 (`--ratio`), whose
+    options are measured once per method for all ratios.
     """
+    from svdq import budget
+
     if settings.sequential:
         raise SvdqError("sweep shares one calibration across settings, which --sequential "
                         "cannot (its statistics depend on each setting's choices); drop it")
     report = progress or (lambda stage, done, total: None)
     methods = methods or [settings.method]
+    ratios = ratios or []
     clock, calibration = Clock(), {}
     original = source.model
-    works = list(walk(source, settings, clock, report, calibration))
+    works = list(walk(source, settings, clock, report, calibration, gradients=bool(ratios) or "fisher" in methods))
     factors = {settings.method: [w.factors for w in works]}
     for method in methods:
         if method not in factors:
@@ -117,23 +125,46 @@ def run(source: Source, settings: Settings, eps_list: list[float], bits_list: li
             clock.lap("factorize")
     analysis_s = sum(clock.spent.values())
     fp16_bytes = sum(2 * (w.w.numel() + (0 if w.bias is None else w.bias.numel())) for w in works)
-    jobs: list[tuple[str, int | None, float | None, Callable[[], list[Choice]] | None]] = [
-        ("source", None, None, None),
-        ("fp16", 16, None, lambda: [_dense(w, 16, settings.block_size) for w in works]),
+    jobs: list[tuple[str, int | None, float | None, float | None,
+                     Callable[[], list[Choice]] | None]] = [
+        ("source", None, None, None, None),
+        ("fp16", 16, None, None, lambda: [_dense(w, 16, settings.block_size) for w in works]),
     ]
     for bits in bits_list:
         if bits != 16:
             label = "bnb-nf4" if bits == 4 else "bnb-8bit"
-            jobs.append((label, bits, None,
+            jobs.append((label, bits, None, None,
                          lambda b=bits: [_dense(w, b, settings.block_size) for w in works]))
     for method in methods:
+        mine = [replace(w, factors=f) for w, f in zip(works, factors[method])]
         for bits in bits_list:
             for eps in eps_list:
-                jobs.append((method, bits, eps, lambda m=method, b=bits, e=eps: [
-                    choose(w.w, w.bias, f, w.stats, e, b, settings.block_size)
-                    for w, f in zip(works, factors[m])]))
+                s = replace(settings, method=method, bits=bits, eps=eps)
+                jobs.append((method, bits, eps, None,
+                             lambda s=s, mine=mine: [choose_form(w, s) for w in mine]))
+        for bits in bits_list if residual else ():
+            corrections: list = []  # each layer's Residual, made once for all eps
+
+            def corrected(eps: float, m=method, b=bits, c=corrections) -> list[Choice]:
+                if not c:
+                    c.extend(residual_of(w.w, w.stats, b, settings.block_size, m) for w in works)
+                return [choose_residual(w.w, w.bias, r, w.stats, eps) for w, r in zip(works, c)]
+            for eps in eps_list:
+                jobs.append((f"{method}+residual", bits, eps, None,
+                             lambda e=eps, f=corrected: f(e)))
+        if ratios:
+            s = replace(settings, method=method, budget_ratio=ratios[0])
+            measured: dict = {}
+
+            def allocation(ratio: float, s=s, mine=mine, measured=measured) -> list[Choice]:
+                if not measured:  # measured once per method, on first use
+                    measured["m"] = budget.measure(mine, s, report)
+                return budget.pick(mine, measured["m"], math.floor(ratio * fp16_bytes), s)[0]
+            for ratio in ratios:
+                jobs.append((f"{method} budget", None, None, ratio,
+                             lambda r=ratio, a=allocation: a(r)))
     rows = []
-    for i, (label, bits, eps, make) in enumerate(jobs):
+    for i, (label, bits, eps, ratio, make) in enumerate(jobs):
         report("settings", i, len(jobs))
         start = time.perf_counter()
         if make is None:  # the source as loaded: its own bytes
@@ -146,10 +177,11 @@ def run(source: Source, settings: Settings, eps_list: list[float], bits_list: li
             nbytes = sum(p["bytes"] for p in plans)
         build_s = time.perf_counter() - start
         result = evaluate(model)
+        kinds = [] if plans is None else [p["kind"] for p in plans]
         rows.append({
-            "method": label, "bits": bits, "eps": eps, "target_bytes": nbytes,
+            "method": label, "bits": bits, "eps": eps, "ratio": ratio, "target_bytes": nbytes,
             "target_ratio_fp16": nbytes / fp16_bytes, "quality": result["quality"],
-            "lowrank_layers": 0 if plans is None else sum(p["kind"] == "lowrank" for p in plans),
+            "lowrank_layers": kinds.count("lowrank"), "residual_layers": kinds.count("residual"),
             "layers": len(works), "mean_layer_error": None if plans is None else
             sum(p["error"] for p in plans) / len(plans),
             "build_s": round(build_s, 2), "eval_s": round(result.get("seconds", 0.0), 2),
@@ -166,8 +198,8 @@ def run(source: Source, settings: Settings, eps_list: list[float], bits_list: li
             "target_fp16_bytes": fp16_bytes, "rows": rows}
 
 
-COLUMNS = ["method", "bits", "eps", "target_bytes", "target_ratio_fp16", "quality",
-           "lowrank_layers", "layers", "mean_layer_error", "build_s", "eval_s", "pareto"]
+COLUMNS = ["method", "bits", "eps", "ratio", "target_bytes", "target_ratio_fp16", "quality",
+           "lowrank_layers", "residual_layers", "layers", "mean_layer_error", "build_s", "eval_s", "pareto"]
 
 
 def write(results: dict, folder: Path) -> list[Path]:
@@ -193,9 +225,11 @@ def plot(results: dict, path: Path) -> None:
     fig, ax = plt.subplots(figsize=(8, 5), dpi=120)
     series: dict[str, list[dict]] = {}
     for r in rows:
-        if r["eps"] is None:  # a baseline: one point
+        if r["eps"] is None and r.get("ratio") is None:  # a baseline: one point
             ax.scatter(r["target_bytes"] / 1e6, r["quality"], marker="s", s=60, zorder=3,
                        label=r["method"])
+        elif r["eps"] is None:  # a budget: one series per method
+            series.setdefault(r["method"], []).append(r)
         else:
             series.setdefault(f"{r['method']} {r['bits']}-bit", []).append(r)
     for label, pts in series.items():
@@ -203,7 +237,8 @@ def plot(results: dict, path: Path) -> None:
         ax.plot([p["target_bytes"] / 1e6 for p in pts], [p["quality"] for p in pts], "o-",
                 label=label, zorder=2)
         for p in pts:
-            ax.annotate(f"ε={p['eps']:g}", (p["target_bytes"] / 1e6, p["quality"]), fontsize=7,
+            tag = f"ε={p['eps']:g}" if p["eps"] is not None else f"r={p['ratio']:g}"
+            ax.annotate(tag, (p["target_bytes"] / 1e6, p["quality"]), fontsize=7,
                         textcoords="offset points", xytext=(4, 4))
     front = sorted((r for r in rows if r["pareto"]), key=lambda r: (r["target_bytes"], r["quality"]))
     ax.step([r["target_bytes"] / 1e6 for r in front], [r["quality"] for r in front],

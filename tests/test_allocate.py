@@ -259,7 +259,8 @@ def test_ratio_artifact_meets_the_budget_and_round_trips(models, calib_file, tmp
     assert b["achieved_bytes"] >= 0.95 * b["requested_bytes"]
     # never worse than a uniform eps that fits; the layers' errors are what was planned
     assert all(b["error2"] <= u["error2"] for u in b["uniform"] if u["bytes"] <= b["requested_bytes"])
-    assert b["error2"] == pytest.approx(math.fsum(p["error"] ** 2 for p in manifest["layers"]))
+    assert b["error2"] == pytest.approx(math.fsum(p["sensitivity"] * p["error"] ** 2
+                                                  for p in manifest["layers"]))
     assert len({p["bits"] for p in manifest["layers"]}) > 1  # bit widths are mixed
     ids = torch.tensor([source.tokenizer(make_text(24, 5), add_special_tokens=False)["input_ids"]])
     with torch.no_grad():

@@ -327,7 +327,14 @@ def _fails(folder: Path, match: str, verify: bool = True, read: bool = True) -> 
 def test_load_refuses_wrong_format_version(built, tmp_path):
     folder = damaged_copy(built(*G8), tmp_path)
     rewrite_manifest(folder, format_version=runtime.FORMAT_VERSION + 1)
-    _fails(folder, "format version 2")
+    _fails(folder, f"format version {runtime.FORMAT_VERSION + 1}")
+
+
+def test_load_reads_format_version_1(built, tmp_path):
+    """Version 2 only added the residual kind: an artifact written as version 1 still loads."""
+    folder = damaged_copy(built(*G8), tmp_path)
+    rewrite_manifest(folder, format_version=1)
+    assert svdq.load(folder) is not None
 
 
 def test_load_refuses_checksum_mismatch(built, tmp_path):

@@ -1,7 +1,9 @@
-"""A global byte budget: one stored form per layer, least Σ error² with Σ bytes ≤ budget.
+"""A global byte budget: one stored form per layer, least Σ cost with Σ bytes ≤ budget.
 
-Each layer offers options (kept as is; dense or low-rank at a few ranks, per bit width), each
-with its exact bytes and relative output error (`search`): a multiple-choice knapsack.
+Each layer offers options (kept as is; dense, low-rank or quantized-plus-correction at a few
+ranks, per bit width), each with its exact bytes and relative output error (`search`); its
+cost is error² times the layer's sensitivity weight (1 unless given): a multiple-choice
+knapsack. Below, "error²" means that cost.
 `allocate` returns the best of (a) `greedy`: every layer at its cheapest option, then upgrades
 along each layer's lower convex hull of (bytes, error²), most error² saved per extra byte first,
 while they fit, then single option changes that lower Σ error² and fit; (b) `table`: dynamic
@@ -19,19 +21,27 @@ import torch
 
 from svdq.algo.factorize import Factors, LayerStats
 from svdq.algo.quant import nbytes
-from svdq.algo.search import (Choice, break_even_rank, lowrank_bytes, reference, stored_dense,
-                              stored_lowrank)
+from svdq.algo.search import (Choice, Residual, break_even_rank, lowrank_bytes, reference,
+                              residual_break_rank, residual_bytes, stored_dense, stored_lowrank,
+                              stored_residual)
 
 
 @dataclass(frozen=True)
 class Option:
-    """One stored form of a layer: kind 'lowrank' (rank, bits) or 'dense' (bits; None: kept)."""
+    """One stored form of a layer: kind 'lowrank' (rank, bits), 'residual' (bits of the weight,
+    rank of the correction) or 'dense' (bits; None: kept). `weight` is the layer's sensitivity:
+    the allocation minimizes Σ weight · error² (`cost`)."""
 
     bytes: int
     error: float
     kind: str
     rank: int
     bits: int | None
+    weight: float = 1.0
+
+    @property
+    def cost(self) -> float:
+        return self.weight * self.error ** 2
 
 
 def rank_grid(k_break: int, n: int = 12) -> list[int]:
@@ -48,38 +58,58 @@ def k_break_of(w: torch.Tensor, factors: Factors, bits: int, block_size: int) ->
 def layer_options(w: torch.Tensor, bias: torch.Tensor | None, factors: Factors,
                   stats: LayerStats, bits_choices: Sequence[int], block_size: int,
                   ranks: Sequence[int] | None = None, elsize: int = 2,
-                  cache: dict | None = None) -> list[Option]:
+                  cache: dict | None = None, residuals: dict[int, Residual] | None = None,
+                  weight: float = 1.0) -> list[Option]:
     """Kept as is (`elsize` bytes per source element, weight and bias), then per bits: dense, and
-    low-rank at each rank of `ranks` (None: `rank_grid`) up to that bits' break-even rank.
+    low-rank at each rank of `ranks` (None: `rank_grid`) up to that bits' break-even rank; per
+    entry of `residuals` ({bits: Residual}), the weight at those bits plus a correction at each
+    rank of the grid up to `residual_break_rank`. Every option carries `weight`.
     Errors are `search.choose`'s; `cache` may be shared with `choose` calls on the layer."""
     out_f, in_f = w.shape
     bias_bytes = 0 if bias is None else bias.numel() * elsize
     ref = reference(w, bias, stats)
     cache = {} if cache is None else cache
-    options = [Option((w.numel() * elsize) + bias_bytes, 0.0, "dense", 0, None)]
+
+    def grid(kb: int) -> list[int]:
+        return rank_grid(kb) if ranks is None else sorted({r for r in ranks if 1 <= r <= kb})
+
+    options = [Option((w.numel() * elsize) + bias_bytes, 0.0, "dense", 0, None, weight)]
     for bits in dict.fromkeys(bits_choices):
         kb = k_break_of(w, factors, bits, block_size)
         key = ("dense", bits, 0)
         cache[key] = cache.get(key) or stored_dense(w, stats, ref, bits, block_size, kb)
         options.append(Option(nbytes(w.numel(), bits, block_size) + bias_bytes, cache[key].error,
-                              "dense", 0, bits))
-        for k in (rank_grid(kb) if ranks is None else sorted({r for r in ranks if 1 <= r <= kb})):
+                              "dense", 0, bits, weight))
+        for k in grid(kb):
             key = ("lowrank", bits, k)
             cache[key] = cache.get(key) or stored_lowrank(w, factors, stats, ref, k, bits,
                                                           block_size, kb)
             options.append(Option(lowrank_bytes(out_f, in_f, k, bits, block_size) + bias_bytes,
-                                  cache[key].error, "lowrank", k, bits))
+                                  cache[key].error, "lowrank", k, bits, weight))
+    for bits, res in (residuals or {}).items():
+        kb = min(residual_break_rank(out_f, in_f, bits, block_size), res.factors.max_rank)
+        for k in grid(kb):
+            key = ("residual", bits, k)
+            cache[key] = cache.get(key) or stored_residual(w, res, stats, ref, k, kb)
+            options.append(Option(residual_bytes(out_f, in_f, k, bits, block_size) + bias_bytes,
+                                  cache[key].error, "residual", k, bits, weight))
     return options
 
 
 def choice_of(option: Option, w: torch.Tensor, bias: torch.Tensor | None, factors: Factors,
-              stats: LayerStats, block_size: int, k_break: int) -> Choice:
+              stats: LayerStats, block_size: int, k_break: int,
+              residual: Residual | None = None) -> Choice:
     """The stored layer of `option`, rebuilt (deterministic: the same tensors and error);
-    `k_break` is what a kept-as-is layer records."""
+    `k_break` is what a kept-as-is layer records; a residual option needs its `residual`."""
     ref = reference(w, bias, stats)
     if option.kind == "lowrank":
         kb = k_break_of(w, factors, option.bits, block_size)
         return stored_lowrank(w, factors, stats, ref, option.rank, option.bits, block_size, kb)
+    if option.kind == "residual":
+        if residual is None or residual.weight.bits != option.bits:
+            raise ValueError(f"a residual option at {option.bits} bits needs its Residual")
+        kb = min(residual_break_rank(*w.shape, option.bits, block_size), residual.factors.max_rank)
+        return stored_residual(w, residual, stats, ref, option.rank, kb)
     if option.bits is not None:
         return stored_dense(w, stats, ref, option.bits, block_size,
                             k_break_of(w, factors, option.bits, block_size))
@@ -90,11 +120,11 @@ def _hull(opts: list[Option]) -> list[int]:
     """Indices on the lower convex hull of (bytes, error²), cheapest first, error falling."""
     hull: list[int] = []
     for i in sorted(range(len(opts)), key=lambda i: (opts[i].bytes, opts[i].error, i)):
-        x, e = opts[i].bytes, opts[i].error ** 2
-        if hull and e >= opts[hull[-1]].error ** 2:
+        x, e = opts[i].bytes, opts[i].cost
+        if hull and e >= opts[hull[-1]].cost:
             continue  # a cheaper option is at least as good
         while len(hull) >= 2:  # drop the last point while it lies above the chord to this one
-            (xa, ea), (xb, eb) = ((opts[j].bytes, opts[j].error ** 2) for j in hull[-2:])
+            (xa, ea), (xb, eb) = ((opts[j].bytes, opts[j].cost) for j in hull[-2:])
             if (eb - ea) * (x - xb) <= (e - eb) * (xb - xa):
                 break
             hull.pop()
@@ -103,9 +133,9 @@ def _hull(opts: list[Option]) -> list[int]:
 
 
 def total(options: list[list[Option]], alloc: Sequence[int]) -> tuple[int, float]:
-    """(Σ bytes, Σ error²) of an allocation."""
+    """(Σ bytes, Σ cost) of an allocation."""
     return (sum(o[i].bytes for o, i in zip(options, alloc)),
-            math.fsum(o[i].error ** 2 for o, i in zip(options, alloc)))
+            math.fsum(o[i].cost for o, i in zip(options, alloc)))
 
 
 def _improve(options: list[list[Option]], alloc: list[int], budget: int) -> list[int]:
@@ -116,7 +146,7 @@ def _improve(options: list[list[Option]], alloc: list[int], budget: int) -> list
         for layer, opts in enumerate(options):
             cur = opts[alloc[layer]]
             for i, o in enumerate(opts):
-                d_err, d_bytes = o.error ** 2 - cur.error ** 2, o.bytes - cur.bytes
+                d_err, d_bytes = o.cost - cur.cost, o.bytes - cur.bytes
                 if d_err < 0 and used + d_bytes <= budget and (best is None
                                                                or (d_err, d_bytes) < best[:2]):
                     best = (d_err, d_bytes, layer, i)
@@ -138,7 +168,7 @@ def greedy(options: list[list[Option]], budget: int) -> list[int] | None:
         h, p = hulls[layer], pos[layer]
         if p + 1 < len(h):
             a, b = options[layer][h[p]], options[layer][h[p + 1]]
-            heapq.heappush(heap, ((b.error ** 2 - a.error ** 2) / (b.bytes - a.bytes), layer))
+            heapq.heappush(heap, ((b.cost - a.cost) / (b.bytes - a.bytes), layer))
 
     heap: list = []
     for layer in range(len(options)):
@@ -167,7 +197,7 @@ def table(options: list[list[Option]], budget: int, resolution: int = 2 ** 20) -
         for i, o in enumerate(opts):
             w = -(-o.bytes // unit)
             if w <= cap:
-                trial = best[: cap + 1 - w] + o.error ** 2
+                trial = best[: cap + 1 - w] + o.cost
                 better = trial < new[w:]
                 new[w:] = torch.where(better, trial, new[w:])
                 pick[w:][better] = i

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
-from svdq.algo.factorize import Factors, LayerStats
+from svdq.algo.factorize import Factors, LayerStats, factorize
 from svdq.algo.quant import Quantized, nbytes, quantize
 
 
@@ -53,7 +53,9 @@ def break_even_rank(out_f: int, in_f: int, bits: int, block_size: int) -> int:
 
 @dataclass
 class Choice:
-    """What a layer becomes. kind 'lowrank' uses u/s/v; 'dense' uses weight (None: keep as is)."""
+    """What a layer becomes. kind 'lowrank' uses u/s/v; 'dense' uses weight (None: keep as is);
+    'residual' uses both: the weight quantized at `bits` plus a rank-`rank` correction whose
+    factors are stored at `RESIDUAL_FACTOR_BITS`."""
 
     kind: str
     rank: int
@@ -85,6 +87,95 @@ def stored_dense(w: torch.Tensor, stats: LayerStats, ref: float, bits: int, bloc
     q = quantize(w, bits, block_size)
     err = error_norm2(w - q.dequantize(), stats) ** 0.5 / ref
     return Choice("dense", 0, k_break, bits, err, weight=q)
+
+
+RESIDUAL_FACTOR_BITS = 8  # the correction is small: its factors take 8 bits at any --bits
+
+
+def residual_bytes(out_f: int, in_f: int, rank: int, bits: int, block_size: int) -> int:
+    """Stored bytes of the weight at `bits` plus a rank-`rank` correction (bias apart)."""
+    correction = lowrank_bytes(out_f, in_f, rank, RESIDUAL_FACTOR_BITS, block_size) if rank else 0
+    return nbytes(out_f * in_f, bits, block_size) + correction
+
+
+@dataclass
+class Residual:
+    """The weight quantized at `bits`, and the factors of what that quantization lost
+    (W − Q(W)), from which every rank of correction is a slice."""
+
+    weight: Quantized
+    factors: Factors
+
+
+def residual_of(w: torch.Tensor, stats: LayerStats, bits: int, block_size: int,
+                method: str) -> Residual:
+    """Quantize `w`, then factorize its quantization error with `method` (`--method`)."""
+    q = quantize(w, bits, block_size)
+    return Residual(q, factorize(method, w - q.dequantize(), stats))
+
+
+def stored_residual(w: torch.Tensor, res: Residual, stats: LayerStats, ref: float, k: int,
+                    k_break: int) -> Choice:
+    """The quantized weight plus the rank-`k` correction as stored, and its error.
+
+    Rank 0 is the quantized weight alone, stored as a plain dense layer."""
+    q, bits, block_size = res.weight, res.weight.bits, res.weight.block_size
+    w_hat = q.dequantize()
+    if k == 0:
+        err = error_norm2(w - w_hat, stats) ** 0.5 / ref
+        return Choice("dense", 0, k_break, bits, err, weight=q)
+    u = quantize(res.factors.u[:, :k].T, RESIDUAL_FACTOR_BITS, block_size)
+    v = quantize(res.factors.vt[:k], RESIDUAL_FACTOR_BITS, block_size)
+    s = res.factors.s[:k].float().contiguous()
+    w_hat = w_hat + (u.dequantize().T * s) @ v.dequantize()
+    err = error_norm2(w - w_hat, stats) ** 0.5 / ref
+    return Choice("residual", k, k_break, bits, err, u=u, s=s, v=v, weight=q)
+
+
+def residual_break_rank(out_f: int, in_f: int, bits: int, block_size: int) -> int:
+    """The largest correction rank that keeps the layer below the next precision stored dense
+    (8 bits above 4, float16 above 8): beyond it, more bits for the weight are cheaper."""
+    above = 8 if bits == 4 else 16
+    dense = nbytes(out_f * in_f, above, block_size)
+    lo, hi = 0, min(out_f, in_f)
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if residual_bytes(out_f, in_f, mid, bits, block_size) < dense:
+            lo = mid
+        else:
+            hi = mid - 1
+    return lo
+
+
+def choose_residual(w: torch.Tensor, bias: torch.Tensor | None, res: Residual, stats: LayerStats,
+                    eps: float, cache: dict | None = None) -> Choice:
+    """The smallest correction rank (0 = the quantized weight alone) whose stored layer has
+    error ≤ eps, up to `residual_break_rank`; the layer is kept as is if even that fails."""
+    out_f, in_f = w.shape
+    bits, block_size = res.weight.bits, res.weight.block_size
+    ref = reference(w, bias, stats)
+    k_break = min(residual_break_rank(out_f, in_f, bits, block_size), res.factors.max_rank)
+    cache = {} if cache is None else cache
+
+    def trial(k: int) -> Choice:
+        key = ("residual", bits, k)
+        if key not in cache:
+            cache[key] = stored_residual(w, res, stats, ref, k, k_break)
+        return cache[key]
+
+    if trial(0).error <= eps:
+        return trial(0)
+    best = trial(k_break) if k_break > 0 else None
+    if best is None or best.error > eps:
+        return Choice("dense", 0, k_break, None, 0.0)
+    lo, hi = 0, k_break  # rank lo fails, rank hi = best passes
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        if trial(mid).error <= eps:
+            hi, best = mid, trial(mid)
+        else:
+            lo = mid
+    return best
 
 
 def reference(w: torch.Tensor, bias: torch.Tensor | None, stats: LayerStats) -> float:
