@@ -1,8 +1,8 @@
 """`svdq compress --ratio R | --size S`: one byte budget for all target layers together.
 
 Every layer's options (`algo.allocate.layer_options`: kept as is; dense and low-rank at a grid
-of ranks, at `--bits`, 4 and 8 bits; the weight at 4 or 8 bits plus a low-rank correction of
-its quantization error) are measured on its calibration statistics, together with the choices
+of ranks, at `--bits`, 4 and 8 bits; the weight at 4 or 8 bits, and at 4 bits in 4× larger
+blocks, alone or plus a low-rank correction of its quantization error) are measured on its calibration statistics, together with the choices
 a uniform `--eps` would make at a few eps values. `allocate` then picks one option per layer
 for the least Σ weight · error² within the budget, never worse than any of those uniform
 settings that fits. A layer's weight is its loss sensitivity when gradients were gathered
@@ -26,7 +26,10 @@ if TYPE_CHECKING:
     from svdq.compress import LayerWork
 
 UNIFORM_EPS = (0.02, 0.05, 0.1, 0.2, 0.3)  # the per-layer eps settings the result must beat
-RESIDUAL_BITS = (4, 8)  # the weight precisions a low-rank correction is offered on
+# The weights a low-rank correction is offered on: (bits, block size as a multiple of
+# --block-size). 4 bits also in blocks 4× larger: a quarter of the scales, which pays for
+# corrections where they matter most.
+RESIDUAL_BASES = ((4, 1), (4, 4), (8, 1))
 
 
 def fp16_bytes(work: "LayerWork") -> int:
@@ -58,7 +61,7 @@ def _option(choice: Choice, work: "LayerWork", options: list[Option], block_size
             weight: float) -> int:
     """The index of `choice` among `options`, appended there if it is not one of them."""
     for i, o in enumerate(options):
-        if (o.kind, o.rank, o.bits) == (choice.kind, choice.rank, choice.bits):
+        if (o.kind, o.rank, o.bits, o.block) == (choice.kind, choice.rank, choice.bits, None):
             return i
     bias = 0 if work.bias is None else work.bias.numel() * work.module.weight.element_size()
     if choice.kind == "lowrank":
@@ -79,8 +82,10 @@ def measure(works: list["LayerWork"], settings: Settings,
     for n, (work, weight) in enumerate(zip(works, weights)):
         report("budget: options per layer", n, len(works))
         cache: dict = {}  # stored forms measured for this layer, shared by all the calls below
-        residuals = {b: residual_of(work.w, work.stats, b, settings.block_size, settings.method)
-                     for b in RESIDUAL_BITS}
+        residuals = {(b, m * settings.block_size): residual_of(work.w, work.stats, b,
+                                                               m * settings.block_size,
+                                                               settings.method)
+                     for b, m in RESIDUAL_BASES}
         opts = layer_options(work.w, work.bias, work.factors, work.stats, bits_choices,
                              settings.block_size, elsize=work.module.weight.element_size(),
                              cache=cache, residuals=residuals, weight=weight)
@@ -115,8 +120,9 @@ def pick(works: list["LayerWork"], measured: Measured, budget: int,
     for work, opts, i in zip(works, options, picks):
         o = opts[i]
         residual = None
-        if o.kind == "residual":  # rebuilt here rather than kept for every layer: memory
-            residual = residual_of(work.w, work.stats, o.bits, settings.block_size, settings.method)
+        if o.kind == "residual" or o.block is not None:  # rebuilt, not kept for every layer
+            residual = residual_of(work.w, work.stats, o.bits, o.block or settings.block_size,
+                                   settings.method)
         kb = k_break_of(work.w, work.factors, settings.bits, settings.block_size)
         choices.append(choice_of(o, work.w, work.bias, work.factors, work.stats,
                                  settings.block_size, kb, residual))

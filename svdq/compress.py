@@ -65,10 +65,12 @@ def _plan(name: str, module: nn.Module, choice: Choice, tensors: dict, settings:
     else:
         nbytes = sum(t.numel() * t.element_size() for t in tensors.values())
     fp16 = 2 * (w.numel() + (0 if module.bias is None else module.bias.numel()))
+    stored = choice.weight or choice.u  # a budget may pick another block size than --block-size
+    block = settings.block_size if stored is None else stored.block_size
     plan = {"name": name, "module": type(module).__name__, "out_features": out_f,
             "in_features": in_f, "bias": module.bias is not None, "kind": choice.kind,
             "rank": choice.rank, "k_break": choice.k_break, "bits": choice.bits,
-            "block_size": settings.block_size, "bytes": nbytes, "fp16_bytes": fp16,
+            "block_size": block, "bytes": nbytes, "fp16_bytes": fp16,
             "error": choice.error}
     if choice.kind == "residual":
         plan["factor_bits"] = choice.u.bits

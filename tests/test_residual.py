@@ -111,20 +111,29 @@ def test_residual_bytes_and_break_rank():
 def test_layer_options_offer_corrections_and_choice_of_rebuilds_them(layer):
     w, b, st = layer
     f = factorize("whiten", w, st)
-    residuals = {bits: search.residual_of(w, st, bits, 64, "whiten") for bits in (4, 8)}
+    residuals = {(bits, block): search.residual_of(w, st, bits, block, "whiten")
+                 for bits, block in ((4, 64), (4, 256), (8, 64))}
     opts = layer_options(w, b, f, st, (4, 8), 64, elsize=4, residuals=residuals, weight=2.5)
     assert all(o.weight == 2.5 and o.cost == 2.5 * o.error ** 2 for o in opts)
-    for bits in (4, 8):
-        ranks = [o.rank for o in opts if o.kind == "residual" and o.bits == bits]
-        assert ranks == rank_grid(search.residual_break_rank(48, 96, bits, 64))
-    for o in (o for o in opts if o.kind == "residual"):
-        c = choice_of(o, w, b, f, st, 64, k_break=0, residual=residuals[o.bits])
+    for bits, block in residuals:
+        ranks = [o.rank for o in opts if o.kind == "residual" and o.bits == bits
+                 and (o.block or 64) == block]
+        assert ranks == rank_grid(search.residual_break_rank(48, 96, bits, block))
+    # the weight alone in larger blocks is one more dense option, cheaper than block 64
+    big = [o for o in opts if o.kind == "dense" and o.block == 256]
+    small = [o for o in opts if o.kind == "dense" and o.bits == 4 and o.block is None]
+    assert len(big) == len(small) == 1 and big[0].bytes < small[0].bytes
+    for o in (o for o in opts if o.kind == "residual" or o.block is not None):
+        c = choice_of(o, w, b, f, st, 64, k_break=0, residual=residuals[o.bits, o.block or 64])
         assert (c.kind, c.rank, c.bits, c.error) == (o.kind, o.rank, o.bits, o.error)
-        stored = sum(t.numel() * t.element_size()
-                     for q in (c.u, c.v, c.weight) for t in q.tensors("k").values())
-        assert stored + 4 * c.s.numel() + 4 * b.numel() == o.bytes
+        assert c.weight.block_size == (o.block or 64)
+        parts = (c.weight,) if c.kind == "dense" else (c.u, c.v, c.weight)
+        stored = sum(t.numel() * t.element_size() for q in parts for t in q.tensors("k").values())
+        assert stored + (0 if c.s is None else 4 * c.s.numel()) + 4 * b.numel() == o.bytes
     with pytest.raises(ValueError, match="needs its Residual"):
         choice_of(next(o for o in opts if o.kind == "residual"), w, b, f, st, 64, 0)
+    with pytest.raises(ValueError, match="needs its Residual"):  # the wrong block size
+        choice_of(big[0], w, b, f, st, 64, 0, residual=residuals[4, 64])
 
 
 def test_sensitivities_scale_error_to_loss_and_average_one():
@@ -192,3 +201,28 @@ def test_budget_weighs_layers_by_sensitivity_and_may_correct(models, calib_file,
     assert b["error2"] == pytest.approx(math.fsum(p["sensitivity"] * p["error"] ** 2 for p in layers))
     assert manifest["totals"]["target_bytes"] <= b["requested_bytes"]
     json.dumps(manifest)  # plain data only
+    ids = torch.tensor([source.tokenizer(make_text(24, 5), add_special_tokens=False)["input_ids"]])
+    with torch.no_grad():
+        expected = result.model(input_ids=ids).logits
+        got = svdq.load(tmp_path / "out")(input_ids=ids).logits
+    assert torch.allclose(got, expected, atol=1e-5)
+
+
+def test_plan_records_the_block_size_of_each_layer(models, calib_file, tmp_path):
+    """A budget may store a 4-bit weight in larger blocks; its plan entry says so and the
+    artifact loads it with that block size."""
+    from svdq.compress import LayerWork, realize
+
+    source = hf.load_source(str(models["llama"]))
+    name = "model.layers.0.mlp.down_proj"
+    module = source.model.get_submodule(name)
+    w = module.weight.detach().float()
+    x = torch.randn(64, w.shape[1], dtype=F64)
+    st = LayerStats(x.T @ x, x.sum(0), 64, x.abs().sum(0))
+    res = search.residual_of(w, st, 4, 256, "whiten")
+    work = LayerWork(name, module, w, None, st, factorize("whiten", w, st))
+    for k in (0, 3):
+        c = search.stored_residual(w, res, st, search.reference(w, None, st), k, 10)
+        plan, stored = realize(source.model, work, c, Settings(block_size=64))
+        assert plan["block_size"] == 256 and plan["kind"] == ("dense" if k == 0 else "residual")
+        assert stored[name + ".weight.absmax"].numel() == -(-w.numel() // 256)

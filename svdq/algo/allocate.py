@@ -38,6 +38,7 @@ class Option:
     rank: int
     bits: int | None
     weight: float = 1.0
+    block: int | None = None  # quantization block size, None: the run's --block-size
 
     @property
     def cost(self) -> float:
@@ -58,12 +59,15 @@ def k_break_of(w: torch.Tensor, factors: Factors, bits: int, block_size: int) ->
 def layer_options(w: torch.Tensor, bias: torch.Tensor | None, factors: Factors,
                   stats: LayerStats, bits_choices: Sequence[int], block_size: int,
                   ranks: Sequence[int] | None = None, elsize: int = 2,
-                  cache: dict | None = None, residuals: dict[int, Residual] | None = None,
+                  cache: dict | None = None,
+                  residuals: dict[tuple[int, int], Residual] | None = None,
                   weight: float = 1.0) -> list[Option]:
     """Kept as is (`elsize` bytes per source element, weight and bias), then per bits: dense, and
     low-rank at each rank of `ranks` (None: `rank_grid`) up to that bits' break-even rank; per
     entry of `residuals` ({bits: Residual}), the weight at those bits plus a correction at each
     rank of the grid up to `residual_break_rank`. Every option carries `weight`.
+    `residuals` are keyed (bits, block size): a block size other than `block_size` also adds
+    the weight alone at that block size (fewer scales: cheaper, a little less exact).
     Errors are `search.choose`'s; `cache` may be shared with `choose` calls on the layer."""
     out_f, in_f = w.shape
     bias_bytes = 0 if bias is None else bias.numel() * elsize
@@ -86,13 +90,19 @@ def layer_options(w: torch.Tensor, bias: torch.Tensor | None, factors: Factors,
                                                           block_size, kb)
             options.append(Option(lowrank_bytes(out_f, in_f, k, bits, block_size) + bias_bytes,
                                   cache[key].error, "lowrank", k, bits, weight))
-    for bits, res in (residuals or {}).items():
-        kb = min(residual_break_rank(out_f, in_f, bits, block_size), res.factors.max_rank)
+    for (bits, block), res in (residuals or {}).items():
+        tag = None if block == block_size else block
+        if tag is not None:  # the weight alone at this block size: rank 0
+            key = ("dense", bits, 0, block)
+            cache[key] = cache.get(key) or stored_residual(w, res, stats, ref, 0, 0)
+            options.append(Option(nbytes(w.numel(), bits, block) + bias_bytes, cache[key].error,
+                                  "dense", 0, bits, weight, tag))
+        kb = min(residual_break_rank(out_f, in_f, bits, block), res.factors.max_rank)
         for k in grid(kb):
-            key = ("residual", bits, k)
+            key = ("residual", bits, k, block)
             cache[key] = cache.get(key) or stored_residual(w, res, stats, ref, k, kb)
-            options.append(Option(residual_bytes(out_f, in_f, k, bits, block_size) + bias_bytes,
-                                  cache[key].error, "residual", k, bits, weight))
+            options.append(Option(residual_bytes(out_f, in_f, k, bits, block) + bias_bytes,
+                                  cache[key].error, "residual", k, bits, weight, tag))
     return options
 
 
@@ -100,16 +110,19 @@ def choice_of(option: Option, w: torch.Tensor, bias: torch.Tensor | None, factor
               stats: LayerStats, block_size: int, k_break: int,
               residual: Residual | None = None) -> Choice:
     """The stored layer of `option`, rebuilt (deterministic: the same tensors and error);
-    `k_break` is what a kept-as-is layer records; a residual option needs its `residual`."""
+    `k_break` is what a kept-as-is layer records; a residual option, or a dense one at its own
+    block size, needs its `residual` (the weight quantized at its bits and block size)."""
     ref = reference(w, bias, stats)
+    if option.kind == "residual" or option.block is not None:
+        block = option.block or block_size
+        if residual is None or (residual.weight.bits, residual.weight.block_size) != (option.bits, block):
+            raise ValueError(f"a residual option at {option.bits} bits, block {block}, needs "
+                             "its Residual")
+        kb = min(residual_break_rank(*w.shape, option.bits, block), residual.factors.max_rank)
+        return stored_residual(w, residual, stats, ref, option.rank, kb)
     if option.kind == "lowrank":
         kb = k_break_of(w, factors, option.bits, block_size)
         return stored_lowrank(w, factors, stats, ref, option.rank, option.bits, block_size, kb)
-    if option.kind == "residual":
-        if residual is None or residual.weight.bits != option.bits:
-            raise ValueError(f"a residual option at {option.bits} bits needs its Residual")
-        kb = min(residual_break_rank(*w.shape, option.bits, block_size), residual.factors.max_rank)
-        return stored_residual(w, residual, stats, ref, option.rank, kb)
     if option.bits is not None:
         return stored_dense(w, stats, ref, option.bits, block_size,
                             k_break_of(w, factors, option.bits, block_size))
