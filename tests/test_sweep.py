@@ -321,6 +321,48 @@ def test_cli_similarity_on_bert(models, calib_file, tmp_path):
         assert row_of(rows, how, bits, None)["target_bytes"] == expected_bytes(model, how), how
 
 
+def test_residual_and_budget_rows_match_compress(models, calib_file, tmp_path):
+    """`--residual` and `--ratio` rows are the models `compress --residual` / `--ratio` build:
+    the same per-layer plans and bytes; the budget rows fit their budgets, and the baseline
+    in larger blocks is there to compare against."""
+    source = hf.load_source(str(models["llama"]))
+    settings = Settings(eps=0.05, bits=4, method="whiten", calib=str(calib_file), **CALIB)
+    measure, metric = sweep.evaluator(source, (EVAL_TEXT, "eval"), None, CTX, None, 0, 1)
+    plans: list[list[dict]] = []
+    real_variant = sweep._variant
+
+    def recording(model, works, choices, settings_):
+        variant, layer_plans = real_variant(model, works, choices, settings_)
+        plans.append(layer_plans)
+        return variant, layer_plans
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(sweep, "_variant", recording)
+        results = sweep.run(source, settings, [0.05], [4], measure, metric, residual=True,
+                            ratios=[0.3, 0.45])
+    rows = results["rows"]
+    by_row = {(r["method"], r["bits"], r["eps"], r["ratio"]): p for r, p in zip(rows[1:], plans)}
+    assert set(by_row) == {("fp16", 16, None, None), ("bnb-nf4", 4, None, None),
+                           ("bnb-nf4-b256", 4, None, None), ("whiten", 4, 0.05, None),
+                           ("whiten+residual", 4, 0.05, None), ("whiten budget", None, None, 0.3),
+                           ("whiten budget", None, None, 0.45)}
+    assert {p["block_size"] for p in by_row["bnb-nf4-b256", 4, None, None]} == {256}
+    fields = ("name", "kind", "rank", "bits", "block_size", "bytes")
+    for knob, row_key in ((dict(eps=0.05, residual=True), ("whiten+residual", 4, 0.05, None)),
+                          (dict(budget_ratio=0.3), ("whiten budget", None, None, 0.3)),
+                          (dict(budget_ratio=0.45), ("whiten budget", None, None, 0.45))):
+        fresh = hf.load_source(str(models["llama"]))
+        s = Settings(**{**dict(eps=0.05, bits=4, method="whiten", calib=str(calib_file), **CALIB),
+                        **knob})
+        manifest = artifact.save(tmp_path / str(row_key), fresh, compress(fresh, s), s)
+        assert [tuple(p[f] for f in fields) for p in by_row[row_key]] == \
+               [tuple(p[f] for f in fields) for p in manifest["layers"]], row_key
+    for r in rows:
+        if r["ratio"] is not None:
+            assert r["target_bytes"] <= r["ratio"] * results["target_fp16_bytes"]
+    assert row_of(rows, "whiten+residual", 4, 0.05)["residual_layers"] > 0
+
+
 BAD = {
     # case: (extra arguments, words expected in the message)
     "neither measure": ([], "exactly one quality measure"),
@@ -328,6 +370,8 @@ BAD = {
     "eps 0": (["--ppl", "TEXT", "--eps", "0,0.1"], "--eps must lie in (0, 1)"),
     "eps not a number": (["--ppl", "TEXT", "--eps", "a"], "--eps takes comma-separated numbers"),
     "bits 3": (["--ppl", "TEXT", "--bits", "3"], "--bits 3 is not supported"),
+    "ratio 0": (["--ppl", "TEXT", "--ratio", "0.3,0"], "--ratio must be a positive number"),
+    "no eps nor ratio": (["--ppl", "TEXT", "--eps", ""], "--eps or --ratio at least one"),
     "missing text": (["--ppl", "MISSING"], "does not exist"),
 }
 
