@@ -18,7 +18,8 @@ from typing import TYPE_CHECKING, Callable
 
 from svdq.algo.allocate import Option, allocate, choice_of, k_break_of, layer_options, total
 from svdq.algo.quant import nbytes
-from svdq.algo.search import Choice, choose, lowrank_bytes, output_norm2, residual_of
+from svdq.algo.search import (Choice, choose, lowrank_bytes, output_norm2, reference,
+                              refine_residual, residual_of)
 from svdq.config import Settings
 from svdq.errors import SvdqError
 
@@ -124,12 +125,16 @@ def pick(works: list["LayerWork"], measured: Measured, budget: int,
             residual = residual_of(work.w, work.stats, o.bits, o.block or settings.block_size,
                                    settings.method)
         kb = k_break_of(work.w, work.factors, settings.bits, settings.block_size)
-        choices.append(choice_of(o, work.w, work.bias, work.factors, work.stats,
-                                 settings.block_size, kb, residual))
-    planned, cost = total(options, picks)
+        c = choice_of(o, work.w, work.bias, work.factors, work.stats, settings.block_size, kb,
+                      residual)
+        choices.append(refine_residual(work.w, c, work.stats,
+                                       reference(work.w, work.bias, work.stats), settings.method))
+    planned, planned_cost = total(options, picks)
+    weights = [opts[0].weight for opts in options]
+    cost = math.fsum(wt * c.error ** 2 for wt, c in zip(weights, choices))
     weighted = any(o.weight != 1.0 for opts in options for o in opts)
     info = {"requested_bytes": budget, "planned_bytes": planned, "target_fp16_bytes": fp16,
-            "weights": [opts[0].weight for opts in options],
+            "weights": weights, "planned_error2": planned_cost,
             "objective": "sensitivity-weighted error²" if weighted else "error²",
             "error2": cost, "bits_choices": list(measured.bits_choices),
             "uniform": [dict(zip(("eps", "bytes", "error2"), (eps, *total(options, p))))

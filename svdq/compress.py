@@ -179,7 +179,8 @@ def choose_form(work: LayerWork, settings: Settings) -> Choice:
     `settings.residual` corrects the weight's quantization error."""
     if settings.residual:
         res = residual_of(work.w, work.stats, settings.bits, settings.block_size, settings.method)
-        return choose_residual(work.w, work.bias, res, work.stats, settings.eps)
+        return choose_residual(work.w, work.bias, res, work.stats, settings.eps,
+                               method=settings.method)
     return choose(work.w, work.bias, work.factors, work.stats, settings.eps, settings.bits,
                   settings.block_size)
 

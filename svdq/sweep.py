@@ -153,7 +153,8 @@ def run(source: Source, settings: Settings, eps_list: list[float], bits_list: li
             def corrected(eps: float, m=method, b=bits, c=corrections) -> list[Choice]:
                 if not c:
                     c.extend(residual_of(w.w, w.stats, b, settings.block_size, m) for w in works)
-                return [choose_residual(w.w, w.bias, r, w.stats, eps) for w, r in zip(works, c)]
+                return [choose_residual(w.w, w.bias, r, w.stats, eps, method=m)
+                        for w, r in zip(works, c)]
             for eps in eps_list:
                 jobs.append((f"{method}+residual", bits, eps, None,
                              lambda e=eps, f=corrected: f(e)))

@@ -226,3 +226,26 @@ def test_plan_records_the_block_size_of_each_layer(models, calib_file, tmp_path)
         plan, stored = realize(source.model, work, c, Settings(block_size=64))
         assert plan["block_size"] == 256 and plan["kind"] == ("dense" if k == 0 else "residual")
         assert stored[name + ".weight.absmax"].numel() == -(-w.numel() // 256)
+
+
+@pytest.mark.parametrize("block", [64, 256])
+def test_refining_a_correction_keeps_its_bytes_and_lowers_its_error(layer, block):
+    w, b, st = layer
+    ref = search.reference(w, b, st)
+    res = search.residual_of(w, st, 4, block, "whiten")
+    gains = []
+    for k in (4, 16, 32):
+        first = search.stored_residual(w, res, st, ref, k, 40)
+        refined = search.refine_residual(w, first, st, ref, "whiten")
+        assert (refined.kind, refined.rank, refined.bits) == ("residual", k, 4)
+        assert refined.weight.block_size == block and refined.u.bits == 8
+        assert refined.error <= first.error  # never worse: a round is kept only if it helps
+        gains.append(first.error - refined.error)
+        w_hat = refined.weight.dequantize() + (refined.u.dequantize().T * refined.s) @ refined.v.dequantize()
+        assert search.error_norm2(w - w_hat, st) ** 0.5 / ref == pytest.approx(refined.error)
+    assert max(gains) > 0  # and on this layer it does help somewhere
+    dense = search.stored_residual(w, res, st, ref, 0, 40)
+    assert search.refine_residual(w, dense, st, ref, "whiten") is dense
+    c = search.choose_residual(w, b, res, st, 0.05, method="whiten")
+    plain = search.choose_residual(w, b, res, st, 0.05)
+    assert c.rank == plain.rank and c.error <= plain.error <= 0.05
