@@ -27,6 +27,10 @@ if TYPE_CHECKING:
     from svdq.compress import LayerWork
 
 UNIFORM_EPS = (0.02, 0.05, 0.1, 0.2, 0.3)  # the per-layer eps settings the result must beat
+# Sensitivity × error² estimates a layer's damage only while the error is small: forms whose
+# relative error exceeds this are left out whenever the budget can be met without them
+# (measured on MiniLM at 0.285 × fp16: similarity 0.959 with them, 0.981 without).
+ERROR_CAP = 0.1
 # The weights a low-rank correction is offered on: (bits, block size as a multiple of
 # --block-size). 4 bits also in blocks 4× larger: a quarter of the scales, which pays for
 # corrections where they matter most.
@@ -110,13 +114,22 @@ def pick(works: list["LayerWork"], measured: Measured, budget: int,
     """One choice per layer within `budget` bytes, and what to record about it (`weights`:
     each layer's sensitivity, in the order of `works`)."""
     options, fp16 = measured.options, measured.fp16
-    try:
-        picks = allocate(options, budget, list(measured.uniform.values()))
-    except ValueError:
-        least = sum(min(o.bytes for o in opts) for opts in options)
-        raise SvdqError(f"a budget of {budget:,} bytes ({budget / fp16:.3f} × fp16) is below the "
-                        f"smallest these {len(works)} layers can be stored in, {least:,} bytes "
-                        f"({least / fp16:.3f} × fp16); ask for at least that") from None
+    capped = [[i for i, o in enumerate(opts) if o.error <= ERROR_CAP] for opts in options]
+    within = sum(min(options[n][i].bytes for i in idx) for n, idx in enumerate(capped)) <= budget
+    if within:  # allocate among the options the loss estimate holds for, indices mapped back
+        sub = [[options[n][i] for i in idx] for n, idx in enumerate(capped)]
+        where = [{i: j for j, i in enumerate(idx)} for idx in capped]
+        candidates = [[where[n][i] for n, i in enumerate(c)] for c in measured.uniform.values()
+                      if all(i in where[n] for n, i in enumerate(c))]
+        picks = [capped[n][j] for n, j in enumerate(allocate(sub, budget, candidates))]
+    else:
+        try:
+            picks = allocate(options, budget, list(measured.uniform.values()))
+        except ValueError:
+            least = sum(min(o.bytes for o in opts) for opts in options)
+            raise SvdqError(f"a budget of {budget:,} bytes ({budget / fp16:.3f} × fp16) is below "
+                            f"the smallest these {len(works)} layers can be stored in, {least:,} "
+                            f"bytes ({least / fp16:.3f} × fp16); ask for at least that") from None
     choices = []
     for work, opts, i in zip(works, options, picks):
         o = opts[i]
@@ -136,6 +149,7 @@ def pick(works: list["LayerWork"], measured: Measured, budget: int,
     info = {"requested_bytes": budget, "planned_bytes": planned, "target_fp16_bytes": fp16,
             "weights": weights, "planned_error2": planned_cost,
             "objective": "sensitivity-weighted error²" if weighted else "error²",
+            "error_cap": ERROR_CAP if within else None,
             "error2": cost, "bits_choices": list(measured.bits_choices),
             "uniform": [dict(zip(("eps", "bytes", "error2"), (eps, *total(options, p))))
                         for eps, p in measured.uniform.items()]}

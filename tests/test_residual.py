@@ -200,6 +200,7 @@ def test_budget_weighs_layers_by_sensitivity_and_may_correct(models, calib_file,
     assert sum(weights) == pytest.approx(len(layers)) and len(set(weights)) > 1
     assert b["error2"] == pytest.approx(math.fsum(p["sensitivity"] * p["error"] ** 2 for p in layers))
     assert manifest["totals"]["target_bytes"] <= b["requested_bytes"]
+    assert b["error_cap"] == budget.ERROR_CAP and max(p["error"] for p in layers) <= budget.ERROR_CAP
     json.dumps(manifest)  # plain data only
     ids = torch.tensor([source.tokenizer(make_text(24, 5), add_special_tokens=False)["input_ids"]])
     with torch.no_grad():
@@ -249,3 +250,13 @@ def test_refining_a_correction_keeps_its_bytes_and_lowers_its_error(layer, block
     c = search.choose_residual(w, b, res, st, 0.05, method="whiten")
     plain = search.choose_residual(w, b, res, st, 0.05)
     assert c.rank == plain.rank and c.error <= plain.error <= 0.05
+
+
+def test_budget_leaves_out_large_errors_unless_it_must(models, calib_file):
+    """Below what the capped forms can reach, the budget is still met, with larger errors."""
+    source = hf.load_source(str(models["llama"]))
+    settings = Settings(budget_ratio=0.15, bits=4, method="whiten", calib=str(calib_file), **CALIB)
+    result = compress(source, settings)
+    assert result.budget["error_cap"] is None
+    assert max(p["error"] for p in result.layers) > budget.ERROR_CAP
+    assert sum(p["bytes"] for p in result.layers) <= result.budget["requested_bytes"]
