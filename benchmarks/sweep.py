@@ -91,7 +91,8 @@ def main() -> None:
     (out / "command.txt").write_text(
         f"python benchmarks/sweep.py {args.model} --eps {args.eps} --bits {args.bits} "
         f"--method {args.method}{' --residual' if args.residual else ''}"
-        f"{' --ratio ' + args.ratio if args.ratio else ''}\n# which ran:\n{shown}\n# wall time: {wall:.0f} s on "
+        f"{' --ratio ' + args.ratio if args.ratio else ''}"
+        f"{' --out ' + str(args.out) if args.out else ''}\n# which ran:\n{shown}\n# wall time: {wall:.0f} s on "
         f"{os.cpu_count()} CPUs\n")
     results = json.loads((out / "results.json").read_text())
     (out / "summary.md").write_text(summary(results))
