@@ -10,6 +10,7 @@ os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import random
+import re
 from pathlib import Path
 
 import pytest
@@ -97,3 +98,18 @@ def calib_file(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("text") / "calib.txt"
     path.write_text(make_text(20000))
     return path
+
+
+ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
+
+
+def one_line_error(result, quiet_stdout: bool = False) -> str:
+    """The stderr of a CLI run that must fail with one 'error: …' line and no traceback."""
+    stderr = ANSI.sub("", result.stderr).strip()
+    assert result.exit_code != 0, result.output
+    assert isinstance(result.exception, SystemExit), repr(result.exception)
+    assert len(stderr.splitlines()) == 1 and stderr.startswith("error: "), stderr
+    assert "Traceback" not in result.output
+    if quiet_stdout:
+        assert result.stdout == ""
+    return stderr

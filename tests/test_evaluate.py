@@ -16,7 +16,7 @@ from svdq import evaluate as ev
 from svdq.cli import app
 from svdq.errors import SvdqError
 
-from conftest import make_text
+from conftest import make_text, one_line_error
 
 ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
 
@@ -135,15 +135,6 @@ def test_similarity_of_a_model_with_itself_is_one(models):
 # ----------------------------------------------------------------------------- the command
 def run(*args):
     return CliRunner().invoke(app, [str(a) for a in args])
-
-
-def one_line_error(result) -> str:
-    stderr = ANSI.sub("", result.stderr).strip()
-    assert result.exit_code != 0, result.output
-    assert isinstance(result.exception, SystemExit), repr(result.exception)
-    assert len(stderr.splitlines()) == 1 and stderr.startswith("error: "), stderr
-    assert "Traceback" not in result.output
-    return stderr
 
 
 @pytest.fixture(scope="module")

@@ -27,7 +27,7 @@ from svdq.cli import app
 from svdq.compress import compress
 from svdq.config import Settings
 
-from conftest import make_text
+from conftest import make_text, one_line_error
 
 EPS = [0.05, 0.35, 0.38]
 BITS = [4, 8]
@@ -239,16 +239,6 @@ def run(*args):
     return CliRunner().invoke(app, [str(a) for a in args])
 
 
-def one_line_error(result) -> str:
-    stderr = ANSI.sub("", result.stderr).strip()
-    assert result.exit_code != 0, result.output
-    assert isinstance(result.exception, SystemExit), repr(result.exception)
-    assert len(stderr.splitlines()) == 1 and stderr.startswith("error: "), stderr
-    assert "Traceback" not in result.output
-    assert result.stdout == ""
-    return stderr
-
-
 @pytest.fixture(scope="module")
 def text_file(tmp_path_factory):
     path = tmp_path_factory.mktemp("sweeptext") / "eval.txt"
@@ -382,7 +372,8 @@ def test_cli_bad_input(case, models, calib_file, text_file, tmp_path):
     parent.mkdir()
     extra, words = BAD[case]
     extra = [{"TEXT": text_file, "MISSING": tmp_path / "missing.txt"}.get(a, a) for a in extra]
-    line = one_line_error(run(*sweep_args(models["llama"], parent / "out", calib_file, *extra)))
+    line = one_line_error(run(*sweep_args(models["llama"], parent / "out", calib_file, *extra)),
+                          quiet_stdout=True)
     assert words in line, line
     assert list(parent.iterdir()) == []
 
@@ -393,7 +384,7 @@ def test_cli_non_empty_output_needs_overwrite(models, calib_file, text_file, tmp
     (out / "precious.txt").write_text("keep me")
     args = sweep_args(models["llama"], out, calib_file, "--eps", "0.38", "--bits", "8",
                       "--ppl", text_file, "--ctx", CTX)
-    line = one_line_error(run(*args))
+    line = one_line_error(run(*args), quiet_stdout=True)
     assert "--overwrite" in line
     assert [p.name for p in out.iterdir()] == ["precious.txt"]
     assert (out / "precious.txt").read_text() == "keep me"
