@@ -67,9 +67,10 @@ def compress(
                                        "MiB, GiB)."),
     bits: int = typer.Option(8, help="Bits of the stored factors: 4 (NF4), 8 or 16 (float16)."),
     block_size: int = typer.Option(64, help="Elements per quantization block."),
-    method: str = typer.Option("svd", help="Factorization: svd, asvd (activation-scaled), "
+    method: str = typer.Option("auto", help="Factorization: svd, asvd (activation-scaled), "
                                "whiten (SVD-LLM, truncation-aware) or fisher (rows weighted "
-                               "by loss gradients)."),
+                               "by loss gradients). auto: whiten with --residual or a budget, "
+                               "else svd."),
     calib: str = typer.Option("auto", help="wikitext, self (text sampled from the model), or a "
                               "text file. auto: wikitext, else self for causal LMs."),
     calib_samples: int = typer.Option(32, help="Calibration sequences."),
@@ -396,6 +397,8 @@ def sweep(
             Settings(budget_ratio=r)
         # one Settings carries what the shared analysis needs; eps and bits vary per setting
         methods = _values(method, "method", str.strip, "svd,whiten", "names")
+        auto = "whiten" if residual or ratios else "svd"  # as compress resolves --method auto
+        methods = list(dict.fromkeys(auto if m == "auto" else m for m in methods))
         for m in methods:
             Settings(method=m)
         settings = Settings(eps=eps_list[0] if eps_list else 0.05, bits=bits_list[0], block_size=block_size,

@@ -260,3 +260,13 @@ def test_budget_leaves_out_large_errors_unless_it_must(models, calib_file):
     assert result.budget["error_cap"] is None
     assert max(p["error"] for p in result.layers) > budget.ERROR_CAP
     assert sum(p["bytes"] for p in result.layers) <= result.budget["requested_bytes"]
+
+
+def test_method_auto_whitens_corrections_and_keeps_svd_for_replacement():
+    assert Settings().method == "svd" and Settings(eps=0.1, bits=4).method == "svd"
+    assert Settings(residual=True).method == "whiten"
+    assert Settings(budget_ratio=0.3).method == "whiten"
+    assert Settings(budget_bytes=10 ** 6).method == "whiten"
+    assert Settings(budget_ratio=0.3, method="fisher").method == "fisher"  # a choice is kept
+    s = Settings(residual=True)
+    assert Settings.from_dict(s.to_dict()) == s and s.to_dict()["_data"]["method"] == "whiten"
