@@ -36,6 +36,8 @@ def main() -> None:
     parser.add_argument("--method", default="svd")
     parser.add_argument("--split", action="store_true")
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
+    parser.add_argument("--keep", type=Path, default=None,
+                        help="write the artifact here and keep it (default: a temporary folder)")
     args = parser.parse_args()
 
     gguf = assets.fetch("smollm2")
@@ -51,9 +53,9 @@ def main() -> None:
     tag = "" if not (args.ratio or args.method != "svd") else \
         "_" + "_".join(x.lstrip("-") for x in options)
     work = Path(tempfile.mkdtemp(prefix="svdq-bench-"))
-    artifact = work / "smollm2"
+    artifact = args.keep or work / "smollm2"
     cmd = ["svdq", "compress", str(gguf), *options, "--calib", str(wiki), "-o", str(artifact),
-           "--json"]
+           "--json", *(["--overwrite"] if args.keep else [])]
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     start = time.perf_counter()
     run = subprocess.run(cmd, capture_output=True, text=True, env=env)
