@@ -33,7 +33,7 @@ def main() -> None:
     parser.add_argument("--eps", default=None)
     parser.add_argument("--ratio", default=None)
     parser.add_argument("--bits", default="8")
-    parser.add_argument("--method", default="svd")
+    parser.add_argument("--method", default="auto")
     parser.add_argument("--split", action="store_true")
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
     parser.add_argument("--keep", type=Path, default=None,
@@ -50,7 +50,7 @@ def main() -> None:
         wiki = assets.fetch("wiki")
     knob = ["--ratio", args.ratio] if args.ratio else ["--eps", args.eps or "0.05"]
     options = [*knob, "--bits", args.bits, "--method", args.method]
-    tag = "" if not (args.ratio or args.method != "svd") else \
+    tag = "" if not (args.ratio or args.method != "auto") else \
         "_" + "_".join(x.lstrip("-") for x in options)
     work = Path(tempfile.mkdtemp(prefix="svdq-bench-"))
     artifact = args.keep or work / "smollm2"
