@@ -27,6 +27,21 @@ FAST = ["--calib-samples", "4", "--calib-len", "32", "--batch-size", "4"]
 ANSI = re.compile(r"\x1b\[[0-9;]*m")
 
 
+def assert_loads_as_compressed(source, result, folder) -> None:
+    """The artifact loads, through svdq and through its own copied svdq_loader.py, as the
+    model `compress` left in memory."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("copied_loader", folder / "svdq_loader.py")
+    copied = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(copied)
+    ids = torch.tensor([source.tokenizer(make_text(24, 5), add_special_tokens=False)["input_ids"]])
+    with torch.no_grad():
+        expected = result.model(input_ids=ids).logits
+        for load in (svdq.load, copied.load):
+            assert torch.allclose(load(folder)(input_ids=ids).logits, expected, atol=1e-5)
+
+
 @pytest.fixture(scope="module")
 def layer():
     """A 48×96 layer with heavy-tailed weights and correlated, unevenly scaled inputs."""
@@ -171,11 +186,7 @@ def test_residual_artifact_round_trips(models, calib_file, tmp_path, arch):
             assert p["factor_bits"] == 8 and p["error"] <= 0.02
             assert p["bytes"] == search.residual_bytes(p["out_features"], p["in_features"],
                                                        p["rank"], 4, 64) + 4 * p["out_features"] * p["bias"]
-    ids = torch.tensor([source.tokenizer(make_text(24, 5), add_special_tokens=False)["input_ids"]])
-    with torch.no_grad():
-        expected = result.model(input_ids=ids).logits
-        got = svdq.load(tmp_path / "out")(input_ids=ids).logits
-    assert torch.allclose(got, expected, atol=1e-5)
+    assert_loads_as_compressed(source, result, tmp_path / "out")
 
 
 def test_cli_residual_compress_and_inspect(models, calib_file, tmp_path):
@@ -202,11 +213,7 @@ def test_budget_weighs_layers_by_sensitivity_and_may_correct(models, calib_file,
     assert manifest["totals"]["target_bytes"] <= b["requested_bytes"]
     assert b["error_cap"] == budget.ERROR_CAP and max(p["error"] for p in layers) <= budget.ERROR_CAP
     json.dumps(manifest)  # plain data only
-    ids = torch.tensor([source.tokenizer(make_text(24, 5), add_special_tokens=False)["input_ids"]])
-    with torch.no_grad():
-        expected = result.model(input_ids=ids).logits
-        got = svdq.load(tmp_path / "out")(input_ids=ids).logits
-    assert torch.allclose(got, expected, atol=1e-5)
+    assert_loads_as_compressed(source, result, tmp_path / "out")
 
 
 def test_plan_records_the_block_size_of_each_layer(models, calib_file, tmp_path):

@@ -10,6 +10,7 @@ the token count give both exactly.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 
@@ -38,17 +39,24 @@ def lowrank_bytes(out_f: int, in_f: int, rank: int, bits: int, block_size: int) 
     return nbytes(rank * out_f, bits, block_size) + nbytes(rank * in_f, bits, block_size) + 4 * rank
 
 
-def break_even_rank(out_f: int, in_f: int, bits: int, block_size: int) -> int:
-    """The largest rank whose stored bytes are below the dense layer's at the same bits (0 if none)."""
-    dense = nbytes(out_f * in_f, bits, block_size)
-    lo, hi = 0, min(out_f, in_f)  # bytes grow with rank: bisect on the predicate
+def _largest_rank(max_rank: int, size: Callable[[int], int], limit: int) -> int:
+    """The largest rank in 0..max_rank whose `size(rank)` is below `limit` (sizes grow with
+    the rank: bisect on the predicate)."""
+    lo, hi = 0, max_rank
     while lo < hi:
         mid = (lo + hi + 1) // 2
-        if lowrank_bytes(out_f, in_f, mid, bits, block_size) < dense:
+        if size(mid) < limit:
             lo = mid
         else:
             hi = mid - 1
     return lo
+
+
+def break_even_rank(out_f: int, in_f: int, bits: int, block_size: int) -> int:
+    """The largest rank whose stored bytes are below the dense layer's at the same bits (0 if none)."""
+    return _largest_rank(min(out_f, in_f),
+                         lambda k: lowrank_bytes(out_f, in_f, k, bits, block_size),
+                         nbytes(out_f * in_f, bits, block_size))
 
 
 @dataclass
@@ -155,15 +163,9 @@ def residual_break_rank(out_f: int, in_f: int, bits: int, block_size: int) -> in
     """The largest correction rank that keeps the layer below the next precision stored dense
     (8 bits above 4, float16 above 8): beyond it, more bits for the weight are cheaper."""
     above = 8 if bits == 4 else 16
-    dense = nbytes(out_f * in_f, above, block_size)
-    lo, hi = 0, min(out_f, in_f)
-    while lo < hi:
-        mid = (lo + hi + 1) // 2
-        if residual_bytes(out_f, in_f, mid, bits, block_size) < dense:
-            lo = mid
-        else:
-            hi = mid - 1
-    return lo
+    return _largest_rank(min(out_f, in_f),
+                         lambda k: residual_bytes(out_f, in_f, k, bits, block_size),
+                         nbytes(out_f * in_f, above, block_size))
 
 
 def choose_residual(w: torch.Tensor, bias: torch.Tensor | None, res: Residual, stats: LayerStats,
