@@ -397,7 +397,8 @@ def sweep(
             Settings(budget_ratio=r)
         # one Settings carries what the shared analysis needs; eps and bits vary per setting
         methods = _values(method, "method", str.strip, "svd,whiten", "names")
-        auto = "whiten" if residual or ratios else "svd"  # as compress resolves --method auto
+        # --method auto resolves as compress would for these forms
+        auto = Settings(residual=residual, budget_ratio=ratios[0] if ratios else None).method
         methods = list(dict.fromkeys(auto if m == "auto" else m for m in methods))
         for m in methods:
             Settings(method=m)

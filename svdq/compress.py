@@ -20,7 +20,7 @@ from torch import nn
 from svdq import calibrate, surgery
 from svdq.algo.factorize import Factors, LayerStats, factorize
 from svdq.algo.quant import codebook
-from svdq.algo.search import Choice, choose, choose_residual, residual_of
+from svdq.algo.search import Choice, Residual, choose, choose_residual, residual_of
 from svdq.config import Settings
 from svdq.errors import SvdqError
 from svdq.hf import Source, blocks_of, weight_of
@@ -174,11 +174,13 @@ def realize(model: nn.Module, work: LayerWork, choice: Choice,
     return plan, stored
 
 
-def choose_form(work: LayerWork, settings: Settings) -> Choice:
+def choose_form(work: LayerWork, settings: Settings, residual: Residual | None = None) -> Choice:
     """The eps-mode choice for one layer: low rank replaces the weight, or with
-    `settings.residual` corrects the weight's quantization error."""
+    `settings.residual` corrects the weight's quantization error (`residual`: that error's
+    factors, made here when not given)."""
     if settings.residual:
-        res = residual_of(work.w, work.stats, settings.bits, settings.block_size, settings.method)
+        res = residual or residual_of(work.w, work.stats, settings.bits, settings.block_size,
+                                      settings.method)
         return choose_residual(work.w, work.bias, res, work.stats, settings.eps,
                                method=settings.method)
     return choose(work.w, work.bias, work.factors, work.stats, settings.eps, settings.bits,

@@ -21,8 +21,7 @@ import torch
 from torch import nn
 
 from svdq.algo.factorize import factorize
-from svdq.algo.quant import quantize
-from svdq.algo.search import Choice, choose_residual, error_norm2, output_norm2, residual_of
+from svdq.algo.search import Choice, reference, residual_of, stored_dense
 from svdq.compress import Clock, LayerWork, Progress, choose_form, realize, walk
 from svdq.config import Settings
 from svdq.errors import SvdqError
@@ -38,10 +37,9 @@ class Metric:
 
 
 def _dense(work: LayerWork, bits: int, block_size: int) -> Choice:
-    q = quantize(work.w, bits, block_size)
-    ref = output_norm2(work.w, work.bias, work.stats) ** 0.5 or 1.0
-    err = error_norm2(work.w - q.dequantize(), work.stats) ** 0.5 / ref
-    return Choice("dense", 0, 0, bits, err, weight=q)
+    """The layer's weight quantized at `bits` alone: a bitsandbytes baseline."""
+    return stored_dense(work.w, work.stats, reference(work.w, work.bias, work.stats), bits,
+                        block_size, k_break=0)
 
 
 def _variant(model: nn.Module, works: list[LayerWork], choices: list[Choice],
@@ -117,7 +115,8 @@ def run(source: Source, settings: Settings, eps_list: list[float], bits_list: li
     ratios = ratios or []
     clock, calibration = Clock(), {}
     original = source.model
-    works = list(walk(source, settings, clock, report, calibration, gradients=bool(ratios) or "fisher" in methods))
+    gradients = bool(ratios) or "fisher" in methods  # budgets weigh layers by sensitivity
+    works = list(walk(source, settings, clock, report, calibration, gradients=gradients))
     factors = {settings.method: [w.factors for w in works]}
     for method in methods:
         if method not in factors:
@@ -153,8 +152,8 @@ def run(source: Source, settings: Settings, eps_list: list[float], bits_list: li
             def corrected(eps: float, m=method, b=bits, c=corrections) -> list[Choice]:
                 if not c:
                     c.extend(residual_of(w.w, w.stats, b, settings.block_size, m) for w in works)
-                return [choose_residual(w.w, w.bias, r, w.stats, eps, method=m)
-                        for w, r in zip(works, c)]
+                s = replace(settings, method=m, bits=b, eps=eps, residual=True)
+                return [choose_form(w, s, r) for w, r in zip(works, c)]
             for eps in eps_list:
                 jobs.append((f"{method}+residual", bits, eps, None,
                              lambda e=eps, f=corrected: f(e)))
@@ -205,7 +204,8 @@ def run(source: Source, settings: Settings, eps_list: list[float], bits_list: li
 
 
 COLUMNS = ["method", "bits", "eps", "ratio", "target_bytes", "target_ratio_fp16", "quality",
-           "lowrank_layers", "residual_layers", "layers", "mean_layer_error", "build_s", "eval_s", "pareto"]
+           "lowrank_layers", "residual_layers", "layers", "mean_layer_error", "build_s", "eval_s",
+           "pareto"]
 
 
 def write(results: dict, folder: Path) -> list[Path]:
