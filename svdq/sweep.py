@@ -134,11 +134,12 @@ def run(source: Source, settings: Settings, eps_list: list[float], bits_list: li
             label = "bnb-nf4" if bits == 4 else "bnb-8bit"
             jobs.append((label, bits, None, None,
                          lambda b=bits: [_dense(w, b, settings.block_size) for w in works]))
-    if ratios:  # budgets may store 4-bit weights in larger blocks: so may the baseline
-        for m in sorted({m for b, m in budget.RESIDUAL_BASES if m != 1}):
-            block = m * settings.block_size
-            jobs.append((f"bnb-nf4-b{block}", 4, None, None,
-                         lambda k=block: [_dense(w, 4, k) for w in works]))
+    if ratios:  # budgets may store weights in larger blocks: so may the baselines
+        for b, m in sorted(budget.RESIDUAL_BASES):
+            if m != 1:
+                block = m * settings.block_size
+                jobs.append((f"bnb-{'nf4' if b == 4 else '8bit'}-b{block}", b, None, None,
+                             lambda b=b, k=block: [_dense(w, b, k) for w in works]))
     for method in methods:
         mine = [replace(w, factors=f) for w, f in zip(works, factors[method])]
         for bits in bits_list:

@@ -333,10 +333,12 @@ def test_residual_and_budget_rows_match_compress(models, calib_file, tmp_path):
     rows = results["rows"]
     by_row = {(r["method"], r["bits"], r["eps"], r["ratio"]): p for r, p in zip(rows[1:], plans)}
     assert set(by_row) == {("fp16", 16, None, None), ("bnb-nf4", 4, None, None),
-                           ("bnb-nf4-b256", 4, None, None), ("whiten", 4, 0.05, None),
+                           ("bnb-nf4-b256", 4, None, None), ("bnb-8bit-b256", 8, None, None),
+                           ("whiten", 4, 0.05, None),
                            ("whiten+residual", 4, 0.05, None), ("whiten budget", None, None, 0.3),
                            ("whiten budget", None, None, 0.45)}
     assert {p["block_size"] for p in by_row["bnb-nf4-b256", 4, None, None]} == {256}
+    assert {(p["bits"], p["block_size"]) for p in by_row["bnb-8bit-b256", 8, None, None]} == {(8, 256)}
     fields = ("name", "kind", "rank", "bits", "block_size", "bytes")
     for knob, row_key in ((dict(eps=0.05, residual=True), ("whiten+residual", 4, 0.05, None)),
                           (dict(budget_ratio=0.3), ("whiten budget", None, None, 0.3)),
