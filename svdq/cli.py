@@ -84,6 +84,9 @@ def compress(
     seed: int = typer.Option(0, help="Seed for sampling calibration text; runs are reproducible."),
     sequential: bool = typer.Option(False, help="Calibrate each block on the outputs of the "
                                     "blocks already compressed (one more forward per block)."),
+    refit: bool = typer.Option(False, help="Refit each low-rank U in closed form (least squares) "
+                               "against the source layer's outputs; with --sequential, on the "
+                               "source model's own inputs (one more forward per block)."),
     residual: bool = typer.Option(False, help="Quantize every weight at --bits and let low rank "
                                   "correct its quantization error (factors 8-bit) instead of "
                                   "replacing it. With --ratio/--size the allocator always "
@@ -103,7 +106,8 @@ def compress(
                             method=method, include=tuple(include), exclude=tuple(exclude),
                             calib=calib, calib_samples=calib_samples, calib_len=calib_len,
                             batch_size=batch_size, seed=seed, device=device, dtype=dtype,
-                            sequential=sequential, budget_ratio=ratio, residual=residual,
+                            sequential=sequential, refit=refit, budget_ratio=ratio,
+                            residual=residual,
                             budget_bytes=None if size is None else parse_size(size))
         artifact.check_output(output, overwrite)
         if calib not in ("auto", "wikitext", "self") and not Path(calib).is_file():

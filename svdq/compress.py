@@ -9,6 +9,7 @@ every layer is walked first, then `svdq.budget` chooses all their forms together
 """
 from __future__ import annotations
 
+import math
 import time
 from collections import defaultdict
 from dataclasses import dataclass, field
@@ -20,7 +21,7 @@ from torch import nn
 from svdq import calibrate, surgery
 from svdq.algo.factorize import Factors, LayerStats, factorize
 from svdq.algo.quant import codebook
-from svdq.algo.search import Choice, Residual, choose, choose_residual, residual_of
+from svdq.algo.search import Choice, Residual, choose, choose_residual, refit_u, residual_of
 from svdq.config import Settings
 from svdq.errors import SvdqError
 from svdq.hf import Source, blocks_of, weight_of
@@ -135,11 +136,20 @@ def walk(source: Source, settings: Settings, clock: Clock, report: Progress,
                                     settings.batch_size, source.is_causal, settings.seed, report)
         clock.lap("gradients")
     inputs = calibrate.block_inputs(model, blocks[0], ids, settings.batch_size)
+    # --sequential --refit: the source model's own stream too, to pair with the compressed one
+    source_inputs = inputs if settings.sequential and settings.refit else None
     done = 0
     for i, block in enumerate(blocks):
         mine = {n: model.get_submodule(n) for n in names if n.startswith(f"{prefix}.{i}.")}
-        with calibrate.collect(mine) as stats:
-            outputs = [(calibrate.run_block(block, h, kw), kw) for h, kw in inputs]
+        with calibrate.Collector(mine, paired=source_inputs is not None) as collector:
+            outputs, source_outputs = [], []
+            for j, (h, kw) in enumerate(inputs):
+                if source_inputs is not None:  # the block is still the source's here
+                    h0, kw0 = source_inputs[j]
+                    with collector.source():
+                        source_outputs.append((calibrate.run_block(block, h0, kw0), kw0))
+                outputs.append((calibrate.run_block(block, h, kw), kw))
+        stats = collector.stats
         clock.lap("forward and statistics")
         for name, module in mine.items():
             w = weight_of(module).float()
@@ -157,6 +167,8 @@ def walk(source: Source, settings: Settings, clock: Clock, report: Progress,
             outputs = [(calibrate.run_block(block, h, kw), kw) for h, kw in inputs]
             clock.lap("forward and statistics")
         inputs = outputs
+        if source_inputs is not None:
+            source_inputs = source_outputs
 
 
 def realize(model: nn.Module, work: LayerWork, choice: Choice,
@@ -197,7 +209,12 @@ def compress(source: Source, settings: Settings, progress: Progress | None = Non
     budget = None
 
     def keep(work: LayerWork, choice: Choice) -> None:
+        if settings.refit:
+            choice, before, after = refit_u(work.w, work.bias, choice, work.stats)
         plan, stored = realize(source.model, work, choice, settings)
+        if settings.refit:
+            plan["source_error"] = after
+            plan["refit"] = after < before
         layers.append(plan)
         tensors.update(stored)
 
@@ -211,6 +228,8 @@ def compress(source: Source, settings: Settings, progress: Progress | None = Non
             keep(work, choice)
             layers[-1]["sensitivity"] = weight
         budget["achieved_bytes"] = sum(p["bytes"] for p in layers)
+        if settings.refit:  # the refit changed the errors the allocation planned with
+            budget["error2"] = math.fsum(p["sensitivity"] * p["error"] ** 2 for p in layers)
         clock.lap("quantization")
     else:
         for work in walk(source, settings, clock, report, calibration):

@@ -29,6 +29,7 @@ class Settings:
     device: str = "cpu"
     dtype: str = "auto"
     sequential: bool = False  # calibrate each block on the outputs of the compressed blocks before it
+    refit: bool = False  # refit each low-rank U by least squares against the source layer's outputs
     residual: bool = False  # eps mode: quantize every weight at `bits`, low rank corrects the error
     budget_bytes: int | None = None  # --size: total stored bytes of the target layers (eps unused)
     budget_ratio: float | None = None  # --ratio: that total as a fraction of their fp16 bytes

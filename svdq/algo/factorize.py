@@ -25,6 +25,11 @@ class LayerStats:
     row_fisher: torch.Tensor | None = None
     # Σ_tokens ‖∂L/∂y_t‖²: how much the loss moves with the layer's output y
     grad2: float | None = None
+    # `--sequential --refit`: the same layer's inputs x₀ in the source model on the source
+    # stream, token for token with X: Σ x x₀ᵀ (in, in), Σ x₀ x₀ᵀ and Σ x₀, float64
+    cross: torch.Tensor | None = None
+    source_gram: torch.Tensor | None = None
+    source_total: torch.Tensor | None = None
 
 
 @dataclass

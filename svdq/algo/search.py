@@ -9,7 +9,7 @@ the token count give both exactly.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Callable
 
 import torch
@@ -238,3 +238,57 @@ def choose(w: torch.Tensor, bias: torch.Tensor | None, factors: Factors, stats: 
     if cache[key].error <= eps:
         return cache[key]
     return Choice("dense", 0, k_break, None, 0.0)
+
+
+def source_error(w: torch.Tensor, bias: torch.Tensor | None, w_hat: torch.Tensor,
+                 stats: LayerStats) -> float:
+    """‖X Ŵᵀ − X₀ Wᵀ‖_F / ‖X₀ Wᵀ + 1 bᵀ‖_F: the stored layer on the inputs it receives (X)
+    against the source layer on the source model's own inputs (X₀, `LayerStats.cross` and
+    `source_gram`); without those the two streams are one and this is the plain error."""
+    if stats.cross is None:
+        return error_norm2(w - w_hat, stats) ** 0.5 / reference(w, bias, stats)
+    source = LayerStats(stats.source_gram, stats.source_total, stats.tokens)
+    a, w64 = w_hat.double(), w.double()
+    e2 = (torch.sum((a @ stats.gram) * a) - 2 * torch.sum((a @ stats.cross) * w64)
+          + torch.sum((w64 @ stats.source_gram) * w64))
+    return float(e2.clamp_min(0)) ** 0.5 / reference(w, bias, source)
+
+
+def refit_u(w: torch.Tensor, bias: torch.Tensor | None, choice: Choice,
+            stats: LayerStats) -> tuple[Choice, float, float]:
+    """Refit a low-rank or corrected layer's U in closed form, V and the dense part fixed.
+
+    With D the stored dense part (0 for low rank) and V̂ the stored Vᵀ, the least-squares
+    M = U Σ for the source layer's outputs, ‖X (D + M V̂)ᵀ − X₀ Wᵀ‖_F, is
+    Mᵀ = (V̂ G V̂ᵀ)⁻¹ V̂ (C Wᵀ − G Dᵀ) with G = XᵀX and C = Xᵀ X₀ (`LayerStats.cross`; G without
+    a source stream, where the refit still undoes what quantizing V̂ cost). Σ becomes the row
+    norms of Mᵀ, U its normalized rows, quantized as before. Kept only if the error against
+    the source (`source_error`) falls. Returns (choice, source error before, after)."""
+    if choice.kind not in ("lowrank", "residual"):
+        w_hat = choice.weight.dequantize() if choice.weight is not None else w
+        e = source_error(w, bias, w_hat, stats)
+        return choice, e, e
+    vt = choice.v.dequantize().double()  # (k, in)
+    d = (choice.weight.dequantize().double() if choice.kind == "residual"
+         else torch.zeros_like(w, dtype=torch.float64))
+    w64, gram = w.double(), stats.gram
+    cross = gram if stats.cross is None else stats.cross
+    p = vt @ gram @ vt.T
+    r = vt @ (cross @ w64.T - gram @ d.T)  # (k, out)
+    damp = 1e-9 * float(torch.trace(p)) / p.shape[0] + 1e-30
+    mt = torch.linalg.solve(p + damp * torch.eye(p.shape[0], dtype=p.dtype, device=p.device), r)
+    s = mt.norm(dim=1)
+    ut = mt / s.clamp_min(1e-30)[:, None]
+    u = quantize(ut.float(), choice.u.bits, choice.u.block_size)
+    s = s.float().contiguous()
+
+    def stored(u_q: Quantized, s_: torch.Tensor) -> torch.Tensor:
+        return d.float() + (u_q.dequantize().T * s_) @ vt.float()
+
+    before = source_error(w, bias, stored(choice.u, choice.s), stats)
+    w_hat = stored(u, s)
+    after = source_error(w, bias, w_hat, stats)
+    if not after < before:
+        return choice, before, before
+    err = error_norm2(w - w_hat, stats) ** 0.5 / reference(w, bias, stats)
+    return replace(choice, u=u, s=s, error=err), before, after
