@@ -36,6 +36,13 @@ def run(cmd: list[str]) -> tuple[str, float]:
     return done.stdout, time.perf_counter() - start
 
 
+def rms(errors: list) -> float | None:
+    """Root mean square of per-layer errors; None where the manifest has none (no --refit)."""
+    if None in errors:
+        return None
+    return (sum(e * e for e in errors) / len(errors)) ** 0.5
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--eps", default="0.1")
@@ -62,9 +69,12 @@ def main() -> None:
             ppl = json.loads(measured)["ppl"]["rows"][0]["ppl"]
             t, layers = manifest["totals"], manifest["layers"]
             refit = [p for p in layers if p.get("refit")]
+            before = [p.get("source_error_before_refit") for p in layers]
+            after = [p.get("source_error") for p in layers]
             rows.append({"variant": name, "options": " ".join(options),
                          "target_ratio_fp16": t["target_ratio_fp16"],
                          "lowrank_layers": t["lowrank_layers"], "refit_layers": len(refit),
+                         "source_error_rms": rms(after), "before_refit_rms": rms(before),
                          "ppl": ppl, "compress_s": round(compress_s, 1),
                          "eval_s": round(eval_s, 1), "timings_s": manifest["timings_s"]})
             print(rows[-1], flush=True)
@@ -79,11 +89,17 @@ def main() -> None:
              f"--method {args.method}`: `svdq compress <smollm2.gguf> OPTIONS --calib <calib.txt>`,"
              " then `svdq eval <out> --ppl <eval.txt> --ctx 1024 --max-tokens 16384`, on "
              f"{os.cpu_count()} CPUs.", "",
-             "| variant | options | bytes vs fp16 | low-rank layers | refitted | perplexity | "
-             "compress s | eval s |", "|---|---|---|---|---|---|---|---|"]
+             "Error against the source: each layer's output error relative to the source "
+             "layer on the source model's inputs, root mean square over the layers, before → "
+             "after the refit (recorded with --refit only).", "",
+             "| variant | options | bytes vs fp16 | low-rank layers | refitted | error against "
+             "the source | perplexity | compress s | eval s |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
+        err = ("-" if r["source_error_rms"] is None
+               else f"{r['before_refit_rms']:.4f} → {r['source_error_rms']:.4f}")
         lines.append(f"| {r['variant']} | `{r['options']}` | {r['target_ratio_fp16']:.3f} | "
-                     f"{r['lowrank_layers']} | {r['refit_layers']} | {r['ppl']:.2f} | "
+                     f"{r['lowrank_layers']} | {r['refit_layers']} | {err} | {r['ppl']:.2f} | "
                      f"{r['compress_s']} | {r['eval_s']} |")
     (HERE / "results" / f"{tag}.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))

@@ -165,6 +165,15 @@ def _summary(manifest: dict, output: Path) -> None:
         out.print(f"  budget {_mb(b['requested_bytes'])} requested, {_mb(b['achieved_bytes'])} "
                   f"used ({b['achieved_bytes'] / b['requested_bytes']:.1%}); Σ error² "
                   f"{b['error2']:.4g} over the layers", highlight=False)
+    refit = [p for p in manifest["layers"] if "refit" in p]
+    if refit:
+        def rms(key: str) -> float:
+            return (sum(p[key] ** 2 for p in refit) / len(refit)) ** 0.5
+        factored = sum(p["kind"] in ("lowrank", "residual") for p in refit)
+        out.print(f"  refit: {sum(p['refit'] for p in refit)} of {factored} factored layers; "
+                  f"error against the source layers' outputs {rms('source_error_before_refit'):.4f}"
+                  f" → {rms('source_error'):.4f} (root mean square over all layers)",
+                  highlight=False)
     out.print(f"  inspect it with: svdq inspect {output}", highlight=False)
 
 

@@ -212,8 +212,8 @@ def compress(source: Source, settings: Settings, progress: Progress | None = Non
         if settings.refit:
             choice, before, after = refit_u(work.w, work.bias, choice, work.stats)
         plan, stored = realize(source.model, work, choice, settings)
-        if settings.refit:
-            plan["source_error"] = after
+        if settings.refit:  # errors against the source layer on the source model's inputs
+            plan["source_error"], plan["source_error_before_refit"] = after, before
             plan["refit"] = after < before
         layers.append(plan)
         tensors.update(stored)

@@ -3,6 +3,7 @@ on the source model's own inputs, paired token for token with the compressed str
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 import torch
@@ -16,6 +17,7 @@ from svdq.algo.search import (choose, reference, refit_u, residual_of, source_er
 from svdq.cli import app
 from svdq.compress import Clock, choose_form, compress, realize, walk
 from svdq.config import Settings
+from conftest import ANSI
 
 
 def streams(n=600, d=24, out=20, drift=0.3, seed=0):
@@ -149,7 +151,7 @@ def test_refit_artifact_round_trips(models, calib_file, tmp_path, arch):
     result = compress(source, settings)
     manifest = artifact.save(tmp_path / "out", source, result, settings)
     layers = manifest["layers"]
-    assert all("source_error" in p and "refit" in p for p in layers)
+    assert all(p["source_error"] <= p["source_error_before_refit"] for p in layers)
     assert any(p["refit"] for p in layers if p["kind"] == "lowrank")
     assert_loads_as_compressed(source, result, tmp_path / "out")
 
@@ -160,6 +162,9 @@ def test_cli_refit(models, calib_file, tmp_path):
                                  "--refit", "--calib", str(calib_file), "--calib-samples", "4",
                                  "--calib-len", "32", "-o", str(out)])
     assert r.exit_code == 0, r.output
+    m = re.search(r"refit: [1-9]\d* of \d+ factored layers; error against the source "
+                  r"layers' outputs ([\d.]+) → ([\d.]+)", ANSI.sub("", r.stdout))
+    assert m and float(m[2]) < float(m[1]), r.stdout
     manifest = json.loads((out / "svdq.json").read_text())
     assert manifest["settings"]["_data"]["refit"] is True
     assert any(p["refit"] for p in manifest["layers"])
