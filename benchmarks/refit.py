@@ -1,6 +1,6 @@
 """Benchmark: what `--sequential` and `--refit` buy on SmolLM2-135M, each alone and together.
 
-    python benchmarks/refit.py [--eps 0.1] [--bits 8] [--method svd]
+    python benchmarks/refit.py [--eps 0.1] [--bits 8] [--method svd] [--residual]
 
 For one eps/bits/method, runs `svdq compress` four times on the offline SmolLM2 asset (plain,
 --refit, --sequential, --sequential --refit; calibration on the calibration part of the text,
@@ -48,6 +48,7 @@ def main() -> None:
     parser.add_argument("--eps", default="0.1")
     parser.add_argument("--bits", default="8")
     parser.add_argument("--method", default="svd")
+    parser.add_argument("--residual", action="store_true", help="compress with --residual")
     args = parser.parse_args()
 
     sys.path.insert(0, str(HERE))
@@ -60,7 +61,8 @@ def main() -> None:
     try:
         for name, flags in VARIANTS.items():
             out = work / name.replace(" + ", "_")
-            options = ["--eps", args.eps, "--bits", args.bits, "--method", args.method, *flags]
+            options = ["--eps", args.eps, "--bits", args.bits, "--method", args.method,
+                       *(["--residual"] if args.residual else []), *flags]
             compressed, compress_s = run(["svdq", "compress", str(gguf), *options, "--calib",
                                           str(calib), "-o", str(out), "--json"])
             manifest = json.loads((out / "svdq.json").read_text())
@@ -73,7 +75,8 @@ def main() -> None:
             after = [p.get("source_error") for p in layers]
             rows.append({"variant": name, "options": " ".join(options),
                          "target_ratio_fp16": t["target_ratio_fp16"],
-                         "lowrank_layers": t["lowrank_layers"], "refit_layers": len(refit),
+                         "lowrank_layers": t["lowrank_layers"],
+                         "residual_layers": t.get("residual_layers", 0), "refit_layers": len(refit),
                          "source_error_rms": rms(after), "before_refit_rms": rms(before),
                          "ppl": ppl, "compress_s": round(compress_s, 1),
                          "eval_s": round(eval_s, 1), "timings_s": manifest["timings_s"]})
@@ -81,25 +84,26 @@ def main() -> None:
     finally:
         shutil.rmtree(work)
 
-    tag = f"refit_{args.method}_eps{args.eps}_bits{args.bits}"
+    tag = f"refit_{args.method}{'_residual' if args.residual else ''}_eps{args.eps}_bits{args.bits}"
     (HERE / "results" / f"{tag}.json").write_text(json.dumps(rows, indent=1))
-    lines = [f"# --sequential and --refit on SmolLM2-135M ({args.method}, eps {args.eps}, "
-             f"{args.bits} bits)", "",
+    lines = [f"# --sequential and --refit on SmolLM2-135M ({args.method}, "
+             f"{'--residual, ' if args.residual else ''}eps {args.eps}, {args.bits} bits)", "",
              f"Produced by `python benchmarks/refit.py --eps {args.eps} --bits {args.bits} "
-             f"--method {args.method}`: `svdq compress <smollm2.gguf> OPTIONS --calib <calib.txt>`,"
+             f"--method {args.method}{' --residual' if args.residual else ''}`: `svdq compress <smollm2.gguf> OPTIONS --calib <calib.txt>`,"
              " then `svdq eval <out> --ppl <eval.txt> --ctx 1024 --max-tokens 16384`, on "
              f"{os.cpu_count()} CPUs.", "",
              "Error against the source: each layer's output error relative to the source "
              "layer on the source model's inputs, root mean square over the layers, before → "
              "after the refit (recorded with --refit only).", "",
-             "| variant | options | bytes vs fp16 | low-rank layers | refitted | error against "
-             "the source | perplexity | compress s | eval s |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             "| variant | options | bytes vs fp16 | low-rank layers | corrected layers | refitted "
+             "| error against the source | perplexity | compress s | eval s |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         err = ("-" if r["source_error_rms"] is None
                else f"{r['before_refit_rms']:.4f} → {r['source_error_rms']:.4f}")
         lines.append(f"| {r['variant']} | `{r['options']}` | {r['target_ratio_fp16']:.3f} | "
-                     f"{r['lowrank_layers']} | {r['refit_layers']} | {err} | {r['ppl']:.2f} | "
+                     f"{r['lowrank_layers']} | {r['residual_layers']} | {r['refit_layers']} | "
+                     f"{err} | {r['ppl']:.2f} | "
                      f"{r['compress_s']} | {r['eval_s']} |")
     (HERE / "results" / f"{tag}.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))

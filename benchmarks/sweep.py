@@ -15,6 +15,7 @@ import argparse
 import json
 import os
 import re
+import shlex
 import subprocess
 import sys
 import time
@@ -81,7 +82,7 @@ def main() -> None:
     else:
         cmd = ["svdq", "sweep", str(assets.fetch("minilm")), *common, "--calib-len", "128",
                "--similarity", str(sentences), "--batch-size", "32"]
-    shown = " ".join(c.replace(str(assets.cache_dir()), "$SVDQ_CACHE") for c in cmd)
+    shown = " ".join(shlex.quote(c).replace(str(assets.cache_dir()), "$SVDQ_CACHE") for c in cmd)
     print(shown, flush=True)
     start = time.perf_counter()
     run = subprocess.run(cmd, env={**os.environ, "HF_HUB_OFFLINE": "1"})
@@ -89,7 +90,7 @@ def main() -> None:
         sys.exit(run.returncode)
     wall = time.perf_counter() - start
     (out / "command.txt").write_text(
-        f"python benchmarks/sweep.py {args.model} --eps {args.eps} --bits {args.bits} "
+        f"python benchmarks/sweep.py {args.model} --eps {shlex.quote(args.eps)} --bits {args.bits} "
         f"--method {args.method}{' --residual' if args.residual else ''}"
         f"{' --ratio ' + args.ratio if args.ratio else ''}"
         f"{' --out ' + str(args.out) if args.out else ''}\n# which ran:\n{shown}\n# wall time: {wall:.0f} s on "

@@ -4,7 +4,9 @@ The walk captures what the first block receives, then runs the blocks one at a t
 inputs. Per block: hooks gather the statistics of its target layers while the block runs,
 then each target is factorized once, its rank searched, and the layer swapped for the module
 the artifact will hold. The next block receives the outputs of the original block, or with
-`--sequential` those of the block as compressed. With a byte budget (`--ratio`/`--size`)
+`--sequential` those of the block as compressed (with `--refit` the source model's stream is
+carried beside it, so each low-rank U can be refit against the source layer's outputs). With a
+byte budget (`--ratio`/`--size`)
 every layer is walked first, then `svdq.budget` chooses all their forms together.
 """
 from __future__ import annotations
@@ -110,7 +112,9 @@ def walk(source: Source, settings: Settings, clock: Clock, report: Progress,
     The caller may replace a yielded layer in the model at once: the block's outputs, which
     feed the next block, were computed before the first of its layers is yielded. With
     `settings.sequential` the block runs again once all its layers were yielded, so the next
-    block is calibrated on what the compressed blocks before it really produce.
+    block is calibrated on what the compressed blocks before it really produce. With
+    `settings.refit` too, each block first also runs on the source model's own stream, and the
+    statistics pair the two streams (`LayerStats.cross`) for `refit_u`.
     With `gradients` (always for method fisher) each layer's statistics also carry its
     gradient statistics (`calibrate.gradients`: row Fisher, output sensitivity), measured on
     the source model before any block is walked.
