@@ -324,3 +324,42 @@ def gradients(model: nn.Module, ids: torch.Tensor, modules: dict[str, nn.Module]
             p.requires_grad_(requires_grad)
             p.grad = grad
     return {n: (fisher[n], float(grad2[n])) for n in modules}
+
+
+def final_states(model: nn.Module, ids: torch.Tensor, batch_size: int) -> list[torch.Tensor]:
+    """An encoder's last hidden states on each batch of `ids`, float32."""
+    device = next(model.parameters()).device
+    out = []
+    with torch.no_grad():
+        for i in range(0, ids.shape[0], batch_size):
+            batch = ids[i: i + batch_size].to(device)
+            res = model(input_ids=batch, attention_mask=torch.ones_like(batch),
+                        output_hidden_states=True)
+            h = getattr(res, "last_hidden_state", None)
+            out.append((res.hidden_states[-1] if h is None else h).float())
+    return out
+
+
+def loss(model: nn.Module, ids: torch.Tensor, batch_size: int, causal: bool,
+         reference: list[torch.Tensor] | None = None) -> float:
+    """How well `model` does on the calibration sequences: for a causal LM its mean next-token
+    cross-entropy; for an encoder the relative squared error of its last hidden states against
+    `reference` (the source's, `final_states`)."""
+    if not causal:
+        if reference is None:
+            raise ValueError("an encoder's loss needs the source's final states")
+        err = ref = 0.0
+        for h, h0 in zip(final_states(model, ids, batch_size), reference):
+            err += float((h - h0).double().pow(2).sum())
+            ref += float(h0.double().pow(2).sum())
+        return err / (ref or 1.0)
+    device = next(model.parameters()).device
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for i in range(ids.shape[0]):  # one sequence at a time: logits are vocabulary-wide
+            seq = ids[i: i + 1].to(device)
+            logits = model(input_ids=seq, attention_mask=torch.ones_like(seq), use_cache=False).logits
+            total += float(nn.functional.cross_entropy(logits[0, :-1].float(), seq[0, 1:],
+                                                       reduction="sum"))
+            count += seq.shape[1] - 1
+    return total / max(count, 1)

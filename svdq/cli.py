@@ -165,6 +165,11 @@ def _summary(manifest: dict, output: Path) -> None:
         out.print(f"  budget {_mb(b['requested_bytes'])} requested, {_mb(b['achieved_bytes'])} "
                   f"used ({b['achieved_bytes'] / b['requested_bytes']:.1%}); Σ error² "
                   f"{b['error2']:.4g} over the layers", highlight=False)
+        judged = [c for c in b.get("candidates", []) if c["calibration_loss"] is not None]
+        if judged:
+            out.print(f"  plan: {b['plan']}, the lowest calibration loss of "
+                      + "; ".join(f"{c['plan']} {c['calibration_loss']:.5g}" for c in judged),
+                      highlight=False)
     refit = [p for p in manifest["layers"] if "refit" in p]
     if refit:
         def rms(key: str) -> float:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import math
 import time
 from collections import defaultdict
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Callable, Iterator
 
@@ -105,8 +106,26 @@ class LayerWork:
     factors: Factors
 
 
+def calibration_ids(source: Source, settings: Settings, report: Progress,
+                    calibration: dict) -> torch.Tensor:
+    """The calibration token ids (samples, length) of `settings`; `calibration` gets their
+    description for the manifest."""
+    device = torch.device(settings.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SvdqError("--device cuda was asked for but no CUDA GPU is available; use --device cpu")
+    model = source.model.to(device)
+    report("calibration text", 0, 1)
+    ids, info = calibrate.calibration_ids(
+        model, source.tokenizer, settings.calib, settings.calib_samples, settings.calib_len,
+        settings.batch_size, settings.seed, source.is_causal)
+    calibration.update(info)
+    report("calibration text", 1, 1)
+    return ids
+
+
 def walk(source: Source, settings: Settings, clock: Clock, report: Progress,
-         calibration: dict, gradients: bool = False) -> Iterator[LayerWork]:
+         calibration: dict, gradients: bool = False,
+         ids: torch.Tensor | None = None) -> Iterator[LayerWork]:
     """Calibrate, then walk the blocks; yield each target layer's work as its block is done.
 
     The caller may replace a yielded layer in the model at once: the block's outputs, which
@@ -120,19 +139,12 @@ def walk(source: Source, settings: Settings, clock: Clock, report: Progress,
     the source model before any block is walked.
     """
     device = torch.device(settings.device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise SvdqError("--device cuda was asked for but no CUDA GPU is available; use --device cpu")
+    if ids is None:  # `ids`: from `calibration_ids`, where the caller needs them too
+        ids = calibration_ids(source, settings, report, calibration)
     model = source.model.to(device)
     prefix, blocks = blocks_of(model)
     names = surgery.targets(model, settings.include, settings.exclude)
     torch.manual_seed(settings.seed)
-
-    report("calibration text", 0, 1)
-    ids, info = calibrate.calibration_ids(
-        model, source.tokenizer, settings.calib, settings.calib_samples, settings.calib_len,
-        settings.batch_size, settings.seed, source.is_causal)
-    calibration.update(info)
-    report("calibration text", 1, 1)
     clock.lap("calibration text")
     grads = {}
     if gradients or settings.method == "fisher":
@@ -190,6 +202,34 @@ def realize(model: nn.Module, work: LayerWork, choice: Choice,
     return plan, stored
 
 
+@contextmanager
+def swapped(model: nn.Module, works: list[LayerWork], choices: list[Choice],
+            settings: Settings) -> Iterator[nn.Module]:
+    """`model` with every work's layer swapped for its choice inside the block; the original
+    layers are put back afterwards, whatever happens."""
+    try:
+        for work, choice in zip(works, choices):
+            realize(model, work, choice, settings)
+        yield model
+    finally:
+        for work in works:
+            surgery.set_module(model, work.name, work.module)
+
+
+def judge_of(source: Source, works: list[LayerWork], ids: torch.Tensor,
+             settings: Settings) -> Callable[[list[Choice]], float]:
+    """What a budget's candidate plans are compared by: the calibration loss of the model with
+    the plan's layers swapped in (`calibrate.loss`; for encoders against the source's own final
+    states, computed here while the model is still the source)."""
+    model = source.model
+    reference = None if source.is_causal else calibrate.final_states(model, ids, settings.batch_size)
+
+    def judge(choices: list[Choice]) -> float:
+        with swapped(model, works, choices, settings):
+            return calibrate.loss(model, ids, settings.batch_size, source.is_causal, reference)
+    return judge
+
+
 def choose_form(work: LayerWork, settings: Settings, residual: Residual | None = None) -> Choice:
     """The eps-mode choice for one layer: low rank replaces the weight, or with
     `settings.residual` corrects the weight's quantization error (`residual`: that error's
@@ -225,8 +265,10 @@ def compress(source: Source, settings: Settings, progress: Progress | None = Non
     if settings.budgeted:  # every layer is measured before any is chosen
         from svdq import budget as budgets
 
-        works = list(walk(source, settings, clock, report, calibration, gradients=True))
-        choices, budget = budgets.choose_all(works, settings, report)
+        ids = calibration_ids(source, settings, report, calibration)
+        works = list(walk(source, settings, clock, report, calibration, gradients=True, ids=ids))
+        choices, budget = budgets.choose_all(works, settings, report,
+                                             judge_of(source, works, ids, settings))
         clock.lap("options and allocation")
         for work, choice, weight in zip(works, choices, budget.pop("weights")):
             keep(work, choice)

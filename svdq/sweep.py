@@ -22,7 +22,8 @@ from torch import nn
 
 from svdq.algo.factorize import factorize
 from svdq.algo.search import Choice, reference, residual_of, stored_dense
-from svdq.compress import Clock, LayerWork, Progress, choose_form, realize, walk
+from svdq.compress import (Clock, LayerWork, Progress, calibration_ids, choose_form, judge_of,
+                           realize, walk)
 from svdq.config import Settings
 from svdq.errors import SvdqError
 from svdq.hf import Source
@@ -116,7 +117,8 @@ def run(source: Source, settings: Settings, eps_list: list[float], bits_list: li
     clock, calibration = Clock(), {}
     original = source.model
     gradients = bool(ratios) or "fisher" in methods  # budgets weigh layers by sensitivity
-    works = list(walk(source, settings, clock, report, calibration, gradients=gradients))
+    ids = calibration_ids(source, settings, report, calibration)
+    works = list(walk(source, settings, clock, report, calibration, gradients=gradients, ids=ids))
     factors = {settings.method: [w.factors for w in works]}
     for method in methods:
         if method not in factors:
@@ -165,7 +167,8 @@ def run(source: Source, settings: Settings, eps_list: list[float], bits_list: li
             def allocation(ratio: float, s=s, mine=mine, measured=measured) -> list[Choice]:
                 if not measured:  # measured once per method, on first use
                     measured["m"] = budget.measure(mine, s, report)
-                return budget.pick(mine, measured["m"], math.floor(ratio * fp16_bytes), s)[0]
+                return budget.pick(mine, measured["m"], math.floor(ratio * fp16_bytes), s,
+                                   judge_of(source, mine, ids, s))[0]
             for ratio in ratios:
                 jobs.append((f"{method} budget", None, None, ratio,
                              lambda r=ratio, a=allocation: a(r)))
