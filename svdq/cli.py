@@ -110,6 +110,10 @@ def compress(
                             residual=residual,
                             budget_bytes=None if size is None else parse_size(size))
         artifact.check_output(output, overwrite)
+        if settings.sequential and settings.refit:
+            err.print("[yellow]warning:[/] --sequential --refit fits each layer to the source's "
+                      "outputs from drifted inputs, which has hurt badly where the drift is large "
+                      "(see README); compare with and without using svdq eval", highlight=False)
         if calib not in ("auto", "wikitext", "self") and not Path(calib).is_file():
             raise SvdqError(f"calibration file {calib} does not exist; give a text file, "
                             "wikitext or self")

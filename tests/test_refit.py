@@ -156,12 +156,15 @@ def test_refit_artifact_round_trips(models, calib_file, tmp_path, arch):
     assert_loads_as_compressed(source, result, tmp_path / "out")
 
 
-def test_cli_refit(models, calib_file, tmp_path):
+@pytest.mark.parametrize("flags", [["--refit"], ["--sequential", "--refit"]])
+def test_cli_refit(models, calib_file, tmp_path, flags):
     out = tmp_path / "art"
     r = CliRunner().invoke(app, ["compress", str(models["llama"]), "--eps", "0.5", "--bits", "4",
-                                 "--refit", "--calib", str(calib_file), "--calib-samples", "4",
+                                 *flags, "--calib", str(calib_file), "--calib-samples", "4",
                                  "--calib-len", "32", "-o", str(out)])
     assert r.exit_code == 0, r.output
+    warned = "warning: --sequential --refit fits each layer" in ANSI.sub("", r.stderr)
+    assert warned == ("--sequential" in flags)
     m = re.search(r"refit: [1-9]\d* of \d+ factored layers; error against the source "
                   r"layers' outputs ([\d.]+) → ([\d.]+)", ANSI.sub("", r.stdout))
     assert m and float(m[2]) < float(m[1]), r.stdout
