@@ -90,8 +90,8 @@ class Settings:
 def resolve_method(settings: Settings) -> str:
     """`--method auto`: `whiten` where low rank corrects quantization error (--residual, budgets),
     `svd` where it replaces a layer under a per-layer eps. Measured (benchmarks/RESULTS.md):
-    whitened corrections beat plain and Fisher-weighted ones by a wide margin (MiniLM at 0.285 ×
-    fp16: similarity 0.9815 against 0.9762 and 0.9763), while at the same eps whitening
+    whitened corrections beat plain and Fisher-weighted ones by a wide margin (MiniLM at 0.4 ×
+    fp16: similarity 0.9936 against 0.9895 and 0.9899), while at the same eps whitening
     leaves more layers low-rank and the model worse (SmolLM2, 8 bits, eps 0.05: perplexity 28.1
     against 24.1)."""
     budgeted = settings.budget_bytes is not None or settings.budget_ratio is not None
