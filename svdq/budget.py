@@ -34,7 +34,6 @@ UNIFORM_EPS = (0.02, 0.05, 0.1, 0.2, 0.3)  # the per-layer eps settings the resu
 # (measured on MiniLM at 0.285 × fp16: similarity 0.959 with them, 0.981 without a cap of
 # 0.1). Each cap the budget allows gives a candidate plan; the calibration loss decides.
 ERROR_CAPS = (0.1, 0.05, 0.02)
-ERROR_CAP = ERROR_CAPS[0]
 # The weights a low-rank correction is offered on: (bits, block size as a multiple of
 # --block-size). Both precisions also in blocks 4× larger: a quarter of the scales, which pays
 # for corrections where they matter most. At 8 bits this is what lets a budget of 8-bit's own
@@ -195,8 +194,9 @@ def pick(works: list["LayerWork"], measured: Measured, budget: int, settings: Se
     for label, plan in found:
         choices = build(works, options, plan, settings)
         loss = judge(choices) if judge is not None and len(found) > 1 else None
-        judged.append({"plan": label, "bytes": total(options, plan)[0],
-                       "planned_error2": total(options, plan)[1], "calibration_loss": loss})
+        size, planned_error2 = total(options, plan)
+        judged.append({"plan": label, "bytes": size, "planned_error2": planned_error2,
+                       "calibration_loss": loss})
         if best is None or (loss is not None and loss < best[0]):
             best = (loss, label, plan, choices)
     _, label, picks, choices = best

@@ -205,8 +205,8 @@ def realize(model: nn.Module, work: LayerWork, choice: Choice,
 @contextmanager
 def swapped(model: nn.Module, works: list[LayerWork], choices: list[Choice],
             settings: Settings) -> Iterator[nn.Module]:
-    """`model` with every work's layer swapped for its choice inside the block; the original
-    layers are put back afterwards, whatever happens."""
+    """`model` with each work's layer swapped for its choice; the original layers are put
+    back afterwards, whatever happens."""
     try:
         for work, choice in zip(works, choices):
             realize(model, work, choice, settings)

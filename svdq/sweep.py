@@ -120,6 +120,7 @@ def run(source: Source, settings: Settings, eps_list: list[float], bits_list: li
     ids = calibration_ids(source, settings, report, calibration)
     works = list(walk(source, settings, clock, report, calibration, gradients=gradients, ids=ids))
     factors = {settings.method: [w.factors for w in works]}
+    judge = judge_of(source, works, ids, settings) if ratios else None  # one for every budget
     for method in methods:
         if method not in factors:
             factors[method] = [factorize(method, w.w, w.stats) for w in works]
@@ -168,7 +169,7 @@ def run(source: Source, settings: Settings, eps_list: list[float], bits_list: li
                 if not measured:  # measured once per method, on first use
                     measured["m"] = budget.measure(mine, s, report)
                 return budget.pick(mine, measured["m"], math.floor(ratio * fp16_bytes), s,
-                                   judge_of(source, mine, ids, s))[0]
+                                   judge)[0]
             for ratio in ratios:
                 jobs.append((f"{method} budget", None, None, ratio,
                              lambda r=ratio, a=allocation: a(r)))
