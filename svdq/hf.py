@@ -90,6 +90,22 @@ def hub_reachable(timeout: float = 3.0) -> bool:
     return True
 
 
+def local_tokenizer(spec: str):
+    """The tokenizer of local model folder `spec` (seconds, without the weights), or None where
+    it cannot be had so cheaply (hub ids, GGUF files, a folder without one)."""
+    import transformers
+
+    path = Path(spec).expanduser()
+    if not (path.is_dir() and (path / "config.json").is_file()):
+        return None
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return transformers.AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+    except (OSError, ValueError):
+        return None  # load_source says what is wrong, with the whole picture
+
+
 def load_source(spec: str, revision: str | None = None, dtype: str = "auto") -> Source:
     """Load `spec` (hub id, local HF folder or .gguf file) with its tokenizer."""
     import transformers

@@ -34,8 +34,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-FORMAT_VERSION = 2  # 2 added the residual kind; version 1 artifacts read unchanged
-READS = (1, 2)
+FORMAT_VERSION = 3  # 2 added the residual kind, 3 the manifest checksum; 1 and 2 read unchanged
+READS = (1, 2, 3)
 MANIFEST = "svdq.json"
 TENSORS = "model.safetensors"
 
@@ -90,21 +90,60 @@ class LowRankLinear(nn.Module):
                 f"rank={self.rank}, bias={self.bias is not None}")
 
 
-def _take(tensors: dict, key: str, used: set) -> torch.Tensor:
+def _take(tensors: dict, key: str, used: set, shape: tuple[int, ...] | None = None,
+          dtype: torch.dtype | None = None, numel: int | None = None) -> torch.Tensor:
+    """Stored tensor `key`, checked against the shape, dtype or size the manifest implies."""
     if key not in tensors:
         raise ArtifactError(f"tensor {key!r} is missing from {TENSORS}: the artifact is damaged; "
                             "compress the model again")
+    t = tensors[key]
+    wrong = ((shape is not None and tuple(t.shape) != tuple(shape))
+             or (dtype is not None and t.dtype != dtype)
+             or (numel is not None and t.numel() != numel))
+    if wrong:
+        want = shape if shape is not None else f"{numel} elements"
+        raise ArtifactError(f"tensor {key!r} is {t.dtype} {tuple(t.shape)} where the manifest "
+                            f"implies {dtype or t.dtype} {want}: the artifact is inconsistent; "
+                            "compress the model again")
     used.add(key)
-    return tensors[key]
+    return t
 
 
 def _factor(tensors: dict, key: str, shape: tuple[int, int], bits: int, block_size: int,
             used: set) -> torch.Tensor:
     if bits not in (4, 8):
-        return _take(tensors, key, used).float()
-    codebook = _take(tensors, f"svdq.codebook.{bits}", used)
-    return dequantize(_take(tensors, key + ".codes", used), _take(tensors, key + ".absmax", used),
-                      codebook, shape, block_size, bits)
+        return _take(tensors, key, used, shape=shape, dtype=torch.float16).float()
+    n = math.prod(shape)
+    codebook = _take(tensors, f"svdq.codebook.{bits}", used, shape=(1 << bits,), dtype=torch.float32)
+    codes = _take(tensors, key + ".codes", used, dtype=torch.uint8,
+                  numel=n if bits == 8 else (n + 1) // 2)
+    absmax = _take(tensors, key + ".absmax", used, dtype=torch.float32,
+                   numel=-(-n // block_size))
+    return dequantize(codes, absmax, codebook, shape, block_size, bits)
+
+
+def _check_layer(layer) -> None:
+    """A plan entry's fields have the types and ranges the builder relies on."""
+    def whole(key, low=1):
+        v = layer.get(key) if isinstance(layer, dict) else None
+        if not isinstance(v, int) or isinstance(v, bool) or v < low:
+            raise ArtifactError(f"the manifest's layer entry {str(layer)[:80]!r} has an invalid "
+                                f"{key!r}: the artifact is inconsistent; compress the model again")
+    if not isinstance(layer, dict) or not isinstance(layer.get("name"), str):
+        raise ArtifactError("the manifest has a layer entry without a name: the artifact is "
+                            "inconsistent; compress the model again")
+    for key in ("out_features", "in_features", "block_size"):
+        whole(key)
+    kind, bits = layer.get("kind"), layer.get("bits")
+    if kind not in ("dense", "lowrank", "residual") or bits not in (None, 4, 8, 16) \
+            or not isinstance(layer.get("bias"), bool):
+        raise ArtifactError(f"the manifest's entry for {layer['name']!r} has an unknown kind, "
+                            "bits or bias: the artifact is inconsistent; compress the model again")
+    if kind != "dense":
+        whole("rank")
+        if layer.get("factor_bits", bits) not in (4, 8, 16) or (kind == "residual" and bits is None):
+            raise ArtifactError(f"the manifest's entry for {layer['name']!r} has invalid bits: "
+                                "the artifact is inconsistent; compress the model again")
 
 
 def _linear(w: torch.Tensor, bias: torch.Tensor | None) -> nn.Linear:
@@ -117,15 +156,16 @@ def _linear(w: torch.Tensor, bias: torch.Tensor | None) -> nn.Linear:
 
 def build_layer(layer: dict, tensors: dict, dtype: torch.dtype, used: set) -> nn.Module | None:
     """The module that replaces target layer `layer` (a plan entry), or None if it stays as is."""
+    _check_layer(layer)
     name, out_f, in_f = layer["name"], layer["out_features"], layer["in_features"]
     bias_key = name + ".bias"
-    bias = _take(tensors, bias_key, used).to(dtype) if layer["bias"] else None
+    bias = _take(tensors, bias_key, used, shape=(out_f,), dtype=dtype) if layer["bias"] else None
     bits, block = layer["bits"], layer["block_size"]
     if layer["kind"] in ("lowrank", "residual"):
         k, fbits = layer["rank"], layer.get("factor_bits", bits)
         u = _factor(tensors, name + ".svdq.u", (k, out_f), fbits, block, used)
         v = _factor(tensors, name + ".svdq.v", (k, in_f), fbits, block, used)
-        s = _take(tensors, name + ".svdq.s", used).float()
+        s = _take(tensors, name + ".svdq.s", used, shape=(k,), dtype=torch.float32)
         if layer["kind"] == "lowrank":
             return LowRankLinear(u.to(dtype), s.to(dtype), v.to(dtype), bias)
         w = _factor(tensors, name + ".weight", (out_f, in_f), bits, block, used)
@@ -151,6 +191,13 @@ def sha256(path: Path) -> str:
     return h.hexdigest()
 
 
+def manifest_digest(manifest: dict) -> str:
+    """The checksum a manifest carries of itself: sha256 of its canonical JSON without it."""
+    body = {k: v for k, v in manifest.items() if k != "manifest_sha256"}
+    text = json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
 def read_manifest(path: str | Path, verify: bool = True) -> dict:
     """The manifest of artifact folder `path`, after checking format version and checksum."""
     folder = Path(path)
@@ -162,8 +209,11 @@ def read_manifest(path: str | Path, verify: bool = True) -> dict:
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ArtifactError(f"{folder / MANIFEST} is not valid JSON ({e}); "
                             "the artifact is damaged: compress the model again") from None
+    if not isinstance(manifest, dict):
+        raise ArtifactError(f"{folder / MANIFEST} is not an svdq manifest; the artifact is "
+                            "damaged: compress the model again")
     version = manifest.get("format_version")
-    if version not in READS:
+    if isinstance(version, bool) or version not in READS:
         raise ArtifactError(f"{folder} has svdq format version {version!r}, this loader reads "
                             f"versions {', '.join(map(str, READS))}; use the svdq release that "
                             "wrote it")
@@ -172,7 +222,25 @@ def read_manifest(path: str | Path, verify: bool = True) -> dict:
     if verify and sha256(folder / TENSORS) != manifest.get("sha256"):
         raise ArtifactError(f"{folder / TENSORS} does not match the checksum in {MANIFEST} "
                             "(truncated or modified); compress the model again")
+    if version >= 3 and manifest_digest(manifest) != manifest.get("manifest_sha256"):
+        raise ArtifactError(f"{folder / MANIFEST} does not match its own checksum (edited or "
+                            "damaged); compress the model again")
     return manifest
+
+
+def check_device(device: str | torch.device) -> torch.device:
+    """`device` as a torch.device, refused in one line where it cannot be used here."""
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ArtifactError(f"device {device!r} is not a device; use cpu or cuda") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ArtifactError(f"device {device!r} asked for, but no CUDA GPU is available here "
+                            "(or torch was built without CUDA); use cpu")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise ArtifactError(f"device {device!r} asked for, but there are only "
+                            f"{torch.cuda.device_count()} CUDA devices")
+    return dev
 
 
 def load(path: str | Path, device: str | torch.device = "cpu", verify: bool = True) -> nn.Module:
@@ -184,15 +252,33 @@ def load(path: str | Path, device: str | torch.device = "cpu", verify: bool = Tr
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
+    device = check_device(device)  # before minutes of loading
     folder = Path(path)
     manifest = read_manifest(folder, verify)
     try:
         tensors = load_file(folder / TENSORS)
     except (SafetensorError, OSError) as e:
         raise ArtifactError(f"cannot read {folder / TENSORS} ({e}); compress the model again") from None
+    try:
+        return _assemble(folder, manifest, tensors, transformers).to(device).eval()
+    except ArtifactError:
+        raise
+    except (KeyError, TypeError, ValueError, AttributeError, IndexError, RuntimeError, OSError) as e:
+        # a last guard: every field is checked above, but a manifest is data from disk
+        raise ArtifactError(f"the artifact at {folder} is inconsistent ({type(e).__name__}: "
+                            f"{str(e).splitlines()[0] if str(e) else ''}); compress the model "
+                            "again") from None
+
+
+def _assemble(folder: Path, manifest: dict, tensors: dict, transformers) -> nn.Module:
+    dtype = getattr(torch, str(manifest.get("dtype")), None)
+    model_cls = getattr(transformers, str(manifest.get("architecture")), None)
+    if not isinstance(dtype, torch.dtype) or not isinstance(model_cls, type) \
+            or not isinstance(manifest.get("layers"), list) \
+            or not isinstance(manifest.get("aliases", {}), dict):
+        raise ArtifactError(f"the manifest of {folder} names no known dtype, architecture or "
+                            "layers: the artifact is inconsistent; compress the model again")
     config = transformers.AutoConfig.from_pretrained(folder)
-    dtype = getattr(torch, manifest["dtype"])
-    model_cls = getattr(transformers, manifest["architecture"])
     model = model_cls(config).to(dtype)  # every weight below is overwritten; strictness checks it
     used: set[str] = set()
     replaced = set()
@@ -202,17 +288,22 @@ def load(path: str | Path, device: str | torch.device = "cpu", verify: bool = Tr
             set_module(model, layer["name"], module)
             replaced.add(layer["name"])
     state = {}
-    for key in model.state_dict():
+    for key, t in model.state_dict().items():
         if key.rpartition(".")[0] in replaced:
             continue
         source = manifest.get("aliases", {}).get(key, key)
-        state[key] = _take(tensors, source, used)
+        state[key] = _take(tensors, str(source), used, shape=tuple(t.shape), dtype=t.dtype)
     unused = sorted(set(tensors) - used)
     if unused:
         raise ArtifactError(f"{TENSORS} holds {len(unused)} tensors the manifest does not explain "
                             f"(first: {unused[0]!r}); the artifact is inconsistent")
     model.load_state_dict(state, strict=False, assign=True)  # `state` covers every key: strict by construction
-    return model.to(device).eval()
+    with_param = dict(model.named_parameters(remove_duplicate=False))
+    for key, source in manifest.get("aliases", {}).items():  # tied weights: one parameter again
+        owner, _, leaf = key.rpartition(".")
+        if key in with_param and source in with_param:
+            setattr(model.get_submodule(owner), leaf, with_param[source])
+    return model
 
 
 def main(argv: list[str]) -> int:
@@ -224,7 +315,7 @@ def main(argv: list[str]) -> int:
     except ArtifactError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
-    n = sum(p.numel() for p in model.parameters())
+    n = sum(p.numel() for p in model.parameters())  # tied weights are one parameter: counted once
     lowrank = sum(isinstance(m, LowRankLinear) for m in model.modules())
     print(f"loaded {type(model).__name__} from {argv[0]}: {n:,} parameters in memory, "
           f"{lowrank} low-rank layers")

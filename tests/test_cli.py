@@ -255,11 +255,18 @@ def test_existing_output_needs_overwrite(models, calib_file, place):
     assert [p.name for p in out.iterdir()] == ["precious.txt"]
     assert [p.name for p in parent.iterdir()] == ["out"]
 
-    result = run(*compress_args(models["bert"], out, calib_file, "--overwrite"))
+    # --overwrite replaces artifacts only: a folder of the user's own files is refused, kept
+    line = assert_one_line_error(run(*compress_args(models["bert"], out, calib_file, "--overwrite")))
+    assert "not an svdq artifact" in line and "precious.txt" in line
+    assert [p.name for p in out.iterdir()] == ["precious.txt"]
+    (out / "precious.txt").unlink()
+
+    assert run(*compress_args(models["bert"], out, calib_file)).exit_code == 0
+    first = (out / "svdq.json").read_text()
+    result = run(*compress_args(models["bert"], out, calib_file, "--overwrite", "--eps", "0.2"))
     assert result.exit_code == 0, result.output
-    assert not (out / "precious.txt").exists()
-    assert (out / "svdq.json").is_file()
-    assert [p.name for p in parent.iterdir()] == ["out"]  # no .old or .partial left
+    assert (out / "svdq.json").read_text() != first  # the artifact was replaced
+    assert [p.name for p in parent.iterdir()] == ["out"]  # no .old, .partial or .lock left
     svdq.load(out)
 
     (parent / "a-file").write_text("x")
@@ -308,7 +315,7 @@ def test_ctrl_c_during_compression(models, calib_file, place, monkeypatch):
     parent, _ = place
     calls = []
 
-    def interrupted(source, settings, progress=None):
+    def interrupted(source, settings, progress=None, warn=None):
         calls.append(source.id)
         raise KeyboardInterrupt
 
