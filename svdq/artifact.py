@@ -73,16 +73,44 @@ def _config_dict(model) -> dict:
     return config
 
 
+SHARD_BYTES = 2 * 10 ** 9  # tensor bytes per file, as `--shard-size` defaults to
+
+
 def save(out: Path, source: Source, result: Result, settings: Settings,
-         overwrite: bool = False) -> dict:
+         overwrite: bool = False, shard_bytes: int = SHARD_BYTES) -> dict:
     """Write the artifact to `out`; returns the manifest. Holds the output lock while it
     writes (the CLI takes it earlier, before the model loads)."""
     with outdir.locked(out):
         check_output(out, overwrite)  # again: the folder may have changed since the first check
-        return _save(out.resolve(), source, result, settings)
+        return _save(out.resolve(), source, result, settings, shard_bytes)
 
 
-def _save(out: Path, source: Source, result: Result, settings: Settings) -> dict:
+def write_tensors(folder: Path, tensors: dict[str, torch.Tensor], shard_bytes: int) -> dict[str, str]:
+    """Write `tensors`, in their order, into files of at most `shard_bytes` tensor bytes each
+    (a larger tensor gets a file of its own): one `model.safetensors`, or shards named as
+    transformers names them with `model.safetensors.index.json`. Returns {file: sha256}."""
+    groups: list[dict[str, torch.Tensor]] = [{}]
+    size = 0
+    for key, t in tensors.items():
+        n = t.numel() * t.element_size()
+        if groups[-1] and size + n > shard_bytes:
+            groups.append({})
+            size = 0
+        groups[-1][key] = t
+        size += n
+    names = ([runtime.TENSORS] if len(groups) == 1 else
+             [f"model-{i + 1:05d}-of-{len(groups):05d}.safetensors" for i in range(len(groups))])
+    for name, group in zip(names, groups):
+        # one metadata key only: safetensors writes several in random order (runs must match)
+        save_file(group, str(folder / name), metadata={"format": "pt"})
+    if len(groups) > 1:
+        index = {"metadata": {"total_size": sum(t.numel() * t.element_size() for t in tensors.values())},
+                 "weight_map": {k: name for name, g in zip(names, groups) for k in g}}
+        (folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=1))
+    return {name: runtime.sha256(folder / name) for name in names}
+
+
+def _save(out: Path, source: Source, result: Result, settings: Settings, shard_bytes: int) -> dict:
     untouched, aliases = untouched_tensors(result)
     tensors = {**untouched, **result.tensors}
     tensor_bytes = sum(t.numel() * t.element_size() for t in tensors.values())
@@ -90,8 +118,7 @@ def _save(out: Path, source: Source, result: Result, settings: Settings) -> dict
     outdir.check_space(out.parent, needed)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".partial", dir=out.parent))
     try:
-        # one metadata key only: safetensors writes several in random order (runs must match)
-        save_file(tensors, str(tmp / runtime.TENSORS), metadata={"format": "pt"})
+        files = write_tensors(tmp, tensors, shard_bytes)
         dtype = next(result.model.parameters()).dtype
         manifest = {
             "format_version": runtime.FORMAT_VERSION, "svdq_version": __version__,
@@ -103,7 +130,7 @@ def _save(out: Path, source: Source, result: Result, settings: Settings) -> dict
             "notes": source.notes + result.notes, "aliases": aliases, "layers": result.layers,
             "totals": totals(result.layers, tensor_bytes, result.source_params, dtype.itemsize),
             **({"budget": result.budget} if result.budget is not None else {}),
-            "sha256": runtime.sha256(tmp / runtime.TENSORS),
+            **({"sha256": files[runtime.TENSORS]} if runtime.TENSORS in files else {"shards": files}),
         }
         manifest["manifest_sha256"] = runtime.manifest_digest(manifest)
         (tmp / runtime.MANIFEST).write_text(json.dumps(manifest, indent=1))

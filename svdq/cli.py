@@ -117,7 +117,10 @@ def compress(
                                   "correct its quantization error (factors 8-bit) instead of "
                                   "replacing it. With --ratio/--size the allocator always "
                                   "considers this form."),
-    overwrite: bool = typer.Option(False, help="Replace a non-empty output folder."),
+    overwrite: bool = typer.Option(False, help="Replace an existing svdq artifact in the "
+                                   "output folder (a folder of other files is refused)."),
+    shard_size: str = typer.Option("2GB", help="Largest tensor file of the artifact; larger "
+                                   "artifacts are split into model-0000N-of-0000M.safetensors."),
     as_json: bool = typer.Option(False, "--json", help="Print a JSON summary instead of tables."),
 ) -> None:
     """Compress MODEL into an artifact folder."""
@@ -135,6 +138,7 @@ def compress(
                             sequential=sequential, refit=refit, budget_ratio=ratio,
                             residual=residual,
                             budget_bytes=None if size is None else parse_size(size))
+        shard_bytes = parse_size(shard_size, "--shard-size")
         artifact.check_output(output, overwrite)
         _preflight(model, settings)
         if settings.sequential and settings.refit:
@@ -142,7 +146,7 @@ def compress(
                       "outputs from drifted inputs, which has hurt badly where the drift is large "
                       "(see README); compare with and without using svdq eval", highlight=False)
         with outdir.locked(output):  # a second run into `output` refuses now, not after its work
-            _run_compress(model, output, settings, revision, overwrite, as_json)
+            _run_compress(model, output, settings, revision, overwrite, as_json, shard_bytes)
 
 
 def _preflight(model: str, settings) -> None:
@@ -166,7 +170,8 @@ def _preflight(model: str, settings) -> None:
                                settings.calib)
 
 
-def _run_compress(model: str, output: Path, settings, revision, overwrite: bool, as_json: bool) -> None:
+def _run_compress(model: str, output: Path, settings, revision, overwrite: bool, as_json: bool,
+                  shard_bytes: int) -> None:
     from svdq import artifact, hf
     from svdq.compress import compress as run
 
@@ -183,7 +188,8 @@ def _run_compress(model: str, output: Path, settings, revision, overwrite: bool,
     if result.budget and "warning" in result.budget:
         err.print(f"[bold red]warning:[/] {result.budget['warning']}", highlight=False)
     with err.status(f"writing {output}"):
-        manifest = artifact.save(output, source, result, settings, overwrite=overwrite)
+        manifest = artifact.save(output, source, result, settings, overwrite=overwrite,
+                                 shard_bytes=shard_bytes)
     if as_json:
         print(json.dumps({"output": str(output), "totals": manifest["totals"],
                           "budget": manifest.get("budget"),

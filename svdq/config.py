@@ -105,13 +105,13 @@ SIZE_UNITS = {"": 1, "b": 1, "kb": 10 ** 3, "mb": 10 ** 6, "gb": 10 ** 9,
               "kib": 2 ** 10, "mib": 2 ** 20, "gib": 2 ** 30}
 
 
-def parse_size(text: str) -> int:
+def parse_size(text: str, option: str = "--size") -> int:
     """'60MB', '1.5GiB', '200000' (bytes) -> bytes, rounded down; units ignore case."""
     m = re.fullmatch(r"\s*(\d+(?:\.\d*)?|\.\d+)\s*([a-zA-Z]*)\s*", text)
     if not m or m[2].lower() not in SIZE_UNITS:
-        raise SvdqError(f"--size takes a number and a unit (B, KB, MB, GB, KiB, MiB, GiB), e.g. "
-                        f"--size 60MB; got {text!r}")
+        raise SvdqError(f"{option} takes a number and a unit (B, KB, MB, GB, KiB, MiB, GiB), e.g. "
+                        f"{option} 60MB; got {text!r}")
     n = int(Decimal(m[1]) * SIZE_UNITS[m[2].lower()])
     if n < 1:
-        raise SvdqError(f"--size must be at least 1 byte, got {text!r}")
+        raise SvdqError(f"{option} must be at least 1 byte, got {text!r}")
     return n

@@ -9,7 +9,9 @@ This file is svdq's loader. `svdq compress` copies it, byte for byte, into every
 Keep it self-contained: nothing here may import svdq or any package beyond torch,
 transformers and safetensors (json, hashlib and the standard library are fine).
 
-Tensor keys in `model.safetensors` (NAME is a module name such as `model.layers.0.mlp.up_proj`):
+Tensors lie in `model.safetensors`, or, split into shards, in `model-0000N-of-0000M.safetensors`
+(with `model.safetensors.index.json`; the manifest's `shards` lists them with checksums).
+Tensor keys (NAME is a module name such as `model.layers.0.mlp.up_proj`):
 
     NAME.svdq.s                          Σ, float32, shape (k,)
     NAME.svdq.u / NAME.svdq.v            16-bit factors: Uᵀ (k, out) and Vᵀ (k, in), float16
@@ -94,7 +96,7 @@ def _take(tensors: dict, key: str, used: set, shape: tuple[int, ...] | None = No
           dtype: torch.dtype | None = None, numel: int | None = None) -> torch.Tensor:
     """Stored tensor `key`, checked against the shape, dtype or size the manifest implies."""
     if key not in tensors:
-        raise ArtifactError(f"tensor {key!r} is missing from {TENSORS}: the artifact is damaged; "
+        raise ArtifactError(f"tensor {key!r} is missing from the tensor files: the artifact is damaged; "
                             "compress the model again")
     t = tensors[key]
     wrong = ((shape is not None and tuple(t.shape) != tuple(shape))
@@ -191,6 +193,18 @@ def sha256(path: Path) -> str:
     return h.hexdigest()
 
 
+def tensor_files(manifest: dict) -> dict:
+    """{file name: sha256} of the artifact's tensor files: `shards` where the tensors were
+    split (model-0000N-of-0000M.safetensors), else the one model.safetensors."""
+    shards = manifest.get("shards")
+    if shards is None:
+        return {TENSORS: manifest.get("sha256")}
+    if not isinstance(shards, dict) or not shards:
+        raise ArtifactError(f"the manifest's `shards` is not a list of files with checksums; "
+                            "the artifact is damaged: compress the model again")
+    return shards
+
+
 def manifest_digest(manifest: dict) -> str:
     """The checksum a manifest carries of itself: sha256 of its canonical JSON without it."""
     body = {k: v for k, v in manifest.items() if k != "manifest_sha256"}
@@ -217,11 +231,13 @@ def read_manifest(path: str | Path, verify: bool = True) -> dict:
         raise ArtifactError(f"{folder} has svdq format version {version!r}, this loader reads "
                             f"versions {', '.join(map(str, READS))}; use the svdq release that "
                             "wrote it")
-    if not (folder / TENSORS).is_file():
-        raise ArtifactError(f"{folder / TENSORS} is missing; the artifact is incomplete")
-    if verify and sha256(folder / TENSORS) != manifest.get("sha256"):
-        raise ArtifactError(f"{folder / TENSORS} does not match the checksum in {MANIFEST} "
-                            "(truncated or modified); compress the model again")
+    files = tensor_files(manifest)
+    for name, digest in files.items():
+        if not isinstance(name, str) or "/" in name or not (folder / name).is_file():
+            raise ArtifactError(f"{folder / str(name)} is missing; the artifact is incomplete")
+        if verify and sha256(folder / name) != digest:
+            raise ArtifactError(f"{folder / name} does not match the checksum in {MANIFEST} "
+                                "(truncated or modified); compress the model again")
     if version >= 3 and manifest_digest(manifest) != manifest.get("manifest_sha256"):
         raise ArtifactError(f"{folder / MANIFEST} does not match its own checksum (edited or "
                             "damaged); compress the model again")
@@ -255,10 +271,16 @@ def load(path: str | Path, device: str | torch.device = "cpu", verify: bool = Tr
     device = check_device(device)  # before minutes of loading
     folder = Path(path)
     manifest = read_manifest(folder, verify)
-    try:
-        tensors = load_file(folder / TENSORS)
-    except (SafetensorError, OSError) as e:
-        raise ArtifactError(f"cannot read {folder / TENSORS} ({e}); compress the model again") from None
+    tensors: dict = {}
+    for name in tensor_files(manifest):
+        try:
+            part = load_file(folder / name)
+        except (SafetensorError, OSError) as e:
+            raise ArtifactError(f"cannot read {folder / name} ({e}); compress the model again") from None
+        if tensors.keys() & part.keys():
+            raise ArtifactError(f"{name} repeats tensors of another shard; the artifact is "
+                                "inconsistent: compress the model again")
+        tensors.update(part)
     try:
         return _assemble(folder, manifest, tensors, transformers).to(device).eval()
     except ArtifactError:
@@ -295,7 +317,7 @@ def _assemble(folder: Path, manifest: dict, tensors: dict, transformers) -> nn.M
         state[key] = _take(tensors, str(source), used, shape=tuple(t.shape), dtype=t.dtype)
     unused = sorted(set(tensors) - used)
     if unused:
-        raise ArtifactError(f"{TENSORS} holds {len(unused)} tensors the manifest does not explain "
+        raise ArtifactError(f"the tensor files hold {len(unused)} tensors the manifest does not explain "
                             f"(first: {unused[0]!r}); the artifact is inconsistent")
     model.load_state_dict(state, strict=False, assign=True)  # `state` covers every key: strict by construction
     with_param = dict(model.named_parameters(remove_duplicate=False))
