@@ -39,6 +39,9 @@ def untouched_tensors(result: Result) -> tuple[dict[str, torch.Tensor], dict[str
     for key, t in result.model.state_dict(keep_vars=False).items():
         if key.rpartition(".")[0] in replaced:
             continue
+        if t.device.type == "meta":  # a streamed block's, copied when it was released
+            tensors[key] = result.released[key]
+            continue
         ident = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape))
         if ident in seen:
             aliases[key] = seen[ident]

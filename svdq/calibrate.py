@@ -112,7 +112,8 @@ def _self_text(model: nn.Module, tokenizer, samples: int, length: int, batch_siz
     return torch.cat(out)
 
 
-def calibration_ids(model: nn.Module, tokenizer, calib: str, samples: int, length: int,
+def calibration_ids(model: nn.Module | Callable[[], nn.Module], tokenizer, calib: str,
+                    samples: int, length: int,
                     batch_size: int, seed: int, causal: bool,
                     report: Callable[[str, int, int], None] | None = None,
                     warn: Callable[[str], None] | None = None) -> tuple[torch.Tensor, dict]:
@@ -136,6 +137,8 @@ def calibration_ids(model: nn.Module, tokenizer, calib: str, samples: int, lengt
         if not causal:
             raise SvdqError("--calib self needs a causal LM; give calibration text with --calib FILE")
         info["source"] = "self"
+        if callable(model) and not isinstance(model, nn.Module):  # a function readying the model
+            model = model()
         return _self_text(model, tokenizer, samples, length, batch_size, seed, report), info
     info["source"] = "wikitext" if what == "WikiText-2 train" else str(Path(calib).resolve())
     with warnings.catch_warnings():

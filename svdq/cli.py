@@ -119,6 +119,9 @@ def compress(
                                   "considers this form."),
     overwrite: bool = typer.Option(False, help="Replace an existing svdq artifact in the "
                                    "output folder (a folder of other files is refused)."),
+    stream: bool = typer.Option(True, help="Read a local safetensors model block by block "
+                                "(memory: about one block); --no-stream loads it whole. Budgets "
+                                "and --method fisher always load it whole."),
     shard_size: str = typer.Option("2GB", help="Largest tensor file of the artifact; larger "
                                    "artifacts are split into model-0000N-of-0000M.safetensors."),
     as_json: bool = typer.Option(False, "--json", help="Print a JSON summary instead of tables."),
@@ -146,7 +149,8 @@ def compress(
                       "outputs from drifted inputs, which has hurt badly where the drift is large "
                       "(see README); compare with and without using svdq eval", highlight=False)
         with outdir.locked(output):  # a second run into `output` refuses now, not after its work
-            _run_compress(model, output, settings, revision, overwrite, as_json, shard_bytes)
+            _run_compress(model, output, settings, revision, overwrite, as_json, shard_bytes,
+                          stream and not settings.budgeted and settings.method != "fisher")
 
 
 def _preflight(model: str, settings) -> None:
@@ -171,7 +175,7 @@ def _preflight(model: str, settings) -> None:
 
 
 def _run_compress(model: str, output: Path, settings, revision, overwrite: bool, as_json: bool,
-                  shard_bytes: int) -> None:
+                  shard_bytes: int, stream: bool) -> None:
     from svdq import artifact, hf
     from svdq.compress import compress as run
 
@@ -179,7 +183,7 @@ def _run_compress(model: str, output: Path, settings, revision, overwrite: bool,
         err.print(f"[yellow]warning:[/] {message}", highlight=False)
 
     with err.status(f"loading {model}"):
-        source = hf.load_source(model, revision=revision, dtype=settings.dtype)
+        source = hf.load_source(model, revision=revision, dtype=settings.dtype, stream=stream)
     for note in source.notes:
         warn(note)
     bar, progress = _progress()

@@ -21,7 +21,7 @@ from typing import Callable, Iterator
 import torch
 from torch import nn
 
-from svdq import calibrate, surgery
+from svdq import calibrate, stream, surgery
 from svdq.algo.factorize import Factors, LayerStats, factorize
 from svdq.algo.quant import codebook
 from svdq.algo.search import Choice, Residual, choose, choose_residual, refit_u, residual_of
@@ -45,6 +45,7 @@ class Result:
     timings: dict[str, float] = field(default_factory=dict)  # seconds per stage
     notes: list[str] = field(default_factory=list)
     budget: dict | None = None  # --ratio/--size: requested, planned and achieved bytes
+    released: dict[str, torch.Tensor] = field(default_factory=dict)  # streamed blocks' untouched tensors
 
 
 def _stored(name: str, module: nn.Module, choice: Choice) -> dict[str, torch.Tensor]:
@@ -113,11 +114,23 @@ def calibration_ids(source: Source, settings: Settings, report: Progress,
     device = torch.device(settings.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise SvdqError("--device cuda was asked for but no CUDA GPU is available; use --device cpu")
-    model = source.model.to(device)
+    streamed = source.weights is not None
+    model = stream.to_device(source.model, device) if streamed else source.model.to(device)
+
+    def whole() -> nn.Module:  # sampling text from the model needs all of it at once
+        if streamed:
+            if warn is not None:
+                warn("sampling calibration text from the model reads all of it into memory "
+                     "once; give --calib FILE to keep memory to one block")
+            stream.materialize(model, "", source.weights, source.stream_dtype, device)
+        return model
+
     report("calibration text", 0, 1)
     ids, info = calibrate.calibration_ids(
-        model, source.tokenizer, settings.calib, settings.calib_samples, settings.calib_len,
+        whole, source.tokenizer, settings.calib, settings.calib_samples, settings.calib_len,
         settings.batch_size, settings.seed, source.is_causal, report, warn)
+    if streamed:
+        blocks_of(model)[1].to("meta")  # back to one block at a time
     calibration.update(info)
     report("calibration text", 1, 1)
     return ids
@@ -141,9 +154,12 @@ def walk(source: Source, settings: Settings, clock: Clock, report: Progress,
     device = torch.device(settings.device)
     if ids is None:  # `ids`: from `calibration_ids`, where the caller needs them too
         ids = calibration_ids(source, settings, report, calibration)
-    model = source.model.to(device)
+    streamed = source.weights is not None
+    model = stream.to_device(source.model, device) if streamed else source.model.to(device)
     prefix, blocks = blocks_of(model)
     names = surgery.targets(model, settings.include, settings.exclude)
+    if streamed and (gradients or settings.method == "fisher"):
+        raise SvdqError("gradients need the whole model in memory; load it without streaming")
     torch.manual_seed(settings.seed)
     clock.lap("calibration text")
     grads = {}
@@ -156,6 +172,8 @@ def walk(source: Source, settings: Settings, clock: Clock, report: Progress,
     source_inputs = inputs if settings.sequential and settings.refit else None
     done = 0
     for i, block in enumerate(blocks):
+        if streamed:  # this block's weights, read from the source's files now
+            stream.materialize(block, f"{prefix}.{i}", source.weights, source.stream_dtype, device)
         mine = {n: model.get_submodule(n) for n in names if n.startswith(f"{prefix}.{i}.")}
         with calibrate.Collector(mine, paired=source_inputs is not None) as collector:
             outputs, source_outputs = [], []
@@ -185,6 +203,9 @@ def walk(source: Source, settings: Settings, clock: Clock, report: Progress,
         inputs = outputs
         if source_inputs is not None:
             source_inputs = source_outputs
+        if streamed:  # done: keep what it leaves untouched, drop the rest
+            stored = {n for n, m in mine.items() if model.get_submodule(n) is not m}
+            stream.release(block, f"{prefix}.{i}", stored, source.released)
 
 
 def realize(model: nn.Module, work: LayerWork, choice: Choice,
@@ -289,4 +310,4 @@ def compress(source: Source, settings: Settings, progress: Progress | None = Non
     for b in sorted(used & {4, 8}):
         tensors[f"svdq.codebook.{b}"] = codebook(b)
     return Result(source.model, layers, tensors, calibration, params, dict(clock.spent),
-                  budget=budget)
+                  budget=budget, released=source.released)

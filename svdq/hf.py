@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from torch import nn
 
 from svdq.errors import SvdqError
@@ -55,6 +56,9 @@ class Source:
     revision: str | None = None
     sha256: str | None = None
     notes: list[str] = field(default_factory=list)
+    weights: object = None  # svdq.stream.Weights where the blocks stream from disk
+    stream_dtype: torch.dtype | None = None  # the dtype streamed blocks are read in
+    released: dict = field(default_factory=dict)  # untouched tensors of blocks already done
 
     @property
     def is_causal(self) -> bool:
@@ -106,8 +110,11 @@ def local_tokenizer(spec: str):
         return None  # load_source says what is wrong, with the whole picture
 
 
-def load_source(spec: str, revision: str | None = None, dtype: str = "auto") -> Source:
-    """Load `spec` (hub id, local HF folder or .gguf file) with its tokenizer."""
+def load_source(spec: str, revision: str | None = None, dtype: str = "auto",
+                stream: bool = False) -> Source:
+    """Load `spec` (hub id, local HF folder or .gguf file) with its tokenizer. With `stream`,
+    a local folder of safetensors files is opened with its blocks left on `meta`, to be read
+    block by block (`svdq.stream`); other sources load whole."""
     import transformers
 
     transformers.utils.logging.disable_progress_bar()  # svdq shows its own progress
@@ -136,12 +143,19 @@ def load_source(spec: str, revision: str | None = None, dtype: str = "auto") -> 
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             config = transformers.AutoConfig.from_pretrained(folder, **kwargs)
+            if stream and kind == "folder":
+                from svdq import stream as streaming
+
+                if streaming.streamable(path):
+                    tokenizer = transformers.AutoTokenizer.from_pretrained(folder)
+                    return streaming.open_source(path, dtype, _model_class(config), config, tokenizer)
             with _quiet_gguf():
                 model = _model_class(config).from_pretrained(folder, dtype=torch_dtype, **kwargs)
             tokenizer = transformers.AutoTokenizer.from_pretrained(folder, **kwargs)
-    except OSError as e:
-        if kind != "hub":
-            raise SvdqError(f"cannot load {spec}: {str(e).splitlines()[0]}") from None
+    except (OSError, SafetensorError) as e:
+        if kind != "hub" or isinstance(e, SafetensorError):
+            raise SvdqError(f"cannot load {spec}: {str(e).splitlines()[0]}; a weight file is "
+                            "damaged or incomplete: download or save the model again") from None
         message = str(e).lower()
         if not (offline or "offline" in message or "connect" in message):
             raise SvdqError(f"model {spec!r} was not found on the Hugging Face hub; check the id "

@@ -1,0 +1,162 @@
+"""Source streaming: the model skeleton on `meta`, each block's weights read from the source's
+safetensors files (memory-mapped) when the walk reaches it, and dropped again once the block
+is done, so peak memory is about one block plus the tensors outside the blocks.
+
+`open_source` builds such a Source for a local folder of safetensors files (one file or
+shards with an index). The walk calls `materialize` before a block runs and `release` after
+its layers are stored; `release` first keeps a copy of what the block leaves untouched (norms,
+kept layers), since the artifact needs those tensors and they are about to become `meta`.
+"""
+from __future__ import annotations
+
+import json
+import warnings
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from svdq.errors import SvdqError
+
+INDEX = "model.safetensors.index.json"
+
+
+class Weights:
+    """Where each tensor of a safetensors checkpoint lies, and reading one in a dtype."""
+
+    def __init__(self, folder: Path) -> None:
+        from safetensors import safe_open
+
+        index = folder / INDEX
+        if index.is_file():
+            try:
+                weight_map = json.loads(index.read_text())["weight_map"]
+            except (ValueError, KeyError, TypeError):
+                raise SvdqError(f"{index} is not a valid safetensors index; re-save the model") from None
+            self.files = {key: folder / name for key, name in weight_map.items()}
+        elif (folder / "model.safetensors").is_file():
+            self.files = {None: folder / "model.safetensors"}  # keys once its header is read
+        else:
+            raise SvdqError(f"{folder} has no model.safetensors or {INDEX}")
+        self._handles: dict[Path, object] = {}
+        for path in sorted(set(self.files.values())):  # headers only: seconds, before any work
+            if not path.is_file():
+                raise SvdqError(f"shard {path.name} of {folder} is missing; download the model again")
+            try:
+                self._handles[path] = safe_open(str(path), "pt")
+            except Exception as e:  # noqa: BLE001 - safetensors raises its own types
+                raise SvdqError(f"cannot read {path.name} ({e}); the shard is damaged: download "
+                                "the model again") from None
+        if None in self.files:
+            path = self.files.pop(None)
+            self.files = {key: path for key in self._handles[path].keys()}
+
+    def __contains__(self, key: str) -> bool:
+        return key in self.files
+
+    def read(self, key: str, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+        path = self.files[key]
+        try:
+            t = self._handles[path].get_tensor(key)
+        except Exception as e:  # noqa: BLE001 - safetensors raises its own types
+            raise SvdqError(f"cannot read {key} from {path.name} ({e}); the shard is damaged: "
+                            "download the model again") from None
+        return t.to(device=device, dtype=dtype if t.is_floating_point() else t.dtype)
+
+
+def streamable(folder: Path) -> bool:
+    """A local folder whose weights are safetensors files (GGUF and .bin sources load whole)."""
+    return folder.is_dir() and ((folder / INDEX).is_file() or (folder / "model.safetensors").is_file())
+
+
+def _tensors(module: nn.Module, prefix: str = "") -> dict[str, tuple[nn.Module, str, torch.Tensor]]:
+    """Every parameter and persistent buffer: {full name: (owning module, local name, tensor)}."""
+    out = {}
+    for mod_name, mod in module.named_modules(prefix=prefix.rstrip(".")):
+        skip = getattr(mod, "_non_persistent_buffers_set", set())
+        for local, t in list(mod._parameters.items()) + [
+                (k, b) for k, b in mod._buffers.items() if k not in skip]:
+            if t is not None:
+                out[f"{mod_name}.{local}" if mod_name else local] = (mod, local, t)
+    return out
+
+
+def materialize(module: nn.Module, prefix: str, weights: Weights, dtype: torch.dtype,
+                device: torch.device, only: set[str] | None = None) -> None:
+    """Read every `meta` tensor of `module` (named `prefix`…; with `only`, those names alone)
+    from the checkpoint."""
+    for name, (mod, local, t) in _tensors(module, prefix).items():
+        if t.device.type != "meta" or (only is not None and name not in only):
+            continue
+        if name not in weights:
+            raise SvdqError(f"the checkpoint has no tensor {name!r}; it does not match its "
+                            "config (re-save it with transformers, or pass --no-stream)")
+        value = weights.read(name, dtype, device)
+        if tuple(value.shape) != tuple(t.shape):
+            raise SvdqError(f"tensor {name!r} of the checkpoint is {tuple(value.shape)}, the "
+                            f"config implies {tuple(t.shape)}; the checkpoint is inconsistent")
+        if local in mod._parameters:
+            mod._parameters[local] = nn.Parameter(value, requires_grad=False)
+        else:
+            mod._buffers[local] = value
+
+
+def release(module: nn.Module, prefix: str, stored: set[str], keep: dict[str, torch.Tensor]) -> None:
+    """Put `module`'s tensors back on `meta`; `keep` first gets a CPU copy of each tensor that
+    does not belong to a module in `stored` (compressed layers, whose tensors are kept already)."""
+    for name, (_, local, t) in _tensors(module, prefix).items():
+        if t.device.type != "meta" and name[: -len(local) - 1] not in stored:
+            keep[name] = t.detach().cpu().clone()
+    module.to("meta")
+
+
+def to_device(model: nn.Module, device: torch.device) -> nn.Module:
+    """`model.to(device)` for what is loaded; `meta` tensors stay where they are."""
+    for _, (mod, local, t) in _tensors(model).items():
+        if t.device.type != "meta" and t.device != device:
+            if local in mod._parameters:
+                mod._parameters[local] = nn.Parameter(t.detach().to(device), requires_grad=False)
+            else:
+                mod._buffers[local] = t.to(device)
+    for mod in model.modules():  # non-persistent buffers (rotary frequencies) too
+        for k in getattr(mod, "_non_persistent_buffers_set", set()):
+            if mod._buffers.get(k) is not None and mod._buffers[k].device.type != "meta":
+                mod._buffers[k] = mod._buffers[k].to(device)
+    model.tie_weights()
+    return model
+
+
+def open_source(folder: Path, dtype: str, model_class: type, config, tokenizer):
+    """A Source whose blocks stay on `meta` until the walk reads them; what lies outside the
+    blocks (embeddings, final norm, head) is read now."""
+    from accelerate import init_empty_weights
+
+    from svdq.hf import DTYPES, Source, blocks_of
+
+    weights = Weights(folder)
+    torch_dtype = DTYPES.get(dtype) or _checkpoint_dtype(config)
+    with warnings.catch_warnings(), init_empty_weights(include_buffers=False):
+        warnings.simplefilter("ignore")
+        model = model_class._from_config(config, dtype=torch_dtype)
+    prefix, _ = blocks_of(model)
+    outside = {n for n in _tensors(model) if not n.startswith(prefix + ".")}
+    materialize(model, "", weights, torch_dtype, torch.device("cpu"), only=outside & set(weights.files))
+    model.tie_weights()  # a tied head is not in the checkpoint: it shares the embedding
+    missing = [n for n, (_, _, t) in _tensors(model).items() if n in outside and t.device.type == "meta"]
+    if missing:
+        raise SvdqError(f"the checkpoint in {folder} has no tensor {missing[0]!r}; re-save it "
+                        "with transformers, or pass --no-stream")
+    model.eval()
+    source = Source(model, tokenizer, "folder", str(folder.resolve()))
+    source.weights, source.stream_dtype = weights, torch_dtype
+    return source
+
+
+def _checkpoint_dtype(config) -> torch.dtype:
+    """`--dtype auto`: the config's dtype, else float32 (as transformers does)."""
+    named = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
+    if isinstance(named, torch.dtype):
+        return named
+    if isinstance(named, str) and isinstance(getattr(torch, named, None), torch.dtype):
+        return getattr(torch, named)
+    return torch.float32
