@@ -7,20 +7,23 @@ half-written behind.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterator
 
 import torch
-from safetensors.torch import save_file
 
 from svdq import __version__, outdir, runtime
 from svdq.compress import Result
 from svdq.config import Settings
 from svdq.errors import SvdqError
 from svdq.hf import Source
+from svdq.writer import TensorWriter
 
 
 def check_output(out: Path, overwrite: bool) -> None:
@@ -28,8 +31,10 @@ def check_output(out: Path, overwrite: bool) -> None:
     outdir.check(out, overwrite)
 
 
-def untouched_tensors(result: Result) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """Every tensor of the model outside the replaced layers, each storage once.
+def untouched_tensors(result: Result, written: set[str] = frozenset()
+                      ) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Every tensor of the model outside the replaced layers, each storage once, less those
+    already `written` (a streamed block's, sent to the writer as the block was released).
 
     Returns the tensors and the aliases: {tied name: stored name} (e.g. lm_head -> embeddings).
     """
@@ -39,8 +44,9 @@ def untouched_tensors(result: Result) -> tuple[dict[str, torch.Tensor], dict[str
     for key, t in result.model.state_dict(keep_vars=False).items():
         if key.rpartition(".")[0] in replaced:
             continue
-        if t.device.type == "meta":  # a streamed block's, copied when it was released
-            tensors[key] = result.released[key]
+        if t.device.type == "meta":  # a streamed block's, kept when it was released
+            if key not in written:
+                tensors[key] = result.released[key]
             continue
         ident = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape))
         if ident in seen:
@@ -76,52 +82,54 @@ def _config_dict(model) -> dict:
     return config
 
 
-SHARD_BYTES = 2 * 10 ** 9  # tensor bytes per file, as `--shard-size` defaults to
+SHARD_BYTES = 500 * 10 ** 6  # tensor bytes per file (`--shard-size`): also what a streamed
+# compress holds of the artifact before it writes a file
 
 
 def save(out: Path, source: Source, result: Result, settings: Settings,
          overwrite: bool = False, shard_bytes: int = SHARD_BYTES) -> dict:
-    """Write the artifact to `out`; returns the manifest. Holds the output lock while it
-    writes (the CLI takes it earlier, before the model loads)."""
+    """Write the artifact to `out`; returns the manifest."""
+    with writing(out, overwrite, shard_bytes) as pending:
+        return pending.finish(source, result, settings)
+
+
+@contextlib.contextmanager
+def writing(out: Path, overwrite: bool = False, shard_bytes: int = SHARD_BYTES) -> Iterator["Pending"]:
+    """An artifact being written into a temporary folder beside `out`, holding the output
+    lock: tensors may go to `pending.tensors` while the model is compressed, and
+    `pending.finish` completes it and swaps it in. Anything raised leaves nothing behind."""
     with outdir.locked(out):
         check_output(out, overwrite)  # again: the folder may have changed since the first check
-        return _save(out.resolve(), source, result, settings, shard_bytes)
+        out = out.resolve()
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".partial", dir=out.parent))
+        pending = Pending(out, tmp, TensorWriter(tmp, shard_bytes))
+        try:
+            yield pending
+        except BaseException as e:
+            shutil.rmtree(tmp, ignore_errors=True)
+            full = outdir.no_space(e, out.parent, pending.tensors.total_bytes + (4 << 20))
+            if full is not None:
+                raise full from None
+            raise
 
 
-def write_tensors(folder: Path, tensors: dict[str, torch.Tensor], shard_bytes: int) -> dict[str, str]:
-    """Write `tensors`, in their order, into files of at most `shard_bytes` tensor bytes each
-    (a larger tensor gets a file of its own): one `model.safetensors`, or shards named as
-    transformers names them with `model.safetensors.index.json`. Returns {file: sha256}."""
-    groups: list[dict[str, torch.Tensor]] = [{}]
-    size = 0
-    for key, t in tensors.items():
-        n = t.numel() * t.element_size()
-        if groups[-1] and size + n > shard_bytes:
-            groups.append({})
-            size = 0
-        groups[-1][key] = t
-        size += n
-    names = ([runtime.TENSORS] if len(groups) == 1 else
-             [f"model-{i + 1:05d}-of-{len(groups):05d}.safetensors" for i in range(len(groups))])
-    for name, group in zip(names, groups):
-        # one metadata key only: safetensors writes several in random order (runs must match)
-        save_file(group, str(folder / name), metadata={"format": "pt"})
-    if len(groups) > 1:
-        index = {"metadata": {"total_size": sum(t.numel() * t.element_size() for t in tensors.values())},
-                 "weight_map": {k: name for name, g in zip(names, groups) for k in g}}
-        (folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=1))
-    return {name: runtime.sha256(folder / name) for name in names}
+@dataclass
+class Pending:
+    out: Path
+    tmp: Path
+    tensors: TensorWriter
 
-
-def _save(out: Path, source: Source, result: Result, settings: Settings, shard_bytes: int) -> dict:
-    untouched, aliases = untouched_tensors(result)
-    tensors = {**untouched, **result.tensors}
-    tensor_bytes = sum(t.numel() * t.element_size() for t in tensors.values())
-    needed = tensor_bytes + (4 << 20)  # tensors, plus manifest, tokenizer and loader
-    outdir.check_space(out.parent, needed)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".partial", dir=out.parent))
-    try:
-        files = write_tensors(tmp, tensors, shard_bytes)
+    def finish(self, source: Source, result: Result, settings: Settings) -> dict:
+        """Write what is left (untouched tensors, manifest, config, tokenizer, loader) and
+        rename the folder into place; returns the manifest."""
+        untouched, aliases = untouched_tensors(result, written=self.tensors.keys)
+        if not self.tensors.keys:
+            outdir.check_space(self.out.parent, sum(t.numel() * t.element_size() for t in
+                                                    [*untouched.values(), *result.tensors.values()]))
+        self.tensors.add(untouched)
+        self.tensors.add(result.tensors)
+        files = self.tensors.close()
+        tmp, tensor_bytes = self.tmp, self.tensors.total_bytes
         dtype = next(result.model.parameters()).dtype
         manifest = {
             "format_version": runtime.FORMAT_VERSION, "svdq_version": __version__,
@@ -144,14 +152,8 @@ def _save(out: Path, source: Source, result: Result, settings: Settings, shard_b
             result.model.generation_config.save_pretrained(str(tmp))
         shutil.copyfile(runtime.__file__, tmp / "svdq_loader.py")
         outdir.publish_modes(tmp)
-        _swap_in(tmp, out)
-    except BaseException as e:
-        shutil.rmtree(tmp, ignore_errors=True)
-        full = outdir.no_space(e, out.parent, needed)
-        if full is not None:
-            raise full from None
-        raise
-    return manifest
+        _swap_in(tmp, self.out)
+        return manifest
 
 
 def _swap_in(tmp: Path, out: Path) -> None:

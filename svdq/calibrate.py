@@ -16,6 +16,7 @@ from torch import nn
 
 from svdq.algo.factorize import LayerStats
 from svdq.errors import SvdqError
+from svdq.collect import Collector, collect  # noqa: F401 - re-exported
 from svdq.hf import conv1d_type
 
 
@@ -183,98 +184,6 @@ def run_block(block: nn.Module, hidden: torch.Tensor, kwargs: dict) -> torch.Ten
     with torch.no_grad():
         out = block(hidden, *args, **kw)
     return out[0] if isinstance(out, tuple) else out
-
-
-class Collector:
-    """Forward hooks that accumulate LayerStats for each named module while forwards run.
-
-    With `paired`, each forward on the compressed stream is preceded by one of the source model
-    on the source stream, run inside `source()`: the inputs seen there are not accumulated but
-    held until the next forward, which adds Σ x̃ x₀ᵀ (`LayerStats.cross`), Σ x₀ x₀ᵀ and Σ x₀
-    (x̃ the layer's input on the compressed stream, x₀ on the source stream, token for token).
-    """
-
-    def __init__(self, modules: dict[str, nn.Module], paired: bool = False) -> None:
-        self.modules, self.paired = modules, paired
-        self.stats: dict[str, LayerStats] = {}
-        self._last: dict = {}  # layers fed the same tensor (q, k, v) share one product per batch
-        self._held: dict[str, torch.Tensor] = {}  # source-stream inputs awaiting their pair
-        self._recording = False
-        self._handles: list = []
-
-    def __enter__(self) -> "Collector":
-        self._handles = [m.register_forward_pre_hook(self._hook_for(n))
-                         for n, m in self.modules.items()]
-        return self
-
-    def __exit__(self, *exc) -> None:
-        for h in self._handles:
-            h.remove()
-        self._last.clear()
-        self._held.clear()
-
-    @contextlib.contextmanager
-    def source(self) -> Iterator[None]:
-        """Forwards in here are the source stream's: held for pairing, not accumulated."""
-        self._recording = True
-        try:
-            yield
-        finally:
-            self._recording = False
-
-    def _products(self, src: torch.Tensor, held: torch.Tensor | None) -> dict:
-        """This batch's sums for input `src` (paired with `held`), computed once per tensor."""
-        last = self._last
-        # Same object, not modified in place since. Holding `src` keeps its memory from being
-        # recycled for the next batch's input (a data_ptr key alone reused a stale Gram then).
-        version = None if src.is_inference() else src._version
-        if last.get("src") is not src or last.get("version") != version or last.get("held") is not held:
-            x = src.detach().reshape(-1, src.shape[-1]).float()
-            last.clear()
-            last.update(src=src, version=version, held=held, gram=(x.T @ x).double(),
-                        total=x.sum(0).double(), abs_total=x.abs().sum(0).double())
-            if held is not None:
-                x0 = held.detach().reshape(-1, held.shape[-1]).float()
-                if x0.shape != x.shape:
-                    raise SvdqError("the source and compressed streams disagree in shape; "
-                                    "this model cannot be calibrated with --sequential --refit")
-                last.update(cross=(x.T @ x0).double(), source_gram=(x0.T @ x0).double(),
-                            source_total=x0.sum(0).double())
-        return last
-
-    def _hook_for(self, name: str) -> Callable:
-        def hook(module, args):
-            if self._recording:
-                self._held[name] = args[0]
-                return
-            held = self._held.pop(name, None) if self.paired else None
-            if self.paired and held is None:
-                raise RuntimeError(f"{name}: a compressed-stream forward without its source one")
-            p = self._products(args[0], held)
-            st = self.stats.get(name)
-            if st is None:
-                st = self.stats[name] = LayerStats(
-                    torch.zeros_like(p["gram"]), torch.zeros_like(p["total"]), 0,
-                    torch.zeros_like(p["abs_total"]))
-                if held is not None:
-                    st.cross, st.source_gram = torch.zeros_like(p["gram"]), torch.zeros_like(p["gram"])
-                    st.source_total = torch.zeros_like(p["total"])
-            st.gram += p["gram"]
-            st.total += p["total"]
-            st.abs_total += p["abs_total"]
-            st.tokens += args[0].numel() // args[0].shape[-1]
-            if held is not None:
-                st.cross += p["cross"]
-                st.source_gram += p["source_gram"]
-                st.source_total += p["source_total"]
-        return hook
-
-
-@contextlib.contextmanager
-def collect(modules: dict[str, nn.Module]) -> Iterator[dict[str, LayerStats]]:
-    """Accumulate LayerStats for each named module while the body runs forwards."""
-    with Collector(modules) as collector:
-        yield collector.stats
 
 
 def gradients(model: nn.Module, ids: torch.Tensor, modules: dict[str, nn.Module], batch_size: int,

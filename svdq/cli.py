@@ -122,8 +122,9 @@ def compress(
     stream: bool = typer.Option(True, help="Read a local safetensors model block by block "
                                 "(memory: about one block); --no-stream loads it whole. Budgets "
                                 "and --method fisher always load it whole."),
-    shard_size: str = typer.Option("2GB", help="Largest tensor file of the artifact; larger "
-                                   "artifacts are split into model-0000N-of-0000M.safetensors."),
+    shard_size: str = typer.Option("500MB", help="Largest tensor file of the artifact; larger "
+                                   "artifacts are split into model-0000N-of-0000M.safetensors. "
+                                   "Also what a compress holds of the artifact before writing."),
     as_json: bool = typer.Option(False, "--json", help="Print a JSON summary instead of tables."),
 ) -> None:
     """Compress MODEL into an artifact folder."""
@@ -187,13 +188,14 @@ def _run_compress(model: str, output: Path, settings, revision, overwrite: bool,
     for note in source.notes:
         warn(note)
     bar, progress = _progress()
-    with bar:
-        result = run(source, settings, progress, warn)
-    if result.budget and "warning" in result.budget:
-        err.print(f"[bold red]warning:[/] {result.budget['warning']}", highlight=False)
-    with err.status(f"writing {output}"):
-        manifest = artifact.save(output, source, result, settings, overwrite=overwrite,
-                                 shard_bytes=shard_bytes)
+    # the artifact's folder is open from the start: stored tensors go to disk as they are made
+    with artifact.writing(output, overwrite, shard_bytes) as pending:
+        with bar:
+            result = run(source, settings, progress, warn, sink=pending.tensors.add)
+        if result.budget and "warning" in result.budget:
+            err.print(f"[bold red]warning:[/] {result.budget['warning']}", highlight=False)
+        with err.status(f"writing {output}"):
+            manifest = pending.finish(source, result, settings)
     if as_json:
         print(json.dumps({"output": str(output), "totals": manifest["totals"],
                           "budget": manifest.get("budget"),
@@ -545,6 +547,9 @@ def _sweep_table(results: dict) -> None:
 
 def main() -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    from svdq.stream import tame_malloc
+
+    tame_malloc()
     try:
         app()
     except KeyboardInterrupt:

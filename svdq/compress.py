@@ -206,6 +206,7 @@ def walk(source: Source, settings: Settings, clock: Clock, report: Progress,
         if streamed:  # done: keep what it leaves untouched, drop the rest
             stored = {n for n, m in mine.items() if model.get_submodule(n) is not m}
             stream.release(block, f"{prefix}.{i}", stored, source.released)
+        del mine, stats, collector  # this block's layers and statistics, before the next one's
 
 
 def realize(model: nn.Module, work: LayerWork, choice: Choice,
@@ -265,9 +266,12 @@ def choose_form(work: LayerWork, settings: Settings, residual: Residual | None =
 
 
 def compress(source: Source, settings: Settings, progress: Progress | None = None,
-             warn: Callable[[str], None] | None = None) -> Result:
+             warn: Callable[[str], None] | None = None,
+             sink: Callable[[dict[str, torch.Tensor]], None] | None = None) -> Result:
     """Compress `source.model` in place according to `settings`; `warn` hears warnings as
-    they arise (they are also recorded in the result)."""
+    they arise (they are also recorded in the result). With `sink` (an artifact's tensor
+    writer) each layer's stored tensors, and a streamed block's untouched ones, go there as
+    soon as they are made instead of into `Result.tensors`."""
     report = progress or (lambda stage, done, total: None)
     params = sum(p.numel() for p in source.model.parameters())
     clock, calibration = Clock(), {}
@@ -283,7 +287,16 @@ def compress(source: Source, settings: Settings, progress: Progress | None = Non
             plan["source_error"], plan["source_error_before_refit"] = after, before
             plan["refit"] = after < before
         layers.append(plan)
-        tensors.update(stored)
+        store(stored)
+
+    def store(stored: dict[str, torch.Tensor]) -> None:
+        if sink is None:
+            tensors.update(stored)
+            return
+        sink(stored)
+        if source.released:  # a streamed block just done: its untouched tensors too
+            sink(dict(source.released))
+            source.released.clear()
 
     if settings.budgeted:  # every layer is measured before any is chosen
         from svdq import budget as budgets
@@ -307,7 +320,6 @@ def compress(source: Source, settings: Settings, progress: Progress | None = Non
             keep(work, choose_form(work, settings))
             clock.lap("rank search and quantization")
     used = {p["bits"] for p in layers} | {p.get("factor_bits") for p in layers}
-    for b in sorted(used & {4, 8}):
-        tensors[f"svdq.codebook.{b}"] = codebook(b)
+    store({f"svdq.codebook.{b}": codebook(b) for b in sorted(used & {4, 8})})
     return Result(source.model, layers, tensors, calibration, params, dict(clock.spent),
                   budget=budget, released=source.released)

@@ -64,6 +64,24 @@ class Weights:
         return t.to(device=device, dtype=dtype if t.is_floating_point() else t.dtype)
 
 
+def tame_malloc() -> None:
+    """Ask glibc to hand large freed blocks back at once (a fixed mmap threshold of 1 MiB and
+    two arenas): a walk frees and allocates tensors of hundreds of MB per layer, and glibc's
+    growing threshold otherwise keeps them in its heap, ~300 MB more resident at hidden 2048
+    (measured with benchmarks/scale.py's checkpoint). No-op off glibc."""
+    import ctypes
+    import ctypes.util
+
+    name = ctypes.util.find_library("c")
+    try:
+        libc = ctypes.CDLL(name) if name else None
+        if libc is not None and hasattr(libc, "mallopt"):
+            libc.mallopt(-3, 1 << 20)  # M_MMAP_THRESHOLD
+            libc.mallopt(-8, 2)  # M_ARENA_MAX
+    except OSError:
+        pass
+
+
 def streamable(folder: Path) -> bool:
     """A local folder whose weights are safetensors files (GGUF and .bin sources load whole)."""
     return folder.is_dir() and ((folder / INDEX).is_file() or (folder / "model.safetensors").is_file())

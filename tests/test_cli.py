@@ -315,7 +315,7 @@ def test_ctrl_c_during_compression(models, calib_file, place, monkeypatch):
     parent, _ = place
     calls = []
 
-    def interrupted(source, settings, progress=None, warn=None):
+    def interrupted(source, settings, progress=None, warn=None, sink=None):
         calls.append(source.id)
         raise KeyboardInterrupt
 

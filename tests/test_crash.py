@@ -25,23 +25,23 @@ import os, pathlib, signal, sys
 point = sys.argv[1]
 def die():
     os.kill(os.getpid(), signal.SIGKILL)
-import svdq.artifact, svdq.compress
+import svdq.writer, svdq.compress
 if point == "compressing":
     svdq.compress.compress = lambda *a, **k: die()
 elif point == "writing":
-    real = svdq.artifact.save_file
+    real = svdq.writer.save_file
     def save_file(tensors, path, **kw):
         real(tensors, path, **kw)
         with open(path, "r+b") as f:
             f.truncate(os.path.getsize(path) // 2)  # as if the kill came halfway through
         die()
-    svdq.artifact.save_file = save_file
+    svdq.writer.save_file = save_file
 else:  # "swapping": old artifact moved aside; "swapped": new one in place, old not yet removed
     real_rename = pathlib.Path.rename
     def rename(self, target):
         result = real_rename(self, target)
-        moved_aside = ".old-" in pathlib.Path(target).name
-        if (point == "swapping") == moved_aside:
+        name = pathlib.Path(target).name
+        if (point == "swapping" and ".old-" in name) or (point == "swapped" and name == "out"):
             die()
         return result
     pathlib.Path.rename = rename

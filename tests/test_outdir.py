@@ -14,7 +14,7 @@ import pytest
 from typer.testing import CliRunner
 
 import svdq
-from svdq import artifact, outdir
+from svdq import artifact, outdir, writer
 from svdq.cli import app
 from svdq.errors import SvdqError
 
@@ -141,7 +141,7 @@ def test_a_disk_that_fills_up_mid_write(models, calib_file, tmp_path, monkeypatc
         raise SafetensorError("Error while serializing: IoError(Os { code: 28, kind: "
                               "StorageFull, message: \"No space left on device\" })")
 
-    monkeypatch.setattr(artifact, "save_file", full)
+    monkeypatch.setattr(writer, "save_file", full)
     parent = tmp_path / "parent"
     line = one_line_error(compress(models["gpt2"], parent / "out", calib_file))
     assert "filled up" in line and "MB needed" in line

@@ -116,3 +116,19 @@ def test_a_missing_or_damaged_source_shard_is_one_line(sharded, calib_file, tmp_
     line = one_line_error(compress(sharded, tmp_path / "out", calib_file, "--eps", "0.3"))
     assert shard.name in line
     assert not (tmp_path / "out").exists()
+
+
+def test_stored_tensors_go_to_disk_while_the_walk_goes_on(models, calib_file, tmp_path, monkeypatch):
+    from svdq import writer
+
+    events = []
+    real_flush, real_run = writer.TensorWriter._flush, calibrate.run_block
+    monkeypatch.setattr(writer.TensorWriter, "_flush",
+                        lambda self: events.append("file") or real_flush(self))
+    monkeypatch.setattr(calibrate, "run_block",
+                        lambda *a: events.append("block") or real_run(*a))
+    out = tmp_path / "out"
+    result = compress(models["llama"], out, calib_file, "--eps", "0.3", "--shard-size", "20kB")
+    assert result.exit_code == 0, result.output
+    assert events.index("file") < len(events) - 1 - events[::-1].index("block"), events
+    assert len(json.loads((out / runtime.MANIFEST).read_text())["shards"]) == events.count("file")

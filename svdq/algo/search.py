@@ -18,20 +18,30 @@ from svdq.algo.factorize import Factors, LayerStats, factorize
 from svdq.algo.quant import Quantized, nbytes, quantize
 
 
+ROWS = 512  # rows of W per float64 product in the trace forms: bounds their temporaries
+
+
+def _trace_form(a: torch.Tensor, gram: torch.Tensor) -> torch.Tensor:
+    """tr(A G Aᵀ) in float64, ROWS rows of A at a time (no full float64 copy of A)."""
+    total = torch.zeros((), dtype=torch.float64, device=gram.device)
+    for i in range(0, a.shape[0], ROWS):
+        rows = a[i: i + ROWS].double()
+        total += torch.sum((rows @ gram) * rows)
+    return total
+
+
 def output_norm2(w: torch.Tensor, bias: torch.Tensor | None, stats: LayerStats) -> float:
     """‖X Wᵀ + 1 bᵀ‖²_F from the statistics."""
-    w64 = w.double()
-    norm2 = torch.sum((w64 @ stats.gram) * w64)
+    norm2 = _trace_form(w, stats.gram)
     if bias is not None:
         b = bias.double()
-        norm2 = norm2 + 2 * b @ (w64 @ stats.total) + stats.tokens * b @ b
+        norm2 = norm2 + 2 * b @ (w.double() @ stats.total) + stats.tokens * b @ b
     return float(norm2)
 
 
 def error_norm2(delta: torch.Tensor, stats: LayerStats) -> float:
     """‖X Δᵀ‖²_F = tr(Δ G Δᵀ)."""
-    d = delta.double()
-    return float(torch.sum((d @ stats.gram) * d).clamp_min(0))
+    return float(_trace_form(delta, stats.gram).clamp_min(0))
 
 
 def lowrank_bytes(out_f: int, in_f: int, rank: int, bits: int, block_size: int) -> int:

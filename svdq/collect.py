@@ -1,0 +1,138 @@
+"""Per-layer input statistics, accumulated by forward pre-hooks while a block runs.
+
+Memory is what bounds a walk over a big model, so the sums go straight into float64
+accumulators, from float32 products of `CHUNK` tokens × `COLUMNS` columns at a time (no
+full-size float64 copy of a batch or of its product, no second Gram per batch), and layers fed the same tensor (q, k and v; gate and
+up) share one set of accumulators instead of holding equal copies.
+"""
+from __future__ import annotations
+
+import contextlib
+from typing import Callable, Iterator
+
+import torch
+from torch import nn
+
+from svdq.algo.factorize import LayerStats
+from svdq.errors import SvdqError
+
+CHUNK = 2048  # tokens per float32 partial product
+COLUMNS = 512  # accumulator columns per partial product (adding float32 into float64 copies it)
+
+
+def _add_products(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
+    """acc += aᵀ b (tokens × in each), in float64 from float32 products of at most CHUNK
+    tokens × COLUMNS columns, so no temporary is larger than a slice of the accumulator."""
+    for i in range(0, a.shape[0], CHUNK):
+        at, bi = a[i: i + CHUNK].T, b[i: i + CHUNK]
+        for j in range(0, acc.shape[1], COLUMNS):
+            acc[:, j: j + COLUMNS].add_(at @ bi[:, j: j + COLUMNS])
+
+
+class Collector:
+    """Forward hooks that accumulate LayerStats for each named module while forwards run.
+
+    With `paired`, each forward on the compressed stream is preceded by one of the source model
+    on the source stream, run inside `source()`: the inputs seen there are not accumulated but
+    held until the next forward, which adds Σ x̃ x₀ᵀ (`LayerStats.cross`), Σ x₀ x₀ᵀ and Σ x₀
+    (x̃ the layer's input on the compressed stream, x₀ on the source stream, token for token).
+    """
+
+    def __init__(self, modules: dict[str, nn.Module], paired: bool = False) -> None:
+        self.modules, self.paired = modules, paired
+        self._acc: dict[str, LayerStats] = {}  # by the name of the layer that accumulates
+        self._leader: dict[str, str] = {}  # each layer -> whose accumulators it shares
+        self._last: tuple = ()  # (input, its version, held, name) last accumulated
+        self._held: dict[str, torch.Tensor] = {}  # source-stream inputs awaiting their pair
+        self._recording = False
+        self._handles: list = []
+
+    def __enter__(self) -> "Collector":
+        self._handles = [m.register_forward_pre_hook(self._hook_for(n))
+                         for n, m in self.modules.items()]
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for h in self._handles:
+            h.remove()
+        self._last = ()
+        self._held.clear()
+
+    @property
+    def stats(self) -> dict[str, LayerStats]:
+        """One LayerStats per layer; layers that shared an input share its tensors."""
+        out = {}
+        for name in self.modules:
+            if name in self._leader:
+                acc = self._acc[self._leader[name]]
+                out[name] = LayerStats(acc.gram, acc.total, acc.tokens, acc.abs_total,
+                                       cross=acc.cross, source_gram=acc.source_gram,
+                                       source_total=acc.source_total)
+        return out
+
+    @contextlib.contextmanager
+    def source(self) -> Iterator[None]:
+        """Forwards in here are the source stream's: held for pairing, not accumulated."""
+        self._recording = True
+        try:
+            yield
+        finally:
+            self._recording = False
+
+    def _accumulate(self, name: str, src: torch.Tensor, held: torch.Tensor | None) -> None:
+        x = src.detach().reshape(-1, src.shape[-1]).float()
+        st = self._acc.get(name)
+        if st is None:
+            n = x.shape[1]
+            zeros = lambda *shape: torch.zeros(*shape, dtype=torch.float64, device=x.device)  # noqa: E731
+            st = self._acc[name] = LayerStats(zeros(n, n), zeros(n), 0, zeros(n))
+            if held is not None:
+                st.cross, st.source_gram, st.source_total = zeros(n, n), zeros(n, n), zeros(n)
+        _add_products(st.gram, x, x)
+        st.total += x.sum(0)
+        st.abs_total += x.abs().sum(0)
+        st.tokens += x.shape[0]
+        if held is not None:
+            x0 = held.detach().reshape(-1, held.shape[-1]).float()
+            if x0.shape != x.shape:
+                raise SvdqError("the source and compressed streams disagree in shape; "
+                                "this model cannot be calibrated with --sequential --refit")
+            _add_products(st.cross, x, x0)
+            _add_products(st.source_gram, x0, x0)
+            st.source_total += x0.sum(0)
+
+    def _hook_for(self, name: str) -> Callable:
+        def hook(module, args):
+            if self._recording:
+                self._held[name] = args[0]
+                return
+            held = self._held.pop(name, None) if self.paired else None
+            if self.paired and held is None:
+                raise RuntimeError(f"{name}: a compressed-stream forward without its source one")
+            src = args[0]
+            # the same tensor object, unmodified since (a data_ptr alone can be recycled)
+            version = None if src.is_inference() else src._version
+            shared = bool(self._last) and self._last[0] is src and \
+                self._last[1] == version and self._last[2] is held
+            leader = self._leader.setdefault(
+                name, self._leader[self._last[3]] if shared else name)
+            if (leader != name) != shared:
+                raise RuntimeError(f"{name}: its input is shared with other layers in one batch "
+                                   "and not in another")
+            if leader == name:
+                self._accumulate(name, src, held)
+                self._last = (src, version, held, name)
+        return hook
+
+
+@contextlib.contextmanager
+def collect(modules: dict[str, nn.Module]) -> Iterator[dict[str, LayerStats]]:
+    """Accumulate LayerStats for each named module while the body runs forwards; the dict
+    is filled when the body ends."""
+    out: dict[str, LayerStats] = {}
+    with Collector(modules) as collector:
+        try:
+            yield out
+        finally:
+            out.update(collector.stats)
+
