@@ -82,8 +82,7 @@ def _config_dict(model) -> dict:
     return config
 
 
-SHARD_BYTES = 500 * 10 ** 6  # tensor bytes per file (`--shard-size`): also what a streamed
-# compress holds of the artifact before it writes a file
+SHARD_BYTES = 2 * 10 ** 9  # tensor bytes per file at most, as `--shard-size` defaults to
 
 
 def save(out: Path, source: Source, result: Result, settings: Settings,

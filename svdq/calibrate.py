@@ -9,14 +9,13 @@ from __future__ import annotations
 import contextlib
 import warnings
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable
 
 import torch
 from torch import nn
 
-from svdq.algo.factorize import LayerStats
+from svdq.collect import Collector, collect  # noqa: F401 - re-exported: the walk's statistics
 from svdq.errors import SvdqError
-from svdq.collect import Collector, collect  # noqa: F401 - re-exported
 from svdq.hf import conv1d_type
 
 

@@ -170,10 +170,14 @@ def walk(source: Source, settings: Settings, clock: Clock, report: Progress,
     inputs = calibrate.block_inputs(model, blocks[0], ids, settings.batch_size)
     # --sequential --refit: the source model's own stream too, to pair with the compressed one
     source_inputs = inputs if settings.sequential and settings.refit else None
-    done = 0
+    def stage(i: int, what: str) -> None:  # one bar over the blocks, the stage inside it
+        report(f"blocks: {what}", i, len(blocks))
+
     for i, block in enumerate(blocks):
         if streamed:  # this block's weights, read from the source's files now
+            stage(i, f"block {i + 1}: reading its weights")
             stream.materialize(block, f"{prefix}.{i}", source.weights, source.stream_dtype, device)
+        stage(i, f"block {i + 1}: forward and statistics")
         mine = {n: model.get_submodule(n) for n in names if n.startswith(f"{prefix}.{i}.")}
         with calibrate.Collector(mine, paired=source_inputs is not None) as collector:
             outputs, source_outputs = [], []
@@ -185,7 +189,8 @@ def walk(source: Source, settings: Settings, clock: Clock, report: Progress,
                 outputs.append((calibrate.run_block(block, h, kw), kw))
         stats = collector.stats
         clock.lap("forward and statistics")
-        for name, module in mine.items():
+        for k, (name, module) in enumerate(mine.items()):
+            stage(i, f"block {i + 1}: {name.rpartition('.')[2]} ({k + 1} of {len(mine)})")
             w = weight_of(module).float()
             bias = None if module.bias is None else module.bias.detach().float()
             st = stats[name]
@@ -195,8 +200,6 @@ def walk(source: Source, settings: Settings, clock: Clock, report: Progress,
             factors = factorize(settings.method, w, st)
             clock.lap("factorize")
             yield LayerWork(name, module, w, bias, st, factors)
-            done += 1
-            report("layers", done, len(names))
         if settings.sequential:  # the caller has swapped this block's layers in: rerun it
             outputs = [(calibrate.run_block(block, h, kw), kw) for h, kw in inputs]
             clock.lap("forward and statistics")
@@ -207,6 +210,7 @@ def walk(source: Source, settings: Settings, clock: Clock, report: Progress,
             stored = {n for n, m in mine.items() if model.get_submodule(n) is not m}
             stream.release(block, f"{prefix}.{i}", stored, source.released)
         del mine, stats, collector  # this block's layers and statistics, before the next one's
+        stage(i + 1, "done" if i + 1 == len(blocks) else f"block {i + 2}")
 
 
 def realize(model: nn.Module, work: LayerWork, choice: Choice,

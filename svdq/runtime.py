@@ -200,7 +200,7 @@ def tensor_files(manifest: dict) -> dict:
     if shards is None:
         return {TENSORS: manifest.get("sha256")}
     if not isinstance(shards, dict) or not shards:
-        raise ArtifactError(f"the manifest's `shards` is not a list of files with checksums; "
+        raise ArtifactError("the manifest's `shards` is not a list of files with checksums; "
                             "the artifact is damaged: compress the model again")
     return shards
 

@@ -1,12 +1,18 @@
 """Tensors to safetensors files as they come, so a walk never holds the whole artifact.
 
-A file is written whenever `shard_bytes` of tensors are waiting (a larger tensor gets a file
-of its own); at the end the files are named as transformers names them — one
-`model.safetensors`, or `model-0000N-of-0000M.safetensors` with `model.safetensors.index.json`.
+Tensors wait in memory until `FLUSH_BYTES` of them are there, then go to a part file on disk.
+At the end the parts are joined, without reading their tensors, into files of at most
+`shard_bytes` named as transformers names them — one `model.safetensors`, or
+`model-0000N-of-0000M.safetensors` with `model.safetensors.index.json`. Joining rewrites the
+headers and copies the data sections in order; every part's data is a multiple of 8 bytes
+long (a tensor whose size is not waits for others that make it so), so every tensor keeps the
+alignment safetensors gave it.
 """
 from __future__ import annotations
 
 import json
+import shutil
+import struct
 from pathlib import Path
 
 import torch
@@ -16,14 +22,19 @@ from svdq import outdir, runtime
 from svdq.errors import SvdqError
 
 INDEX = "model.safetensors.index.json"
+FLUSH_BYTES = 64 * 2 ** 20  # what waits in memory before it is written
+
+
+def _nbytes(t: torch.Tensor) -> int:
+    return t.numel() * t.element_size()
 
 
 class TensorWriter:
     def __init__(self, folder: Path, shard_bytes: int) -> None:
         self.folder, self.shard_bytes = folder, shard_bytes
         self._waiting: dict[str, torch.Tensor] = {}
-        self._waiting_bytes = 0
-        self._parts: list[tuple[str, list[str]]] = []  # written files and their keys
+        self._odd: dict[str, torch.Tensor] = {}  # sizes not a multiple of 8, until they add up
+        self._parts: list[tuple[Path, int]] = []  # written part files and their data bytes
         self.keys: set[str] = set()
         self.total_bytes = 0
 
@@ -31,33 +42,86 @@ class TensorWriter:
         for key, t in tensors.items():
             if key in self.keys:
                 raise SvdqError(f"tensor {key!r} was stored twice; this is a bug in svdq")
-            n = t.numel() * t.element_size()
-            if self._waiting and self._waiting_bytes + n > self.shard_bytes:
-                self._flush()
-            self._waiting[key] = t.detach().cpu().contiguous()
-            self._waiting_bytes += n
+            t = t.detach().cpu().contiguous()
             self.keys.add(key)
-            self.total_bytes += n
+            self.total_bytes += _nbytes(t)
+            if _nbytes(t) % 8:
+                self._odd[key] = t
+                if sum(map(_nbytes, self._odd.values())) % 8:
+                    continue
+                t, tensors_in = None, self._odd
+                self._odd = {}
+            else:
+                tensors_in = {key: t}
+            self._waiting.update(tensors_in)
+            if sum(map(_nbytes, self._waiting.values())) >= min(FLUSH_BYTES, self.shard_bytes):
+                self._flush()
 
-    def _flush(self) -> None:
-        outdir.check_space(self.folder, self._waiting_bytes + (1 << 20))
-        name = f".part-{len(self._parts) + 1:05d}.safetensors"
+    def _flush(self, last: bool = False) -> None:
+        group = {**self._waiting, **(self._odd if last else {})}
+        size = sum(map(_nbytes, group.values()))
+        outdir.check_space(self.folder, size + (1 << 20))
+        path = self.folder / f".part-{len(self._parts) + 1:05d}.safetensors"
         # one metadata key only: safetensors writes several in random order (runs must match)
-        save_file(self._waiting, str(self.folder / name), metadata={"format": "pt"})
-        self._parts.append((name, list(self._waiting)))
-        self._waiting, self._waiting_bytes = {}, 0
+        save_file(group, str(path), metadata={"format": "pt"})
+        self._parts.append((path, size))
+        self._waiting = {}
+        if last:
+            self._odd = {}
 
     def close(self) -> dict[str, str]:
-        """Write what waits, name the files; returns {file name: sha256}."""
-        if self._waiting or not self._parts:
-            self._flush()
-        n = len(self._parts)
-        names = [runtime.TENSORS] if n == 1 else \
-            [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
-        for (part, _), name in zip(self._parts, names):
-            (self.folder / part).rename(self.folder / name)
-        if n > 1:
-            index = {"metadata": {"total_size": self.total_bytes},
-                     "weight_map": {k: name for (_, keys), name in zip(self._parts, names) for k in keys}}
+        """Write what waits, join the parts into shards; returns {file name: sha256}."""
+        if self._waiting or self._odd or not self._parts:
+            self._flush(last=True)
+        shards: list[list[Path]] = [[]]
+        size = 0
+        for path, n in self._parts:
+            if shards[-1] and size + n > self.shard_bytes:
+                shards.append([])
+                size = 0
+            shards[-1].append(path)
+            size += n
+        names = [runtime.TENSORS] if len(shards) == 1 else \
+            [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
+        weight_map = {}
+        for name, parts in zip(names, shards):
+            weight_map.update({k: name for k in _join(parts, self.folder / name)})
+        if len(shards) > 1:
+            index = {"metadata": {"total_size": self.total_bytes}, "weight_map": weight_map}
             (self.folder / INDEX).write_text(json.dumps(index, indent=1))
         return {name: runtime.sha256(self.folder / name) for name in names}
+
+
+def _header(path: Path) -> tuple[dict, int]:
+    with open(path, "rb") as f:
+        n = struct.unpack("<Q", f.read(8))[0]
+        return json.loads(f.read(n)), 8 + n
+
+
+def _join(parts: list[Path], dest: Path) -> list[str]:
+    """One safetensors file of `parts`, in order (each part removed once copied); its keys."""
+    if len(parts) == 1:
+        parts[0].rename(dest)
+        return [k for k in _header(dest)[0] if k != "__metadata__"]
+    header, sources, base = {"__metadata__": {"format": "pt"}}, [], 0
+    for part in parts:
+        meta, start = _header(part)
+        end = base
+        for key, info in meta.items():
+            if key == "__metadata__":
+                continue
+            b, e = info["data_offsets"]
+            header[key] = {**info, "data_offsets": [base + b, base + e]}
+            end = max(end, base + e)
+        sources.append((part, start))
+        base = end
+    text = json.dumps(header, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)  # data starts 8-aligned, as safetensors writes it
+    with open(dest, "wb") as out:
+        out.write(struct.pack("<Q", len(text)) + text)
+        for part, start in sources:
+            with open(part, "rb") as f:
+                f.seek(start)
+                shutil.copyfileobj(f, out, 1 << 22)
+            part.unlink()
+    return [k for k in header if k != "__metadata__"]

@@ -123,12 +123,42 @@ def test_stored_tensors_go_to_disk_while_the_walk_goes_on(models, calib_file, tm
 
     events = []
     real_flush, real_run = writer.TensorWriter._flush, calibrate.run_block
+    monkeypatch.setattr(writer, "FLUSH_BYTES", 8192)
     monkeypatch.setattr(writer.TensorWriter, "_flush",
-                        lambda self: events.append("file") or real_flush(self))
+                        lambda self, last=False: events.append("file") or real_flush(self, last))
     monkeypatch.setattr(calibrate, "run_block",
                         lambda *a: events.append("block") or real_run(*a))
     out = tmp_path / "out"
-    result = compress(models["llama"], out, calib_file, "--eps", "0.3", "--shard-size", "20kB")
+    result = compress(models["llama"], out, calib_file, "--eps", "0.3")
     assert result.exit_code == 0, result.output
     assert events.index("file") < len(events) - 1 - events[::-1].index("block"), events
-    assert len(json.loads((out / runtime.MANIFEST).read_text())["shards"]) == events.count("file")
+    assert (out / runtime.TENSORS).is_file() and not list(out.glob(".part-*"))
+    whole = tmp_path / "whole"
+    assert compress(models["llama"], whole, calib_file, "--eps", "0.3", "--no-stream").exit_code == 0
+    ta, tb = tensors(out), tensors(whole)
+    assert ta.keys() == tb.keys() and all(torch.equal(ta[k], tb[k]) for k in ta)
+
+
+def test_auto_dtype_without_one_in_the_config_is_the_checkpoints(models, tmp_path):
+    from svdq import stream
+
+    folder = tmp_path / "half"
+    transformers.AutoModelForCausalLM.from_pretrained(models["llama"]).half().save_pretrained(folder)
+    config = transformers.AutoConfig.from_pretrained(folder)
+    config.dtype = None
+    assert stream._checkpoint_dtype(config, stream.Weights(folder)) == torch.float16
+
+
+def test_the_memory_estimate_counts_one_block(models):
+    from svdq import hf, stream
+    from svdq.config import Settings
+
+    source = hf.load_source(str(models["llama"]), stream=True)
+    parts = stream.estimate(source, Settings(calib_samples=4, calib_len=32, batch_size=2))
+    block = sum(p.numel() * p.element_size() for p in hf.blocks_of(source.model)[1][0].parameters())
+    cfg = source.model.config
+    assert block < parts["one block"] < 3 * block + 12 * 4 * cfg.intermediate_size * cfg.hidden_size
+    assert parts["calibration activations"] == 2 * 4 * 32 * cfg.hidden_size * 4
+    assert parts["attention scores"] == 2 * cfg.num_attention_heads * 32 * 32 * 4
+    # at most: q, k, v, o, gate, up take hidden-wide inputs, down the intermediate one
+    assert parts["input statistics"] == 8 * (6 * cfg.hidden_size ** 2 + cfg.intermediate_size ** 2)

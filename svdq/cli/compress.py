@@ -1,0 +1,186 @@
+"""`svdq compress`: a model in, an artifact out; and the summary `inspect` shares."""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from svdq import outdir
+from svdq.cli import app, err, mb, out, progress_bar, user_errors
+from svdq.errors import SvdqError
+
+
+@app.command()
+def compress(
+    model: str = typer.Argument(..., metavar="MODEL", help="Hub id, local Hugging Face folder, or .gguf file."),
+    output: Path = typer.Option(..., "-o", "--output", help="Artifact folder to write."),
+    eps: Optional[float] = typer.Option(None, help="Largest relative output error allowed per "
+                                        "layer (default 0.05)."),
+    ratio: Optional[float] = typer.Option(None, help="Instead of --eps: total stored bytes of the "
+                                          "target layers at most RATIO × their fp16 bytes."),
+    size: Optional[str] = typer.Option(None, help="Instead of --eps: total stored bytes of the "
+                                       "target layers, e.g. 60MB, 1.5GiB (B, KB, MB, GB, KiB, "
+                                       "MiB, GiB)."),
+    bits: int = typer.Option(8, help="Bits of the stored factors: 4 (NF4), 8 or 16 (float16)."),
+    block_size: int = typer.Option(64, help="Elements per quantization block."),
+    method: str = typer.Option("auto", help="Factorization: svd, asvd (activation-scaled), "
+                               "whiten (SVD-LLM, truncation-aware) or fisher (rows weighted "
+                               "by loss gradients). auto: whiten with --residual or a budget, "
+                               "else svd."),
+    calib: str = typer.Option("auto", help="wikitext, self (text sampled from the model), or a "
+                              "text file. auto: wikitext, else self for causal LMs."),
+    calib_samples: int = typer.Option(32, help="Calibration sequences."),
+    calib_len: int = typer.Option(512, help="Tokens per calibration sequence."),
+    batch_size: int = typer.Option(8, help="Sequences per forward pass."),
+    include: list[str] = typer.Option([], help="Only compress layers matching this glob (repeatable)."),
+    exclude: list[str] = typer.Option([], help="Never compress layers matching this glob (repeatable)."),
+    revision: Optional[str] = typer.Option(None, help="Hub revision (branch, tag or commit)."),
+    device: str = typer.Option("cpu", help="cpu or cuda."),
+    dtype: str = typer.Option("auto", help="auto (the checkpoint's), float32, float16 or bfloat16."),
+    seed: int = typer.Option(0, help="Seed for sampling calibration text; runs are reproducible."),
+    sequential: bool = typer.Option(False, help="Calibrate each block on the outputs of the "
+                                    "blocks already compressed (one more forward per block)."),
+    refit: bool = typer.Option(False, help="Refit each low-rank U in closed form (least squares) "
+                               "against the source layer's outputs; with --sequential, on the "
+                               "source model's own inputs (one more forward per block)."),
+    residual: bool = typer.Option(False, help="Quantize every weight at --bits and let low rank "
+                                  "correct its quantization error (factors 8-bit) instead of "
+                                  "replacing it. With --ratio/--size the allocator always "
+                                  "considers this form."),
+    overwrite: bool = typer.Option(False, help="Replace an existing svdq artifact in the "
+                                   "output folder (a folder of other files is refused)."),
+    stream: bool = typer.Option(True, help="Read a local safetensors model block by block "
+                                "(memory: about one block); --no-stream loads it whole. Budgets "
+                                "and --method fisher always load it whole."),
+    shard_size: str = typer.Option("2GB", help="Largest tensor file of the artifact; larger "
+                                   "artifacts are split into model-0000N-of-0000M.safetensors."),
+    as_json: bool = typer.Option(False, "--json", help="Print a JSON summary instead of tables."),
+) -> None:
+    """Compress MODEL into an artifact folder."""
+    from svdq import artifact
+    from svdq.config import Settings, parse_size
+
+    with user_errors(f"interrupted; nothing was written to {output}"):
+        if eps is not None and (ratio is not None or size is not None):
+            raise SvdqError("--eps bounds each layer's error, --ratio/--size the total bytes: "
+                            "give one of them")
+        settings = Settings(eps=0.05 if eps is None else eps, bits=bits, block_size=block_size,
+                            method=method, include=tuple(include), exclude=tuple(exclude),
+                            calib=calib, calib_samples=calib_samples, calib_len=calib_len,
+                            batch_size=batch_size, seed=seed, device=device, dtype=dtype,
+                            sequential=sequential, refit=refit, budget_ratio=ratio,
+                            residual=residual,
+                            budget_bytes=None if size is None else parse_size(size))
+        shard_bytes = parse_size(shard_size, "--shard-size")
+        artifact.check_output(output, overwrite)
+        _preflight(model, settings)
+        if settings.sequential and settings.refit:
+            err.print("[yellow]warning:[/] --sequential --refit fits each layer to the source's "
+                      "outputs from drifted inputs, which has hurt badly where the drift is large "
+                      "(see README); compare with and without using svdq eval", highlight=False)
+        with outdir.locked(output):  # a second run into `output` refuses now, not after its work
+            _run_compress(model, output, settings, revision, overwrite, as_json, shard_bytes,
+                          stream and not settings.budgeted and settings.method != "fisher")
+
+
+def _preflight(model: str, settings) -> None:
+    """Every check that needs no model, before minutes of loading one: the device, the input's
+    permissions, the calibration file (and its length, where the tokenizer loads in seconds)."""
+    from svdq import calibrate, hf, runtime
+
+    try:
+        runtime.check_device(settings.device)
+    except runtime.ArtifactError as e:
+        raise SvdqError(str(e).replace("device ", "--device ", 1)) from None
+    path = Path(model).expanduser()
+    if path.exists() and not os.access(path, os.R_OK | (os.X_OK if path.is_dir() else 0)):
+        raise SvdqError(f"{model} cannot be read (permission denied); check its permissions")
+    if settings.calib in ("auto", "wikitext", "self"):
+        return
+    text = calibrate.check_file(Path(settings.calib))
+    tokenizer = hf.local_tokenizer(model)
+    if tokenizer is not None:
+        calibrate.check_length(tokenizer, text, settings.calib_samples, settings.calib_len,
+                               settings.calib)
+
+
+def _run_compress(model: str, output: Path, settings, revision, overwrite: bool, as_json: bool,
+                  shard_bytes: int, stream: bool) -> None:
+    from svdq import artifact, hf
+    from svdq.compress import compress as run
+
+    def warn(message: str) -> None:
+        err.print(f"[yellow]warning:[/] {message}", highlight=False)
+
+    with err.status(f"loading {model}"):
+        source = hf.load_source(model, revision=revision, dtype=settings.dtype, stream=stream)
+    for note in source.notes:
+        warn(note)
+    if not settings.budgeted and err.is_terminal:  # for a person watching; logs get the manifest
+        from svdq.stream import estimate
+
+        parts = estimate(source, settings)
+        err.print(f"estimated peak memory ≈ {sum(parts.values()) / 1e9:.2f} GB ("
+                  + ", ".join(f"{k} {v / 1e9:.2f}" for k, v in parts.items() if v) + ")",
+                  highlight=False)
+    bar, progress = progress_bar()
+    # the artifact's folder is open from the start: stored tensors go to disk as they are made
+    with artifact.writing(output, overwrite, shard_bytes) as pending:
+        with bar:
+            result = run(source, settings, progress, warn, sink=pending.tensors.add)
+        if result.budget and "warning" in result.budget:
+            err.print(f"[bold red]warning:[/] {result.budget['warning']}", highlight=False)
+        with err.status(f"writing {output}"):
+            manifest = pending.finish(source, result, settings)
+    if as_json:
+        print(json.dumps({"output": str(output), "totals": manifest["totals"],
+                          "budget": manifest.get("budget"),
+                          "calibration": manifest["calibration"], "layers": manifest["layers"]}))
+    else:
+        summary(manifest, output)
+
+
+def _kind(p: dict, dtype: str) -> str:
+    """A plan entry's form in words: 'low-rank', 'dense 8' or 'residual 4+8'."""
+    if p["kind"] == "lowrank":
+        return "low-rank"
+    if p["kind"] == "residual":
+        return f"residual {p['bits']}+{p['factor_bits']}"
+    return f"dense {p['bits'] or dtype}"
+
+
+def summary(manifest: dict, output: Path) -> None:
+    t = manifest["totals"]
+    kinds = {}
+    for p in manifest["layers"]:
+        key = _kind(p, manifest["dtype"])
+        kinds[key] = kinds.get(key, 0) + 1
+    out.print(f"[bold]{output}[/]: {t['layers']} target layers ("
+              + ", ".join(f"{v} {k}" for k, v in kinds.items()) + ")", highlight=False)
+    out.print(f"  target layers {mb(t['target_bytes'])} = {t['target_ratio_fp16']:.3f} × fp16; "
+              f"whole checkpoint {mb(t['artifact_tensor_bytes'])} = "
+              f"{t['checkpoint_ratio_fp16']:.3f} × fp16, {t['checkpoint_ratio_source']:.3f} × "
+              f"{manifest['dtype']}", highlight=False)
+    if manifest.get("budget"):
+        b = manifest["budget"]
+        out.print(f"  budget {mb(b['requested_bytes'])} requested, {mb(b['achieved_bytes'])} "
+                  f"used ({b['achieved_bytes'] / b['requested_bytes']:.1%}); Σ error² "
+                  f"{b['error2']:.4g} over the layers", highlight=False)
+        judged = [c for c in b.get("candidates", []) if c["calibration_loss"] is not None]
+        if judged:
+            out.print(f"  plan: {b['plan']}, the lowest calibration loss of "
+                      + "; ".join(f"{c['plan']} {c['calibration_loss']:.5g}" for c in judged),
+                      highlight=False)
+    refit = [p for p in manifest["layers"] if "refit" in p]
+    if refit:
+        def rms(key: str) -> float:
+            return (sum(p[key] ** 2 for p in refit) / len(refit)) ** 0.5
+        factored = sum(p["kind"] in ("lowrank", "residual") for p in refit)
+        out.print(f"  refit: {sum(p['refit'] for p in refit)} of {factored} factored layers; "
+                  f"error against the source layers' outputs {rms('source_error_before_refit'):.4f}"
+                  f" → {rms('source_error'):.4f} (root mean square over all layers)",
+                  highlight=False)
+    out.print(f"  inspect it with: svdq inspect {output}", highlight=False)

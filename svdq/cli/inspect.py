@@ -1,0 +1,62 @@
+"""`svdq inspect`: an artifact's plan as a table or JSON."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.table import Table
+
+from svdq.cli import app, fail, out, user_errors
+from svdq.errors import SvdqError
+from svdq.cli.compress import summary
+
+
+@app.command()
+def inspect(
+    path: Path = typer.Argument(..., metavar="ARTIFACT", help="Artifact folder."),
+    sort: str = typer.Option("name", help="Order rows by name, bytes, ratio, error or rank."),
+    top: int = typer.Option(0, help="Show only the first N rows after sorting (0: all)."),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table."),
+) -> None:
+    """Show per-layer ranks, bytes and errors of an artifact."""
+    from svdq import artifact
+
+    keys = {"name": None, "bytes": "bytes", "ratio": "ratio", "error": "error", "rank": "rank"}
+    with user_errors():
+        if sort not in keys:
+            raise SvdqError(f"--sort {sort!r} is unknown; use one of {', '.join(keys)}")
+        manifest = artifact.read(path)
+    try:
+        _inspect_table(path, manifest, keys[sort], top, as_json)
+    except (KeyError, TypeError, ValueError, AttributeError, ZeroDivisionError) as e:
+        fail(f"the manifest of {path} lacks or mangles a field inspect shows ({type(e).__name__}: "
+              f"{e}); compress the model again")
+
+
+def _inspect_table(path: Path, manifest: dict, key: Optional[str], top: int, as_json: bool) -> None:
+    rows = [dict(p, ratio=p["bytes"] / p["fp16_bytes"]) for p in manifest["layers"]]
+    if key:
+        rows.sort(key=lambda p: p[key], reverse=True)
+    rows = rows[:top] if top > 0 else rows
+    if as_json:
+        print(json.dumps({"source": manifest["source"], "settings": manifest["settings"],
+                          "calibration": manifest["calibration"], "layers": rows,
+                          "totals": manifest["totals"]}))
+        return
+    table = Table(title=f"{path} ({manifest['source']['id']})", title_justify="left")
+    for col, just in [("layer", "left"), ("shape", "right"), ("kind", "left"), ("rank", "right"),
+                      ("k_break", "right"), ("bits", "right"), ("bytes", "right"),
+                      ("× fp16", "right"), ("error", "right")]:
+        # names fold onto more lines in a narrow terminal; numbers never wrap
+        table.add_column(col, justify=just, overflow="fold" if col == "layer" else "ellipsis",
+                         no_wrap=col != "layer", min_width=12 if col == "layer" else None)
+    for p in rows:
+        table.add_row(p["name"], f"{p['out_features']}×{p['in_features']}",
+                      {"lowrank": "low-rank", "residual": "dense+low-rank"}.get(p["kind"], "dense"),
+                      str(p["rank"]) if p["kind"] != "dense" else "-", str(p["k_break"]),
+                      str(p["bits"] or manifest["dtype"]), f"{p['bytes']:,}",
+                      f"{p['ratio']:.3f}", f"{p['error']:.4f}")
+    out.print(table)
+    summary(manifest, path)
