@@ -53,7 +53,7 @@ def untouched_tensors(result: Result, written: set[str] = frozenset()
             aliases[key] = seen[ident]
             continue
         seen[ident] = key
-        tensors[key] = t.detach().cpu().contiguous().clone()
+        tensors[key] = t.detach()  # the writer copies only views of a larger storage
     return tensors, aliases
 
 

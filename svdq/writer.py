@@ -43,6 +43,8 @@ class TensorWriter:
             if key in self.keys:
                 raise SvdqError(f"tensor {key!r} was stored twice; this is a bug in svdq")
             t = t.detach().cpu().contiguous()
+            if t.storage_offset() or t.untyped_storage().nbytes() != _nbytes(t):
+                t = t.clone()  # a view: safetensors writes whole storages
             self.keys.add(key)
             self.total_bytes += _nbytes(t)
             if _nbytes(t) % 8:
