@@ -22,46 +22,62 @@ INDEX = "model.safetensors.index.json"
 
 
 class Weights:
-    """Where each tensor of a safetensors checkpoint lies, and reading one in a dtype."""
+    """Where each tensor of a safetensors checkpoint lies, and reading some in a dtype. Files
+    are opened (memory-mapped) only while a read runs, so their pages leave the process when
+    a block is done instead of adding to its resident memory."""
 
     def __init__(self, folder: Path) -> None:
-        from safetensors import safe_open
-
         index = folder / INDEX
         if index.is_file():
             try:
                 weight_map = json.loads(index.read_text())["weight_map"]
             except (ValueError, KeyError, TypeError):
                 raise SvdqError(f"{index} is not a valid safetensors index; re-save the model") from None
-            self.files = {key: folder / name for key, name in weight_map.items()}
+            paths = sorted({folder / name for name in weight_map.values()})
         elif (folder / "model.safetensors").is_file():
-            self.files = {None: folder / "model.safetensors"}  # keys once its header is read
+            weight_map, paths = None, [folder / "model.safetensors"]
         else:
             raise SvdqError(f"{folder} has no model.safetensors or {INDEX}")
-        self._handles: dict[Path, object] = {}
-        for path in sorted(set(self.files.values())):  # headers only: seconds, before any work
+        self.files: dict[str, Path] = {}
+        self.kinds: dict[str, str] = {}  # key -> stored dtype ("BF16", ...), from the headers
+        for path in paths:  # headers only: seconds, before any work
             if not path.is_file():
                 raise SvdqError(f"shard {path.name} of {folder} is missing; download the model again")
-            try:
-                self._handles[path] = safe_open(str(path), "pt")
-            except Exception as e:  # noqa: BLE001 - safetensors raises its own types
-                raise SvdqError(f"cannot read {path.name} ({e}); the shard is damaged: download "
-                                "the model again") from None
-        if None in self.files:
-            path = self.files.pop(None)
-            self.files = {key: path for key in self._handles[path].keys()}
+            with self._open(path) as f:
+                for key in f.keys():
+                    self.kinds[key] = f.get_slice(key).get_dtype()
+                    if weight_map is None or weight_map.get(key) == path.name:
+                        self.files[key] = path
+        if weight_map is not None and set(weight_map) - set(self.files):
+            key = sorted(set(weight_map) - set(self.files))[0]
+            raise SvdqError(f"{weight_map[key]} of {folder} lacks {key!r}, which its index places "
+                            "there; download the model again")
+
+    @staticmethod
+    def _open(path: Path):
+        from safetensors import safe_open
+
+        try:
+            return safe_open(str(path), "pt")
+        except Exception as e:  # noqa: BLE001 - safetensors raises its own types
+            raise SvdqError(f"cannot read {path.name} ({e}); the shard is damaged: download "
+                            "the model again") from None
 
     def __contains__(self, key: str) -> bool:
         return key in self.files
 
-    def read(self, key: str, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-        path = self.files[key]
-        try:
-            t = self._handles[path].get_tensor(key)
-        except Exception as e:  # noqa: BLE001 - safetensors raises its own types
-            raise SvdqError(f"cannot read {key} from {path.name} ({e}); the shard is damaged: "
-                            "download the model again") from None
-        return t.to(device=device, dtype=dtype if t.is_floating_point() else t.dtype)
+    def read(self, keys: list[str], dtype: torch.dtype, device: torch.device) -> dict[str, torch.Tensor]:
+        out = {}
+        for path in sorted({self.files[k] for k in keys}):
+            with self._open(path) as f:
+                for key in (k for k in keys if self.files[k] == path):
+                    try:
+                        t = f.get_tensor(key)
+                    except Exception as e:  # noqa: BLE001 - safetensors raises its own types
+                        raise SvdqError(f"cannot read {key} from {path.name} ({e}); the shard "
+                                        "is damaged: download the model again") from None
+                    out[key] = t.to(device=device, dtype=dtype if t.is_floating_point() else t.dtype)
+        return out
 
 
 def tame_malloc() -> None:
@@ -103,13 +119,15 @@ def materialize(module: nn.Module, prefix: str, weights: Weights, dtype: torch.d
                 device: torch.device, only: set[str] | None = None) -> None:
     """Read every `meta` tensor of `module` (named `prefix`…; with `only`, those names alone)
     from the checkpoint."""
-    for name, (mod, local, t) in _tensors(module, prefix).items():
-        if t.device.type != "meta" or (only is not None and name not in only):
-            continue
-        if name not in weights:
-            raise SvdqError(f"the checkpoint has no tensor {name!r}; it does not match its "
-                            "config (re-save it with transformers, or pass --no-stream)")
-        value = weights.read(name, dtype, device)
+    todo = {name: entry for name, entry in _tensors(module, prefix).items()
+            if entry[2].device.type == "meta" and (only is None or name in only)}
+    missing = [name for name in todo if name not in weights]
+    if missing:
+        raise SvdqError(f"the checkpoint has no tensor {missing[0]!r}; it does not match its "
+                        "config (re-save it with transformers, or pass --no-stream)")
+    values = weights.read(list(todo), dtype, device)
+    for name, (mod, local, t) in todo.items():
+        value = values[name]
         if tuple(value.shape) != tuple(t.shape):
             raise SvdqError(f"tensor {name!r} of the checkpoint is {tuple(value.shape)}, the "
                             f"config implies {tuple(t.shape)}; the checkpoint is inconsistent")
@@ -178,8 +196,7 @@ def _checkpoint_dtype(config, weights: Weights) -> torch.dtype:
     if isinstance(named, str) and isinstance(getattr(torch, named, None), torch.dtype):
         return getattr(torch, named)
     stored = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
-    for key, path in weights.files.items():
-        kind = weights._handles[path].get_slice(key).get_dtype()
+    for kind in weights.kinds.values():
         if kind in stored:
             return stored[kind]
     return torch.float32
