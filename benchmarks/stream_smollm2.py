@@ -23,7 +23,6 @@ import time
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file
 
 from svdq import assets, runtime
 
@@ -59,11 +58,7 @@ def compress(model: Path, out: Path, options: list[str], wiki: Path) -> dict:
 
 
 def tensors(folder: Path) -> dict:
-    manifest = json.loads((folder / runtime.MANIFEST).read_text())
-    out = {}
-    for name in runtime.tensor_files(manifest):
-        out.update(load_file(folder / name))
-    return out
+    return runtime.load_tensors(folder, runtime.read_manifest(folder))
 
 
 def main() -> None:

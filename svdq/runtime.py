@@ -244,6 +244,24 @@ def read_manifest(path: str | Path, verify: bool = True) -> dict:
     return manifest
 
 
+def load_tensors(path: str | Path, manifest: dict) -> dict:
+    """Every stored tensor of artifact folder `path` (all its shards), by key."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    tensors: dict = {}
+    for name in tensor_files(manifest):
+        try:
+            part = load_file(Path(path) / name)
+        except (SafetensorError, OSError) as e:
+            raise ArtifactError(f"cannot read {Path(path) / name} ({e}); compress the model again") from None
+        if tensors.keys() & part.keys():
+            raise ArtifactError(f"{name} repeats tensors of another shard; the artifact is "
+                                "inconsistent: compress the model again")
+        tensors.update(part)
+    return tensors
+
+
 def check_device(device: str | torch.device) -> torch.device:
     """`device` as a torch.device, refused in one line where it cannot be used here."""
     try:
@@ -265,22 +283,11 @@ def load(path: str | Path, device: str | torch.device = "cpu", verify: bool = Tr
     Every stored tensor must be used and every tensor of the model provided, or it refuses.
     """
     import transformers
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
 
     device = check_device(device)  # before minutes of loading
     folder = Path(path)
     manifest = read_manifest(folder, verify)
-    tensors: dict = {}
-    for name in tensor_files(manifest):
-        try:
-            part = load_file(folder / name)
-        except (SafetensorError, OSError) as e:
-            raise ArtifactError(f"cannot read {folder / name} ({e}); compress the model again") from None
-        if tensors.keys() & part.keys():
-            raise ArtifactError(f"{name} repeats tensors of another shard; the artifact is "
-                                "inconsistent: compress the model again")
-        tensors.update(part)
+    tensors = load_tensors(folder, manifest)
     try:
         return _assemble(folder, manifest, tensors, transformers).to(device).eval()
     except ArtifactError:

@@ -83,8 +83,8 @@ class Weights:
 def tame_malloc() -> None:
     """Ask glibc to hand large freed blocks back at once (a fixed mmap threshold of 1 MiB and
     two arenas): a walk frees and allocates tensors of hundreds of MB per layer, and glibc's
-    growing threshold otherwise keeps them in its heap, ~300 MB more resident at hidden 2048
-    (measured with benchmarks/scale.py's checkpoint). No-op off glibc."""
+    growing threshold otherwise keeps them in its heap (hundreds of MB more resident at hidden
+    2048, seen with an RSS probe on benchmarks/scale.py's checkpoint). No-op off glibc."""
     import ctypes
     import ctypes.util
 

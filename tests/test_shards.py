@@ -31,11 +31,7 @@ def compress(model: Path, out: Path, calib: Path, *extra: str) -> None:
 
 
 def all_tensors(folder: Path) -> dict:
-    manifest = json.loads((folder / runtime.MANIFEST).read_text())
-    out = {}
-    for name in runtime.tensor_files(manifest):
-        out.update(load_file(folder / name))
-    return out
+    return runtime.load_tensors(folder, runtime.read_manifest(folder))
 
 
 @pytest.fixture(scope="module")

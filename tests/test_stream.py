@@ -9,7 +9,6 @@ from pathlib import Path
 import pytest
 import torch
 import transformers
-from safetensors.torch import load_file
 from typer.testing import CliRunner
 
 from svdq import calibrate, runtime
@@ -26,11 +25,7 @@ def compress(model: Path, out: Path, calib, *extra: str):
 
 
 def tensors(folder: Path) -> dict:
-    manifest = json.loads((folder / runtime.MANIFEST).read_text())
-    out = {}
-    for name in runtime.tensor_files(manifest):
-        out.update(load_file(folder / name))
-    return out
+    return runtime.load_tensors(folder, runtime.read_manifest(folder))
 
 
 def layers(folder: Path) -> list:

@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Optional
 
 import typer
+from rich.errors import NotRenderableError
 from rich.table import Table
 
 from svdq.cli import app, fail, out, user_errors
@@ -30,7 +31,7 @@ def inspect(
         manifest = artifact.read(path)
     try:
         _inspect_table(path, manifest, keys[sort], top, as_json)
-    except (KeyError, TypeError, ValueError, AttributeError, ZeroDivisionError) as e:
+    except (KeyError, TypeError, ValueError, AttributeError, ZeroDivisionError, NotRenderableError) as e:
         fail(f"the manifest of {path} lacks or mangles a field inspect shows ({type(e).__name__}: "
               f"{e}); compress the model again")
 
@@ -53,7 +54,7 @@ def _inspect_table(path: Path, manifest: dict, key: Optional[str], top: int, as_
         table.add_column(col, justify=just, overflow="fold" if col == "layer" else "ellipsis",
                          no_wrap=col != "layer", min_width=12 if col == "layer" else None)
     for p in rows:
-        table.add_row(p["name"], f"{p['out_features']}×{p['in_features']}",
+        table.add_row(str(p["name"]), f"{p['out_features']}×{p['in_features']}",
                       {"lowrank": "low-rank", "residual": "dense+low-rank"}.get(p["kind"], "dense"),
                       str(p["rank"]) if p["kind"] != "dense" else "-", str(p["k_break"]),
                       str(p["bits"] or manifest["dtype"]), f"{p['bytes']:,}",
