@@ -34,6 +34,7 @@ class TensorWriter:
         self.folder, self.shard_bytes = folder, shard_bytes
         self._waiting: dict[str, torch.Tensor] = {}
         self._odd: dict[str, torch.Tensor] = {}  # sizes not a multiple of 8, until they add up
+        self._waiting_bytes = self._odd_bytes = 0
         self._parts: list[tuple[Path, int]] = []  # written part files and their data bytes
         self.keys: set[str] = set()
         self.total_bytes = 0
@@ -45,31 +46,34 @@ class TensorWriter:
             t = t.detach().cpu().contiguous()
             if t.storage_offset() or t.untyped_storage().nbytes() != _nbytes(t):
                 t = t.clone()  # a view: safetensors writes whole storages
+            n = _nbytes(t)
             self.keys.add(key)
-            self.total_bytes += _nbytes(t)
-            if _nbytes(t) % 8:
+            self.total_bytes += n
+            if n % 8:
                 self._odd[key] = t
-                if sum(map(_nbytes, self._odd.values())) % 8:
+                self._odd_bytes += n
+                if self._odd_bytes % 8:
                     continue
-                t, tensors_in = None, self._odd
-                self._odd = {}
+                self._waiting.update(self._odd)
+                self._waiting_bytes += self._odd_bytes
+                self._odd, self._odd_bytes = {}, 0
             else:
-                tensors_in = {key: t}
-            self._waiting.update(tensors_in)
-            if sum(map(_nbytes, self._waiting.values())) >= min(FLUSH_BYTES, self.shard_bytes):
+                self._waiting[key] = t
+                self._waiting_bytes += n
+            if self._waiting_bytes >= min(FLUSH_BYTES, self.shard_bytes):
                 self._flush()
 
     def _flush(self, last: bool = False) -> None:
         group = {**self._waiting, **(self._odd if last else {})}
-        size = sum(map(_nbytes, group.values()))
+        size = self._waiting_bytes + (self._odd_bytes if last else 0)
         outdir.check_space(self.folder, size + (1 << 20))
         path = self.folder / f".part-{len(self._parts) + 1:05d}.safetensors"
         # one metadata key only: safetensors writes several in random order (runs must match)
         save_file(group, str(path), metadata={"format": "pt"})
         self._parts.append((path, size))
-        self._waiting = {}
+        self._waiting, self._waiting_bytes = {}, 0
         if last:
-            self._odd = {}
+            self._odd, self._odd_bytes = {}, 0
 
     def close(self) -> dict[str, str]:
         """Write what waits, join the parts into shards; returns {file name: sha256}."""
