@@ -1,4 +1,4 @@
-"""Benchmark: how much refining a correction (search.refine_residual) lowers a layer's error.
+"""Benchmark: how much refining a correction (algo.residual.refine_residual) lowers a layer's error.
 
     python benchmarks/refine_residual.py     # SmolLM2, block 3's seven layers, NF4 + corrections
 
@@ -14,8 +14,14 @@ from pathlib import Path
 
 import torch
 
-from svdq import assets, calibrate, hf
-from svdq.algo import search
+from svdq import assets
+from svdq.algo.error import reference
+from svdq.algo.residual import refine_residual, residual_of, stored_residual
+from svdq.calibration import text as calibrate
+from svdq.calibration.collect import collect
+from svdq.models import blocks as model_blocks
+from svdq.models import load as hf
+from svdq.models.layers import blocks_of
 
 HERE = Path(__file__).parent
 sys.path.insert(0, str(HERE))
@@ -25,28 +31,28 @@ from sweep import split_text  # noqa: E402
 def main() -> None:
     source = hf.load_source(str(assets.fetch("smollm2")))
     model, calib = source.model, split_text(assets.cache_dir() / "bench-text")[0]
-    prefix, blocks = hf.blocks_of(model)
+    prefix, blocks = blocks_of(model)
     ids, _ = calibrate.calibration_ids(model, source.tokenizer, str(calib), 8, 512, 8, 0, True)
-    hidden = calibrate.block_inputs(model, blocks[0], ids, 8)
+    hidden = model_blocks.block_inputs(model, blocks[0], ids, 8)
     for block in blocks[:3]:
-        hidden = [(calibrate.run_block(block, h, kw), kw) for h, kw in hidden]
+        hidden = [(model_blocks.run_block(block, h, kw), kw) for h, kw in hidden]
     layers = {n: m for n, m in model.named_modules()
               if n.startswith(f"{prefix}.3.") and isinstance(m, torch.nn.Linear)}
-    with calibrate.collect(layers) as stats:
+    with collect(layers) as stats:
         for h, kw in hidden:
-            calibrate.run_block(blocks[3], h, kw)
+            model_blocks.run_block(blocks[3], h, kw)
     lines = ["# Refining NF4 corrections (SmolLM2, block 3)", "",
              "`python benchmarks/refine_residual.py` — stored relative output error on 8 × 512",
              "calibration tokens, whitened correction, 8-bit factors.", "",
              "| layer | NF4 block | rank | first | refined | change |", "|---|---|---|---|---|---|"]
     for name, module in layers.items():
         w, st = module.weight.detach().float(), stats[name]
-        ref = search.reference(w, None, st)
+        ref = reference(w, None, st)
         for block_size in (64, 256):
-            res = search.residual_of(w, st, 4, block_size, "whiten")
+            res = residual_of(w, st, 4, block_size, "whiten")
             for k in (16, 64):
-                first = search.stored_residual(w, res, st, ref, k, k)
-                refined = search.refine_residual(w, first, st, ref, "whiten")
+                first = stored_residual(w, res, st, ref, k, k)
+                refined = refine_residual(w, first, st, ref, "whiten")
                 lines.append(f"| {name.split('.', 3)[-1]} | {block_size} | {k} | "
                              f"{first.error:.4f} | {refined.error:.4f} | "
                              f"{refined.error / first.error - 1:+.1%} |")

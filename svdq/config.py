@@ -33,6 +33,7 @@ class Settings:
     residual: bool = False  # eps mode: quantize every weight at `bits`, low rank corrects the error
     budget_bytes: int | None = None  # --size: total stored bytes of the target layers (eps unused)
     budget_ratio: float | None = None  # --ratio: that total as a fraction of their fp16 bytes
+    offload_activations: bool = False  # calibration streams in files, not memory
     _version: int = field(default=SETTINGS_VERSION, repr=False)
 
     def __post_init__(self) -> None:

@@ -42,6 +42,20 @@ MANIFEST = "svdq.json"
 TENSORS = "model.safetensors"
 
 
+def keys(name: str) -> dict[str, str]:
+    """The tensor keys of target layer `name` (the scheme in this module's docstring); a
+    quantized tensor adds `CODES` and `ABSMAX` to its key."""
+    return {"u": f"{name}.svdq.u", "v": f"{name}.svdq.v", "s": f"{name}.svdq.s",
+            "weight": f"{name}.weight", "bias": f"{name}.bias"}
+
+
+CODES, ABSMAX = ".codes", ".absmax"
+
+
+def codebook_key(bits: int) -> str:
+    return f"svdq.codebook.{bits}"
+
+
 class ArtifactError(ValueError):
     """The artifact is missing, damaged or of another format version."""
 
@@ -116,10 +130,10 @@ def _factor(tensors: dict, key: str, shape: tuple[int, int], bits: int, block_si
     if bits not in (4, 8):
         return _take(tensors, key, used, shape=shape, dtype=torch.float16).float()
     n = math.prod(shape)
-    codebook = _take(tensors, f"svdq.codebook.{bits}", used, shape=(1 << bits,), dtype=torch.float32)
-    codes = _take(tensors, key + ".codes", used, dtype=torch.uint8,
+    codebook = _take(tensors, codebook_key(bits), used, shape=(1 << bits,), dtype=torch.float32)
+    codes = _take(tensors, key + CODES, used, dtype=torch.uint8,
                   numel=n if bits == 8 else (n + 1) // 2)
-    absmax = _take(tensors, key + ".absmax", used, dtype=torch.float32,
+    absmax = _take(tensors, key + ABSMAX, used, dtype=torch.float32,
                    numel=-(-n // block_size))
     return dequantize(codes, absmax, codebook, shape, block_size, bits)
 
@@ -160,22 +174,22 @@ def build_layer(layer: dict, tensors: dict, dtype: torch.dtype, used: set) -> nn
     """The module that replaces target layer `layer` (a plan entry), or None if it stays as is."""
     _check_layer(layer)
     name, out_f, in_f = layer["name"], layer["out_features"], layer["in_features"]
-    bias_key = name + ".bias"
-    bias = _take(tensors, bias_key, used, shape=(out_f,), dtype=dtype) if layer["bias"] else None
+    key = keys(name)
+    bias = _take(tensors, key["bias"], used, shape=(out_f,), dtype=dtype) if layer["bias"] else None
     bits, block = layer["bits"], layer["block_size"]
     if layer["kind"] in ("lowrank", "residual"):
         k, fbits = layer["rank"], layer.get("factor_bits", bits)
-        u = _factor(tensors, name + ".svdq.u", (k, out_f), fbits, block, used)
-        v = _factor(tensors, name + ".svdq.v", (k, in_f), fbits, block, used)
-        s = _take(tensors, name + ".svdq.s", used, shape=(k,), dtype=torch.float32)
+        u = _factor(tensors, key["u"], (k, out_f), fbits, block, used)
+        v = _factor(tensors, key["v"], (k, in_f), fbits, block, used)
+        s = _take(tensors, key["s"], used, shape=(k,), dtype=torch.float32)
         if layer["kind"] == "lowrank":
             return LowRankLinear(u.to(dtype), s.to(dtype), v.to(dtype), bias)
-        w = _factor(tensors, name + ".weight", (out_f, in_f), bits, block, used)
+        w = _factor(tensors, key["weight"], (out_f, in_f), bits, block, used)
         return _linear((w + (u.T * s) @ v).to(dtype), bias)  # the correction folded in once
     if bits is not None:  # 4, 8 or 16 bits
-        w = _factor(tensors, name + ".weight", (out_f, in_f), bits, block, used)
+        w = _factor(tensors, key["weight"], (out_f, in_f), bits, block, used)
         return _linear(w.to(dtype), bias)
-    used.discard(bias_key)  # a layer kept in its own form loads with the untouched tensors
+    used.discard(key["bias"])  # a layer kept in its own form loads with the untouched tensors
     return None
 
 

@@ -1,9 +1,10 @@
 """A global byte budget: one stored form per layer, least Σ cost with Σ bytes ≤ budget.
 
-Each layer offers options (kept as is; dense, low-rank or quantized-plus-correction at a few
-ranks, per bit width), each with its exact bytes and relative output error (`search`); its
-cost is error² times the layer's sensitivity weight (1 unless given): a multiple-choice
-knapsack. Below, "error²" means that cost.
+Pure bookkeeping: numbers in, option indices out (the options are measured in
+`svdq.pipeline.options`). Each layer offers options (kept as is; dense, low-rank or
+quantized-plus-correction at a few ranks, per bit width), each with its exact bytes and
+relative output error; its cost is error² times the layer's sensitivity weight (1 unless
+given): a multiple-choice knapsack. Below, "error²" means that cost.
 `allocate` returns the best of (a) `greedy`: every layer at its cheapest option, then upgrades
 along each layer's lower convex hull of (bytes, error²), most error² saved per extra byte first,
 while they fit, then single option changes that lower Σ error² and fit; (b) `table`: dynamic
@@ -19,18 +20,13 @@ from typing import Sequence
 
 import torch
 
-from svdq.algo.factorize import Factors, LayerStats
-from svdq.algo.quant import nbytes
-from svdq.algo.search import (Choice, Residual, break_even_rank, lowrank_bytes, reference,
-                              residual_break_rank, residual_bytes, stored_dense, stored_lowrank,
-                              stored_residual)
-
 
 @dataclass(frozen=True)
 class Option:
-    """One stored form of a layer: kind 'lowrank' (rank, bits), 'residual' (bits of the weight,
-    rank of the correction) or 'dense' (bits; None: kept). `weight` is the layer's sensitivity:
-    the allocation minimizes Σ weight · error² (`cost`)."""
+    """One stored form of a layer, without its tensors: kind 'keep', 'dense' (bits), 'lowrank'
+    (rank, bits) or 'residual' (bits of the weight, rank of the correction), with its exact
+    bytes and error. `weight` is the layer's sensitivity: the allocation minimizes
+    Σ weight · error² (`cost`)."""
 
     bytes: int
     error: float
@@ -43,90 +39,6 @@ class Option:
     @property
     def cost(self) -> float:
         return self.weight * self.error ** 2
-
-
-def rank_grid(k_break: int, n: int = 12) -> list[int]:
-    """About `n` ranks spaced geometrically from 1 to `k_break`, both included."""
-    if k_break <= n:
-        return list(range(1, k_break + 1))
-    return sorted({max(1, round(k_break ** (i / (n - 1)))) for i in range(n)} | {k_break})
-
-
-def k_break_of(w: torch.Tensor, factors: Factors, bits: int, block_size: int) -> int:
-    return min(break_even_rank(*w.shape, bits, block_size), factors.max_rank)
-
-
-def layer_options(w: torch.Tensor, bias: torch.Tensor | None, factors: Factors,
-                  stats: LayerStats, bits_choices: Sequence[int], block_size: int,
-                  ranks: Sequence[int] | None = None, elsize: int = 2,
-                  cache: dict | None = None,
-                  residuals: dict[tuple[int, int], Residual] | None = None,
-                  weight: float = 1.0) -> list[Option]:
-    """Kept as is (`elsize` bytes per source element, weight and bias), then per bits: dense, and
-    low-rank at each rank of `ranks` (None: `rank_grid`) up to that bits' break-even rank; per
-    entry of `residuals` ({bits: Residual}), the weight at those bits plus a correction at each
-    rank of the grid up to `residual_break_rank`. Every option carries `weight`.
-    `residuals` are keyed (bits, block size): a block size other than `block_size` also adds
-    the weight alone at that block size (fewer scales: cheaper, a little less exact).
-    Errors are `search.choose`'s; `cache` may be shared with `choose` calls on the layer."""
-    out_f, in_f = w.shape
-    bias_bytes = 0 if bias is None else bias.numel() * elsize
-    ref = reference(w, bias, stats)
-    cache = {} if cache is None else cache
-
-    def grid(kb: int) -> list[int]:
-        return rank_grid(kb) if ranks is None else sorted({r for r in ranks if 1 <= r <= kb})
-
-    options = [Option((w.numel() * elsize) + bias_bytes, 0.0, "dense", 0, None, weight)]
-    for bits in dict.fromkeys(bits_choices):
-        kb = k_break_of(w, factors, bits, block_size)
-        key = ("dense", bits, 0)
-        cache[key] = cache.get(key) or stored_dense(w, stats, ref, bits, block_size, kb)
-        options.append(Option(nbytes(w.numel(), bits, block_size) + bias_bytes, cache[key].error,
-                              "dense", 0, bits, weight))
-        for k in grid(kb):
-            key = ("lowrank", bits, k)
-            cache[key] = cache.get(key) or stored_lowrank(w, factors, stats, ref, k, bits,
-                                                          block_size, kb)
-            options.append(Option(lowrank_bytes(out_f, in_f, k, bits, block_size) + bias_bytes,
-                                  cache[key].error, "lowrank", k, bits, weight))
-    for (bits, block), res in (residuals or {}).items():
-        tag = None if block == block_size else block
-        if tag is not None:  # the weight alone at this block size: rank 0
-            key = ("dense", bits, 0, block)
-            cache[key] = cache.get(key) or stored_residual(w, res, stats, ref, 0, 0)
-            options.append(Option(nbytes(w.numel(), bits, block) + bias_bytes, cache[key].error,
-                                  "dense", 0, bits, weight, tag))
-        kb = min(residual_break_rank(out_f, in_f, bits, block), res.factors.max_rank)
-        for k in grid(kb):
-            key = ("residual", bits, k, block)
-            cache[key] = cache.get(key) or stored_residual(w, res, stats, ref, k, kb)
-            options.append(Option(residual_bytes(out_f, in_f, k, bits, block) + bias_bytes,
-                                  cache[key].error, "residual", k, bits, weight, tag))
-    return options
-
-
-def choice_of(option: Option, w: torch.Tensor, bias: torch.Tensor | None, factors: Factors,
-              stats: LayerStats, block_size: int, k_break: int,
-              residual: Residual | None = None) -> Choice:
-    """The stored layer of `option`, rebuilt (deterministic: the same tensors and error);
-    `k_break` is what a kept-as-is layer records; a residual option, or a dense one at its own
-    block size, needs its `residual` (the weight quantized at its bits and block size)."""
-    ref = reference(w, bias, stats)
-    if option.kind == "residual" or option.block is not None:
-        block = option.block or block_size
-        if residual is None or (residual.weight.bits, residual.weight.block_size) != (option.bits, block):
-            raise ValueError(f"a residual option at {option.bits} bits, block {block}, needs "
-                             "its Residual")
-        kb = min(residual_break_rank(*w.shape, option.bits, block), residual.factors.max_rank)
-        return stored_residual(w, residual, stats, ref, option.rank, kb)
-    if option.kind == "lowrank":
-        kb = k_break_of(w, factors, option.bits, block_size)
-        return stored_lowrank(w, factors, stats, ref, option.rank, option.bits, block_size, kb)
-    if option.bits is not None:
-        return stored_dense(w, stats, ref, option.bits, block_size,
-                            k_break_of(w, factors, option.bits, block_size))
-    return Choice("dense", 0, k_break, None, 0.0)
 
 
 def _hull(opts: list[Option]) -> list[int]:

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import torch
 
-from svdq.runtime import dequantize
+from svdq.runtime import ABSMAX, CODES, dequantize
 
 BITS = (4, 8, 16)
 
@@ -36,7 +36,7 @@ class Quantized:
         """The safetensors entries of this tensor under `key`."""
         if self.absmax is None:
             return {key: self.data}
-        return {key + ".codes": self.data, key + ".absmax": self.absmax}
+        return {key + CODES: self.data, key + ABSMAX: self.absmax}
 
     def dequantize(self) -> torch.Tensor:
         if self.absmax is None:

@@ -83,7 +83,7 @@ def mb(n: int) -> str:
 
 def main() -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    from svdq.stream import tame_malloc
+    from svdq.models.stream import tame_malloc
 
     tame_malloc()
     try:

@@ -8,7 +8,7 @@ from typing import Optional
 
 import typer
 
-from svdq import outdir
+from svdq.artifact import outdir
 from svdq.cli import app, err, mb, out, progress_bar, user_errors
 from svdq.errors import SvdqError
 
@@ -52,9 +52,11 @@ def compress(
                                   "considers this form."),
     overwrite: bool = typer.Option(False, help="Replace an existing svdq artifact in the "
                                    "output folder (a folder of other files is refused)."),
-    stream: bool = typer.Option(True, help="Read a local safetensors model block by block "
-                                "(memory: about one block); --no-stream loads it whole. Budgets "
-                                "and --method fisher always load it whole."),
+    stream: bool = typer.Option(True, help="Read the model block by block (memory: about one "
+                                "block); --no-stream loads it whole."),
+    offload_activations: bool = typer.Option(False, help="Keep the calibration activations in "
+                                             "files beside the output instead of memory (also "
+                                             "done by itself when they are large)."),
     shard_size: str = typer.Option("2GB", help="Largest tensor file of the artifact; larger "
                                    "artifacts are split into model-0000N-of-0000M.safetensors."),
     as_json: bool = typer.Option(False, "--json", help="Print a JSON summary instead of tables."),
@@ -72,7 +74,7 @@ def compress(
                             calib=calib, calib_samples=calib_samples, calib_len=calib_len,
                             batch_size=batch_size, seed=seed, device=device, dtype=dtype,
                             sequential=sequential, refit=refit, budget_ratio=ratio,
-                            residual=residual,
+                            residual=residual, offload_activations=offload_activations,
                             budget_bytes=None if size is None else parse_size(size))
         shard_bytes = parse_size(shard_size, "--shard-size")
         artifact.check_output(output, overwrite)
@@ -83,13 +85,15 @@ def compress(
                       "(see README); compare with and without using svdq eval", highlight=False)
         with outdir.locked(output):  # a second run into `output` refuses now, not after its work
             _run_compress(model, output, settings, revision, overwrite, as_json, shard_bytes,
-                          stream and not settings.budgeted and settings.method != "fisher")
+                          stream)
 
 
 def _preflight(model: str, settings) -> None:
     """Every check that needs no model, before minutes of loading one: the device, the input's
     permissions, the calibration file (and its length, where the tokenizer loads in seconds)."""
-    from svdq import calibrate, hf, runtime
+    from svdq import runtime
+    from svdq.calibration import text as calibrate
+    from svdq.models import load as hf
 
     try:
         runtime.check_device(settings.device)
@@ -109,8 +113,9 @@ def _preflight(model: str, settings) -> None:
 
 def _run_compress(model: str, output: Path, settings, revision, overwrite: bool, as_json: bool,
                   shard_bytes: int, stream: bool) -> None:
-    from svdq import artifact, hf
-    from svdq.compress import compress as run
+    from svdq import artifact
+    from svdq.models import load as hf
+    from svdq.pipeline.compress import compress as run
 
     def warn(message: str) -> None:
         err.print(f"[yellow]warning:[/] {message}", highlight=False)
@@ -119,8 +124,8 @@ def _run_compress(model: str, output: Path, settings, revision, overwrite: bool,
         source = hf.load_source(model, revision=revision, dtype=settings.dtype, stream=stream)
     for note in source.notes:
         warn(note)
-    if not settings.budgeted and err.is_terminal:  # for a person watching; logs get the manifest
-        from svdq.stream import estimate
+    if err.is_terminal:  # for a person watching; logs get the manifest
+        from svdq.models.stream import estimate
 
         parts = estimate(source, settings)
         err.print(f"estimated peak memory ≈ {sum(parts.values()) / 1e9:.2f} GB ("
@@ -130,7 +135,8 @@ def _run_compress(model: str, output: Path, settings, revision, overwrite: bool,
     # the artifact's folder is open from the start: stored tensors go to disk as they are made
     with artifact.writing(output, overwrite, shard_bytes) as pending:
         with bar:
-            result = run(source, settings, progress, warn, sink=pending.tensors.add)
+            result = run(source, settings, progress, warn, sink=pending.tensors,
+                         scratch=pending.tmp / ".scratch")
         if result.budget and "warning" in result.budget:
             err.print(f"[bold red]warning:[/] {result.budget['warning']}", highlight=False)
         with err.status(f"writing {output}"):

@@ -56,7 +56,7 @@ def sweep(
 ) -> None:
     """Compress MODEL at every eps × bits, evaluate each against quantization-only baselines."""
     from svdq import evaluate as ev
-    from svdq import hf
+    from svdq.models import load as hf
     from svdq import sweep as sw
     from svdq.config import Settings
 

@@ -1,0 +1,61 @@
+"""Output errors of a replacement Ŵ, exactly, from the calibration statistics alone.
+
+    e(Ŵ) = ‖X (W − Ŵ)ᵀ‖_F / ‖X Wᵀ + 1 bᵀ‖_F,   ‖X Δᵀ‖²_F = tr(Δ G Δᵀ),  G = XᵀX
+
+and ‖X Wᵀ + 1 bᵀ‖²_F = tr(W G Wᵀ) + 2 bᵀ W Σx + n ‖b‖², so the Gram matrix, the input sum and
+the token count give both (DESIGN.md).
+"""
+from __future__ import annotations
+
+import torch
+
+from svdq.algo.factorize import LayerStats
+
+ROWS = 512  # rows of W per float64 product in the trace forms: bounds their temporaries
+
+
+def trace_form(a: torch.Tensor, gram: torch.Tensor) -> torch.Tensor:
+    """tr(A G Aᵀ) in float64, ROWS rows of A at a time (no full float64 copy of A)."""
+    total = torch.zeros((), dtype=torch.float64, device=gram.device)
+    for i in range(0, a.shape[0], ROWS):
+        rows = a[i: i + ROWS].double()
+        total += torch.sum((rows @ gram) * rows)
+    return total
+
+
+def output_norm2(w: torch.Tensor, bias: torch.Tensor | None, stats: LayerStats) -> float:
+    """‖X Wᵀ + 1 bᵀ‖²_F from the statistics."""
+    norm2 = trace_form(w, stats.gram)
+    if bias is not None:
+        b = bias.double()
+        norm2 = norm2 + 2 * b @ (w.double() @ stats.total) + stats.tokens * b @ b
+    return float(norm2)
+
+
+def error_norm2(delta: torch.Tensor, stats: LayerStats) -> float:
+    """‖X Δᵀ‖²_F = tr(Δ G Δᵀ)."""
+    return float(trace_form(delta, stats.gram).clamp_min(0))
+
+
+def reference(w: torch.Tensor, bias: torch.Tensor | None, stats: LayerStats) -> float:
+    """The denominator of the relative error; an all-zero output makes errors absolute."""
+    return output_norm2(w, bias, stats) ** 0.5 or 1.0
+
+
+def relative_error(w: torch.Tensor, w_hat: torch.Tensor, stats: LayerStats, ref: float) -> float:
+    """‖X (W − Ŵ)ᵀ‖_F / `ref`."""
+    return error_norm2(w - w_hat, stats) ** 0.5 / ref
+
+
+def source_error(w: torch.Tensor, bias: torch.Tensor | None, w_hat: torch.Tensor,
+                 stats: LayerStats) -> float:
+    """‖X Ŵᵀ − X₀ Wᵀ‖_F / ‖X₀ Wᵀ + 1 bᵀ‖_F: the stored layer on the inputs it receives (X)
+    against the source layer on the source model's own inputs (X₀, `LayerStats.cross` and
+    `source_gram`); without those the two streams are one and this is the plain error."""
+    if stats.cross is None:
+        return relative_error(w, w_hat, stats, reference(w, bias, stats))
+    source = LayerStats(stats.source_gram, stats.source_total, stats.tokens)
+    a, w64 = w_hat.double(), w.double()
+    e2 = (torch.sum((a @ stats.gram) * a) - 2 * torch.sum((a @ stats.cross) * w64)
+          + torch.sum((w64 @ stats.source_gram) * w64))
+    return float(e2.clamp_min(0)) ** 0.5 / reference(w, bias, source)

@@ -1,0 +1,1 @@
+"""Calibration: the text, the statistics of each layer's inputs, and the gradients."""

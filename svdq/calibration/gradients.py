@@ -1,0 +1,172 @@
+"""Gradient statistics of the target layers, computed one block at a time.
+
+Per layer: grad2 = Σ_t ‖∂L_s/∂y_t‖² over every sample's tokens (y_t the layer's output for
+token t): the budget's sensitivity; and with `fisher`, row_fisher (float64, (out,)) =
+Σ_s Σ_j (∂L_s/∂W_ij)², the diagonal empirical Fisher summed over each row of W (out, in):
+`--method fisher`'s row weights. Per-sample gradients: one sequence per backward.
+
+The loss L_s of a sample: for a causal LM the mean next-token cross-entropy (as transformers
+computes it for labels=ids). Otherwise (an encoder) a random-projection surrogate,
+L_s = mean_t rᵀ h_t over the last hidden states h_t with r ~ N(0, I) drawn per sample from a
+generator seeded by `seed`: since E_r[r rᵀ] = I, E_r[(∂L/∂y)(∂L/∂y)ᵀ] = J Jᵀ / T² (J the Jacobian
+of the final hidden states in y) is the Gauss–Newton matrix of the output, so grad2 measures
+how far an error in the layer's output moves the final hidden states.
+
+Nothing needs the whole model in memory: a forward walk keeps each block's inputs (the
+`boundaries`, in memory or offloaded to files), the head turns the last block's outputs into
+∂L/∂h, and a backward walk, last block first, recomputes each block's forward from its inputs
+and backpropagates ∂L/∂h through it (gradient checkpointing at block granularity). Only the
+hidden states of one sample and its gradient take part in autograd besides, with `fisher`,
+the target weights; every parameter's requires_grad is restored and hooks removed, whatever
+happens.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+from torch import nn
+
+from svdq.calibration.loss import final_states, token_loss
+from svdq.errors import SvdqError
+from svdq.models import blocks as model_blocks
+from svdq.models.blocks import block_inputs, call_block, tail
+from svdq.models.layers import blocks_of, conv1d_type
+from svdq.models.streams import Stream
+
+
+def gradients(model: nn.Module, ids: torch.Tensor, modules: dict[str, nn.Module], causal: bool,
+              seed: int, report: Callable[[str, int, int], None] | None = None,
+              fisher: bool = True, load: Callable[[int], None] | None = None,
+              unload: Callable[[int], None] | None = None,
+              new_stream: Callable[[], Stream] | None = None
+              ) -> dict[str, tuple[torch.Tensor | None, float]]:
+    """{name: (row_fisher, or None without `fisher`; grad2)} for the target layers `modules`.
+
+    By default the model is whole in memory; a walk over a streamed source passes `load(i)` /
+    `unload(i)`, which bring block i's weights in and out, and `new_stream()`, an empty
+    `models.streams.Stream` for the block inputs kept between the two walks (in files
+    where they are large)."""
+    report = report or (lambda stage, done, total: None)
+    if causal and ids.shape[1] < 2:
+        raise SvdqError("gradient statistics of a causal LM need calibration sequences of at "
+                        "least 2 tokens (a next token to predict); raise --calib-len")
+    prefix, blocks = blocks_of(model)
+    load, unload = load or (lambda i: None), unload or (lambda i: None)
+    if new_stream is None:
+        device = next(p for p in model.parameters() if p.device.type != "meta").device
+        new_stream = lambda: Stream(device)  # noqa: E731
+    n = len(blocks)
+    steps, done = 2 * n + 1, 0
+    report("gradients", 0, steps)
+    saved = [(p, p.requires_grad, p.grad) for p in model.parameters()]
+    out: dict[str, tuple[torch.Tensor | None, float]] = {}
+    boundaries: list[Stream] = []
+    try:
+        for p, _, _ in saved:
+            p.requires_grad_(False)
+            p.grad = None
+        stream = new_stream()
+        for h, kw in block_inputs(model, blocks[0], ids, 1):  # one sample per entry
+            stream.append(h, kw)
+        for i, block in enumerate(blocks):  # forward: keep every block's inputs
+            boundaries.append(stream)
+            load(i)
+            stream = new_stream()
+            for h, kw in boundaries[-1]:
+                stream.append(model_blocks.run_block(block, h, kw), kw)
+            unload(i)
+            done += 1
+            report("gradients", done, steps)
+        grads = _head(model, stream, ids, causal, seed)
+        stream.drop()
+        done += 1
+        report("gradients", done, steps)
+        for i in reversed(range(n)):  # backward: last block first
+            load(i)
+            mine = {k: m for k, m in modules.items() if k.startswith(f"{prefix}.{i}.")}
+            grads = _backward(blocks[i], boundaries[i], grads, mine, fisher, out)
+            boundaries[i].drop()
+            unload(i)
+            done += 1
+            report("gradients", done, steps)
+    finally:
+        for stream in boundaries:
+            stream.drop()
+        for p, requires_grad, grad in saved:
+            p.requires_grad_(requires_grad)
+            p.grad = grad
+    return out
+
+
+def _head(model: nn.Module, last: Stream, ids: torch.Tensor, causal: bool,
+          seed: int) -> list[torch.Tensor]:
+    """∂L_s/∂h for each sample s, h the last block's outputs."""
+    generator = torch.Generator().manual_seed(seed)
+    grads = []
+    model.eval()
+    with tail(model) as cell, torch.enable_grad():
+        for s, (h, _) in enumerate(last):
+            h = h.detach().requires_grad_(True)
+            sample = ids[s: s + 1].to(h.device)
+            if causal:
+                token_loss(model, cell, h, sample, backward=True)
+            else:
+                states = final_states(model, cell, h, sample)
+                r = torch.randn(states.shape[-1], generator=generator, dtype=torch.float64)
+                (states @ r.to(states.device, states.dtype)).mean().backward()
+            grads.append(h.grad.detach())
+    return grads
+
+
+def _backward(block: nn.Module, inputs: Stream, grads: list[torch.Tensor],
+              modules: dict[str, nn.Module], fisher: bool,
+              out: dict[str, tuple[torch.Tensor | None, float]]) -> list[torch.Tensor]:
+    """Backpropagate each sample's ∂L/∂(block output) through `block`, accumulating the
+    statistics of `modules` into `out`; returns ∂L/∂(block input) per sample."""
+    conv1d = conv1d_type()
+    transposed = {n: conv1d is not None and isinstance(m, conv1d) for n, m in modules.items()}
+    rows = {n: (m.weight.shape[-1] if transposed[n] else m.weight.shape[0]) for n, m in modules.items()}
+    row_fisher = {n: torch.zeros(rows[n], dtype=torch.float64, device=m.weight.device)
+                  for n, m in modules.items()} if fisher else {}
+    grad2 = {n: torch.zeros((), dtype=torch.float64, device=m.weight.device) for n, m in modules.items()}
+
+    def output_hook(name: str) -> Callable:
+        def accumulate(g: torch.Tensor) -> None:  # returns None: the gradient flows on unchanged
+            grad2[name].add_(g.detach().double().pow(2).sum())
+
+        def hook(module, args, output):
+            y = output[0] if isinstance(output, tuple) else output
+            if y.requires_grad:
+                y.register_hook(accumulate)
+        return hook
+
+    def weight_hook(name: str) -> Callable:
+        def hook(param):
+            g = param.grad.detach()
+            row_fisher[name] += g.double().pow(2).sum(0 if transposed[name] else 1)
+            param.grad = None  # read once, never accumulated across samples
+        return hook
+
+    handles = []
+    new = []
+    try:
+        for n, m in modules.items():
+            handles.append(m.register_forward_hook(output_hook(n)))
+            if fisher:
+                m.weight.requires_grad_(True)
+                handles.append(m.weight.register_post_accumulate_grad_hook(weight_hook(n)))
+        with torch.enable_grad():
+            for (h, kw), g in zip(inputs, grads):
+                h = h.detach().requires_grad_(True)
+                call_block(block, h, kw).backward(g.to(h.device, h.dtype))
+                new.append(h.grad.detach())
+    finally:
+        for handle in handles:
+            handle.remove()
+        for m in modules.values():
+            m.weight.requires_grad_(False)
+            m.weight.grad = None
+    for n in modules:
+        out[n] = (row_fisher.get(n), float(grad2[n]))
+    return new

@@ -1,0 +1,54 @@
+"""What the model makes of a walk's last hidden states: the losses the gradient statistics and
+the budget's judge use, computed through `models.blocks.tail` (the model's own head).
+
+- causal LMs: the next-token cross-entropy of one sequence, summed over its tokens, with the
+  vocabulary-wide logits made a chunk of positions at a time (`logits_to_keep`), so a 262k
+  vocabulary costs tens of MB, not a GB;
+- encoders: the last hidden states (`last_hidden_state`, else the last of `hidden_states`).
+"""
+from __future__ import annotations
+
+import inspect
+
+import torch
+from torch import nn
+
+LOGIT_BYTES = 64 * 2 ** 20  # float32 logits made at once, at most
+
+
+def _keeps_logits(model: nn.Module) -> bool:
+    return "logits_to_keep" in inspect.signature(model.forward).parameters
+
+
+def token_loss(model: nn.Module, cell: dict, hidden: torch.Tensor, ids: torch.Tensor,
+               backward: bool = False) -> float:
+    """Σ over the next-token predictions of one sequence `ids` (1, T) of its cross-entropy,
+    the model's head applied to `hidden` (1, T, h), the last block's outputs, inside
+    `blocks.tail(model)` (whose `cell` this is). With `backward` the sum, divided by T − 1
+    (the mean transformers computes for labels=ids), is backpropagated into `hidden` chunk
+    by chunk, so only one chunk's logits exist at a time."""
+    n = ids.shape[1] - 1
+    vocab = model.get_output_embeddings().weight.shape[0] if model.get_output_embeddings() is not None else 1
+    step = max(1, LOGIT_BYTES // (4 * vocab)) if _keeps_logits(model) else n
+    mask = torch.ones_like(ids)
+    total = 0.0
+    for start in range(0, n, step):
+        stop = min(start + step, n)
+        cell["value"] = hidden
+        keep = {} if step >= n else {"logits_to_keep": torch.arange(start, stop, device=ids.device)}
+        logits = model(input_ids=ids, attention_mask=mask, use_cache=False, **keep).logits
+        logits = logits[0] if keep else logits[0, start:stop]
+        part = nn.functional.cross_entropy(logits.float(), ids[0, start + 1: stop + 1],
+                                           reduction="sum")
+        if backward:
+            (part / n).backward()
+        total += float(part.detach())
+    return total
+
+
+def final_states(model: nn.Module, cell: dict, hidden: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """An encoder's last hidden states for `ids`, the last block's outputs being `hidden`."""
+    cell["value"] = hidden
+    out = model(input_ids=ids, attention_mask=torch.ones_like(ids), output_hidden_states=True)
+    h = getattr(out, "last_hidden_state", None)
+    return out.hidden_states[-1] if h is None else h

@@ -1,0 +1,1 @@
+"""Models: loading, layer adapters and targets, streaming a source block by block."""

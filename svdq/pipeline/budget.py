@@ -1,0 +1,182 @@
+"""`svdq compress --ratio R | --size S`: one byte budget for all target layers together.
+
+Every layer's options (`pipeline.options`) are measured on its calibration statistics,
+together with the choices a uniform `--eps` would make. `allocate` then picks one option per
+layer for the least Σ weight · error² within the budget, never worse than any of those uniform
+settings that fits. A layer's weight is its loss sensitivity (`calibration.gradients`): the
+mean squared loss gradient of its outputs times its output energy, so weight · error²
+estimates the loss damage of its output error. That estimate is first-order: `candidates`
+are the plans allocated under each error cap and the most exact plain quantization that fits,
+and a judge (the calibration loss of each plan, run end to end) picks among them.
+
+The allocation needs numbers only; building a plan needs each layer's statistics again. So a
+budget runs in two passes over the blocks (`pipeline.compress`): the first keeps each layer's
+option table, the second rebuilds the candidate plans' layers block by block, runs each plan's
+own stream through the block, and keeps their tensors until the judge has spoken.
+"""
+from __future__ import annotations
+
+import math
+from typing import Callable
+
+from svdq.algo.allocate import Option, allocate, total
+from svdq.algo.dense import stored_dense
+from svdq.algo.error import reference
+from svdq.algo.lowrank import break_even_rank
+from svdq.algo.residual import Residual, refine_residual, residual_of
+from svdq.algo.stored import Stored
+from svdq.config import Settings
+from svdq.errors import SvdqError
+from svdq.models.layers import fp16_bytes, targets
+from svdq.pipeline.options import Measured, UNIFORM_EPS, stored_of  # noqa: F401 - UNIFORM_EPS re-exported
+from svdq.pipeline.walk import LayerWork
+
+# Sensitivity × error² estimates a layer's damage only while the error is small: forms whose
+# relative error exceeds a cap are left out whenever the budget can be met without them
+# (measured on MiniLM at 0.285 × fp16: similarity 0.959 with them, 0.981 without a cap of
+# 0.1). Each cap the budget allows gives a candidate plan; the calibration loss decides.
+ERROR_CAPS = (0.1, 0.05, 0.02)
+DAMAGE = 0.3  # a planned relative output error above this in any layer gets a loud warning
+
+
+def check_request(model, settings: Settings) -> None:
+    """Refuse a --size that compresses nothing (at least the target layers' fp16 bytes)."""
+    if settings.budget_bytes is None:
+        return
+    fp16 = sum(fp16_bytes(model.get_submodule(n))
+               for n in targets(model, settings.include, settings.exclude))
+    if settings.budget_bytes >= fp16:
+        raise SvdqError(f"--size {settings.budget_bytes:,} bytes compresses nothing: the target "
+                        f"layers take {fp16:,} bytes in float16; ask for less")
+
+
+def damage_warning(names: list[str], errors: list[float]) -> str | None:
+    """A warning when the plan leaves layers with large predicted output errors."""
+    bad = [(e, n) for n, e in zip(names, errors) if e > DAMAGE]
+    if not bad:
+        return None
+    worst, name = max(bad)
+    return (f"this budget leaves {len(bad)} of {len(names)} layers with a predicted relative "
+            f"output error above {DAMAGE:g} (worst {worst:.2f}, {name}): expect a badly damaged "
+            "model; raise the budget (--ratio/--size) and compare with svdq eval")
+
+
+def budget_of(settings: Settings, fp16: int) -> int:
+    if settings.budget_ratio is not None:
+        return math.floor(settings.budget_ratio * fp16)
+    return settings.budget_bytes
+
+
+def candidates(measured: Measured, budget: int, block_size: int) -> list[tuple[str, list[int]]]:
+    """Allocations of `budget` worth comparing, as (label, option index per layer), best
+    estimate first: the sensitivity-optimal one under each of `ERROR_CAPS` the budget allows
+    (without any cap if it allows none), then the most exact uniform quantization without
+    correction that fits (every layer at the most bits, then the smallest blocks, the budget
+    allows). Duplicates are dropped; none: nothing fits (`check_fits` says so)."""
+    options = measured.options
+    found: list[tuple[str, list[int]]] = []
+    for cap in ERROR_CAPS:
+        capped = [[i for i, o in enumerate(opts) if o.error <= cap] for opts in options]
+        if sum(min(options[n][i].bytes for i in idx) for n, idx in enumerate(capped)) > budget:
+            continue
+        sub = [[options[n][i] for i in idx] for n, idx in enumerate(capped)]
+        where = [{i: j for j, i in enumerate(idx)} for idx in capped]
+        uniform = [[where[n][i] for n, i in enumerate(c)] for c in measured.uniform.values()
+                   if all(i in where[n] for n, i in enumerate(c))]
+        found.append((f"error cap {cap:g}",
+                      [capped[n][j] for n, j in enumerate(allocate(sub, budget, uniform))]))
+    if not found:
+        try:
+            found.append(("no error cap", allocate(options, budget, list(measured.uniform.values()))))
+        except ValueError:
+            return []
+    forms = {(o.bits, o.block or block_size) for o in options[0] if o.kind == "dense"}
+    for bits, block in sorted(forms, key=lambda f: (-f[0], f[1])):  # the most exact first
+        plan = [next(i for i, o in enumerate(opts) if (o.kind, o.rank, o.bits, o.block or block_size)
+                     == ("dense", 0, bits, block)) for opts in options]
+        if total(options, plan)[0] <= budget:
+            found.append((f"{bits}-bit in blocks of {block}, no correction", plan))
+            break
+    unique: dict[tuple[int, ...], str] = {}
+    for label, plan in found:
+        unique.setdefault(tuple(plan), label)
+    return [(label, list(plan)) for plan, label in unique.items()]
+
+
+def check_fits(found: list, measured: Measured, budget: int) -> None:
+    """Refuse a budget below the smallest the layers can be stored in."""
+    if found:
+        return
+    fp16, least = measured.fp16, sum(min(o.bytes for o in opts) for opts in measured.options)
+    raise SvdqError(f"a budget of {budget:,} bytes ({budget / fp16:.3f} × fp16) is below "
+                    f"the smallest these {len(measured.options)} layers can be stored in, "
+                    f"{least:,} bytes ({least / fp16:.3f} × fp16); ask for at least that")
+
+
+def build_layer(work: LayerWork, option: Option, settings: Settings,
+                residuals: dict[tuple[int, int], Residual] | None = None) -> Stored:
+    """The stored layer of `option` for `work`, a correction refined; `residuals` caches the
+    quantized bases (bits, block) a layer's options share across candidate plans."""
+    block, ref = settings.block_size, reference(work.w, work.bias, work.stats)
+    if option.kind == "dense" and option.block is not None:  # the weight alone in its own blocks
+        return stored_dense(work.w, work.stats, ref, option.bits, option.block, 0)
+    res = None
+    if option.kind == "residual":  # rebuilt, not kept for every layer
+        key = (option.bits, option.block or block)
+        residuals = {} if residuals is None else residuals
+        if key not in residuals:
+            residuals[key] = residual_of(work.w, work.stats, *key, settings.method)
+        res = residuals[key]
+    factors = work.factors if option.kind == "lowrank" else None
+    stored = stored_of(option, work.w, work.bias, factors, work.stats, block,
+                       break_even_rank(*work.w.shape, settings.bits, block), res)
+    return refine_residual(work.w, stored, work.stats, ref, settings.method)
+
+
+def summary(measured: Measured, budget: int, found: list[tuple[str, list[int]]],
+            losses: list[float | None], best: int, errors: list[float],
+            names: list[str]) -> dict:
+    """What the manifest records of a budget: the request, the plan taken and the candidates
+    judged (`losses`, None where not judged), the uniform-eps plans it had to beat."""
+    options = measured.options
+    label, picks = found[best]
+    planned, planned_cost = total(options, picks)
+    weights = [opts[0].weight for opts in options]
+    weighted = any(o.weight != 1.0 for opts in options for o in opts)
+    warning = damage_warning(names, errors)
+    judged = [{"plan": lab, "bytes": total(options, plan)[0],
+               "planned_error2": total(options, plan)[1], "calibration_loss": loss}
+              for (lab, plan), loss in zip(found, losses)]
+    return {"requested_bytes": budget, "planned_bytes": planned, "target_fp16_bytes": measured.fp16,
+            **({"warning": warning} if warning else {}),
+            "weights": weights, "planned_error2": planned_cost,
+            "objective": "sensitivity-weighted error²" if weighted else "error²",
+            "error_cap": next((c for c in ERROR_CAPS if label == f"error cap {c:g}"), None),
+            "plan": label, "candidates": judged,
+            "error2": math.fsum(wt * e ** 2 for wt, e in zip(weights, errors)),
+            "bits_choices": list(measured.bits_choices),
+            "uniform": [dict(zip(("eps", "bytes", "error2"), (eps, *total(options, p))))
+                        for eps, p in measured.uniform.items()]}
+
+
+def pick(works: list[LayerWork], measured: Measured, budget: int, settings: Settings,
+         judge: Callable[[list[Stored]], float] | None = None) -> tuple[list[Stored], dict]:
+    """One stored form per layer of `works` (all in memory: sweep), within `budget` bytes, and
+    what to record about it (`weights`: each layer's sensitivity, in the order of `works`).
+    With a `judge` (the calibration loss of a list of stored forms) every candidate is built
+    and judged and the lowest loss wins; without one the best estimate is taken."""
+    found = candidates(measured, budget, settings.block_size)
+    check_fits(found, measured, budget)
+    if judge is None:
+        found = found[:1]
+    built, losses = [], []
+    for label, plan in found:
+        residuals = [dict() for _ in works]
+        stored = [build_layer(w, opts[i], settings, r)
+                  for w, opts, i, r in zip(works, measured.options, plan, residuals)]
+        built.append(stored)
+        losses.append(judge(stored) if judge is not None and len(found) > 1 else None)
+    best = min(range(len(found)), key=lambda k: (losses[k] is None, losses[k] or 0.0, k))
+    choices = built[best]
+    return choices, summary(measured, budget, found, losses, best, [c.error for c in choices],
+                            [w.name for w in works])

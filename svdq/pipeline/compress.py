@@ -1,0 +1,246 @@
+"""`compress`: a source model in, its layers' plans and stored tensors out, block by block.
+
+Eps mode walks the blocks once: per block, each target layer's form is chosen on its
+statistics (`choose_form`), swapped into the model (so `--sequential` carries the compressed
+block's outputs on) and its tensors handed to the sink. A budget walks twice
+(`pipeline.budget`): pass 1 keeps each layer's option table only; the allocation picks the
+candidate plans; pass 2 builds every candidate's layers block by block, runs each plan's own
+stream through the block, hands each candidate's tensors to a store of its own, and the judge
+picks the plan whose tensors become the artifact's. `--method fisher` and budgets first take
+the gradient statistics, themselves one block at a time. Nothing holds more than one block's
+weights when the source streams from its files.
+"""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Callable
+
+import torch
+from torch import nn
+
+from svdq import runtime
+from svdq.algo.quant import codebook
+from svdq.algo.refit import refit_u
+from svdq.algo.residual import residual_of
+from svdq.algo.search import choose, choose_residual
+from svdq.algo.stored import Stored
+from svdq.artifact.writer import TensorWriter
+from svdq.config import Settings
+from svdq.models.layers import set_module
+from svdq.models.load import Source
+from svdq.pipeline import budget as budgets
+from svdq.pipeline.judge import losses
+from svdq.pipeline.options import Measured, measure_layer
+from svdq.models.streams import Scratch
+from svdq.pipeline.walk import Clock, LayerWork, Progress, Walker, calibration_ids
+from svdq.plan import LayerPlan, Result, tensors_of
+
+
+
+def realize(work: LayerWork, stored: Stored,
+            settings: Settings) -> tuple[LayerPlan, dict[str, torch.Tensor], nn.Module | None]:
+    """Layer `work.name` stored as `stored`: its plan entry, its artifact tensors and the
+    module that computes it as the loaders will (None: the layer stays as it is)."""
+    tensors = tensors_of(work.name, work.module, stored)
+    plan = LayerPlan.of(work.name, work.module, stored, tensors, settings.block_size)
+    if stored.kind == "keep":
+        return plan, tensors, None
+    books = {runtime.codebook_key(b): codebook(b) for b in (4, 8)}
+    module = runtime.build_layer(plan.to_json(), {**tensors, **books}, work.module.weight.dtype, set())
+    return plan, tensors, module.to(work.module.weight.device)
+
+
+def choose_form(work: LayerWork, settings: Settings, residual=None) -> Stored:
+    """The eps-mode choice for one layer: low rank replaces the weight, or with
+    `settings.residual` corrects the weight's quantization error (`residual`: that error's
+    factors, made here when not given)."""
+    if settings.residual:
+        res = residual or residual_of(work.w, work.stats, settings.bits, settings.block_size,
+                                      settings.method)
+        return choose_residual(work.w, work.bias, res, work.stats, settings.eps,
+                               method=settings.method)
+    return choose(work.w, work.bias, work.factors, work.stats, settings.eps, settings.bits,
+                  settings.block_size)
+
+
+def refitted(work: LayerWork, stored: Stored, settings: Settings) -> tuple[Stored, dict]:
+    """`--refit`: the stored form refit against the source, and what the manifest notes."""
+    if not settings.refit:
+        return stored, {}
+    stored, before, after = refit_u(work.w, work.bias, stored, work.stats)
+    return stored, {"source_error": after, "source_error_before_refit": before,
+                    "refit": after < before}
+
+
+def codebooks(plans: list[LayerPlan]) -> dict[str, torch.Tensor]:
+    used = {p.bits for p in plans} | {p.factor_bits for p in plans}
+    return {runtime.codebook_key(b): codebook(b) for b in sorted(used & {4, 8})}
+
+
+class _Out:
+    """Where stored tensors go: the sink (an artifact's `TensorWriter`), else kept in memory;
+    a streamed block's untouched tensors follow once it is released."""
+
+    def __init__(self, source: Source, sink: TensorWriter | None) -> None:
+        self.source, self.sink, self.kept = source, sink, {}
+
+    def __call__(self, tensors: dict[str, torch.Tensor]) -> None:
+        if self.sink is None:
+            self.kept.update(tensors)
+        else:
+            self.sink.add(tensors)
+
+    def released(self) -> None:
+        if self.sink is not None and self.source.released:
+            self.sink.add(dict(self.source.released))
+            self.source.released.clear()
+
+    def store(self, folder: Path) -> "TensorWriter | dict":
+        """Somewhere a candidate plan's tensors wait for the judge: files beside the sink's,
+        or memory."""
+        if self.sink is None:
+            return {}
+        folder.mkdir(parents=True)
+        return TensorWriter(folder, self.sink.shard_bytes, flush_bytes=CANDIDATE_FLUSH)
+
+    def adopt(self, store: "TensorWriter | dict") -> None:
+        if isinstance(store, dict):
+            self(store)
+        else:
+            self.sink.adopt(store)
+
+
+CANDIDATE_FLUSH = 16 * 2 ** 20  # a candidate's tensors waiting in memory before they go to a file
+
+
+def compress(source: Source, settings: Settings, progress: Progress | None = None,
+             warn: Callable[[str], None] | None = None, sink: TensorWriter | None = None,
+             scratch: Path | None = None) -> Result:
+    """Compress `source.model` according to `settings`; `warn` hears warnings as they arise.
+    With `sink` (an artifact's tensor writer) stored tensors, and a streamed block's untouched
+    ones, go there as soon as they are made instead of into `Result.tensors`. `scratch`: a
+    folder for offloaded activations and candidate tensors (default: a temporary one)."""
+    report = progress or (lambda stage, done, total: None)
+    params = sum(p.numel() for p in source.model.parameters())
+    clock, calibration = Clock(), {}
+    out = _Out(source, sink)
+    if settings.budgeted:
+        budgets.check_request(source.model, settings)  # before minutes of calibration
+    ids = calibration_ids(source, settings, report, calibration, warn)
+    with Scratch(scratch) as room:
+        walker = Walker(source, settings, report, clock, room.path)
+        try:
+            if settings.budgeted:
+                plans, budget = _budget(walker, ids, settings, out, room.path)
+            else:
+                plans, budget = _eps(walker, ids, settings, out), None
+        finally:
+            walker.close()
+    out(codebooks(plans))
+    return Result(source.model, [p.to_json() for p in plans], out.kept, calibration, params,
+                  dict(clock.spent), budget=budget, released=source.released,
+                  planned={p.name for p in plans})
+
+
+def _eps(walker: Walker, ids: torch.Tensor, settings: Settings, out: _Out) -> list[LayerPlan]:
+    if settings.method == "fisher":
+        walker.gradients(ids, fisher=True)
+    walker.start(ids)
+    plans = []
+    for i in range(len(walker.blocks)):
+        for work in walker.enter(i):
+            walker.report(f"blocks: block {i + 1}: {work.name.rpartition('.')[2]}", i,
+                          len(walker.blocks))
+            stored, notes = refitted(work, choose_form(work, settings), settings)
+            plan, tensors, module = realize(work, stored, settings)
+            if module is not None:
+                set_module(walker.model, work.name, module)
+            plans.append(plan.noted(**notes))
+            out(tensors)
+            walker.clock.lap("rank search and quantization")
+        walker.leave(i, keep=walker.source.released)
+        out.released()
+    return plans
+
+
+def _budget(walker: Walker, ids: torch.Tensor, settings: Settings, out: _Out,
+            scratch: Path) -> tuple[list[LayerPlan], dict]:
+    walker.gradients(ids, fisher=settings.method == "fisher")
+    walker.start(ids)  # pass 1: each layer's options, numbers only
+    layers = []
+    for i in range(len(walker.blocks)):
+        for work in walker.enter(i):
+            walker.report(f"blocks: block {i + 1}: options of {work.name.rpartition('.')[2]}",
+                          i, len(walker.blocks))
+            layers.append(measure_layer(work, settings))
+            walker.clock.lap("options")
+        walker.leave(i)
+    measured = Measured.of(layers, settings)
+    limit = budgets.budget_of(settings, measured.fp16)
+    found = budgets.candidates(measured, limit, settings.block_size)
+    budgets.check_fits(found, measured, limit)
+    walker.clock.lap("allocation")
+    labels = [label for label, _ in found]
+    judged = len(found) > 1
+    weights = [opts[0].weight for opts in measured.options]
+    stores = {label: out.store(scratch / f"candidate-{k}") for k, label in enumerate(labels)}
+    plans: dict[str, list[LayerPlan]] = {label: [] for label in labels}
+    errors: dict[str, list[float]] = {label: [] for label in labels}
+    walker.start(ids, variants=tuple(labels) if judged else ())  # pass 2: build, run, judge
+    n = 0
+    for i in range(len(walker.blocks)):
+        swaps: dict[str, dict[str, nn.Module]] = {label: {} for label in labels}
+        for work in walker.enter(i):
+            walker.report(f"blocks: block {i + 1}: plans of {work.name.rpartition('.')[2]}",
+                          i, len(walker.blocks))
+            residuals: dict = {}  # quantized bases the candidates share for this layer
+            for label, picks in found:
+                stored = budgets.build_layer(work, measured.options[n][picks[n]], settings, residuals)
+                final, notes = refitted(work, stored, settings)
+                plan, tensors, module = realize(work, stored, settings)  # the judge runs it unrefit
+                if final is not stored:
+                    plan, tensors, _ = realize(work, final, settings)
+                plans[label].append(plan.noted(**notes, sensitivity=weights[n]))
+                errors[label].append(stored.error)
+                _put(stores[label], tensors)
+                if module is not None:
+                    swaps[label][work.name] = module
+            n += 1
+            walker.clock.lap("plans")
+        if not judged:  # the one plan is the model's now
+            for name, module in swaps[labels[0]].items():
+                set_module(walker.model, name, module)
+        walker.leave(i, variants=swaps if judged else None, keep=walker.source.released)
+        out.released()
+        walker.clock.lap("plans")
+    scores = [None] * len(found)
+    if judged:
+        walker.report("judging the candidate plans", 0, 1)
+        by = losses(walker.model, walker.variants, ids, walker.source.is_causal, walker.main)
+        scores = [by[label] for label in labels]
+        walker.clock.lap("judge")
+    best = min(range(len(found)), key=lambda k: (scores[k] is None, scores[k] or 0.0, k))
+    winner = labels[best]
+    out.adopt(stores[winner])
+    if judged and not walker.streamed and out.sink is None:  # the model, as the winner has it
+        books = codebooks(plans[winner])
+        for plan in plans[winner]:
+            if plan.kind != "keep":
+                module = walker.model.get_submodule(plan.name)
+                new = runtime.build_layer(plan.to_json(), {**out.kept, **books},
+                                          module.weight.dtype, set())
+                set_module(walker.model, plan.name, new.to(module.weight.device))
+    info = budgets.summary(measured, limit, found, scores, best, errors[winner],
+                           [p.name for p in plans[winner]])
+    info["achieved_bytes"] = sum(p.bytes for p in plans[winner])
+    if settings.refit:  # the refit changed the errors the allocation planned with
+        info["error2"] = math.fsum(p.notes["sensitivity"] * p.error ** 2 for p in plans[winner])
+    return plans[winner], info
+
+
+def _put(store, tensors: dict[str, torch.Tensor]) -> None:
+    if isinstance(store, dict):
+        store.update(tensors)
+    else:
+        store.add(tensors)

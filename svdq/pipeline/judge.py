@@ -1,0 +1,84 @@
+"""How a budget's candidate plans are compared: their calibration loss, end to end.
+
+A causal LM's loss is its mean next-token cross-entropy on the calibration sequences; an
+encoder's is the relative squared distance of its last hidden states to the source's. Both are
+computed from the last block's outputs of each plan's own stream through the model's head
+(`models.blocks.tail`), so a plan is judged one block at a time like everything else:
+`losses` takes the streams a walk carried to the end; `judge_of` walks a model that is whole
+in memory (sweep) with a plan's layers swapped in.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+from torch import nn
+
+from svdq.algo.stored import Stored
+from svdq.calibration.loss import final_states, token_loss
+from svdq.config import Settings
+from svdq.models.blocks import block_inputs, run_block, tail
+from svdq.models.layers import blocks_of
+from svdq.models.load import Source
+from svdq.models.streams import Stream
+from svdq.pipeline.walk import LayerWork
+
+
+def _rows(stream: Stream, ids: torch.Tensor):
+    """(sample ids (1, T), its hidden states (1, T, h)) for every sample of `stream`."""
+    row = 0
+    for h, _ in stream:
+        for k in range(h.shape[0]):
+            yield ids[row: row + 1].to(h.device), h[k: k + 1]
+            row += 1
+
+
+def losses(model: nn.Module, finals: dict[str, Stream], ids: torch.Tensor, causal: bool,
+           reference: Stream | None = None) -> dict[str, float]:
+    """The calibration loss of each stream in `finals` (the last block's outputs of a plan);
+    encoders compare against `reference`, the source's own stream."""
+    out = {}
+    with tail(model) as cell, torch.no_grad():
+        if causal:
+            for label, stream in finals.items():
+                total = sum(token_loss(model, cell, h, seq) for seq, h in _rows(stream, ids))
+                out[label] = total / max(ids.shape[0] * (ids.shape[1] - 1), 1)
+            return out
+        ref_states = [final_states(model, cell, h, seq).float().double()
+                      for seq, h in _rows(reference, ids)]
+        norm = sum(float(r.pow(2).sum()) for r in ref_states) or 1.0
+        for label, stream in finals.items():
+            err = sum(float((final_states(model, cell, h, seq).float().double() - r).pow(2).sum())
+                      for (seq, h), r in zip(_rows(stream, ids), ref_states))
+            out[label] = err / norm
+    return out
+
+
+def judge_of(source: Source, works: list[LayerWork], ids: torch.Tensor,
+             settings: Settings) -> Callable[[list[Stored]], float]:
+    """The calibration loss of `source.model` (whole in memory) with a plan's layers swapped
+    in, each layer as stored (`pipeline.compress.realize`); the source's own stream is the
+    encoders' reference, computed once here."""
+    from svdq.pipeline.compress import realize
+    from svdq.pipeline.walk import swapped
+
+    model = source.model
+    device = next(model.parameters()).device
+    _, blocks = blocks_of(model)
+
+    def walk_all() -> Stream:
+        stream = Stream(device)
+        for h, kw in block_inputs(model, blocks[0], ids, settings.batch_size):
+            for block in blocks:
+                h = run_block(block, h, kw)
+            stream.append(h, kw)
+        return stream
+
+    reference = None if source.is_causal else walk_all()
+
+    def judge(stored: list[Stored]) -> float:
+        layers = {w.name: realize(w, s, settings)[2] for w, s in zip(works, stored)}
+        with swapped(model, {n: m for n, m in layers.items() if m is not None}):
+            final = walk_all()
+        return losses(model, {"plan": final}, ids, source.is_causal, reference)["plan"]
+    return judge

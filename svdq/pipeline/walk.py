@@ -1,0 +1,286 @@
+"""The walk over a model's blocks: one analysis that the eps planner, the budget's two passes
+and sweep all consume.
+
+`Walker.start` captures what the first block receives; then, per block i, `enter(i)` reads
+the block's weights (a streamed source: from its files, now), runs the block on the stream
+its statistics come from and hands back each target layer's `LayerWork`; the caller decides
+what each layer becomes; `leave(i, ...)` runs the other streams through the block as decided
+and releases it. The streams:
+
+- `main`: what the statistics are gathered on — the source model's own activations, or with
+  `--sequential` those of the blocks as compressed so far (the block runs once more, through
+  its compressed layers, in `leave`);
+- `source`: with `--sequential --refit`, the source model's stream beside it, token for
+  token, so the statistics pair the two (`LayerStats.cross`);
+- variants: named streams that run through the block with other layers swapped in for the
+  time of their forward (the budget's candidate plans, judged end to end).
+"""
+from __future__ import annotations
+
+import contextlib
+import time
+from collections import defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterator
+
+import torch
+from torch import nn
+
+from svdq.algo.factorize import Factors, LayerStats, factorize
+from svdq.calibration import text as calibration_text
+from svdq.calibration.collect import Collector
+from svdq.calibration.gradients import gradients
+from svdq.config import Settings
+from svdq.errors import SvdqError
+from svdq.models import stream
+from svdq.models import blocks as model_blocks
+from svdq.models.layers import blocks_of, set_module, targets, weight_of
+from svdq.models.load import Source
+from svdq.models.streams import Stream
+
+Progress = Callable[[str, int, int], None]  # (stage, done, total)
+# Streams larger than this together go to files under the scratch folder by themselves
+# (--offload-activations sends them there at any size).
+OFFLOAD_BYTES = 512 * 2 ** 20
+
+
+class Clock:
+    """Seconds spent per stage: `lap(stage)` charges the time since the previous lap."""
+
+    def __init__(self) -> None:
+        self.spent: dict[str, float] = defaultdict(float)
+        self._t = time.perf_counter()
+
+    def lap(self, stage: str) -> None:
+        now = time.perf_counter()
+        self.spent[stage] += now - self._t
+        self._t = now
+
+
+@dataclass
+class LayerWork:
+    """What choosing a layer's form needs: its weight, statistics and (on first use) factors."""
+
+    name: str
+    module: nn.Module  # the original layer
+    w: torch.Tensor  # (out, in) float32
+    bias: torch.Tensor | None
+    stats: LayerStats
+    method: str = "svd"
+    given: Factors | None = None  # the factors, once made (or given, as sweep does)
+
+    @property
+    def factors(self) -> Factors:
+        if self.given is None:
+            self.given = factorize(self.method, self.w, self.stats)
+        return self.given
+
+
+def calibration_ids(source: Source, settings: Settings, report: Progress,
+                    calibration: dict, warn: Callable[[str], None] | None = None) -> torch.Tensor:
+    """The calibration token ids (samples, length) of `settings`; `calibration` gets their
+    description for the manifest."""
+    device = torch.device(settings.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SvdqError("--device cuda was asked for but no CUDA GPU is available; use --device cpu")
+    streamed = source.weights is not None
+    model = stream.to_device(source.model, device) if streamed else source.model.to(device)
+
+    def whole() -> nn.Module:  # sampling text from the model needs all of it at once
+        if streamed:
+            if warn is not None:
+                warn("sampling calibration text from the model reads all of it into memory "
+                     "once; give --calib FILE to keep memory to one block")
+            stream.materialize(model, "", source.weights, source.stream_dtype, device)
+        return model
+
+    report("calibration text", 0, 1)
+    ids, info = calibration_text.calibration_ids(
+        whole, source.tokenizer, settings.calib, settings.calib_samples, settings.calib_len,
+        settings.batch_size, settings.seed, source.is_causal, report, warn)
+    if streamed:
+        blocks_of(model)[1].to("meta")  # back to one block at a time
+    calibration.update(info)
+    report("calibration text", 1, 1)
+    return ids
+
+
+class Walker:
+    """A model walked one block at a time (see the module's docstring)."""
+
+    def __init__(self, source: Source, settings: Settings, report: Progress, clock: Clock,
+                 scratch: Path | None = None) -> None:
+        self.source, self.settings, self.report, self.clock = source, settings, report, clock
+        self.device = torch.device(settings.device)
+        self.streamed = source.weights is not None
+        self.model = (stream.to_device(source.model, self.device) if self.streamed
+                      else source.model.to(self.device))
+        self.prefix, self.blocks = blocks_of(self.model)
+        self.names = targets(self.model, settings.include, settings.exclude)
+        self.scratch = scratch
+        self.grads: dict[str, tuple[torch.Tensor | None, float]] = {}
+        self.main: Stream | None = None
+        self.paired: Stream | None = None  # --sequential --refit: the source's own stream
+        self.variants: dict[str, Stream] = {}
+
+    # ------------------------------------------------------------------ blocks in and out
+    def layers_of(self, i: int) -> dict[str, nn.Module]:
+        """Block i's target layers, by name, as the model holds them now."""
+        return {n: self.model.get_submodule(n) for n in self.names
+                if n.startswith(f"{self.prefix}.{i}.")}
+
+    def load(self, i: int) -> None:
+        """Block i's weights, read from the source's files now (streamed sources)."""
+        if self.streamed:
+            stream.materialize(self.blocks[i], f"{self.prefix}.{i}", self.source.weights,
+                               self.source.stream_dtype, self.device)
+
+    def unload(self, i: int, keep: dict[str, torch.Tensor] | None = None) -> None:
+        """Block i back to `meta` (streamed sources); `keep` first gets a copy of what it holds
+        outside its target layers (norms, ...), which the artifact stores as they are."""
+        if self.streamed and keep is None:
+            self.blocks[i].to("meta")
+        elif self.streamed:
+            stream.release(self.blocks[i], f"{self.prefix}.{i}", set(self.layers_of(i)), keep)
+
+    def new_stream(self, folder: bool | None = None) -> Stream:
+        """An empty stream; its hidden states rest on the CPU when the blocks run on a GPU, in
+        files with `folder` (default: --offload-activations)."""
+        offload = self.settings.offload_activations if folder is None else folder
+        home = torch.device("cpu") if self.device.type == "cuda" else self.device
+        return Stream(self.device, home, self.scratch if offload else None)
+
+    def _offload(self, streams: int) -> bool:
+        """Whether `streams` calibration streams go to files: asked for, or too large."""
+        s = self.settings
+        hidden = getattr(self.model.config, "hidden_size", None) or getattr(self.model.config, "n_embd", 0)
+        size = streams * s.calib_samples * s.calib_len * hidden * 4
+        return s.offload_activations or (self.scratch is not None and size > OFFLOAD_BYTES)
+
+    # ------------------------------------------------------------------ the passes
+    def gradients(self, ids: torch.Tensor, fisher: bool) -> None:
+        """Gradient statistics of every target layer (`calibration.gradients`), kept to be
+        attached to each layer's statistics as the walk reaches it."""
+        offload = self._offload(len(self.blocks) + 1)
+        modules = {n: self.model.get_submodule(n) for n in self.names}
+        self.grads = gradients(self.model, ids, modules, self.source.is_causal, self.settings.seed,
+                               self.report, fisher, self.load, self.unload,
+                               lambda: self.new_stream(offload))
+        self.clock.lap("gradients")
+
+    def start(self, ids: torch.Tensor, variants: tuple[str, ...] = ()) -> None:
+        """Capture the first block's inputs: the main stream, and a copy per variant."""
+        torch.manual_seed(self.settings.seed)
+        sequential, refit = self.settings.sequential, self.settings.refit
+        offload = self._offload(1 + len(variants) + (sequential and refit))
+        self.main = self.new_stream(offload)
+        for h, kw in model_blocks.block_inputs(self.model, self.blocks[0], ids,
+                                              self.settings.batch_size):
+            self.main.append(h, kw)
+        self.paired = self.main.copy() if sequential and refit else None
+        self.variants = {label: self.main.copy() for label in variants}
+        self.clock.lap("calibration text")
+
+    def enter(self, i: int) -> list[LayerWork]:
+        """Read block i, run the main stream through it gathering its layers' statistics, and
+        return their work, in model order."""
+        stage = lambda what: self.report(f"blocks: block {i + 1}: {what}", i, len(self.blocks))  # noqa: E731
+        if self.streamed:
+            stage("reading its weights")
+            self.load(i)
+        stage("forward and statistics")
+        block, mine = self.blocks[i], self.layers_of(i)
+        outputs, paired = self.main.like(), None if self.paired is None else self.paired.like()
+        with Collector(mine, paired=paired is not None) as collector:
+            for j, (h, kw) in enumerate(self.main):
+                if paired is not None:  # the block is still the source's here
+                    h0, kw0 = self.paired[j]
+                    with collector.source():
+                        paired.append(model_blocks.run_block(block, h0, kw0), kw0)
+                outputs.append(model_blocks.run_block(block, h, kw), kw)
+        stats = collector.stats
+        self._outputs, self._paired_outputs = outputs, paired
+        self.clock.lap("forward and statistics")
+        works = []
+        for name, module in mine.items():
+            st = stats[name]
+            st.gram, st.total = st.gram.to(self.device), st.total.to(self.device)
+            if name in self.grads:
+                fisher, grad2 = self.grads[name]
+                st.row_fisher = None if fisher is None else fisher.to(self.device)
+                st.grad2 = grad2
+            bias = None if module.bias is None else module.bias.detach().float()
+            works.append(LayerWork(name, module, weight_of(module).float(), bias, st,
+                                   self.settings.method))
+        return works
+
+    def leave(self, i: int, variants: dict[str, dict[str, nn.Module]] | None = None,
+              keep: dict[str, torch.Tensor] | None = None) -> None:
+        """Carry the streams past block i and release it. With `--sequential` the main stream
+        runs again, through the layers swapped into the model since `enter`; each variant runs
+        with its own layers (`variants[label]`: {name: module}) swapped in for its forward."""
+        block = self.blocks[i]
+        if self.settings.sequential:
+            self._outputs.drop()
+            self._outputs = self.main.like()
+            for h, kw in self.main:
+                self._outputs.append(model_blocks.run_block(block, h, kw), kw)
+            self.clock.lap("forward and statistics")
+        for label, layers in (variants or {}).items():
+            with swapped(self.model, layers):
+                out = self.variants[label].like()
+                for h, kw in self.variants[label]:
+                    out.append(model_blocks.run_block(block, h, kw), kw)
+            self.variants[label].drop()
+            self.variants[label] = out
+        self.main.drop()
+        self.main = self._outputs
+        if self.paired is not None:
+            self.paired.drop()
+            self.paired = self._paired_outputs
+        self.unload(i, keep)
+        self.report(f"blocks: {'done' if i + 1 == len(self.blocks) else f'block {i + 2}'}",
+                    i + 1, len(self.blocks))
+
+    def close(self) -> None:
+        for s in [self.main, self.paired, *self.variants.values()]:
+            if s is not None:
+                s.drop()
+
+
+@contextlib.contextmanager
+def swapped(model: nn.Module, layers: dict[str, nn.Module]) -> Iterator[nn.Module]:
+    """`model` with the named layers swapped in; the originals are put back afterwards,
+    whatever happens."""
+    originals = {name: model.get_submodule(name) for name in layers}
+    try:
+        for name, module in layers.items():
+            set_module(model, name, module)
+        yield model
+    finally:
+        for name, module in originals.items():
+            set_module(model, name, module)
+
+
+def analyse(source: Source, settings: Settings, ids: torch.Tensor, report: Progress,
+            clock: Clock, gradients: bool = False, fisher: bool = False) -> list[LayerWork]:
+    """Every target layer's work at once, for a model whole in memory (sweep, tests): the
+    statistics of all layers are kept. With `gradients` (or method fisher) each carries its
+    gradient statistics; `fisher` adds the row Fisher sums."""
+    if source.weights is not None:
+        raise SvdqError("analysing every layer at once needs the model whole in memory; load "
+                        "it without streaming")
+    walker = Walker(source, settings, report, clock)
+    fisher = fisher or settings.method == "fisher"
+    try:
+        if gradients or fisher:
+            walker.gradients(ids, fisher=fisher)
+        walker.start(ids)
+        works = []
+        for i in range(len(walker.blocks)):
+            works += walker.enter(i)
+            walker.leave(i)
+    finally:
+        walker.close()
+    return works

@@ -1,0 +1,117 @@
+"""The per-layer plan: what each target layer became, as data that compress writes into the
+manifest and save, load and inspect read back; and a compress run's `Result`.
+
+A `LayerPlan` is frozen and its kind explicit — keep | dense | lowrank | residual (the stored
+forms of `algo.stored`). In the manifest (format 3) a kept layer is written as it always was,
+kind "dense" with bits null, so every artifact written before still loads; the loaders build
+each layer from its entry and the tensor keys of `runtime.keys`, the one key scheme.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields, replace
+
+import torch
+from torch import nn
+
+from svdq import runtime
+from svdq.algo.stored import KINDS, Stored
+from svdq.models.layers import fp16_bytes, weight_of
+
+_ORDER = ("name", "module", "out_features", "in_features", "bias", "kind", "rank", "k_break",
+          "bits", "block_size", "bytes", "fp16_bytes", "error")
+
+
+@dataclass(frozen=True)
+class LayerPlan:
+    """One target layer's plan entry. `bits`: the weight's (dense, residual) or the factors'
+    (lowrank); `factor_bits`: a residual layer's correction factors; `notes`: what a run adds
+    (sensitivity, errors against the source before and after a refit, ...)."""
+
+    name: str
+    module: str
+    out_features: int
+    in_features: int
+    bias: bool
+    kind: str
+    rank: int
+    k_break: int
+    bits: int | None
+    block_size: int
+    bytes: int
+    fp16_bytes: int
+    error: float
+    factor_bits: int | None = None
+    notes: dict = field(default_factory=dict, compare=True)
+
+    def __post_init__(self) -> None:
+        if self.kind not in KINDS:
+            raise ValueError(f"unknown layer kind {self.kind!r}")
+
+    @classmethod
+    def of(cls, name: str, module: nn.Module, stored: Stored, tensors: dict[str, torch.Tensor],
+           block_size: int) -> "LayerPlan":
+        """The entry of layer `name` (the source `module`) stored as `stored`, whose artifact
+        tensors are `tensors` (`tensors_of`); `block_size` is recorded where nothing is
+        quantized."""
+        w = weight_of(module)
+        return cls(name, type(module).__name__, w.shape[0], w.shape[1], module.bias is not None,
+                   stored.kind, stored.rank, stored.k_break, stored.bits,
+                   stored.block_size or block_size,
+                   sum(t.numel() * t.element_size() for t in tensors.values()),
+                   fp16_bytes(module), stored.error,
+                   stored.u.bits if stored.kind == "residual" else None)
+
+    def noted(self, **notes) -> "LayerPlan":
+        return replace(self, notes={**self.notes, **notes})
+
+    def to_json(self) -> dict:
+        """The manifest entry (a kept layer: kind "dense", bits null)."""
+        entry = {k: getattr(self, k) for k in _ORDER}
+        if self.kind == "keep":
+            entry["kind"], entry["bits"] = "dense", None
+        if self.kind == "residual":
+            entry["factor_bits"] = self.factor_bits
+        return {**entry, **self.notes}
+
+    @classmethod
+    def from_json(cls, entry: dict) -> "LayerPlan":
+        known = {f.name for f in fields(cls)} - {"notes"}
+        values = {k: v for k, v in entry.items() if k in known}
+        if values.get("kind") == "dense" and values.get("bits") is None:
+            values["kind"] = "keep"
+        return cls(**values, notes={k: v for k, v in entry.items() if k not in known})
+
+
+def tensors_of(name: str, module: nn.Module, stored: Stored) -> dict[str, torch.Tensor]:
+    """The artifact tensors of layer `name` stored as `stored`, on the CPU, under the keys of
+    `runtime.keys`; a kept layer's are its own weight and bias, as the model holds them."""
+    keys = runtime.keys(name)
+    out: dict[str, torch.Tensor] = {}
+    if stored.kind == "keep":
+        out[keys["weight"]] = module.weight.detach()
+    if stored.kind in ("lowrank", "residual"):
+        out.update(stored.u.tensors(keys["u"]))
+        out.update(stored.v.tensors(keys["v"]))
+        out[keys["s"]] = stored.s
+    if stored.kind in ("dense", "residual"):
+        out.update(stored.weight.tensors(keys["weight"]))
+    if module.bias is not None:
+        out[keys["bias"]] = module.bias.detach()
+    return {k: v.cpu() for k, v in out.items()}
+
+
+@dataclass
+class Result:
+    """The compressed model (modules swapped in place where it is in memory), its plan and the
+    stored tensors that did not go to a sink."""
+
+    model: nn.Module
+    layers: list[dict]
+    tensors: dict[str, torch.Tensor]  # stored tensors by artifact key (those not sent to a sink)
+    calibration: dict
+    source_params: int  # parameters of the model before compression (tied ones once)
+    timings: dict[str, float] = field(default_factory=dict)  # seconds per stage
+    notes: list[str] = field(default_factory=list)
+    budget: dict | None = None  # --ratio/--size: requested, planned and achieved bytes
+    released: dict[str, torch.Tensor] = field(default_factory=dict)  # streamed blocks' untouched tensors
+    planned: set[str] = field(default_factory=set)  # the target layers: their tensors are written

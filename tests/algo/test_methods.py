@@ -1,0 +1,108 @@
+"""Data-aware factorizations: each plugs into the same search, quantization and storage."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from svdq.algo.factorize import METHODS, LayerStats, factorize, gram_root
+from svdq.algo.error import error_norm2, output_norm2
+from svdq.algo.search import choose
+
+
+@pytest.fixture(scope="module")
+def layer():
+    """A 24×40 layer whose inputs are strongly correlated and unevenly scaled."""
+    g = torch.Generator().manual_seed(0)
+    mix = torch.randn(40, 40, generator=g, dtype=torch.float64) * torch.logspace(0, -2, 40, dtype=torch.float64)
+    x = torch.randn(600, 40, generator=g, dtype=torch.float64) @ mix.T + 0.3
+    w = torch.randn(24, 40, generator=g, dtype=torch.float64)
+    b = torch.randn(24, generator=g, dtype=torch.float64)
+    row_fisher = torch.rand(24, generator=g, dtype=torch.float64) + 0.1  # for `fisher`
+    return w, b, x, LayerStats(x.T @ x, x.sum(0), x.shape[0], x.abs().sum(0), row_fisher=row_fisher)
+
+
+def unquantized_error(w, b, stats, factors, k):
+    w_hat = (factors.u[:, :k] * factors.s[:k]) @ factors.vt[:k]
+    return (error_norm2(w - w_hat.double(), stats) / output_norm2(w, b, stats)) ** 0.5
+
+
+@pytest.mark.parametrize("k", [2, 5, 10, 20])
+def test_whitening_beats_plain_svd_at_every_rank(layer, k):
+    """Whitened truncation is optimal for the calibration error, so never worse."""
+    w, b, _, stats = layer
+    plain = unquantized_error(w, b, stats, factorize("svd", w.float(), stats), k)
+    assert unquantized_error(w, b, stats, factorize("whiten", w.float(), stats), k) <= plain * (1 + 1e-6)
+
+
+def test_asvd_beats_plain_svd_on_average_over_ranks():
+    """ASVD is a heuristic, a diagonal stand-in for whitening: it pays where a few input
+    channels carry much larger activations than the rest (as in LLMs), over the whole error
+    curve though not necessarily at every single rank."""
+    g = torch.Generator().manual_seed(3)
+    channel_scale = torch.ones(40, dtype=torch.float64)
+    channel_scale[torch.randperm(40, generator=g)[:4]] = 20.0  # a few outlier channels
+    x = torch.randn(600, 40, generator=g, dtype=torch.float64) * channel_scale
+    w = torch.randn(24, 40, generator=g, dtype=torch.float64)
+    b = torch.zeros(24, dtype=torch.float64)
+    stats = LayerStats(x.T @ x, x.sum(0), x.shape[0], x.abs().sum(0))
+    curves = {m: [unquantized_error(w, b, stats, factorize(m, w.float(), stats), k)
+                  for k in range(1, 24)] for m in ("svd", "asvd")}
+    assert sum(curves["asvd"]) < 0.8 * sum(curves["svd"])
+
+
+@pytest.mark.parametrize("k", [1, 4, 12, 23])
+def test_whitened_error_is_the_tail_of_its_singular_values(layer, k):
+    w, b, x, stats = layer
+    f = factorize("whiten", w.float(), stats)
+    direct = torch.linalg.norm(x @ (w - (f.u[:, :k].double() * f.s[:k].double()) @ f.vt[:k].double()).T)
+    tail = f.s[k:].double().pow(2).sum().sqrt()
+    assert float(direct) == pytest.approx(float(tail), rel=1e-3)  # float32 factors, damped root
+
+
+@pytest.mark.parametrize("method", sorted(METHODS))
+def test_every_method_reconstructs_at_full_rank(layer, method):
+    w, _, _, stats = layer
+    f = factorize(method, w.float(), stats)
+    assert torch.allclose((f.u * f.s) @ f.vt, w.float(), atol=1e-3)
+
+
+def test_whitening_survives_a_singular_gram():
+    """Rank-deficient inputs (a dead channel, duplicated channels): Cholesky needs damping."""
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(200, 8, generator=g, dtype=torch.float64)
+    x = torch.cat([x, x[:, :3], torch.zeros(200, 1, dtype=torch.float64)], dim=1)  # 12 channels
+    stats = LayerStats(x.T @ x, x.sum(0), 200, x.abs().sum(0))
+    root, inverse = gram_root(stats.gram)
+    assert torch.isfinite(root).all() and torch.isfinite(inverse).all()
+    assert torch.allclose(root @ inverse, torch.eye(12, dtype=torch.float64), atol=1e-6)
+    w = torch.randn(6, 12, generator=g)
+    f = factorize("whiten", w, stats)
+    assert torch.isfinite(f.vt).all()
+    assert unquantized_error(w.double(), None, stats, f, 6) < 1e-4
+
+
+def test_gram_root_falls_back_to_eigh_when_cholesky_fails(monkeypatch):
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(50, 5, generator=g, dtype=torch.float64)
+    gram = x.T @ x
+    failing = lambda a: (a, torch.tensor(1))  # noqa: E731 - every Cholesky reports failure
+    monkeypatch.setattr(torch.linalg, "cholesky_ex", failing)
+    root, inverse = gram_root(gram)
+    assert torch.allclose(root @ root.T, gram, rtol=1e-6, atol=1e-6)
+    assert torch.allclose(root @ inverse, torch.eye(5, dtype=torch.float64), atol=1e-8)
+
+
+@pytest.mark.parametrize("bits", [8, 16])
+def test_whitened_search_needs_no_more_rank_than_plain(layer, bits):
+    w, b, _, stats = layer
+    ranks = {m: choose(w.float(), b.float(), factorize(m, w.float(), stats), stats, 0.2, bits, 64)
+             for m in ("svd", "whiten")}
+    assert ranks["whiten"].error <= 0.2
+    if ranks["svd"].kind == "lowrank":
+        assert ranks["whiten"].kind == "lowrank" and ranks["whiten"].rank <= ranks["svd"].rank
+
+
+def test_asvd_needs_abs_statistics(layer):
+    w, _, x, stats = layer
+    with pytest.raises(ValueError, match="mean \\|x\\|"):
+        factorize("asvd", w.float(), LayerStats(stats.gram, stats.total, stats.tokens))

@@ -1,0 +1,286 @@
+"""The residual form: the weight quantized at --bits plus a low-rank correction of what the
+quantization lost; its search, its bytes, its place in the budget, and its artifacts."""
+from __future__ import annotations
+
+import json
+import math
+import re
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+import svdq
+from svdq import artifact
+from svdq.algo import dense, error, lowrank, quant, residual, search
+from svdq.algo.factorize import LayerStats, factorize
+from svdq.cli import app
+from svdq.config import Settings
+from svdq.models import load as hf
+from svdq.pipeline import budget, options
+from svdq.pipeline.compress import compress
+from svdq.pipeline.options import layer_options, rank_grid, stored_of
+
+from conftest import make_text
+
+F64 = torch.float64
+CALIB = dict(calib_samples=4, calib_len=32, batch_size=4)
+FAST = ["--calib-samples", "4", "--calib-len", "32", "--batch-size", "4"]
+ANSI = re.compile(r"\x1b\[[0-9;]*m")
+
+
+def assert_loads_as_compressed(source, result, folder) -> None:
+    """The artifact loads, through svdq and through its own copied svdq_loader.py, as the
+    model `compress` left in memory."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("copied_loader", folder / "svdq_loader.py")
+    copied = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(copied)
+    ids = torch.tensor([source.tokenizer(make_text(24, 5), add_special_tokens=False)["input_ids"]])
+    with torch.no_grad():
+        expected = result.model(input_ids=ids).logits
+        for load in (svdq.load, copied.load):
+            assert torch.allclose(load(folder)(input_ids=ids).logits, expected, atol=1e-5)
+
+
+@pytest.fixture(scope="module")
+def layer():
+    """A 48×96 layer with heavy-tailed weights and correlated, unevenly scaled inputs."""
+    g = torch.Generator().manual_seed(0)
+    w = (torch.randn(48, 96, generator=g) * torch.rand(48, 96, generator=g) ** 3)
+    mix = torch.randn(96, 96, generator=g, dtype=F64) * torch.logspace(0, -1.5, 96, dtype=F64)
+    x = torch.randn(500, 96, generator=g, dtype=F64) @ mix.T
+    b = torch.randn(48, generator=g) * 0.1
+    return w, b, LayerStats(x.T @ x, x.sum(0), x.shape[0], x.abs().sum(0))
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_rank_0_is_plain_quantization(layer, bits):
+    w, b, st = layer
+    ref = error.reference(w, b, st)
+    res = residual.residual_of(w, st, bits, 64, "whiten")
+    zero = residual.stored_residual(w, res, st, ref, 0, k_break=5)
+    plain = dense.stored_dense(w, st, ref, bits, 64, k_break=5)
+    assert (zero.kind, zero.rank, zero.bits) == ("dense", 0, bits)
+    assert torch.equal(zero.weight.data, plain.weight.data)
+    assert torch.equal(zero.weight.absmax, plain.weight.absmax)
+    assert zero.error == plain.error
+    # an eps the quantized weight meets already: no correction is bought
+    c = search.choose_residual(w, b, res, st, plain.error * 1.01)
+    assert (c.kind, c.rank, c.bits) == ("dense", 0, bits)
+
+
+@pytest.mark.parametrize("method", ["svd", "whiten"])
+def test_correction_lowers_the_error_of_quantization(layer, method):
+    w, b, st = layer
+    ref = error.reference(w, b, st)
+    res = residual.residual_of(w, st, 4, 64, method)
+    errors = [residual.stored_residual(w, res, st, ref, k, 40).error for k in (0, 2, 8, 32)]
+    assert errors == sorted(errors, reverse=True) and errors[-1] < 0.5 * errors[0]
+
+
+def test_whitened_correction_before_factor_quantization_is_the_tail(layer):
+    """Whitening makes the correction optimal for the calibration error: without quantizing
+    the factors, the error at rank k is the tail of the singular values of (W − Q(W)) S."""
+    w, b, st = layer
+    res = residual.residual_of(w, st, 4, 64, "whiten")
+    e = w.double() - res.weight.dequantize().double()
+    for k in (1, 6, 20):
+        f = res.factors
+        left = e - (f.u[:, :k].double() * f.s[:k].double()) @ f.vt[:k].double()
+        assert error.error_norm2(left, st) ** 0.5 == pytest.approx(
+            float(f.s[k:].double().pow(2).sum().sqrt()), rel=1e-3)
+    # and the whitened correction beats the plain one at every rank, factors quantized too
+    plain = residual.residual_of(w, st, 4, 64, "svd")
+    ref = error.reference(w, b, st)
+    for k in (2, 8, 24):
+        assert (residual.stored_residual(w, res, st, ref, k, 40).error
+                < residual.stored_residual(w, plain, st, ref, k, 40).error)
+
+
+def test_choose_residual_finds_the_smallest_rank(layer):
+    w, b, st = layer
+    ref = error.reference(w, b, st)
+    res = residual.residual_of(w, st, 4, 64, "whiten")
+    kb = residual.residual_break_rank(48, 96, 4, 64)
+    errors = {k: residual.stored_residual(w, res, st, ref, k, kb).error for k in range(kb + 1)}
+    eps = errors[10] * 1.0001
+    c = search.choose_residual(w, b, res, st, eps)
+    assert c.kind == "residual" and c.error <= eps
+    assert c.rank == min(k for k, e in errors.items() if e <= eps)
+    # an eps that even the largest worthwhile correction misses: kept as is
+    kept = search.choose_residual(w, b, res, st, errors[kb] * 0.5)
+    assert (kept.kind, kept.bits, kept.error) == ("keep", None, 0.0)
+
+
+def test_residual_bytes_and_break_rank():
+    for out_f, in_f, bits in ((48, 96, 4), (576, 1536, 4), (576, 576, 8), (7, 300, 8)):
+        k = residual.residual_break_rank(out_f, in_f, bits, 64)
+        above = quant.nbytes(out_f * in_f, 8 if bits == 4 else 16, 64)
+        assert residual.residual_bytes(out_f, in_f, k, bits, 64) < above
+        assert k == min(out_f, in_f) or residual.residual_bytes(out_f, in_f, k + 1, bits, 64) >= above
+        assert residual.residual_bytes(out_f, in_f, 0, bits, 64) == quant.nbytes(out_f * in_f, bits, 64)
+        assert residual.residual_bytes(out_f, in_f, 3, bits, 64) == (
+            quant.nbytes(out_f * in_f, bits, 64) + lowrank.lowrank_bytes(out_f, in_f, 3, 8, 64))
+
+
+def test_layer_options_offer_corrections_and_stored_of_rebuilds_them(layer):
+    w, b, st = layer
+    f = factorize("whiten", w, st)
+    residuals = {(bits, block): residual.residual_of(w, st, bits, block, "whiten")
+                 for bits, block in ((4, 64), (4, 256), (8, 64))}
+    opts = layer_options(w, b, f, st, (4, 8), 64, elsize=4, residuals=residuals, weight=2.5)
+    assert all(o.weight == 2.5 and o.cost == 2.5 * o.error ** 2 for o in opts)
+    for bits, block in residuals:
+        ranks = [o.rank for o in opts if o.kind == "residual" and o.bits == bits
+                 and (o.block or 64) == block]
+        assert ranks == rank_grid(residual.residual_break_rank(48, 96, bits, block))
+    # the weight alone in larger blocks is one more dense option, cheaper than block 64
+    big = [o for o in opts if o.kind == "dense" and o.block == 256]
+    small = [o for o in opts if o.kind == "dense" and o.bits == 4 and o.block is None]
+    assert len(big) == len(small) == 1 and big[0].bytes < small[0].bytes
+    for o in (o for o in opts if o.kind == "residual" or o.block is not None):
+        c = stored_of(o, w, b, f, st, 64, k_break=0, residual=residuals[o.bits, o.block or 64])
+        assert (c.kind, c.rank, c.bits, c.error) == (o.kind, o.rank, o.bits, o.error)
+        assert c.weight.block_size == (o.block or 64)
+        parts = (c.weight,) if c.kind == "dense" else (c.u, c.v, c.weight)
+        stored = sum(t.numel() * t.element_size() for q in parts for t in q.tensors("k").values())
+        assert stored + (0 if c.s is None else 4 * c.s.numel()) + 4 * b.numel() == o.bytes
+    with pytest.raises(ValueError, match="needs its Residual"):
+        stored_of(next(o for o in opts if o.kind == "residual"), w, b, f, st, 64, 0)
+    with pytest.raises(ValueError, match="needs its Residual"):  # the wrong block size
+        stored_of(big[0], w, b, f, st, 64, 0, residual=residuals[4, 64])
+
+
+def test_sensitivities_scale_error_to_loss_and_average_one():
+    class Work:  # what `raw_sensitivity` reads of a LayerWork
+        def __init__(self, out_f, grad2, scale):
+            g = torch.Generator().manual_seed(out_f)
+            self.w = torch.randn(out_f, 8, generator=g) * scale
+            self.bias = None
+            x = torch.randn(50, 8, generator=g, dtype=F64)
+            self.stats = LayerStats(x.T @ x, x.sum(0), 50, grad2=grad2)
+
+    works = [Work(4, 1.0, 1.0), Work(6, 3.0, 1.0), Work(4, 1.0, 2.0)]
+    weights = options.sensitivities([options.raw_sensitivity(w) for w in works])
+    assert sum(weights) == pytest.approx(3.0)
+    raw = [w.stats.grad2 / (50 * w.w.shape[0]) * error.output_norm2(w.w, None, w.stats)
+           for w in works]
+    assert [a / b for a, b in zip(weights, raw)] == pytest.approx([weights[0] / raw[0]] * 3)
+    assert weights[2] == pytest.approx(4 * weights[0])  # doubled weights: 4× the output energy
+    works[1].stats.grad2 = None  # without gradients every layer weighs the same
+    assert options.sensitivities([options.raw_sensitivity(w) for w in works]) == [1.0, 1.0, 1.0]
+
+
+# ----------------------------------------------------------------------------- end to end
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+def test_residual_artifact_round_trips(models, calib_file, tmp_path, arch):
+    source = hf.load_source(str(models[arch]))
+    settings = Settings(eps=0.02, bits=4, residual=True, method="whiten", calib=str(calib_file),
+                        **CALIB)
+    result = compress(source, settings)
+    manifest = artifact.save(tmp_path / "out", source, result, settings)
+    kinds = [p["kind"] for p in manifest["layers"]]
+    assert "residual" in kinds and manifest["totals"]["residual_layers"] == kinds.count("residual")
+    for p in manifest["layers"]:
+        if p["kind"] == "residual":
+            assert p["factor_bits"] == 8 and p["error"] <= 0.02
+            assert p["bytes"] == residual.residual_bytes(p["out_features"], p["in_features"],
+                                                       p["rank"], 4, 64) + 4 * p["out_features"] * p["bias"]
+    assert_loads_as_compressed(source, result, tmp_path / "out")
+
+
+def test_cli_residual_compress_and_inspect(models, calib_file, tmp_path):
+    out = tmp_path / "out"
+    r = CliRunner().invoke(app, ["compress", str(models["llama"]), "-o", str(out), "--bits", "4",
+                                 "--eps", "0.02", "--residual", "--method", "whiten",
+                                 "--calib", str(calib_file), *FAST])
+    assert r.exit_code == 0, r.output
+    assert re.search(r"\d+ residual 4\+8", ANSI.sub("", r.stdout)), r.stdout
+    r = CliRunner().invoke(app, ["inspect", str(out)])
+    assert r.exit_code == 0 and "dense+low-rank" in ANSI.sub("", r.stdout), r.output
+
+
+def test_budget_weighs_layers_by_sensitivity_and_may_correct(models, calib_file, tmp_path):
+    source = hf.load_source(str(models["llama"]))
+    settings = Settings(budget_ratio=0.4, bits=4, method="whiten", calib=str(calib_file), **CALIB)
+    result = compress(source, settings)
+    manifest = artifact.save(tmp_path / "out", source, result, settings)
+    b, layers = manifest["budget"], manifest["layers"]
+    assert b["objective"] == "sensitivity-weighted error²"
+    weights = [p["sensitivity"] for p in layers]
+    assert sum(weights) == pytest.approx(len(layers)) and len(set(weights)) > 1
+    assert b["error2"] == pytest.approx(math.fsum(p["sensitivity"] * p["error"] ** 2 for p in layers))
+    assert manifest["totals"]["target_bytes"] <= b["requested_bytes"]
+    if b["error_cap"] is not None:  # an allocation under that cap won the judging
+        assert b["plan"] == f"error cap {b['error_cap']:g}"
+        assert max(p["error"] for p in layers) <= b["error_cap"]
+    else:  # plain quantization did
+        assert b["plan"].endswith("no correction")
+    json.dumps(manifest)  # plain data only
+    assert_loads_as_compressed(source, result, tmp_path / "out")
+
+
+def test_plan_records_the_block_size_of_each_layer(models, calib_file, tmp_path):
+    """A budget may store a 4-bit weight in larger blocks; its plan entry says so and the
+    artifact loads it with that block size."""
+    from svdq.pipeline.compress import realize
+    from svdq.pipeline.walk import LayerWork
+
+    source = hf.load_source(str(models["llama"]))
+    name = "model.layers.0.mlp.down_proj"
+    module = source.model.get_submodule(name)
+    w = module.weight.detach().float()
+    x = torch.randn(64, w.shape[1], dtype=F64)
+    st = LayerStats(x.T @ x, x.sum(0), 64, x.abs().sum(0))
+    res = residual.residual_of(w, st, 4, 256, "whiten")
+    work = LayerWork(name, module, w, None, st, "whiten")
+    for k in (0, 3):
+        c = residual.stored_residual(w, res, st, error.reference(w, None, st), k, 10)
+        plan, stored, _ = realize(work, c, Settings(block_size=64))
+        assert plan.block_size == 256 and plan.kind == ("dense" if k == 0 else "residual")
+        assert stored[name + ".weight.absmax"].numel() == -(-w.numel() // 256)
+
+
+@pytest.mark.parametrize("block", [64, 256])
+def test_refining_a_correction_keeps_its_bytes_and_lowers_its_error(layer, block):
+    w, b, st = layer
+    ref = error.reference(w, b, st)
+    res = residual.residual_of(w, st, 4, block, "whiten")
+    gains = []
+    for k in (4, 16, 32):
+        first = residual.stored_residual(w, res, st, ref, k, 40)
+        refined = residual.refine_residual(w, first, st, ref, "whiten")
+        assert (refined.kind, refined.rank, refined.bits) == ("residual", k, 4)
+        assert refined.weight.block_size == block and refined.u.bits == 8
+        assert refined.error <= first.error  # never worse: a round is kept only if it helps
+        gains.append(first.error - refined.error)
+        w_hat = refined.weight.dequantize() + (refined.u.dequantize().T * refined.s) @ refined.v.dequantize()
+        assert error.error_norm2(w - w_hat, st) ** 0.5 / ref == pytest.approx(refined.error)
+    assert max(gains) > 0  # and on this layer it does help somewhere
+    dense = residual.stored_residual(w, res, st, ref, 0, 40)
+    assert residual.refine_residual(w, dense, st, ref, "whiten") is dense
+    c = search.choose_residual(w, b, res, st, 0.05, method="whiten")
+    plain = search.choose_residual(w, b, res, st, 0.05)
+    assert c.rank == plain.rank and c.error <= plain.error <= 0.05
+
+
+def test_budget_leaves_out_large_errors_unless_it_must(models, calib_file):
+    """Below what the capped forms can reach, the budget is still met, with larger errors."""
+    source = hf.load_source(str(models["llama"]))
+    settings = Settings(budget_ratio=0.15, bits=4, method="whiten", calib=str(calib_file), **CALIB)
+    result = compress(source, settings)
+    assert result.budget["error_cap"] is None and result.budget["plan"] == "no error cap"
+    assert max(p["error"] for p in result.layers) > max(budget.ERROR_CAPS)
+    assert sum(p["bytes"] for p in result.layers) <= result.budget["requested_bytes"]
+
+
+def test_method_auto_whitens_corrections_and_keeps_svd_for_replacement():
+    assert Settings().method == "svd" and Settings(eps=0.1, bits=4).method == "svd"
+    assert Settings(residual=True).method == "whiten"
+    assert Settings(budget_ratio=0.3).method == "whiten"
+    assert Settings(budget_bytes=10 ** 6).method == "whiten"
+    assert Settings(budget_ratio=0.3, method="fisher").method == "fisher"  # a choice is kept
+    s = Settings(residual=True)
+    assert Settings.from_dict(s.to_dict()) == s and s.to_dict()["_data"]["method"] == "whiten"

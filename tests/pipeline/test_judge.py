@@ -1,0 +1,90 @@
+"""Budgets judge their candidate plans by the calibration loss: the estimate behind the
+allocation is first-order, so plain quantization that fits is always among what is judged."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from svdq.algo.stored import keep
+from svdq.config import Settings
+from svdq.models import load as hf
+from svdq.pipeline import budget
+from svdq.pipeline.compress import realize
+from svdq.pipeline.judge import judge_of
+from svdq.pipeline.options import measure
+from svdq.pipeline.walk import Clock, analyse, calibration_ids, swapped
+
+CALIB = dict(calib_samples=4, calib_len=32, batch_size=4)
+
+
+def analysed(models, calib_file, arch="llama", ratio=0.3):
+    source = hf.load_source(str(models[arch]))
+    settings = Settings(budget_ratio=ratio, bits=4, method="whiten", calib=str(calib_file), **CALIB)
+    info: dict = {}
+    ids = calibration_ids(source, settings, lambda *a: None, info)
+    works = analyse(source, settings, ids, lambda *a: None, Clock(), gradients=True)
+    return source, settings, ids, works, measure(works, settings, lambda *a: None)
+
+
+def test_candidates_cover_each_cap_and_plain_quantization(models, calib_file):
+    source, settings, ids, works, measured = analysed(models, calib_file, ratio=0.6)
+    limit = budget.budget_of(settings, measured.fp16)
+    found = budget.candidates(measured, limit, settings.block_size)
+    labels = [label for label, _ in found]
+    assert labels[0] == "error cap 0.1"
+    assert labels[-1] == "8-bit in blocks of 64, no correction"  # 0.53 × fp16 fits in 0.6
+    assert not any(label.startswith("4-bit") for label in labels)  # 8 bits fit: less exact
+    tight = budget.candidates(measured, math.floor(0.27 * measured.fp16), settings.block_size)
+    assert tight[-1][0] == "4-bit in blocks of 256, no correction"  # NF4 in 64 does not fit
+    assert len({tuple(plan) for _, plan in found}) == len(found)  # no duplicates
+    for label, plan in found:
+        opts = [measured.options[n][i] for n, i in enumerate(plan)]
+        assert sum(o.bytes for o in opts) <= limit, label
+        if label.startswith("error cap"):
+            assert max(o.error for o in opts) <= float(label.split()[-1])
+        else:  # one form for every layer, no correction
+            assert len({(o.kind, o.bits, o.block) for o in opts}) == 1 and opts[0].rank == 0
+
+
+def test_the_judge_decides_and_without_one_the_estimate_does(models, calib_file):
+    source, settings, ids, works, measured = analysed(models, calib_file, ratio=0.6)
+    limit = budget.budget_of(settings, measured.fp16)
+    plain = "8-bit in blocks of 64, no correction"
+
+    def prefers_plain(choices):  # a loss that only plain 8-bit everywhere makes small
+        return 0.0 if all(c.kind == "dense" and c.bits == 8 and c.weight.block_size == 64
+                          for c in choices) else 1.0
+    choices, info = budget.pick(works, measured, limit, settings, prefers_plain)
+    assert info["plan"] == plain and info["error_cap"] is None
+    assert all(c.kind == "dense" and c.bits == 8 for c in choices)
+    assert [c["calibration_loss"] for c in info["candidates"]].count(0.0) == 1
+    _, info = budget.pick(works, measured, limit, settings)
+    assert info["plan"] == "error cap 0.1" and info["candidates"][0]["calibration_loss"] is None
+
+
+def test_causal_loss_is_the_mean_next_token_cross_entropy(models, calib_file):
+    source, settings, ids, works, measured = analysed(models, calib_file)
+    got = judge_of(source, works, ids, settings)([keep() for _ in works])
+    with torch.no_grad():
+        want = sum(float(source.model(input_ids=ids[i: i + 1], labels=ids[i: i + 1]).loss)
+                   for i in range(ids.shape[0])) / ids.shape[0]
+    assert got == pytest.approx(want, rel=1e-5)
+
+
+def test_judge_swaps_plans_in_and_puts_the_source_back(models, calib_file):
+    source, settings, ids, works, measured = analysed(models, calib_file, arch="bert")
+    judge = judge_of(source, works, ids, settings)
+    before = [source.model.get_submodule(w.name) for w in works]
+    plan = [next(i for i, o in enumerate(opts) if (o.kind, o.bits, o.block) == ("dense", 4, 256))
+            for opts in measured.options]
+    nf4 = [budget.build_layer(w, opts[i], settings) for w, opts, i in zip(works, measured.options, plan)]
+    kept = [keep() for _ in works]  # every layer as is
+    assert judge(kept) == 0.0  # the encoder's loss is its distance to the source's states
+    assert judge(nf4) > 0.0
+    assert [source.model.get_submodule(w.name) for w in works] == before
+    modules = {w.name: realize(w, s, settings)[2] for w, s in zip(works, nf4)}
+    with pytest.raises(RuntimeError), swapped(source.model, modules):
+        raise RuntimeError("interrupted")
+    assert [source.model.get_submodule(w.name) for w in works] == before

@@ -1,0 +1,431 @@
+"""svdq.sweep and `svdq sweep`: one analysis serves every setting, every row's bytes are what
+realizing its choice stores (cross-checked against `compress` and the artifact it saves), the
+baselines are the models they claim to be, the Pareto frontier, the files and the one-line errors.
+
+The tiny llama is calibrated on 8×64 tokens. Its weights are random (flat spectra), so low-rank
+layers appear only at large eps; the settings below give every kind of layer at least once:
+kept as loaded (4-bit, eps 0.05: NF4 misses eps), dense 8-bit, dense NF4 and low-rank.
+"""
+from __future__ import annotations
+
+import csv
+import json
+import math
+import re
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+from safetensors import safe_open
+from typer.testing import CliRunner
+
+import svdq.algo.factorize
+from svdq import artifact, sweep
+from svdq import evaluate as ev
+from svdq.cli import app
+from svdq.models import layers as surgery
+from svdq.models import load as hf
+from svdq.pipeline.compress import compress
+from svdq.config import Settings
+
+from conftest import make_text, one_line_error
+
+EPS = [0.05, 0.35, 0.38]
+BITS = [4, 8]
+CALIB = dict(calib_samples=8, calib_len=64)
+CALIB_ARGS = ["--calib-samples", "8", "--calib-len", "64"]
+CTX = 64
+LLAMA_TARGETS = 14  # 2 blocks × (q, k, v, o, gate, up, down)
+BLOCK = 64
+EVAL_TEXT = make_text(600, seed=11)  # another seed than the calibration text
+ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
+
+
+def key(row: dict) -> tuple:
+    return row["method"], row["bits"], row["eps"]
+
+
+def row_of(rows: list[dict], method: str, bits: int | None, eps: float | None) -> dict:
+    found = [r for r in rows if key(r) == (method, bits, eps)]
+    assert len(found) == 1, (method, bits, eps)
+    return found[0]
+
+
+def expected_bytes(model, how: str) -> int:
+    """Bytes of the target layers stored `how`, from the storage formats (svdq.algo.quant's
+    table) and the layers' shapes alone: codes, one float32 absmax per block of 64, biases as
+    loaded."""
+    total = 0
+    for name in surgery.targets(model, (), ()):
+        module = model.get_submodule(name)
+        n = module.weight.numel()
+        own = module.weight.element_size()
+        stored = {"source": n * own, "fp16": 2 * n, "bnb-8bit": n + 4 * math.ceil(n / BLOCK),
+                  "bnb-nf4": math.ceil(n / 2) + 4 * math.ceil(n / BLOCK)}[how]
+        if module.bias is not None:
+            stored += module.bias.numel() * module.bias.element_size()
+        total += stored
+    return total
+
+
+@pytest.fixture(scope="module")
+def swept(models, calib_file):
+    """One library sweep of the tiny llama (3 eps × 2 bits), with the factorization counted and
+    the per-layer plans of every variant recorded."""
+    source = hf.load_source(str(models["llama"]))
+    before = {k: v.clone() for k, v in source.model.state_dict().items()}
+    classes = {n: type(m) for n, m in source.model.named_modules()}
+    settings = Settings(eps=EPS[0], bits=BITS[0], calib=str(calib_file), **CALIB)
+    measure, metric = sweep.evaluator(source, (EVAL_TEXT, "eval"), None, CTX, None, 0, 1)
+    factorized: list[tuple[int, ...]] = []
+    plans: list[list[dict]] = []  # one list per variant, in the order they are built
+    real_method, real_variant = svdq.algo.factorize.METHODS["svd"], sweep._variant
+
+    def counting(w, stats):
+        factorized.append(tuple(w.shape))
+        return real_method(w, stats)
+
+    def recording(model, works, choices, settings_):
+        variant, layer_plans = real_variant(model, works, choices, settings_)
+        plans.append(layer_plans)
+        return variant, layer_plans
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setitem(svdq.algo.factorize.METHODS, "svd", counting)
+        mp.setattr(sweep, "_variant", recording)
+        results = sweep.run(source, settings, EPS, BITS, measure, metric)
+    rows = results["rows"]
+    assert rows[0]["method"] == "source" and len(plans) == len(rows) - 1
+    by_row = {key(r): p for r, p in zip(rows[1:], plans)}  # the source row builds no variant
+    return SimpleNamespace(source=source, before=before, classes=classes, results=results,
+                           rows=rows, plans=by_row, factorized=factorized)
+
+
+# ----------------------------------------------------------------------------- the library
+def test_rows_are_the_baselines_and_every_setting(swept):
+    rows = swept.rows
+    expected = [("source", None, None), ("fp16", 16, None), ("bnb-nf4", 4, None),
+                ("bnb-8bit", 8, None)] + [("svd", b, e) for b in BITS for e in EPS]
+    assert sorted(map(key, rows), key=str) == sorted(expected, key=str)
+    assert len(rows) == len(expected)
+    assert all(r["layers"] == LLAMA_TARGETS and math.isfinite(r["quality"]) for r in rows)
+    assert swept.results["metric"] == "perplexity"
+    # the source row is the source model, measured directly on the same tokens and windows
+    fresh = hf.load_source(str(swept.source.id)).model
+    ids = ev.tokenize(swept.source.tokenizer, EVAL_TEXT, 0)
+    assert row_of(rows, "source", None, None)["quality"] == ev.perplexity(fresh, ids, CTX)["ppl"]
+    # every kind of layer occurs in some setting, so the byte checks below cover them all
+    kinds = {(p["kind"], p["bits"]) for (m, _, _), ps in swept.plans.items() if m == "svd"
+             for p in ps}
+    assert {("lowrank", 4), ("lowrank", 8), ("dense", 4), ("dense", 8), ("dense", None)} <= kinds
+
+
+def test_baseline_bytes_are_what_is_stored(swept):
+    model = swept.source.model
+    for how in ("source", "fp16", "bnb-8bit", "bnb-nf4"):
+        row = row_of(swept.rows, how, {"source": None, "fp16": 16, "bnb-8bit": 8,
+                                       "bnb-nf4": 4}[how], None)
+        assert row["target_bytes"] == expected_bytes(model, how), how
+    fp16 = expected_bytes(model, "fp16")  # the tiny llama has no biases: all of it is weights
+    assert swept.results["target_fp16_bytes"] == fp16
+    for r in swept.rows:
+        assert r["target_ratio_fp16"] == pytest.approx(r["target_bytes"] / fp16)
+        if r["method"] != "source":  # a row's bytes are the sum of its layers' plans
+            plans = swept.plans[key(r)]
+            assert r["target_bytes"] == sum(p["bytes"] for p in plans), key(r)
+            assert r["lowrank_layers"] == sum(p["kind"] == "lowrank" for p in plans)
+
+
+def _file_bytes(folder: Path, names: list[str]) -> int:
+    """Bytes of the tensors in the artifact's file that belong to the given layers."""
+    with safe_open(folder / "model.safetensors", "pt") as f:
+        return sum(f.get_tensor(k).numel() * f.get_tensor(k).element_size() for k in f.keys()
+                   if any(k.startswith(n + ".") for n in names))
+
+
+def test_svd_rows_match_compress_and_the_artifact(swept, models, calib_file, tmp_path):
+    """Every (bits, eps) row against `compress` at the same settings and calibration: the same
+    total bytes (in the manifest and in model.safetensors), the same per-layer choices."""
+    for bits in BITS:
+        for eps in EPS:
+            row = row_of(swept.rows, "svd", bits, eps)
+            source = hf.load_source(str(models["llama"]))
+            settings = Settings(eps=eps, bits=bits, calib=str(calib_file), **CALIB)
+            out = tmp_path / f"{bits}-{eps}"
+            manifest = artifact.save(out, source, compress(source, settings), settings)
+            layers = manifest["layers"]
+            assert row["target_bytes"] == manifest["totals"]["target_bytes"], (bits, eps)
+            assert row["target_bytes"] == _file_bytes(out, [p["name"] for p in layers])
+            mine = swept.plans[("svd", bits, eps)]
+            fields = ("name", "kind", "rank", "k_break", "bits", "bytes")
+            assert [tuple(p[f] for f in fields) for p in mine] == \
+                   [tuple(p[f] for f in fields) for p in layers], (bits, eps)
+            assert [p["error"] for p in mine] == pytest.approx([p["error"] for p in layers],
+                                                               rel=1e-9, abs=1e-12)
+            assert row["lowrank_layers"] == manifest["totals"]["lowrank_layers"]
+
+
+def test_bnb_8bit_row_is_svd_8bit_with_every_layer_dense(swept):
+    """At eps 0.05 no rank qualifies and every layer falls back to dense 8-bit: the very model
+    the bnb-8bit baseline builds, so the same bytes and the same perplexity to the bit."""
+    svd8 = row_of(swept.rows, "svd", 8, 0.05)
+    bnb8 = row_of(swept.rows, "bnb-8bit", 8, None)
+    assert {(p["kind"], p["bits"]) for p in swept.plans[key(svd8)]} == {("dense", 8)}
+    assert svd8["target_bytes"] == bnb8["target_bytes"]
+    assert svd8["quality"] == bnb8["quality"]
+    assert svd8["mean_layer_error"] == bnb8["mean_layer_error"]
+    # and it is a changed model, not the source again
+    assert bnb8["quality"] != row_of(swept.rows, "source", None, None)["quality"]
+    # likewise at 4 bits, NF4 misses eps 0.05 everywhere: every layer is kept as loaded
+    svd4 = row_of(swept.rows, "svd", 4, 0.05)
+    source = row_of(swept.rows, "source", None, None)
+    assert {(p["kind"], p["bits"]) for p in swept.plans[key(svd4)]} == {("dense", None)}
+    assert (svd4["target_bytes"], svd4["quality"]) == (source["target_bytes"], source["quality"])
+
+
+def test_factorization_runs_once_per_layer(swept):
+    targets = surgery.targets(swept.source.model, (), ())
+    assert len(targets) == LLAMA_TARGETS
+    settings = [r for r in swept.rows if r["eps"] is not None]
+    assert len(settings) == len(EPS) * len(BITS) == 6
+    assert len(swept.factorized) == LLAMA_TARGETS  # not 6 × 14
+    shapes = sorted(tuple(swept.source.model.get_submodule(n).weight.shape) for n in targets)
+    assert sorted(swept.factorized) == shapes
+
+
+def test_source_model_is_left_untouched(swept):
+    model = swept.source.model
+    after = model.state_dict()
+    assert list(after) == list(swept.before)
+    assert all(torch.equal(after[k], v) for k, v in swept.before.items())
+    assert {n: type(m) for n, m in model.named_modules()} == swept.classes
+    assert not model.training
+    assert not any(m._forward_hooks or m._forward_pre_hooks for m in model.modules())
+
+
+def test_pareto_flags_match_brute_force(swept):
+    """The rows flagged in a real sweep are exactly those no other row beats or equals on both
+    axes with one strictly better."""
+    rows = swept.rows
+
+    def beaten(r):
+        return any(o["target_bytes"] <= r["target_bytes"] and o["quality"] <= r["quality"]
+                   and (o["target_bytes"], o["quality"]) != (r["target_bytes"], r["quality"])
+                   for o in rows)
+    assert [r["pareto"] for r in rows] == [not beaten(r) for r in rows]
+    assert any(r["pareto"] for r in rows) and not all(r["pareto"] for r in rows)
+
+
+def test_pareto_on_a_constructed_list():
+    def r(name, nbytes, quality):
+        return {"name": name, "target_bytes": nbytes, "quality": quality}
+
+    rows = [r("A", 100, 10.0), r("B", 200, 8.0), r("C", 200, 9.0), r("D", 300, 8.0),
+            r("E", 100, 10.0), r("F", 400, 5.0), r("G", 50, 20.0), r("H", 60, 25.0),
+            r("I", 50, 21.0)]
+    low = sweep.pareto(rows, lower_is_better=True)
+    # C loses to B (same bytes, worse), D to B (more bytes, same quality), I to G, H to G;
+    # A and E are an exact tie: neither beats the other, both stay
+    assert [x["name"] for x in low] == ["G", "A", "E", "B", "F"]
+    assert all(any(x is y for y in rows) for x in low)  # the rows themselves, not copies
+    high = sweep.pareto(rows, lower_is_better=False)
+    # I beats G (same bytes, higher); H costs more than I but is better; the rest lose to H
+    assert [x["name"] for x in high] == ["I", "H"]
+    assert sweep.pareto([], True) == []
+    assert [x["name"] for x in sweep.pareto([r("A", 1, 1.0), r("B", 1, 1.0)], False)] == ["A", "B"]
+
+
+# ----------------------------------------------------------------------------- the command
+def run(*args):
+    return CliRunner().invoke(app, [str(a) for a in args])
+
+
+@pytest.fixture(scope="module")
+def text_file(tmp_path_factory):
+    path = tmp_path_factory.mktemp("sweeptext") / "eval.txt"
+    path.write_text(EVAL_TEXT)
+    return path
+
+
+def sweep_args(model, out, calib_file, *extra):
+    return ["sweep", model, "-o", out, "--calib", calib_file, *CALIB_ARGS, *extra]
+
+
+def test_cli_writes_results_csv_and_plot(models, calib_file, text_file, tmp_path, monkeypatch):
+    from svdq import cli
+
+    monkeypatch.setattr(cli.out, "_width", 250)
+    out = tmp_path / "out"
+    args = ("--eps", "0.05,0.38", "--bits", "4,8", "--ppl", text_file, "--ctx", CTX)
+    result = run(*sweep_args(models["llama"], out, calib_file, *args))
+    assert result.exit_code == 0, result.output
+    assert sorted(p.name for p in out.iterdir()) == ["frontier.png", "results.csv", "results.json"]
+    results = json.loads((out / "results.json").read_text())
+    rows = results["rows"]
+    assert len(rows) == 4 + 4  # source, fp16, nf4, 8-bit; 2 eps × 2 bits
+    assert results["metric"] == "perplexity" and results["evaluation"]["ctx"] == CTX
+    with open(out / "results.csv", newline="") as f:
+        lines = f.read().splitlines()
+    assert len(lines) == 1 + len(rows)
+    assert lines[0].split(",") == sweep.results.COLUMNS
+    table = list(csv.DictReader(lines))
+    assert [(t["method"], t["target_bytes"], t["quality"]) for t in table] == \
+           [(r["method"], str(r["target_bytes"]), str(r["quality"])) for r in rows]
+    png = (out / "frontier.png").read_bytes()
+    assert png.startswith(b"\x89PNG\r\n\x1a\n") and len(png) > 5000
+    from PIL import Image
+    with Image.open(out / "frontier.png") as im:
+        im.verify()
+    text = ANSI.sub("", result.stdout)
+    assert "wrote" in text and str(out / "frontier.png") in text
+    assert sum(line.lstrip("│ ").startswith(("source", "fp16", "bnb-", "svd"))
+               for line in text.splitlines()) == len(rows)
+
+    again = run(*sweep_args(models["llama"], tmp_path / "json", calib_file, *args, "--json"))
+    assert again.exit_code == 0, again.output
+    data = json.loads(again.stdout)  # stdout is the JSON and nothing else
+    same = ("method", "bits", "eps", "target_bytes", "quality", "lowrank_layers", "pareto")
+    assert [[r[k] for k in same] for r in data["rows"]] == [[r[k] for k in same] for r in rows]
+    assert json.loads((tmp_path / "json" / "results.json").read_text())["rows"] == data["rows"]
+
+
+def test_cli_similarity_on_bert(models, calib_file, tmp_path):
+    sentences = tmp_path / "sentences.txt"
+    sentences.write_text("\n".join(make_text(n, seed=n) for n in range(4, 16)) + "\n")
+    out = tmp_path / "out"
+    result = run(*sweep_args(models["bert"], out, calib_file, "--eps", "0.05,0.2", "--bits",
+                             "4,8", "--similarity", sentences, "--json"))
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.stdout)
+    rows = data["rows"]
+    assert data["metric"] == "similarity" and data["evaluation"]["lines"] == 12
+    assert row_of(rows, "source", None, None)["quality"] == pytest.approx(1, abs=1e-12)
+    fp16 = row_of(rows, "fp16", 16, None)["quality"]
+    nf4 = row_of(rows, "bnb-nf4", 4, None)["quality"]
+    assert fp16 >= 0.999
+    assert nf4 < fp16  # coarser weights, less similar: the rows are different models
+    assert all(r["quality"] <= 1 + 1e-9 for r in rows)
+    # higher is better: the most similar row is on the frontier
+    assert max(rows, key=lambda r: r["quality"])["pareto"]
+    model = hf.load_source(str(models["bert"])).model  # with biases: they count too
+    for how, bits in (("source", None), ("fp16", 16), ("bnb-8bit", 8), ("bnb-nf4", 4)):
+        assert row_of(rows, how, bits, None)["target_bytes"] == expected_bytes(model, how), how
+
+
+def test_residual_and_budget_rows_match_compress(models, calib_file, tmp_path):
+    """`--residual` and `--ratio` rows are the models `compress --residual` / `--ratio` build:
+    the same per-layer plans and bytes; the budget rows fit their budgets, and the baseline
+    in larger blocks is there to compare against."""
+    source = hf.load_source(str(models["llama"]))
+    settings = Settings(eps=0.05, bits=4, method="whiten", calib=str(calib_file), **CALIB)
+    measure, metric = sweep.evaluator(source, (EVAL_TEXT, "eval"), None, CTX, None, 0, 1)
+    plans: list[list[dict]] = []
+    real_variant = sweep._variant
+
+    def recording(model, works, choices, settings_):
+        variant, layer_plans = real_variant(model, works, choices, settings_)
+        plans.append(layer_plans)
+        return variant, layer_plans
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(sweep, "_variant", recording)
+        results = sweep.run(source, settings, [0.05], [4], measure, metric, residual=True,
+                            ratios=[0.3, 0.45])
+    rows = results["rows"]
+    by_row = {(r["method"], r["bits"], r["eps"], r["ratio"]): p for r, p in zip(rows[1:], plans)}
+    assert set(by_row) == {("fp16", 16, None, None), ("bnb-nf4", 4, None, None),
+                           ("bnb-nf4-b256", 4, None, None), ("bnb-8bit-b256", 8, None, None),
+                           ("whiten", 4, 0.05, None),
+                           ("whiten+residual", 4, 0.05, None), ("whiten budget", None, None, 0.3),
+                           ("whiten budget", None, None, 0.45)}
+    assert {p["block_size"] for p in by_row["bnb-nf4-b256", 4, None, None]} == {256}
+    assert {(p["bits"], p["block_size"]) for p in by_row["bnb-8bit-b256", 8, None, None]} == {(8, 256)}
+    fields = ("name", "kind", "rank", "bits", "block_size", "bytes")
+    for knob, row_key in ((dict(eps=0.05, residual=True), ("whiten+residual", 4, 0.05, None)),
+                          (dict(budget_ratio=0.3), ("whiten budget", None, None, 0.3)),
+                          (dict(budget_ratio=0.45), ("whiten budget", None, None, 0.45))):
+        fresh = hf.load_source(str(models["llama"]))
+        s = Settings(**{**dict(eps=0.05, bits=4, method="whiten", calib=str(calib_file), **CALIB),
+                        **knob})
+        manifest = artifact.save(tmp_path / str(row_key), fresh, compress(fresh, s), s)
+        assert [tuple(p[f] for f in fields) for p in by_row[row_key]] == \
+               [tuple(p[f] for f in fields) for p in manifest["layers"]], row_key
+    for r in rows:
+        if r["ratio"] is not None:
+            assert r["target_bytes"] <= r["ratio"] * results["target_fp16_bytes"]
+    assert row_of(rows, "whiten+residual", 4, 0.05)["residual_layers"] > 0
+
+
+BAD = {
+    # case: (extra arguments, words expected in the message)
+    "neither measure": ([], "exactly one quality measure"),
+    "both measures": (["--ppl", "TEXT", "--similarity", "TEXT"], "exactly one quality measure"),
+    "eps 0": (["--ppl", "TEXT", "--eps", "0,0.1"], "--eps must lie in (0, 1)"),
+    "eps not a number": (["--ppl", "TEXT", "--eps", "a"], "--eps takes comma-separated numbers"),
+    "bits 3": (["--ppl", "TEXT", "--bits", "3"], "--bits 3 is not supported"),
+    "ratio 0": (["--ppl", "TEXT", "--ratio", "0.3,0"], "--ratio must be a positive number"),
+    "no eps nor ratio": (["--ppl", "TEXT", "--eps", ""], "--eps or --ratio at least one"),
+    "missing text": (["--ppl", "MISSING"], "does not exist"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD), ids=[c.replace(" ", "-") for c in BAD])
+def test_cli_bad_input(case, models, calib_file, text_file, tmp_path):
+    parent = tmp_path / "parent"
+    parent.mkdir()
+    extra, words = BAD[case]
+    extra = [{"TEXT": text_file, "MISSING": tmp_path / "missing.txt"}.get(a, a) for a in extra]
+    line = one_line_error(run(*sweep_args(models["llama"], parent / "out", calib_file, *extra)),
+                          quiet_stdout=True)
+    assert words in line, line
+    assert list(parent.iterdir()) == []
+
+
+def test_cli_non_empty_output_needs_overwrite(models, calib_file, text_file, tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "precious.txt").write_text("keep me")
+    args = sweep_args(models["llama"], out, calib_file, "--eps", "0.38", "--bits", "8",
+                      "--ppl", text_file, "--ctx", CTX)
+    line = one_line_error(run(*args), quiet_stdout=True)
+    assert "--overwrite" in line
+    assert [p.name for p in out.iterdir()] == ["precious.txt"]
+    assert (out / "precious.txt").read_text() == "keep me"
+    result = run(*args, "--overwrite")
+    assert result.exit_code == 0, result.output
+    assert (out / "results.json").is_file()
+
+
+def test_sweep_compares_methods_on_one_calibration(models, calib_file, monkeypatch):
+    """Every method factorizes every layer exactly once; calibration runs once for all."""
+    from svdq import evaluate, sweep
+    from svdq.algo import factorize as fz
+    from svdq.calibration import text as calibrate
+    from svdq.config import Settings
+
+    calls = {"svd": 0, "whiten": 0, "calibration": 0}
+    for name in ("svd", "whiten"):
+        original = fz.METHODS[name]
+
+        def counted(w, stats, _name=name, _fn=original):
+            calls[_name] += 1
+            return _fn(w, stats)
+        monkeypatch.setitem(fz.METHODS, name, counted)
+    real_ids = calibrate.calibration_ids
+
+    def counted_ids(*args, **kwargs):
+        calls["calibration"] += 1
+        return real_ids(*args, **kwargs)
+    monkeypatch.setattr(calibrate, "calibration_ids", counted_ids)
+
+    source = hf.load_source(str(models["llama"]))
+    ids = evaluate.tokenize(source.tokenizer, calib_file.read_text()[:4000])
+    measure = lambda m: {"quality": evaluate.perplexity(m, ids, ctx=64)["ppl"]}  # noqa: E731
+    settings = Settings(calib=str(calib_file), calib_samples=4, calib_len=32)
+    results = sweep.run(source, settings, [0.3, 0.5], [8], measure, sweep.Metric("perplexity", True),
+                        methods=["svd", "whiten"])
+    layers = results["rows"][0]["layers"]
+    assert calls == {"svd": layers, "whiten": layers, "calibration": 1}
+    found = {(r["method"], r["eps"]) for r in results["rows"] if r["eps"] is not None}
+    assert found == {(m, e) for m in ("svd", "whiten") for e in (0.3, 0.5)}
