@@ -30,7 +30,7 @@ from torch import nn
 from svdq.calibration.loss import final_states, token_loss
 from svdq.errors import SvdqError
 from svdq.models import blocks as model_blocks
-from svdq.models.blocks import block_inputs, call_block, tail
+from svdq.models.blocks import block_inputs, tail
 from svdq.models.layers import blocks_of, conv1d_type
 from svdq.models.streams import Stream
 
@@ -159,7 +159,7 @@ def _backward(block: nn.Module, inputs: Stream, grads: list[torch.Tensor],
         with torch.enable_grad():
             for (h, kw), g in zip(inputs, grads):
                 h = h.detach().requires_grad_(True)
-                call_block(block, h, kw).backward(g.to(h.device, h.dtype))
+                model_blocks.call_block(block, h, kw).backward(g.to(h.device, h.dtype))
                 new.append(h.grad.detach())
     finally:
         for handle in handles:

@@ -120,12 +120,15 @@ def _run_compress(model: str, output: Path, settings, revision, overwrite: bool,
     def warn(message: str) -> None:
         err.print(f"[yellow]warning:[/] {message}", highlight=False)
 
-    with err.status(f"loading {model}"):
-        source = hf.load_source(model, revision=revision, dtype=settings.dtype, stream=stream)
+    bar, progress = progress_bar()
+    with bar:  # a GGUF file is converted once (a bar over its tensors); else seconds
+        progress(f"loading {model}", 0, 1)
+        source = hf.load_source(model, revision=revision, dtype=settings.dtype, stream=stream,
+                                report=progress)
     for note in source.notes:
         warn(note)
     if err.is_terminal:  # for a person watching; logs get the manifest
-        from svdq.models.stream import estimate
+        from svdq.pipeline.memory import estimate
 
         parts = estimate(source, settings)
         err.print(f"estimated peak memory ≈ {sum(parts.values()) / 1e9:.2f} GB ("

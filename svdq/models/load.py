@@ -9,6 +9,7 @@ import urllib.parse
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import torch
 from safetensors import SafetensorError
@@ -47,9 +48,11 @@ def _model_class(config) -> type:
         if hasattr(transformers, name):
             return getattr(transformers, name)
     # no architecture recorded (GGUF files): a causal LM when the config type has one
-    if type(config) in transformers.AutoModelForCausalLM._model_mapping:
-        return transformers.AutoModelForCausalLM
-    return transformers.AutoModel
+    for auto in (transformers.AutoModelForCausalLM, transformers.AutoModel):
+        if type(config) in auto._model_mapping:
+            return auto._model_mapping[type(config)]
+    raise SvdqError(f"transformers has no model class for {type(config).__name__}; svdq "
+                    "supports GPT-2, Llama-family and BERT-family models")
 
 
 def _offline() -> bool:
@@ -86,10 +89,13 @@ def local_tokenizer(spec: str):
 
 
 def load_source(spec: str, revision: str | None = None, dtype: str = "auto",
-                stream: bool = False) -> Source:
+                stream: bool = False, report: Callable[[str, int, int], None] | None = None
+                ) -> Source:
     """Load `spec` (hub id, local HF folder or .gguf file) with its tokenizer. With `stream`,
-    a local folder of safetensors files is opened with its blocks left on `meta`, to be read
-    block by block (`svdq.models.stream`); other sources load whole."""
+    the model is opened with its blocks left on `meta`, to be read block by block
+    (`svdq.models.stream`): a local folder of safetensors files as it is, a hub id's
+    safetensors once downloaded, a GGUF file once converted into svdq's cache
+    (`svdq.models.gguf`, `report` sees its progress); `.bin` checkpoints load whole."""
     import transformers
 
     transformers.utils.logging.disable_progress_bar()  # svdq shows its own progress
@@ -118,12 +124,10 @@ def load_source(spec: str, revision: str | None = None, dtype: str = "auto",
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             config = transformers.AutoConfig.from_pretrained(folder, **kwargs)
-            if stream and kind == "folder":
-                from svdq.models import stream as streaming
-
-                if streaming.streamable(path):
-                    tokenizer = transformers.AutoTokenizer.from_pretrained(folder)
-                    return streaming.open_source(path, dtype, _model_class(config), config, tokenizer)
+            if stream:
+                streamed = _streamed(spec, path, kind, folder, config, dtype, kwargs, report)
+                if streamed is not None:
+                    return streamed
             with _quiet_gguf():
                 model = _model_class(config).from_pretrained(folder, dtype=torch_dtype, **kwargs)
             tokenizer = transformers.AutoTokenizer.from_pretrained(folder, **kwargs)
@@ -139,7 +143,7 @@ def load_source(spec: str, revision: str | None = None, dtype: str = "auto",
         if fallback is None:
             raise SvdqError(f"cannot download {spec}: the Hugging Face hub is unreachable "
                             "(offline); give a local model folder or .gguf file") from None
-        source = load_source(str(fallback), dtype=dtype)
+        source = load_source(str(fallback), dtype=dtype, stream=stream, report=report)
         source.notes.append(f"the Hugging Face hub is unreachable: loaded {spec} from its "
                             f"offline copy {fallback}")
         return source
@@ -148,6 +152,46 @@ def load_source(spec: str, revision: str | None = None, dtype: str = "auto",
     rev = getattr(model.config, "_commit_hash", None) if kind == "hub" else None
     ident = spec if kind == "hub" else str(path.resolve())  # a path that works from anywhere
     return Source(model, tokenizer, kind, ident, revision=rev or revision, sha256=sha)
+
+
+def _streamed(spec: str, path: Path, kind: str, folder: str, config, dtype: str, kwargs: dict,
+              report) -> Source | None:
+    """The source opened for streaming, or None where it must load whole (`.bin` weights)."""
+    import transformers
+
+    from svdq.models import stream as streaming
+
+    model_class = _model_class(config)
+    if kind == "gguf":
+        from svdq.models import gguf
+
+        digest = sha256(path)
+        if not gguf.ready(gguf.cached(path, digest)):
+            tokenizer = transformers.AutoTokenizer.from_pretrained(folder, **kwargs)
+            gguf.convert(path, digest, model_class, config, tokenizer, report)
+        local = gguf.cached(path, digest)
+    elif kind == "hub":
+        from huggingface_hub import snapshot_download
+
+        local = Path(snapshot_download(spec, revision=kwargs.get("revision"),
+                                       allow_patterns=HUB_FILES,
+                                       local_files_only=kwargs.get("local_files_only", False)))
+    else:
+        local = path
+    if not streaming.streamable(local):
+        return None
+    tokenizer = transformers.AutoTokenizer.from_pretrained(str(local))
+    config = transformers.AutoConfig.from_pretrained(str(local))
+    source = streaming.open_source(local, dtype, model_class, config, tokenizer)
+    if kind == "gguf":  # the manifest names the file the user gave, not the cache
+        source.kind, source.id, source.sha256 = "gguf", str(path.resolve()), digest
+    elif kind == "hub":
+        source.kind, source.id, source.revision = "hub", spec, local.name
+    return source
+
+
+# what a hub model streams from: configs, tokenizer files and the safetensors weights
+HUB_FILES = ["*.json", "*.safetensors", "*.txt", "*.model", "*.tiktoken"]
 
 
 @contextlib.contextmanager

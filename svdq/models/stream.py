@@ -201,36 +201,3 @@ def _checkpoint_dtype(config, weights: Weights) -> torch.dtype:
         if kind in stored:
             return stored[kind]
     return torch.float32
-
-
-def estimate(source, settings) -> dict[str, int]:
-    """A rough peak-memory budget of a compress, by part, in bytes (README: Big models)."""
-    from svdq.artifact.writer import FLUSH_BYTES
-    from svdq.models.layers import blocks_of, targets, weight_of
-
-    model, config = source.model, source.model.config
-    prefix, blocks = blocks_of(model)
-    size = lambda ts: sum(t.numel() * t.element_size() for t in ts)  # noqa: E731
-    unique = {id(t): t for t in list(model.parameters()) + list(model.buffers())}.values()
-    block = size(list(blocks[0].parameters()))
-    names = [n for n in targets(model, settings.include, settings.exclude)
-             if n.startswith(f"{prefix}.0.")]
-    shapes = [tuple(weight_of(model.get_submodule(n)).shape) for n in names]  # (out, in)
-    hidden = getattr(config, "hidden_size", None) or getattr(config, "n_embd", 0)
-    heads = getattr(config, "num_attention_heads", None) or getattr(config, "n_head", 1)
-    tokens = settings.calib_samples * settings.calib_len
-    elsize = next(model.parameters()).element_size()
-    streams = 4 if settings.sequential and settings.refit else 2
-    parts = {
-        "model outside the blocks" if source.weights is not None else "model":
-            size(unique) - (len(blocks) * block if source.weights is not None else 0),
-        # the block, and its largest layer in float32 with its factors while it is searched
-        "one block": block + 3 * 4 * max((o * i for o, i in shapes), default=0),
-        # at most: layers fed one input share theirs
-        "input statistics": sum(8 * i * i for _, i in shapes),
-        "calibration activations": streams * tokens * hidden * elsize,
-        "attention scores": min(settings.batch_size, settings.calib_samples) * heads
-        * settings.calib_len ** 2 * 4,
-        "artifact not yet written": FLUSH_BYTES,
-    }
-    return parts

@@ -45,6 +45,13 @@ Progress = Callable[[str, int, int], None]  # (stage, done, total)
 OFFLOAD_BYTES = 512 * 2 ** 20
 
 
+def offloaded(settings: Settings, hidden: int, streams: int) -> bool:
+    """Whether `streams` calibration streams of width `hidden` go to files: asked for
+    (--offload-activations), or larger than OFFLOAD_BYTES together (in float32)."""
+    size = streams * settings.calib_samples * settings.calib_len * hidden * 4
+    return settings.offload_activations or size > OFFLOAD_BYTES
+
+
 class Clock:
     """Seconds spent per stage: `lap(stage)` charges the time since the previous lap."""
 
@@ -153,10 +160,9 @@ class Walker:
 
     def _offload(self, streams: int) -> bool:
         """Whether `streams` calibration streams go to files: asked for, or too large."""
-        s = self.settings
-        hidden = getattr(self.model.config, "hidden_size", None) or getattr(self.model.config, "n_embd", 0)
-        size = streams * s.calib_samples * s.calib_len * hidden * 4
-        return s.offload_activations or (self.scratch is not None and size > OFFLOAD_BYTES)
+        config = self.model.config
+        hidden = getattr(config, "hidden_size", None) or getattr(config, "n_embd", 0)
+        return self.scratch is not None and offloaded(self.settings, hidden, streams)
 
     # ------------------------------------------------------------------ the passes
     def gradients(self, ids: torch.Tensor, fisher: bool) -> None:

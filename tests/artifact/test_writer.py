@@ -1,4 +1,4 @@
-"""svdq/writer.py: parts written as tensors come, joined into shards without reading them back."""
+"""svdq/artifact/writer.py: parts written as tensors come, joined into shards without reading them back."""
 from __future__ import annotations
 
 import json
@@ -63,3 +63,34 @@ def test_a_tensor_stored_twice_is_refused(tmp_path):
     w.add({"a": torch.zeros(3)})
     with pytest.raises(SvdqError, match="stored twice"):
         w.add({"a": torch.ones(3)})
+
+
+@pytest.mark.parametrize("shard_bytes", [10 ** 9, 3000])
+def test_an_adopted_writer_joins_the_artifact_aligned(tmp_path, monkeypatch, shard_bytes):
+    """A budget's winning candidate writes its tensors beside the artifact's; adopting them
+    moves its parts (and the odd-sized tensors still waiting) in, without reading them back."""
+    monkeypatch.setattr(writer, "FLUSH_BYTES", 1000)
+    main_dir, other_dir = tmp_path / "main", tmp_path / "cand"
+    main_dir.mkdir()
+    other_dir.mkdir()
+    w, other = writer.TensorWriter(main_dir, shard_bytes), writer.TensorWriter(other_dir, 10 ** 9, 700)
+    tensors = {**_tensors(1), "odd": torch.arange(3, dtype=torch.uint8)}
+    items = list(tensors.items())
+    w.add(dict(items[:15]))
+    other.add(dict(items[15:]))
+    assert other._odd  # some of its tensors still wait for others to reach a multiple of 8
+    w.adopt(other)
+    assert not list(other_dir.iterdir())  # its parts moved
+    with pytest.raises(SvdqError, match="stored twice"):
+        w.adopt(other) or w.add({items[20][0]: torch.zeros(1)})
+    files = w.close()
+    loaded = {}
+    for name in files:
+        loaded.update(load_file(main_dir / name))
+        header, start = _header(main_dir / name)
+        for key, info in header.items():
+            if key != "__metadata__":
+                assert info["data_offsets"][0] % tensors[key].element_size() == 0, key
+    assert loaded.keys() == tensors.keys() and w.total_bytes == sum(
+        t.numel() * t.element_size() for t in tensors.values())
+    assert all(torch.equal(loaded[k], t) for k, t in tensors.items())

@@ -36,7 +36,10 @@ def layers(folder: Path) -> list:
 CASES = [("llama", ["--eps", "0.3"]), ("gpt2", ["--eps", "0.2", "--bits", "4"]),
          ("bert", ["--eps", "0.3"]), ("llama", ["--eps", "0.3", "--sequential"]),
          ("gpt2", ["--eps", "0.2", "--sequential", "--refit"]),
-         ("llama", ["--eps", "0.1", "--residual", "--bits", "4"])]
+         ("llama", ["--eps", "0.1", "--residual", "--bits", "4"]),
+         ("llama", ["--eps", "0.3", "--method", "fisher"]),
+         ("llama", ["--ratio", "0.3"]), ("gpt2", ["--size", "40KB", "--refit"]),
+         ("bert", ["--ratio", "0.4", "--offload-activations"])]
 
 
 @pytest.mark.parametrize("arch,extra", CASES, ids=[f"{a}{''.join(e)}" for a, e in CASES])
@@ -50,20 +53,32 @@ def test_streamed_equals_whole_bit_for_bit(models, calib_file, tmp_path, arch, e
     assert layers(a) == layers(b)
 
 
-@pytest.mark.parametrize("arch", ["llama", "gpt2"])
-def test_only_the_running_block_is_in_memory(models, calib_file, tmp_path, monkeypatch, arch):
+@pytest.mark.parametrize("arch,extra", [("llama", ["--eps", "0.3", "--sequential"]),
+                                        ("gpt2", ["--eps", "0.3", "--sequential"]),
+                                        ("llama", ["--ratio", "0.3"]), ("gpt2", ["--ratio", "0.5"])])
+def test_only_the_running_block_is_in_memory(models, calib_file, tmp_path, monkeypatch, arch,
+                                             extra):
+    """Every block forward — statistics, the sequential rerun, gradients forward and backward,
+    a budget's two passes and its candidates' streams — finds only its own block loaded."""
     from svdq.models import layers, load
 
     seen = []
-    real = calibrate.run_block
+    real, real_call = calibrate.run_block, calibrate.call_block
     state = {}
 
-    def watched(block, hidden, kwargs):
+    def loaded_now(block):
         _, blocks = layers.blocks_of(state["model"])
         loaded = [i for i, b in enumerate(blocks)
                   if any(t.device.type != "meta" for t in list(b.parameters()) + list(b.buffers()))]
         seen.append((next(i for i, b in enumerate(blocks) if b is block), loaded))
+
+    def watched(block, hidden, kwargs):
+        loaded_now(block)
         return real(block, hidden, kwargs)
+
+    def watched_call(block, hidden, kwargs):
+        loaded_now(block)
+        return real_call(block, hidden, kwargs)
 
     real_open = load.load_source
 
@@ -75,11 +90,14 @@ def test_only_the_running_block_is_in_memory(models, calib_file, tmp_path, monke
         return source
 
     monkeypatch.setattr(calibrate, "run_block", watched)
+    monkeypatch.setattr(calibrate, "call_block", watched_call)
     monkeypatch.setattr(load, "load_source", opened)
-    result = compress(models[arch], tmp_path / "out", calib_file, "--eps", "0.3", "--sequential")
+    result = compress(models[arch], tmp_path / "out", calib_file, *extra)
     assert result.exit_code == 0, result.output
     assert len({i for i, _ in seen}) == 2
     assert all(loaded == [i] for i, loaded in seen), seen
+    if "--ratio" in extra:  # gradients (forward, backward) and two passes all walked
+        assert len(seen) > 4 * 2 * 2
 
 
 def test_sampled_calibration_on_a_streamed_source(models, tmp_path):
@@ -145,18 +163,41 @@ def test_auto_dtype_without_one_in_the_config_is_the_checkpoints(models, tmp_pat
     assert stream._checkpoint_dtype(config, stream.Weights(folder)) == torch.float16
 
 
-def test_the_memory_estimate_counts_one_block(models):
-    from svdq.config import Settings
-    from svdq.models import load as hf
-    from svdq.models import stream
-    from svdq.models.layers import blocks_of
+HUB_DRIVER = r'''
+import sys
+import svdq.models.stream as s
+real = s.open_source
+def opened(*a, **k):
+    print("streamed", file=sys.stderr)
+    return real(*a, **k)
+s.open_source = opened
+from svdq.cli import main
+sys.argv = ["svdq", *sys.argv[1:]]
+main()
+'''
 
-    source = hf.load_source(str(models["llama"]), stream=True)
-    parts = stream.estimate(source, Settings(calib_samples=4, calib_len=32, batch_size=2))
-    block = sum(p.numel() * p.element_size() for p in blocks_of(source.model)[1][0].parameters())
-    cfg = source.model.config
-    assert block < parts["one block"] < 3 * block + 12 * 4 * cfg.intermediate_size * cfg.hidden_size
-    assert parts["calibration activations"] == 2 * 4 * 32 * cfg.hidden_size * 4
-    assert parts["attention scores"] == 2 * cfg.num_attention_heads * 32 * 32 * 4
-    # at most: q, k, v, o, gate, up take hidden-wide inputs, down the intermediate one
-    assert parts["input statistics"] == 8 * (6 * cfg.hidden_size ** 2 + cfg.intermediate_size ** 2)
+
+def test_a_hub_id_streams_from_its_downloaded_snapshot(models, calib_file, tmp_path):
+    """The hub cache stands in for a download (tests never touch the network): the model
+    streams from the snapshot's safetensors, and the manifest names the hub id and commit."""
+    import os
+    import subprocess
+    import sys
+
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    repo = tmp_path / "hub" / "models--someorg--tiny-llama"
+    shutil.copytree(models["llama"], repo / "snapshots" / commit)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(commit)
+    env = {**os.environ, "HF_HUB_CACHE": str(tmp_path / "hub"), "HF_HUB_OFFLINE": "1"}
+    args = ["compress", "someorg/tiny-llama", "--eps", "0.3", "--calib", str(calib_file), *FAST,
+            "-o", str(tmp_path / "out")]
+    run = subprocess.run([sys.executable, "-c", HUB_DRIVER, *args], env=env, capture_output=True,
+                         text=True, timeout=300)
+    assert run.returncode == 0, run.stderr
+    assert "streamed" in run.stderr
+    source = json.loads((tmp_path / "out" / runtime.MANIFEST).read_text())["source"]
+    assert source == {"kind": "hub", "id": "someorg/tiny-llama", "revision": commit, "sha256": None}
+    assert compress(models["llama"], tmp_path / "local", calib_file, "--eps", "0.3").exit_code == 0
+    ta, tb = tensors(tmp_path / "out"), tensors(tmp_path / "local")
+    assert ta.keys() == tb.keys() and all(torch.equal(ta[k], tb[k]) for k in ta)
