@@ -33,14 +33,15 @@ def main() -> None:
     model, calib = source.model, split_text(assets.cache_dir() / "bench-text")[0]
     prefix, blocks = blocks_of(model)
     ids, _ = calibrate.calibration_ids(model, source.tokenizer, str(calib), 8, 512, 8, 0, True)
-    hidden = model_blocks.block_inputs(model, blocks[0], ids, 8)
-    for block in blocks[:3]:
-        hidden = [(model_blocks.run_block(block, h, kw), kw) for h, kw in hidden]
+    captured = model_blocks.capture(model, ids, 8)
+    hidden = captured.hidden
+    for i, block in enumerate(blocks[:3]):
+        hidden = [model_blocks.run_block(block, h, captured.kwargs[i][b]) for b, h in enumerate(hidden)]
     layers = {n: m for n, m in model.named_modules()
               if n.startswith(f"{prefix}.3.") and isinstance(m, torch.nn.Linear)}
     with collect(layers) as stats:
-        for h, kw in hidden:
-            model_blocks.run_block(blocks[3], h, kw)
+        for b, h in enumerate(hidden):
+            model_blocks.run_block(blocks[3], h, captured.kwargs[3][b])
     lines = ["# Refining NF4 corrections (SmolLM2, block 3)", "",
              "`python benchmarks/refine_residual.py` — stored relative output error on 8 × 512",
              "calibration tokens, whitened correction, 8-bit factors.", "",

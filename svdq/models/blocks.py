@@ -1,15 +1,18 @@
-"""Running a model one block at a time: what the first block receives, one block's forward,
-and what the model makes of the last block's outputs (its head) without running any block.
+"""Running a model one block at a time: what each block receives, one block's forward, and
+what the model makes of the last block's outputs (its head) without running any block.
 
-A walk captures the first block's inputs once (`block_inputs`), then calls each block
-directly on them (`run_block`). `tail` swaps every block for a stand-in that returns given
-hidden states, so the model's own forward computes the rest — final norm, LM head, softcaps,
-whatever the architecture does after its blocks — from the hidden states a walk produced.
+Both rest on stand-ins: every block swapped for a module that does not compute, so the
+model's own forward runs everything around its blocks — embeddings, the masks and position
+embeddings each block gets (which differ between blocks in models that mix sliding-window and
+global attention, as Gemma 3 does), the final norm, the head and softcaps. `capture` records
+what each block receives (stand-ins that pass their input through); `tail` makes the model
+compute its outputs from given last-block outputs (stand-ins that return them).
 """
 from __future__ import annotations
 
 import contextlib
-from typing import Iterator
+from dataclasses import dataclass
+from typing import Callable, Iterator
 
 import torch
 from torch import nn
@@ -17,34 +20,71 @@ from torch import nn
 from svdq.models.layers import blocks_of
 
 
-class _Stop(Exception):
-    """Raised inside the first block once its inputs are captured."""
+class _Standin(nn.Module):
+    """Stands in for block `index`: `fn(index, hidden, args, kwargs)` says what it returns.
+    Attributes the model's forward reads off its blocks (`attention_type`, ...) are the
+    original block's."""
 
+    def __init__(self, block: nn.Module, index: int, fn: Callable) -> None:
+        super().__init__()
+        self.__dict__["_block"] = block  # not a submodule: its weights may be on meta
+        self.__dict__["_call"] = (index, fn)
 
-def block_inputs(model: nn.Module, first_block: nn.Module, ids: torch.Tensor,
-                 batch_size: int) -> list[tuple[torch.Tensor, dict]]:
-    """Run the embeddings on each batch and capture what the first block receives.
-
-    Returns one (hidden_states, other keyword arguments) pair per batch: the rest of the walk
-    calls each block directly, so the head (lm_head) is never computed.
-    """
-    captured: list[tuple[torch.Tensor, dict]] = []
-
-    def grab(module, args, kwargs):
+    def forward(self, *args, **kwargs):
+        index, fn = self.__dict__["_call"]
         hidden = args[0] if args else kwargs.pop("hidden_states")
-        captured.append((hidden, {**kwargs, **({} if not args[1:] else {"_args": args[1:]})}))
-        raise _Stop
+        return fn(index, hidden, args[1:], kwargs)
+
+    def __getattr__(self, name: str):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(self.__dict__["_block"], name)
+
+
+@contextlib.contextmanager
+def standins(model: nn.Module, fn: Callable) -> Iterator[None]:
+    """Within the body every block of `model` is a `_Standin` calling `fn`; the blocks are
+    put back afterwards, whatever happens."""
+    _, blocks = blocks_of(model)
+    saved = list(blocks)
+    try:
+        for i, b in enumerate(saved):
+            blocks[i] = _Standin(b, i, fn)
+        yield
+    finally:
+        for i, b in enumerate(saved):
+            blocks[i] = b
+
+
+@dataclass
+class Captured:
+    """The first block's hidden states per batch, and what every block receives besides them:
+    `kwargs[i][b]` for block i and batch b (positional extras under "_args")."""
+
+    hidden: list[torch.Tensor]
+    kwargs: list[list[dict]]
+
+
+def capture(model: nn.Module, ids: torch.Tensor, batch_size: int) -> Captured:
+    """Run `model` on `ids` in batches with stand-ins for its blocks, and record what each
+    block receives. No block computes: this costs the embeddings and masks only."""
+    _, blocks = blocks_of(model)
+    hidden: list[torch.Tensor] = []
+    kwargs: list[list[dict]] = [[] for _ in blocks]
+
+    def record(i: int, h: torch.Tensor, args: tuple, kw: dict) -> torch.Tensor:
+        kwargs[i].append({**kw, **({"_args": args} if args else {})})
+        if i == 0:
+            hidden.append(h)
+        return h
 
     device = next(p for p in model.parameters() if p.device.type != "meta").device
-    handle = first_block.register_forward_pre_hook(grab, with_kwargs=True)
-    try:
-        for i in range(0, ids.shape[0], batch_size):
-            batch = ids[i: i + batch_size].to(device)
-            with contextlib.suppress(_Stop), torch.no_grad():
-                model(input_ids=batch, attention_mask=torch.ones_like(batch), use_cache=False)
-    finally:
-        handle.remove()
-    return captured
+    with standins(model, lambda i, h, args, kw: record(i, h, args, kw)), torch.no_grad():
+        for start in range(0, ids.shape[0], batch_size):
+            batch = ids[start: start + batch_size].to(device)
+            model(input_ids=batch, attention_mask=torch.ones_like(batch), use_cache=False)
+    return Captured(hidden, kwargs)
 
 
 def call_block(block: nn.Module, hidden: torch.Tensor, kwargs: dict) -> torch.Tensor:
@@ -60,37 +100,10 @@ def run_block(block: nn.Module, hidden: torch.Tensor, kwargs: dict) -> torch.Ten
         return call_block(block, hidden, kwargs)
 
 
-class _Replay(nn.Module):
-    """Stands in for a block: returns the hidden states in `cell`, whatever it is given.
-    Attributes the model's forward reads off its blocks (Gemma 3's `attention_type`, ...) are
-    the original block's."""
-
-    def __init__(self, block: nn.Module, cell: dict) -> None:
-        super().__init__()
-        self.__dict__["_block"] = block  # not a submodule: its weights may be on meta
-        self.__dict__["_cell"] = cell
-
-    def forward(self, hidden: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-        return self.__dict__["_cell"]["value"]
-
-    def __getattr__(self, name: str):
-        try:
-            return super().__getattr__(name)
-        except AttributeError:
-            return getattr(self.__dict__["_block"], name)
-
-
 @contextlib.contextmanager
 def tail(model: nn.Module) -> Iterator[dict]:
     """Within the body, `model` computes its outputs from `cell["value"]` (set it to the last
     block's outputs) instead of running its blocks; the blocks are put back afterwards."""
-    _, blocks = blocks_of(model)
-    saved = list(blocks)
     cell: dict = {"value": None}
-    try:
-        for i, b in enumerate(saved):
-            blocks[i] = _Replay(b, cell)
+    with standins(model, lambda i, h, args, kw: cell["value"]):
         yield cell
-    finally:
-        for i, b in enumerate(saved):
-            blocks[i] = b

@@ -1,11 +1,12 @@
 """Calibration streams: what one block receives, batch by batch, as a walk carries it on.
 
-A stream holds (hidden states, keyword arguments) per batch. The hidden states are what grows
-with the calibration (`--calib-samples × --calib-len × hidden × dtype bytes` per stream); they
-stay in memory, or on the CPU while the block runs on a GPU (read back batch by batch, as
+A stream holds one block's input hidden states, batch by batch: what grows with the
+calibration (`--calib-samples × --calib-len × hidden × dtype bytes` per stream). They stay in
+memory, or on the CPU while the block runs on a GPU (read back batch by batch, as
 llm-compressor's sequential pipeline onloads), or in files under a scratch folder with
-`--offload-activations` (safetensors, one file per batch, read back when the batch runs). The
-keyword arguments (masks, position embeddings) are small and shared: they stay where they are.
+`--offload-activations` (safetensors, one file per batch, read back when the batch runs). What
+else a block receives (masks, position embeddings: `models.blocks.capture`) is small and kept
+by the walk.
 """
 from __future__ import annotations
 
@@ -33,10 +34,9 @@ class Stream:
         if self.folder is not None:
             self.folder.mkdir(parents=True)
         self._hidden: list[torch.Tensor | Path] = []
-        self._kwargs: list[dict] = []
         self.nbytes = 0
 
-    def append(self, hidden: torch.Tensor, kwargs: dict) -> None:
+    def append(self, hidden: torch.Tensor) -> None:
         self.nbytes += hidden.numel() * hidden.element_size()
         if self.folder is not None:
             path = self.folder / f"{len(self._hidden):05d}.safetensors"
@@ -44,18 +44,17 @@ class Stream:
             self._hidden.append(path)
         else:
             self._hidden.append(hidden.detach().to(self.home))
-        self._kwargs.append(kwargs)
 
     def __len__(self) -> int:
         return len(self._hidden)
 
-    def __getitem__(self, i: int) -> tuple[torch.Tensor, dict]:
+    def __getitem__(self, i: int) -> torch.Tensor:
         h = self._hidden[i]
         if isinstance(h, Path):
             h = load_file(str(h))["h"]
-        return h.to(self.device), self._kwargs[i]
+        return h.to(self.device)
 
-    def __iter__(self) -> Iterator[tuple[torch.Tensor, dict]]:
+    def __iter__(self) -> Iterator[torch.Tensor]:
         for i in range(len(self)):
             yield self[i]
 
@@ -65,13 +64,13 @@ class Stream:
 
     def copy(self) -> "Stream":
         out = self.like()
-        for h, kw in self:
-            out.append(h, kw)
+        for h in self:
+            out.append(h)
         return out
 
     def drop(self) -> None:
         """Free the hidden states (and their files)."""
-        self._hidden, self._kwargs = [], []
+        self._hidden = []
         if self.folder is not None:
             shutil.rmtree(self.folder, ignore_errors=True)
 

@@ -17,7 +17,7 @@ from torch import nn
 from svdq.algo.stored import Stored
 from svdq.calibration.loss import final_states, token_loss
 from svdq.config import Settings
-from svdq.models.blocks import block_inputs, run_block, tail
+from svdq.models.blocks import capture, run_block, tail
 from svdq.models.layers import blocks_of
 from svdq.models.load import Source
 from svdq.models.streams import Stream
@@ -27,7 +27,7 @@ from svdq.pipeline.walk import LayerWork
 def _rows(stream: Stream, ids: torch.Tensor):
     """(sample ids (1, T), its hidden states (1, T, h)) for every sample of `stream`."""
     row = 0
-    for h, _ in stream:
+    for h in stream:
         for k in range(h.shape[0]):
             yield ids[row: row + 1].to(h.device), h[k: k + 1]
             row += 1
@@ -68,10 +68,11 @@ def judge_of(source: Source, works: list[LayerWork], ids: torch.Tensor,
 
     def walk_all() -> Stream:
         stream = Stream(device)
-        for h, kw in block_inputs(model, blocks[0], ids, settings.batch_size):
-            for block in blocks:
-                h = run_block(block, h, kw)
-            stream.append(h, kw)
+        captured = capture(model, ids, settings.batch_size)
+        for b, h in enumerate(captured.hidden):
+            for i, block in enumerate(blocks):
+                h = run_block(block, h, captured.kwargs[i][b])
+            stream.append(h)
         return stream
 
     reference = None if source.is_causal else walk_all()

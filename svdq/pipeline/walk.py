@@ -128,6 +128,7 @@ class Walker:
         self.scratch = scratch
         self.grads: dict[str, tuple[torch.Tensor | None, float]] = {}
         self.main: Stream | None = None
+        self.kwargs: list[list[dict]] = []  # what block i receives besides hidden states, per batch
         self.paired: Stream | None = None  # --sequential --refit: the source's own stream
         self.variants: dict[str, Stream] = {}
 
@@ -181,9 +182,10 @@ class Walker:
         sequential, refit = self.settings.sequential, self.settings.refit
         offload = self._offload(1 + len(variants) + (sequential and refit))
         self.main = self.new_stream(offload)
-        for h, kw in model_blocks.block_inputs(self.model, self.blocks[0], ids,
-                                              self.settings.batch_size):
-            self.main.append(h, kw)
+        captured = model_blocks.capture(self.model, ids, self.settings.batch_size)
+        for h in captured.hidden:
+            self.main.append(h)
+        self.kwargs = captured.kwargs
         self.paired = self.main.copy() if sequential and refit else None
         self.variants = {label: self.main.copy() for label in variants}
         self.clock.lap("calibration text")
@@ -199,12 +201,12 @@ class Walker:
         block, mine = self.blocks[i], self.layers_of(i)
         outputs, paired = self.main.like(), None if self.paired is None else self.paired.like()
         with Collector(mine, paired=paired is not None) as collector:
-            for j, (h, kw) in enumerate(self.main):
+            for j, h in enumerate(self.main):
+                kw = self.kwargs[i][j]
                 if paired is not None:  # the block is still the source's here
-                    h0, kw0 = self.paired[j]
                     with collector.source():
-                        paired.append(model_blocks.run_block(block, h0, kw0), kw0)
-                outputs.append(model_blocks.run_block(block, h, kw), kw)
+                        paired.append(model_blocks.run_block(block, self.paired[j], kw))
+                outputs.append(model_blocks.run_block(block, h, kw))
         stats = collector.stats
         self._outputs, self._paired_outputs = outputs, paired
         self.clock.lap("forward and statistics")
@@ -230,14 +232,14 @@ class Walker:
         if self.settings.sequential:
             self._outputs.drop()
             self._outputs = self.main.like()
-            for h, kw in self.main:
-                self._outputs.append(model_blocks.run_block(block, h, kw), kw)
+            for j, h in enumerate(self.main):
+                self._outputs.append(model_blocks.run_block(block, h, self.kwargs[i][j]))
             self.clock.lap("forward and statistics")
         for label, layers in (variants or {}).items():
             with swapped(self.model, layers):
                 out = self.variants[label].like()
-                for h, kw in self.variants[label]:
-                    out.append(model_blocks.run_block(block, h, kw), kw)
+                for j, h in enumerate(self.variants[label]):
+                    out.append(model_blocks.run_block(block, h, self.kwargs[i][j]))
             self.variants[label].drop()
             self.variants[label] = out
         self.main.drop()

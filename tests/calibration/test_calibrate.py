@@ -188,7 +188,7 @@ def test_inference_mode_inputs_are_accepted():
 
 
 def test_block_statistics_match_the_inputs_each_layer_saw():
-    # End to end on a tiny GPT-2 block, the way `compress` drives it (block_inputs, then
+    # End to end on a tiny GPT-2 block, the way `compress` drives it (capture, then
     # run_block per batch). With the old data_ptr cache, c_fc's Gram came out ~6% off when the
     # allocator gave a batch's LayerNorm output the previous one's address (allocator-dependent;
     # test_each_batch_counts_even_when_memory_is_reused[reused-buffer] is the deterministic guard).
@@ -201,7 +201,8 @@ def test_block_statistics_match_the_inputs_each_layer_saw():
     model = transformers.GPT2LMHeadModel(tiny_config("gpt2", 120)).eval()
     block = model.transformer.h[0]
     ids = torch.randint(0, 120, (6, 32), generator=_gen(8))
-    inputs = calibrate.block_inputs(model, block, ids, batch_size=2)
+    captured = calibrate.capture(model, ids, batch_size=2)
+    inputs = [(h, captured.kwargs[0][b]) for b, h in enumerate(captured.hidden)]
     assert len(inputs) == 3
     mods = {"attn": block.attn.c_attn, "fc": block.mlp.c_fc, "proj": block.mlp.c_proj}
     seen: dict[str, list[torch.Tensor]] = {n: [] for n in mods}

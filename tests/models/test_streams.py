@@ -10,26 +10,25 @@ def test_offloaded_stream_reads_back_bit_for_bit_and_drops_its_files(tmp_path):
     cpu = torch.device("cpu")
     with Scratch(tmp_path / "scratch") as room:
         s = Stream(cpu, folder=room.path)
-        kw = {"position_embeddings": (torch.ones(2, 3), torch.zeros(2, 3))}
         batches = [torch.randn(2, 5, 8, dtype=dtype) for dtype in (torch.float32, torch.bfloat16)]
         for h in batches:
-            s.append(h, kw)
+            s.append(h)
         assert len(list(s.folder.iterdir())) == 2 and s.nbytes == sum(h.numel() * h.element_size()
                                                                       for h in batches)
-        for (h, k), want in zip(s, batches):
-            assert h.dtype == want.dtype and torch.equal(h, want) and k is kw
+        for h, want in zip(s, batches):
+            assert h.dtype == want.dtype and torch.equal(h, want)
         copy = s.copy()
-        assert copy.folder != s.folder and torch.equal(copy[1][0], batches[1])
+        assert copy.folder != s.folder and torch.equal(copy[1], batches[1])
         s.drop()
-        assert not s.folder.exists() and len(s) == 0 and torch.equal(copy[0][0], batches[0])
+        assert not s.folder.exists() and len(s) == 0 and torch.equal(copy[0], batches[0])
     assert not (tmp_path / "scratch").exists()
 
 
 def test_memory_stream_keeps_its_tensors():
     s = Stream(torch.device("cpu"))
     h = torch.randn(1, 4, 3)
-    s.append(h, {})
-    assert s.folder is None and torch.equal(s[0][0], h) and len(s.like()) == 0
+    s.append(h)
+    assert s.folder is None and torch.equal(s[0], h) and len(s.like()) == 0
 
 
 def test_offload_activations_puts_the_streams_in_files(models, calib_file, tmp_path, monkeypatch):
