@@ -1,17 +1,19 @@
-"""Benchmark: compress a checkpoint of TinyLlama-1.1B's shape block by block, and record wall
-time and peak memory.
+"""Benchmark: compress checkpoints block by block, and record wall time and peak memory.
 
-    python benchmarks/scale.py [--layers 22] [--calib-samples 16] [--cap-mb 2000]
-                               [--modes stream,whole] [--out benchmarks/results]
+    python benchmarks/scale.py [--models synthetic,smollm2,gemma3] [--knobs eps,ratio]
+                               [--layers 22] [--calib-samples 16] [--cap-mb 2000]
+                               [--modes stream,whole] [--out benchmarks/results] [--tag NAME]
 
-Writes, once, a synthetic Llama checkpoint (hidden 2048, intermediate 5632, 32 heads, 4
-key-value heads, vocab 49152 with SmolLM2's tokenizer, untied head) with random bf16 weights
-as sharded safetensors under the svdq cache folder, without ever holding it whole. Then runs
-`svdq compress --eps 0.1 --bits 4` on it as a child process per mode (`stream`: the default,
-one block at a time; `whole`: `--no-stream`), and with `--cap-mb` once more inside a cgroup
-memory limit smaller than the checkpoint. Peak memory is the child's own max RSS (wait4).
-Random weights say nothing about quality (their spectra are flat: most layers end dense): this
-measures mechanics, time and memory only. Writes `scale.md` and `scale.json`.
+`synthetic`: a checkpoint of TinyLlama-1.1B's shape (hidden 2048, intermediate 5632, 32 heads,
+4 key-value heads, vocab 49152 with SmolLM2's tokenizer, untied head) with random bf16 weights,
+written once as sharded safetensors under the svdq cache folder without ever holding it
+whole; `smollm2`, `gemma3`: the real offline GGUF assets. Each model is compressed with each
+knob (`eps`: `--eps 0.1 --bits 4`; `ratio`: `--ratio 0.3`) as a child process per mode
+(`stream`: the default, one block at a time; `whole`: `--no-stream`), and for the synthetic
+checkpoint with `--cap-mb` once more per knob inside a cgroup memory limit smaller than the
+checkpoint. Peak memory is the child's own max RSS (wait4). Random weights say nothing about
+quality (their spectra are flat: most layers end dense): that checkpoint measures mechanics,
+time and memory only. Writes `scale[_TAG].md` and `.json`.
 """
 from __future__ import annotations
 
@@ -78,6 +80,18 @@ def synthetic(layers: int) -> Path:
     return folder
 
 
+KNOBS = {"eps": ["--eps", "0.1", "--bits", "4"], "ratio": ["--ratio", "0.3"]}
+
+
+def source(name: str, layers: int) -> tuple[Path, int]:
+    """(what to compress, its bytes on disk)."""
+    if name == "synthetic":
+        folder = synthetic(layers)
+        return folder, sum(p.stat().st_size for p in folder.glob("model-*.safetensors"))
+    path = assets.fetch(name)
+    return path, path.stat().st_size
+
+
 def run(cmd: list[str], cap_mb: int | None = None) -> dict:
     """Run `cmd`; its wall time, its own peak RSS, and exit status (under a memory cap: in a
     cgroup v1 child group whose limit is `cap_mb`)."""
@@ -109,52 +123,66 @@ def run(cmd: list[str], cap_mb: int | None = None) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", default="synthetic")
+    parser.add_argument("--knobs", default="eps")
     parser.add_argument("--layers", type=int, default=22)
     parser.add_argument("--calib-samples", type=int, default=16)
     parser.add_argument("--modes", default="stream,whole")
     parser.add_argument("--cap-mb", type=int, default=2000)
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
+    parser.add_argument("--tag", default="")
     args = parser.parse_args()
 
-    folder = synthetic(args.layers)
-    ckpt = sum(p.stat().st_size for p in folder.glob("model-*.safetensors"))
-    wiki = assets.fetch("wiki")
+    sources = {name: source(name, args.layers) for name in args.models.split(",") if name}
+    sys.path.insert(0, str(Path(__file__).parent))
+    from sweep import split_text  # the calibration part of the offline text
+
+    calib = split_text(assets.cache_dir() / "bench-text")[0]
     work = Path(tempfile.mkdtemp(prefix="svdq-scale-"))
     work.chmod(0o755)
     rows = []
-    plan = [(m, None) for m in args.modes.split(",") if m] + ([("stream", args.cap_mb)] if args.cap_mb else [])
-    for mode, cap in plan:
-        out = work / f"{mode}-{cap or 'nocap'}"
-        options = ["--eps", "0.1", "--bits", "4", "--calib-samples", str(args.calib_samples)]
-        cmd = [sys.executable, str(Path(__file__).parent / "peak.py"), "svdq", "compress",
-               str(folder), *options, "--calib", str(wiki), "-o", str(out), "--json",
-               *([] if mode == "stream" else ["--no-stream"])]
-        record = run(cmd, cap)
-        peak = json.loads(record.pop("stdout").strip().splitlines()[-1]) if record["returncode"] == 0 else {}
-        artifact = sum(p.stat().st_size for p in out.glob("*.safetensors")) if out.exists() else 0
-        rows.append({"mode": mode, "options": " ".join(options), **record,
-                     "peak_rss_mb": peak.get("peak_rss_mb"), "artifact_bytes": artifact})
-        print(rows[-1], flush=True)
-        shutil.rmtree(out, ignore_errors=True)
+    for name, (path, size) in sources.items():
+        for knob in args.knobs.split(","):
+            plan = [(m, None) for m in args.modes.split(",") if m]
+            if name == "synthetic" and args.cap_mb:
+                plan.append(("stream", args.cap_mb))
+            for mode, cap in plan:
+                out = work / f"{name}-{knob}-{mode}-{cap or 'nocap'}"
+                options = [*KNOBS[knob], "--calib-samples", str(args.calib_samples)]
+                cmd = [sys.executable, str(Path(__file__).parent / "peak.py"), "svdq", "compress",
+                       str(path), *options, "--calib", str(calib), "-o", str(out), "--json",
+                       *([] if mode == "stream" else ["--no-stream"])]
+                record = run(cmd, cap)
+                stdout = record.pop("stdout").strip().splitlines()
+                peak = json.loads(stdout[-1]) if record["returncode"] == 0 else {}
+                artifact = sum(p.stat().st_size for p in out.glob("*.safetensors")) if out.exists() else 0
+                rows.append({"model": name, "source_bytes": size, "mode": mode,
+                             "options": " ".join(options), **record,
+                             "peak_rss_mb": peak.get("peak_rss_mb"), "artifact_bytes": artifact})
+                print(rows[-1], flush=True)
+                shutil.rmtree(out, ignore_errors=True)
     shutil.rmtree(work, ignore_errors=True)
+    tag = f"_{args.tag}" if args.tag else ""
     record = {"command": "python benchmarks/scale.py " + " ".join(sys.argv[1:]),
               "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}",
-              "checkpoint": {"layers": args.layers, **SHAPE, "bytes": ckpt, "dtype": "bfloat16"},
-              "rows": rows}
+              "synthetic": {"layers": args.layers, **SHAPE, "dtype": "bfloat16"}, "rows": rows}
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "scale.json").write_text(json.dumps(record, indent=1))
-    lines = ["# svdq compress at scale: a TinyLlama-1.1B-shaped checkpoint (random bf16 weights)", "",
+    (args.out / f"scale{tag}.json").write_text(json.dumps(record, indent=1))
+    lines = ["# svdq compress at scale: wall time and peak memory", "",
              f"Produced by `{record['command']}` on {record['machine']}.", "",
-             f"Checkpoint: {args.layers} layers, hidden 2048, intermediate 5632, "
-             f"{ckpt / 1e9:.2f} GB of bf16 safetensors shards. Calibration: {args.calib_samples} × "
-             "512 tokens of the offline Wikipedia text.", "",
-             "| mode | options | memory cap | wall s | peak RSS MB | cgroup peak MB | exit | artifact MB |",
-             "|---|---|---|---|---|---|---|---|"]
+             f"`synthetic`: {args.layers} layers of TinyLlama-1.1B's shape (hidden 2048, "
+             "intermediate 5632), random bf16 weights as safetensors shards; `smollm2`, "
+             "`gemma3`: the offline GGUF files (streamed from a safetensors copy made once "
+             f"under the svdq cache). Calibration: {args.calib_samples} × 512 tokens of the "
+             "calibration part of the offline Wikipedia text.", "",
+             "| model | source MB | mode | options | memory cap MB | wall s | peak RSS MB | "
+             "cgroup peak MB | exit | artifact MB |", "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        lines.append(f"| {r['mode']} | {r['options']} | {r.get('cap_mb') or '-'} | {r['wall_s']} | "
+        lines.append(f"| {r['model']} | {r['source_bytes'] / 1e6:,.0f} | {r['mode']} | "
+                     f"{r['options']} | {r.get('cap_mb') or '-'} | {r['wall_s']} | "
                      f"{r['peak_rss_mb'] or '-'} | {r.get('cgroup_peak_mb') or '-'} | "
                      f"{r['returncode']} | {r['artifact_bytes'] / 1e6:,.0f} |")
-    (args.out / "scale.md").write_text("\n".join(lines) + "\n")
+    (args.out / f"scale{tag}.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
 

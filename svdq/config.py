@@ -8,6 +8,7 @@ from decimal import Decimal
 
 from svdq.algo.factorize import METHODS
 from svdq.algo.quant import BITS
+from svdq.runtime import INT_BITS
 from svdq.errors import SvdqError
 
 SETTINGS_VERSION = 1
@@ -18,6 +19,8 @@ class Settings:
     eps: float = 0.05
     bits: int = 8
     block_size: int = 64
+    grid: str = "auto"  # the weights' grid: bnb (NF4, 8-bit blocks) or int; auto: int below 4 bits
+    gptq: bool = True  # quantize weights (dense, residual bases) by GPTQ instead of rounding
     method: str = "auto"  # resolved when constructed: see `resolve_method`
     include: tuple[str, ...] = ()
     exclude: tuple[str, ...] = ()
@@ -40,9 +43,16 @@ class Settings:
         if not 0 < self.eps < 1:
             raise SvdqError(f"--eps must lie in (0, 1), got {self.eps}; e.g. --eps 0.05 allows a "
                             "5% relative output error per layer")
-        if self.bits not in BITS:
-            raise SvdqError(f"--bits {self.bits} is not supported; use 4 (NF4), 8 (blockwise "
-                            "8-bit) or 16 (float16 factors)")
+        if self.grid == "auto":
+            object.__setattr__(self, "grid", "int" if self.bits in (2, 3) else "bnb")
+        if self.grid not in ("bnb", "int"):
+            raise SvdqError(f"--grid must be auto, bnb or int, got {self.grid!r}")
+        widths = INT_BITS if self.grid == "int" else BITS
+        if self.bits not in widths:
+            raise SvdqError(f"--bits {self.bits} is not supported on the {self.grid} grid; use "
+                            + ("2, 3, 4 or 8 (uniform integer codes)" if self.grid == "int" else
+                               "4 (NF4), 8 (blockwise 8-bit) or 16 (float16 factors), or 2 or 3 "
+                               "with --grid int"))
         if self.block_size < 16 or self.block_size & (self.block_size - 1):
             raise SvdqError(f"--block-size must be a power of two ≥ 16, got {self.block_size}")
         if self.method == "auto":

@@ -41,6 +41,7 @@ class LayerPlan:
     fp16_bytes: int
     error: float
     factor_bits: int | None = None
+    grid: str = "bnb"  # the weight's grid (dense, residual): bnb, or int (uniform integer)
     notes: dict = field(default_factory=dict, compare=True)
 
     def __post_init__(self) -> None:
@@ -59,7 +60,8 @@ class LayerPlan:
                    stored.block_size or block_size,
                    sum(t.numel() * t.element_size() for t in tensors.values()),
                    fp16_bytes(module), stored.error,
-                   stored.u.bits if stored.kind == "residual" else None)
+                   stored.u.bits if stored.kind == "residual" else None,
+                   "bnb" if stored.weight is None else stored.weight.grid)
 
     def noted(self, **notes) -> "LayerPlan":
         return replace(self, notes={**self.notes, **notes})
@@ -71,6 +73,8 @@ class LayerPlan:
             entry["kind"], entry["bits"] = "dense", None
         if self.kind == "residual":
             entry["factor_bits"] = self.factor_bits
+        if self.grid != "bnb":  # absent: the bitsandbytes grids every format version knows
+            entry["grid"] = self.grid
         return {**entry, **self.notes}
 
     @classmethod

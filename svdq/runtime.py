@@ -18,6 +18,13 @@ Tensor keys (NAME is a module name such as `model.layers.0.mlp.up_proj`):
     NAME.svdq.{u,v}.codes / .absmax      the same factors quantized (8-bit or NF4 codes, and
                                          one float32 absmax per block of the flattened factor)
     NAME.weight.codes / .absmax          a dense layer stored quantized, weight as (out, in)
+    NAME.weight.codes/.scales/.zeros     the same on the uniform integer grid (plan `grid: int`):
+                                         codes of `bits` bits packed in a little-endian bit
+                                         stream (element k at bits k·bits …), one float16
+                                         scale and one packed integer zero point per group of
+                                         `block_size` columns of a row (the last group of a row
+                                         is shorter when block_size does not divide `in`);
+                                         w = (code − zero) · scale
     a residual layer                     NAME.weight.* (quantized at the plan's `bits`) plus
                                          NAME.svdq.{u,v,s} at its `factor_bits`; it loads as one
                                          linear layer of weight Q + U·diag(Σ)·Vᵀ
@@ -36,8 +43,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-FORMAT_VERSION = 3  # 2 added the residual kind, 3 the manifest checksum; 1 and 2 read unchanged
-READS = (1, 2, 3)
+FORMAT_VERSION = 4  # 2: the residual kind, 3: the manifest checksum, 4: the integer grid
+READS = (1, 2, 3, 4)
 MANIFEST = "svdq.json"
 TENSORS = "model.safetensors"
 
@@ -49,7 +56,8 @@ def keys(name: str) -> dict[str, str]:
             "weight": f"{name}.weight", "bias": f"{name}.bias"}
 
 
-CODES, ABSMAX = ".codes", ".absmax"
+CODES, ABSMAX, SCALES, ZEROS = ".codes", ".absmax", ".scales", ".zeros"
+INT_BITS = (2, 3, 4, 8)  # widths of the uniform integer grid
 
 
 def codebook_key(bits: int) -> str:
@@ -79,6 +87,32 @@ def dequantize(codes: torch.Tensor, absmax: torch.Tensor, codebook: torch.Tensor
         values = torch.cat((values, values.new_zeros(pad)))
     values = values.view(-1, block_size) * absmax.float().view(-1, 1)
     return values.reshape(-1)[:n].reshape(shape)
+
+
+def unpack(packed: torch.Tensor, n: int, bits: int) -> torch.Tensor:
+    """The first `n` values of `bits` bits each from a little-endian bit stream of bytes."""
+    data = torch.cat((packed.reshape(-1).long(), packed.new_zeros(1).long()))
+    pos = torch.arange(n, device=packed.device) * bits
+    pair = data[pos // 8] | (data[pos // 8 + 1] << 8)  # a value spans at most two bytes
+    return (pair >> (pos % 8)) & ((1 << bits) - 1)
+
+
+def dequantize_int(codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
+                   shape: tuple[int, int], group: int, bits: int) -> torch.Tensor:
+    """Uniform integer codes -> float32 (out, in): (code − zero) · scale per group of `group`
+    columns of a row (the key scheme above)."""
+    out_f, in_f = shape
+    groups = -(-in_f // group)
+    q = unpack(codes, out_f * in_f, bits).view(out_f, in_f).float()
+    z = unpack(zeros, out_f * groups, bits).view(out_f, groups).float()
+    col = torch.arange(in_f, device=codes.device) // group
+    return (q - z[:, col]) * scales.float().view(out_f, groups)[:, col]
+
+
+def int_bytes(out_f: int, in_f: int, bits: int, group: int) -> tuple[int, int, int]:
+    """Bytes of the codes, the float16 scales and the zero points of an (out, in) weight."""
+    groups = out_f * -(-in_f // group)
+    return -(-out_f * in_f * bits // 8), 2 * groups, -(-groups * bits // 8)
 
 
 # ----------------------------------------------------------------------------- the module
@@ -126,7 +160,13 @@ def _take(tensors: dict, key: str, used: set, shape: tuple[int, ...] | None = No
 
 
 def _factor(tensors: dict, key: str, shape: tuple[int, int], bits: int, block_size: int,
-            used: set) -> torch.Tensor:
+            used: set, grid: str = "bnb") -> torch.Tensor:
+    if grid == "int":
+        n_codes, n_scales, n_zeros = int_bytes(*shape, bits, block_size)
+        codes = _take(tensors, key + CODES, used, dtype=torch.uint8, numel=n_codes)
+        scales = _take(tensors, key + SCALES, used, dtype=torch.float16, numel=n_scales // 2)
+        zeros = _take(tensors, key + ZEROS, used, dtype=torch.uint8, numel=n_zeros)
+        return dequantize_int(codes, scales, zeros, shape, block_size, bits)
     if bits not in (4, 8):
         return _take(tensors, key, used, shape=shape, dtype=torch.float16).float()
     n = math.prod(shape)
@@ -150,8 +190,10 @@ def _check_layer(layer) -> None:
                             "inconsistent; compress the model again")
     for key in ("out_features", "in_features", "block_size"):
         whole(key)
-    kind, bits = layer.get("kind"), layer.get("bits")
-    if kind not in ("dense", "lowrank", "residual") or bits not in (None, 4, 8, 16) \
+    kind, bits, grid = layer.get("kind"), layer.get("bits"), layer.get("grid", "bnb")
+    widths = INT_BITS if grid == "int" else (None, 4, 8, 16)
+    if kind not in ("dense", "lowrank", "residual") or bits not in widths \
+            or grid not in ("bnb", "int") or (grid == "int" and kind == "lowrank") \
             or not isinstance(layer.get("bias"), bool):
         raise ArtifactError(f"the manifest's entry for {layer['name']!r} has an unknown kind, "
                             "bits or bias: the artifact is inconsistent; compress the model again")
@@ -176,7 +218,7 @@ def build_layer(layer: dict, tensors: dict, dtype: torch.dtype, used: set) -> nn
     name, out_f, in_f = layer["name"], layer["out_features"], layer["in_features"]
     key = keys(name)
     bias = _take(tensors, key["bias"], used, shape=(out_f,), dtype=dtype) if layer["bias"] else None
-    bits, block = layer["bits"], layer["block_size"]
+    bits, block, grid = layer["bits"], layer["block_size"], layer.get("grid", "bnb")
     if layer["kind"] in ("lowrank", "residual"):
         k, fbits = layer["rank"], layer.get("factor_bits", bits)
         u = _factor(tensors, key["u"], (k, out_f), fbits, block, used)
@@ -184,10 +226,10 @@ def build_layer(layer: dict, tensors: dict, dtype: torch.dtype, used: set) -> nn
         s = _take(tensors, key["s"], used, shape=(k,), dtype=torch.float32)
         if layer["kind"] == "lowrank":
             return LowRankLinear(u.to(dtype), s.to(dtype), v.to(dtype), bias)
-        w = _factor(tensors, key["weight"], (out_f, in_f), bits, block, used)
+        w = _factor(tensors, key["weight"], (out_f, in_f), bits, block, used, grid)
         return _linear((w + (u.T * s) @ v).to(dtype), bias)  # the correction folded in once
-    if bits is not None:  # 4, 8 or 16 bits
-        w = _factor(tensors, key["weight"], (out_f, in_f), bits, block, used)
+    if bits is not None:  # 4, 8 or 16 bits, or the integer grid
+        w = _factor(tensors, key["weight"], (out_f, in_f), bits, block, used, grid)
         return _linear(w.to(dtype), bias)
     used.discard(key["bias"])  # a layer kept in its own form loads with the untouched tensors
     return None

@@ -35,6 +35,7 @@ class Option:
     bits: int | None
     weight: float = 1.0
     block: int | None = None  # quantization block size, None: the run's --block-size
+    grid: str = "bnb"  # the weight's grid (dense, residual): bnb or int
 
     @property
     def cost(self) -> float:

@@ -1,13 +1,18 @@
-"""Blockwise quantization of weights and factors, and their exact stored size.
+"""Quantized tensors on the grids svdq stores, and their exact stored size.
 
-| bits | storage                               | bytes for n elements, block B       |
-|------|---------------------------------------|-------------------------------------|
-| 16   | float16                               | 2n                                  |
-| 8    | bitsandbytes dynamic 8-bit codes      | n + 4·ceil(n/B)   (float32 absmax)  |
-| 4    | bitsandbytes NF4 codes, 2 per byte    | ceil(n/2) + 4·ceil(n/B)             |
+| grid | bits       | storage                                     | bytes, n elements (out × in)        |
+|------|------------|---------------------------------------------|-------------------------------------|
+| bnb  | 16         | float16                                     | 2n                                  |
+| bnb  | 8          | bitsandbytes dynamic 8-bit codes            | n + 4·ceil(n/B) (float32 absmax)    |
+| bnb  | 4          | bitsandbytes NF4 codes, 2 per byte          | ceil(n/2) + 4·ceil(n/B)             |
+| int  | 2, 3, 4, 8 | uniform asymmetric codes, packed bit stream | ceil(n·b/8) + per group of B columns|
+|      |            | per group: float16 scale, b-bit zero point  | of a row: 2 + b/8 (zeros packed)    |
 
-Quantizing goes through bitsandbytes' functional quantizers; de-quantizing is the pure-torch
-`svdq.runtime.dequantize`, the same code the standalone loader runs.
+bnb blocks run over the flattened tensor; integer groups run along each row's input columns
+(the last group of a row is shorter when B does not divide `in`) — the layout GPTQ, AWQ,
+HQQ and compressed-tensors share. Quantizing the bnb grids goes through bitsandbytes;
+de-quantizing every grid is `svdq.runtime`'s pure-torch code, the same the standalone
+loader runs, so what is measured here is what loads.
 """
 from __future__ import annotations
 
@@ -17,20 +22,24 @@ from dataclasses import dataclass
 
 import torch
 
-from svdq.runtime import ABSMAX, CODES, dequantize
+from svdq.runtime import (ABSMAX, CODES, INT_BITS, SCALES, ZEROS, dequantize, dequantize_int,
+                          int_bytes)
 
-BITS = (4, 8, 16)
+BITS = (4, 8, 16)  # the bnb grid's widths
+GRIDS = ("bnb", "int")
 
 
 @dataclass(frozen=True)
 class Quantized:
-    """A tensor as stored: `data` is float16 (16 bits) or codes with per-block `absmax`."""
+    """A tensor as stored on the bnb grid: `data` is float16 (16 bits) or codes with per-block
+    `absmax`."""
 
     data: torch.Tensor
     absmax: torch.Tensor | None
     shape: tuple[int, ...]
     bits: int
     block_size: int
+    grid = "bnb"
 
     def tensors(self, key: str) -> dict[str, torch.Tensor]:
         """The safetensors entries of this tensor under `key`."""
@@ -43,6 +52,27 @@ class Quantized:
             return self.data.float()
         return dequantize(self.data, self.absmax, codebook(self.bits), self.shape,
                           self.block_size, self.bits)
+
+
+@dataclass(frozen=True)
+class IntQuantized:
+    """An (out, in) weight on the uniform integer grid: packed codes, a float16 scale and a
+    packed zero point per group of `block_size` columns of a row."""
+
+    codes: torch.Tensor
+    scales: torch.Tensor
+    zeros: torch.Tensor
+    shape: tuple[int, int]
+    bits: int
+    block_size: int
+    grid = "int"
+
+    def tensors(self, key: str) -> dict[str, torch.Tensor]:
+        return {key + CODES: self.codes, key + SCALES: self.scales, key + ZEROS: self.zeros}
+
+    def dequantize(self) -> torch.Tensor:
+        return dequantize_int(self.codes, self.scales, self.zeros, self.shape, self.block_size,
+                              self.bits)
 
 
 def _bnb():
@@ -65,8 +95,71 @@ def codebook(bits: int) -> torch.Tensor:
     raise ValueError(f"no codebook for {bits} bits")
 
 
-def quantize(w: torch.Tensor, bits: int, block_size: int) -> Quantized:
-    """Quantize `w` (any shape, any float dtype) at `bits` with one absmax per block."""
+def pack(values: torch.Tensor, bits: int) -> torch.Tensor:
+    """Integers in [0, 2^bits) into a little-endian bit stream of bytes (`runtime.unpack`)."""
+    v = values.reshape(-1).long().cpu()
+    pos = torch.arange(v.numel()) * bits
+    word = v << (pos % 8)  # at most 15 bits: the value's two bytes
+    out = torch.zeros(-(-v.numel() * bits // 8) + 1, dtype=torch.long)
+    out.index_add_(0, pos // 8, word & 0xFF)
+    out.index_add_(0, pos // 8 + 1, word >> 8)
+    return out[:-1].to(torch.uint8)
+
+
+def int_params(w: torch.Tensor, bits: int, group: int, weights: torch.Tensor | None = None,
+               shrinks: int = 10) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per group of `group` columns of each row: a float16 scale and an integer zero point
+    ((out, groups) each) for the range [min, max] of the group, both clamped to include 0
+    and shrunk toward 0 by up to 25% where that lowers the group's squared rounding error
+    (weighted per column by `weights`, e.g. the input energies diag XᵀX, when given)."""
+    out_f, in_f = w.shape
+    groups, top = -(-in_f // group), (1 << bits) - 1
+    wp = torch.nn.functional.pad(w.float(), (0, groups * group - in_f)).view(out_f, groups, group)
+    cw = None if weights is None else torch.nn.functional.pad(
+        weights.float(), (0, groups * group - in_f)).view(1, groups, group)
+    lo, hi = wp.amin(-1).clamp(max=0), wp.amax(-1).clamp(min=0)
+    best = None
+    for k in range(shrinks if shrinks > 1 else 1):
+        p = 1.0 - 0.25 * k / max(shrinks - 1, 1)
+        scale = ((hi - lo) * p / top).clamp_min(1e-8).half().float()
+        zero = torch.round(-lo * p / scale).clamp(0, top)
+        q = torch.clamp(torch.round(wp / scale[..., None]) + zero[..., None], 0, top)
+        err = ((q - zero[..., None]) * scale[..., None] - wp).pow(2)
+        err = (err if cw is None else err * cw).sum(-1)
+        if best is None:
+            best = (err, scale, zero)
+        else:
+            better = err < best[0]
+            best = (torch.where(better, err, best[0]), torch.where(better, scale, best[1]),
+                    torch.where(better, zero, best[2]))
+    return best[1].half(), best[2].long()
+
+
+def int_codes(w: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, bits: int,
+              group: int) -> torch.Tensor:
+    """The nearest codes of `w` (out, in) on the grid given by per-group `scales`, `zeros`."""
+    col = torch.arange(w.shape[1], device=w.device) // group
+    s, z = scales.float()[:, col], zeros.float()[:, col]
+    return torch.clamp(torch.round(w.float() / s) + z, 0, (1 << bits) - 1).long()
+
+
+def int_quantized(codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, bits: int,
+                  group: int) -> IntQuantized:
+    return IntQuantized(pack(codes, bits), scales.half().cpu().contiguous(), pack(zeros, bits),
+                        tuple(codes.shape), bits, group)
+
+
+def quantize(w: torch.Tensor, bits: int, block_size: int, grid: str = "bnb",
+             weights: torch.Tensor | None = None) -> Quantized | IntQuantized:
+    """Quantize `w` at `bits` by rounding to the nearest point of the grid: bnb (any shape;
+    one absmax per block of the flattened tensor) or int (an (out, in) weight; per-group scale
+    and zero point, `weights` weighing the columns in their choice)."""
+    if grid == "int":
+        if bits not in INT_BITS or w.dim() != 2:
+            raise ValueError(f"the integer grid takes a 2-d weight at {INT_BITS} bits")
+        scales, zeros = int_params(w, bits, block_size, weights)
+        return int_quantized(int_codes(w, scales, zeros, bits, block_size), scales, zeros,
+                             bits, block_size)
     shape = tuple(w.shape)
     if bits == 16:
         return Quantized(w.detach().to(torch.float16).contiguous(), None, shape, 16, block_size)
@@ -83,8 +176,15 @@ def quantize(w: torch.Tensor, bits: int, block_size: int) -> Quantized:
 
 
 def nbytes(numel: int, bits: int, block_size: int) -> int:
-    """Exact bytes of `numel` elements stored at `bits` (codes plus per-block absmax)."""
+    """Exact bytes of `numel` elements stored at `bits` on the bnb grid (codes plus absmax)."""
     if bits == 16:
         return 2 * numel
     codes = numel if bits == 8 else (numel + 1) // 2
     return codes + 4 * math.ceil(numel / block_size)
+
+
+def weight_bytes(out_f: int, in_f: int, bits: int, block_size: int, grid: str = "bnb") -> int:
+    """Exact bytes of an (out, in) weight stored at `bits` on `grid`."""
+    if grid == "int":
+        return sum(int_bytes(out_f, in_f, bits, block_size))
+    return nbytes(out_f * in_f, bits, block_size)

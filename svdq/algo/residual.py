@@ -6,48 +6,57 @@ from dataclasses import dataclass
 
 import torch
 
+from svdq.algo.dense import quantize_weight
 from svdq.algo.error import relative_error
 from svdq.algo.factorize import Factors, LayerStats, factorize
 from svdq.algo.lowrank import lowrank_bytes
-from svdq.algo.quant import Quantized, nbytes, quantize
+from svdq.algo.quant import IntQuantized, Quantized, quantize, weight_bytes
 from svdq.algo.stored import Stored, largest_rank
 
 RESIDUAL_FACTOR_BITS = 8  # the correction is small: its factors take 8 bits at any --bits
 
 
-def residual_bytes(out_f: int, in_f: int, rank: int, bits: int, block_size: int) -> int:
+def residual_bytes(out_f: int, in_f: int, rank: int, bits: int, block_size: int,
+                   grid: str = "bnb") -> int:
     """Stored bytes of the weight at `bits` plus a rank-`rank` correction (bias apart)."""
     correction = lowrank_bytes(out_f, in_f, rank, RESIDUAL_FACTOR_BITS, block_size) if rank else 0
-    return nbytes(out_f * in_f, bits, block_size) + correction
+    return weight_bytes(out_f, in_f, bits, block_size, grid) + correction
 
 
-def residual_break_rank(out_f: int, in_f: int, bits: int, block_size: int) -> int:
+NEXT_BITS = {2: 3, 3: 4, 4: 8, 8: 16}  # the next precision of each width
+
+
+def residual_break_rank(out_f: int, in_f: int, bits: int, block_size: int,
+                        grid: str = "bnb") -> int:
     """The largest correction rank that keeps the layer below the next precision stored dense
-    (8 bits above 4, float16 above 8): beyond it, more bits for the weight are cheaper."""
-    above = 8 if bits == 4 else 16
+    (on its grid; float16 above 8 bits): beyond it, more bits for the weight are cheaper."""
+    above = NEXT_BITS[bits]
+    limit = weight_bytes(out_f, in_f, above, block_size, grid if above != 16 else "bnb")
     return largest_rank(min(out_f, in_f),
-                        lambda k: residual_bytes(out_f, in_f, k, bits, block_size),
-                        nbytes(out_f * in_f, above, block_size))
+                        lambda k: residual_bytes(out_f, in_f, k, bits, block_size, grid), limit)
 
 
 @dataclass
 class Residual:
-    """The weight quantized at `bits`, and the factors of what that quantization lost
-    (W − Q(W)), from which every rank of correction is a slice."""
+    """The weight quantized at `bits` (by GPTQ when `gptq`), and the factors of what that
+    quantization lost (W − Q(W)), from which every rank of correction is a slice."""
 
-    weight: Quantized
+    weight: Quantized | IntQuantized
     factors: Factors
+    gptq: bool = False
 
     def k_break(self, out_f: int, in_f: int) -> int:
-        return min(residual_break_rank(out_f, in_f, self.weight.bits, self.weight.block_size),
+        q = self.weight
+        return min(residual_break_rank(out_f, in_f, q.bits, q.block_size, q.grid),
                    self.factors.max_rank)
 
 
 def residual_of(w: torch.Tensor, stats: LayerStats, bits: int, block_size: int,
-                method: str) -> Residual:
-    """Quantize `w`, then factorize its quantization error with `method` (`--method`)."""
-    q = quantize(w, bits, block_size)
-    return Residual(q, factorize(method, w - q.dequantize(), stats))
+                method: str, grid: str = "bnb", gptq: bool = False) -> Residual:
+    """Quantize `w` (`dense.quantize_weight`), then factorize its quantization error with
+    `method` (`--method`)."""
+    q = quantize_weight(w, stats, bits, block_size, grid, gptq)
+    return Residual(q, factorize(method, w - q.dequantize(), stats), gptq)
 
 
 def stored_residual(w: torch.Tensor, res: Residual, stats: LayerStats, ref: float, k: int,
@@ -68,18 +77,19 @@ def stored_residual(w: torch.Tensor, res: Residual, stats: LayerStats, ref: floa
 
 
 def refine_residual(w: torch.Tensor, stored: Stored, stats: LayerStats, ref: float,
-                    method: str, rounds: int = 2) -> Stored:
+                    method: str, rounds: int = 2, gptq: bool = False) -> Stored:
     """Alternate (as LoftQ does) on a residual layer of rank k: quantize W minus the current
-    correction, refit the rank-k correction to what that quantization lost, keep the result
-    while the stored error falls. Same bytes; measured 4–11% lower error on SmolLM2's
+    correction (by GPTQ with `gptq`), refit the rank-k correction to what that quantization
+    lost, keep the result while the stored error falls. Same bytes; measured 4–11% lower error on SmolLM2's
     block-3 layers (benchmarks/refine_residual.py)."""
     if stored.kind != "residual":
         return stored
     best = stored
     for _ in range(rounds):
         correction = (best.u.dequantize().T * best.s) @ best.v.dequantize()
-        q = quantize(w - correction, best.weight.bits, best.weight.block_size)
-        res = Residual(q, factorize(method, w - q.dequantize(), stats))
+        base = best.weight
+        q = quantize_weight(w - correction, stats, base.bits, base.block_size, base.grid, gptq)
+        res = Residual(q, factorize(method, w - q.dequantize(), stats), gptq)
         trial = stored_residual(w, res, stats, ref, best.rank, best.k_break)
         if trial.error >= best.error:
             break

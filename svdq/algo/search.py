@@ -27,15 +27,24 @@ def smallest_rank(k_break: int, trial: Callable[[int], Stored], eps: float) -> S
     return best
 
 
+def factor_bits(bits: int) -> int:
+    """The bits of low-rank factors when weights take `bits`: the bnb grid's 4, 8 or 16 (the
+    integer grid's 2 and 3 bits are for whole weights; factors take NF4 there)."""
+    return bits if bits in (4, 8, 16) else 4
+
+
 def choose(w: torch.Tensor, bias: torch.Tensor | None, factors: Factors, stats: LayerStats,
-           eps: float, bits: int, block_size: int, cache: dict | None = None) -> Stored:
-    """Binary-search the smallest rank in 1..k_break whose stored layer has error ≤ eps.
+           eps: float, bits: int, block_size: int, cache: dict | None = None,
+           grid: str = "bnb", gptq: bool = False) -> Stored:
+    """Binary-search the smallest rank in 1..k_break whose stored layer has error ≤ eps; else
+    the weight quantized at `bits` on `grid` (by GPTQ with `gptq`) if that meets eps.
 
     Assumes the error falls with the rank (it does up to quantization noise); the answer k
     always meets eps and, when k > 1, rank k − 1 was measured not to. `cache` (one per layer,
     optional) keeps the stored layers tried, keyed (kind, bits, rank), for later calls.
     """
     ref = reference(w, bias, stats)
+    dense_bits, bits = bits, factor_bits(bits)
     k_break = k_break_of(w, factors, bits, block_size)
     cache = {} if cache is None else cache
 
@@ -47,9 +56,9 @@ def choose(w: torch.Tensor, bias: torch.Tensor | None, factors: Factors, stats: 
 
     if k_break > 0 and lowrank(k_break).error <= eps:
         return smallest_rank(k_break, lowrank, eps)
-    key = ("dense", bits, 0)
+    key = ("dense", dense_bits, 0) if grid == "bnb" else ("dense", dense_bits, 0, block_size, grid)
     if key not in cache:
-        cache[key] = stored_dense(w, stats, ref, bits, block_size, k_break)
+        cache[key] = stored_dense(w, stats, ref, dense_bits, block_size, k_break, grid, gptq)
     if cache[key].error <= eps:
         return cache[key]
     return keep(k_break)
@@ -74,4 +83,4 @@ def choose_residual(w: torch.Tensor, bias: torch.Tensor | None, res: Residual, s
     if k_break == 0 or trial(k_break).error > eps:
         return keep(k_break)
     best = smallest_rank(k_break, trial, eps)
-    return refine_residual(w, best, stats, ref, method) if method else best
+    return refine_residual(w, best, stats, ref, method, gptq=res.gptq) if method else best

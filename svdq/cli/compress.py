@@ -24,8 +24,16 @@ def compress(
     size: Optional[str] = typer.Option(None, help="Instead of --eps: total stored bytes of the "
                                        "target layers, e.g. 60MB, 1.5GiB (B, KB, MB, GB, KiB, "
                                        "MiB, GiB)."),
-    bits: int = typer.Option(8, help="Bits of the stored factors: 4 (NF4), 8 or 16 (float16)."),
-    block_size: int = typer.Option(64, help="Elements per quantization block."),
+    bits: int = typer.Option(8, help="Bits of stored weights and factors: 4 (NF4), 8 or 16 "
+                             "(float16); with --grid int 2, 3, 4 or 8."),
+    block_size: int = typer.Option(64, help="Elements per quantization block (per group of "
+                                   "input columns on the integer grid)."),
+    grid: str = typer.Option("auto", help="Grid of quantized weights: bnb (NF4, blockwise "
+                             "8-bit) or int (uniform asymmetric integers, a float16 scale and "
+                             "an integer zero point per group). auto: int for 2 and 3 bits."),
+    gptq: bool = typer.Option(True, help="Quantize weights (dense ones and the bases that "
+                              "corrections correct) by GPTQ against the calibration inputs; "
+                              "--no-gptq rounds each to the nearest grid point."),
     method: str = typer.Option("auto", help="Factorization: svd, asvd (activation-scaled), "
                                "whiten (SVD-LLM, truncation-aware) or fisher (rows weighted "
                                "by loss gradients). auto: whiten with --residual or a budget, "
@@ -70,6 +78,7 @@ def compress(
             raise SvdqError("--eps bounds each layer's error, --ratio/--size the total bytes: "
                             "give one of them")
         settings = Settings(eps=0.05 if eps is None else eps, bits=bits, block_size=block_size,
+                            grid=grid, gptq=gptq,
                             method=method, include=tuple(include), exclude=tuple(exclude),
                             calib=calib, calib_samples=calib_samples, calib_len=calib_len,
                             batch_size=batch_size, seed=seed, device=device, dtype=dtype,
@@ -153,12 +162,13 @@ def _run_compress(model: str, output: Path, settings, revision, overwrite: bool,
 
 
 def _kind(p: dict, dtype: str) -> str:
-    """A plan entry's form in words: 'low-rank', 'dense 8' or 'residual 4+8'."""
+    """A plan entry's form in words: 'low-rank', 'dense 8', 'dense int3' or 'residual 4+8'."""
+    bits = f"int{p['bits']}" if p.get("grid") == "int" else p["bits"]
     if p["kind"] == "lowrank":
         return "low-rank"
     if p["kind"] == "residual":
-        return f"residual {p['bits']}+{p['factor_bits']}"
-    return f"dense {p['bits'] or dtype}"
+        return f"residual {bits}+{p['factor_bits']}"
+    return f"dense {bits or dtype}"
 
 
 def summary(manifest: dict, output: Path) -> None:

@@ -57,7 +57,8 @@ def _inspect_table(path: Path, manifest: dict, key: Optional[str], top: int, as_
         table.add_row(str(p["name"]), f"{p['out_features']}×{p['in_features']}",
                       {"lowrank": "low-rank", "residual": "dense+low-rank"}.get(p["kind"], "dense"),
                       str(p["rank"]) if p["kind"] != "dense" else "-", str(p["k_break"]),
-                      str(p["bits"] or manifest["dtype"]), f"{p['bytes']:,}",
+                      (f"int{p['bits']}" if p.get("grid") == "int"
+                       else str(p["bits"] or manifest["dtype"])), f"{p['bytes']:,}",
                       f"{p['ratio']:.3f}", f"{p['error']:.4f}")
     out.print(table)
     summary(manifest, path)

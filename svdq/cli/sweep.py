@@ -28,7 +28,11 @@ def sweep(
     output: Path = typer.Option(..., "-o", "--output", help="Folder for results.json, "
                                 "results.csv and frontier.png."),
     eps: str = typer.Option("0.02,0.05,0.1,0.2", help="Comma-separated eps values."),
-    bits: str = typer.Option("4,8", help="Comma-separated bit widths (4, 8, 16)."),
+    bits: str = typer.Option("4,8", help="Comma-separated bit widths (4, 8, 16; 2, 3 on the "
+                             "integer grid)."),
+    grid: str = typer.Option("auto", help="Grid of quantized weights, as for compress."),
+    gptq: bool = typer.Option(True, help="Quantize weights by GPTQ (--no-gptq: rounding), as "
+                              "for compress; bitsandbytes baselines always round, as it does."),
     ppl: Optional[str] = typer.Option(None, "--ppl", help="Perplexity on wikitext or a text file."),
     similarity: Optional[str] = typer.Option(None, "--similarity", help="Sentences file: cosine "
                                              "similarity to the source (encoders)."),
@@ -80,13 +84,14 @@ def sweep(
         settings = Settings(eps=eps_list[0] if eps_list else 0.05, bits=bits_list[0], block_size=block_size,
                             method=methods[0] if methods else "", include=tuple(include), exclude=tuple(exclude),
                             calib=calib, calib_samples=calib_samples, calib_len=calib_len,
-                            seed=seed, device=device)
+                            seed=seed, device=device, grid=sw.grid_for(bits_list[0], grid),
+                            gptq=gptq)
         if output.exists() and (not output.is_dir() or (any(output.iterdir()) and not overwrite)):
             raise SvdqError(f"{output} exists and is not an empty folder; pass --overwrite or "
                             "choose another -o")
         for e in eps_list:  # every value is checked before minutes of work
             for b in bits_list:
-                Settings(eps=e, bits=b, block_size=block_size)
+                Settings(eps=e, bits=b, block_size=block_size, grid=sw.grid_for(b, grid))
         ev.check_options(ctx, stride, max_tokens, batch_size, device)
         text = ev.read_text(ppl) if ppl is not None else None
         lines = ev.read_lines(similarity) if similarity is not None else None
@@ -100,7 +105,7 @@ def sweep(
         bar, progress = progress_bar()
         with bar:
             results = sw.run(source, settings, eps_list, bits_list, measure, metric, progress,
-                             methods, residual, ratios)
+                             methods, residual, ratios, grid)
         results["evaluation"] = {"text": text[1] if text else similarity, "max_tokens": max_tokens,
                                  "ctx": ctx, "stride": stride, "lines": len(lines or [])}
         files = sw.write(results, output)

@@ -24,6 +24,7 @@ from svdq.algo.dense import stored_dense
 from svdq.algo.error import reference
 from svdq.algo.lowrank import break_even_rank
 from svdq.algo.residual import Residual, refine_residual, residual_of
+from svdq.algo.search import factor_bits
 from svdq.algo.stored import Stored
 from svdq.config import Settings
 from svdq.errors import SvdqError
@@ -90,13 +91,20 @@ def candidates(measured: Measured, budget: int, block_size: int) -> list[tuple[s
             found.append(("no error cap", allocate(options, budget, list(measured.uniform.values()))))
         except ValueError:
             return []
-    forms = {(o.bits, o.block or block_size) for o in options[0] if o.kind == "dense"}
-    for bits, block in sorted(forms, key=lambda f: (-f[0], f[1])):  # the most exact first
-        plan = [next(i for i, o in enumerate(opts) if (o.kind, o.rank, o.bits, o.block or block_size)
-                     == ("dense", 0, bits, block)) for opts in options]
-        if total(options, plan)[0] <= budget:
-            found.append((f"{bits}-bit in blocks of {block}, no correction", plan))
-            break
+    forms = {(o.bits, o.block or block_size, o.grid) for o in options[0] if o.kind == "dense"}
+    plain = []
+    for bits, block, grid in forms:  # each plain quantization of every layer
+        plan = [next(i for i, o in enumerate(opts) if (o.kind, o.bits, o.block or block_size,
+                                                       o.grid) == ("dense", bits, block, grid))
+                for opts in options]
+        size = total(options, plan)[0]
+        if size <= budget:
+            plain.append((size, -block, bits, grid, block, plan))
+    if plain:  # the most exact that fits: the most bytes
+        _, _, bits, grid, block, plan = max(plain)
+        name = f"int{bits}" if grid == "int" else f"{bits}-bit"
+        found.append((f"{name} in {'groups' if grid == 'int' else 'blocks'} of {block}, "
+                      "no correction", plan))
     unique: dict[tuple[int, ...], str] = {}
     for label, plan in found:
         unique.setdefault(tuple(plan), label)
@@ -114,23 +122,26 @@ def check_fits(found: list, measured: Measured, budget: int) -> None:
 
 
 def build_layer(work: LayerWork, option: Option, settings: Settings,
-                residuals: dict[tuple[int, int], Residual] | None = None) -> Stored:
-    """The stored layer of `option` for `work`, a correction refined; `residuals` caches the
-    quantized bases (bits, block) a layer's options share across candidate plans."""
+                residuals: dict[tuple, Residual] | None = None) -> Stored:
+    """The stored layer of `option` for `work`, exact, a correction refined; `residuals` caches
+    the quantized bases (bits, block, grid) a layer's options share across candidate plans."""
     block, ref = settings.block_size, reference(work.w, work.bias, work.stats)
     if option.kind == "dense" and option.block is not None:  # the weight alone in its own blocks
-        return stored_dense(work.w, work.stats, ref, option.bits, option.block, 0)
+        return stored_dense(work.w, work.stats, ref, option.bits, option.block, 0, option.grid,
+                            settings.gptq)
     res = None
     if option.kind == "residual":  # rebuilt, not kept for every layer
-        key = (option.bits, option.block or block)
+        key = (option.bits, option.block or block, option.grid)
         residuals = {} if residuals is None else residuals
         if key not in residuals:
-            residuals[key] = residual_of(work.w, work.stats, *key, settings.method)
+            residuals[key] = residual_of(work.w, work.stats, *key[:2], settings.method, key[2],
+                                         settings.gptq)
         res = residuals[key]
     factors = work.factors if option.kind == "lowrank" else None
-    stored = stored_of(option, work.w, work.bias, factors, work.stats, block,
-                       break_even_rank(*work.w.shape, settings.bits, block), res)
-    return refine_residual(work.w, stored, work.stats, ref, settings.method)
+    k_break = break_even_rank(*work.w.shape, factor_bits(settings.bits), block)
+    stored = stored_of(option, work.w, work.bias, factors, work.stats, block, k_break, res,
+                       settings.gptq)
+    return refine_residual(work.w, stored, work.stats, ref, settings.method, gptq=settings.gptq)
 
 
 def summary(measured: Measured, budget: int, found: list[tuple[str, list[int]]],

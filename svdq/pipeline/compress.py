@@ -57,11 +57,11 @@ def choose_form(work: LayerWork, settings: Settings, residual=None) -> Stored:
     factors, made here when not given)."""
     if settings.residual:
         res = residual or residual_of(work.w, work.stats, settings.bits, settings.block_size,
-                                      settings.method)
+                                      settings.method, settings.grid, settings.gptq)
         return choose_residual(work.w, work.bias, res, work.stats, settings.eps,
                                method=settings.method)
     return choose(work.w, work.bias, work.factors, work.stats, settings.eps, settings.bits,
-                  settings.block_size)
+                  settings.block_size, grid=settings.grid, gptq=settings.gptq)
 
 
 def refitted(work: LayerWork, stored: Stored, settings: Settings) -> tuple[Stored, dict]:
@@ -74,7 +74,9 @@ def refitted(work: LayerWork, stored: Stored, settings: Settings) -> tuple[Store
 
 
 def codebooks(plans: list[LayerPlan]) -> dict[str, torch.Tensor]:
-    used = {p.bits for p in plans} | {p.factor_bits for p in plans}
+    """The bitsandbytes code values the plans' quantized tensors use (the integer grid needs
+    none)."""
+    used = {p.bits for p in plans if p.grid == "bnb"} | {p.factor_bits for p in plans}
     return {runtime.codebook_key(b): codebook(b) for b in sorted(used & {4, 8})}
 
 

@@ -1,12 +1,20 @@
 """A budget's per-layer options: every stored form worth considering, with its exact bytes
 and its error as stored — measured one layer at a time, keeping numbers, not tensors.
 
-Per layer (`measure_layer`): kept as is; per bit width of `--bits`, 4 and 8: dense, and low
-rank at about 12 ranks up to the break-even rank; per base of `RESIDUAL_BASES`: the weight
-quantized there plus a correction of its error at about 12 ranks (at a block size other than
-`--block-size`, the weight alone too); and the choices a uniform `--eps` of `UNIFORM_EPS` would
-make. Each option's weight is the layer's loss sensitivity (`sensitivities`), once every
-layer is measured.
+Per layer (`measure_layer`): kept as is; per bit width of `--bits`, 4 and 8: low rank at a
+grid of ranks up to the break-even rank; per quantized base (`bases`: the bitsandbytes grids
+at 4 and 8 bits in blocks of `--block-size` and 4× that, the integer grid at 2, 3, 4 and 8
+bits in groups of `--block-size` and 2× that; by GPTQ with `--gptq`): the weight quantized
+there alone, and plus a correction of its error at a grid of ranks; and the choices a uniform
+`--eps` of `UNIFORM_EPS` would make. Each option's weight is the layer's loss sensitivity
+(`sensitivities`), once every layer is measured.
+
+With whitened factors (`--method whiten`, the budgets' default) nothing is built per rank:
+the factorization's singular values give every rank's error before quantization in closed
+form (the tail of σ²), and the quantization of the factors adds noise in proportion to the
+energy kept, measured once per bit width or base at its largest rank (`_closed`). So a layer
+costs one quantization and one SVD per base, whatever the number of ranks; pass 2 builds the
+chosen forms exactly and the manifest records their exact errors.
 """
 from __future__ import annotations
 
@@ -20,20 +28,31 @@ from svdq.algo.dense import stored_dense
 from svdq.algo.error import output_norm2, reference
 from svdq.algo.factorize import Factors, LayerStats
 from svdq.algo.lowrank import break_even_rank, k_break_of, lowrank_bytes, stored_lowrank
-from svdq.algo.quant import nbytes
+from svdq.algo.quant import weight_bytes
 from svdq.algo.residual import Residual, residual_bytes, residual_of, stored_residual
-from svdq.algo.search import choose
+from svdq.algo.search import factor_bits
 from svdq.algo.stored import Stored, keep
 from svdq.config import Settings
 from svdq.pipeline.walk import LayerWork
 
 UNIFORM_EPS = (0.02, 0.05, 0.1, 0.2, 0.3)  # the per-layer eps settings the result must beat
-# The weights a low-rank correction is offered on: (bits, block size as a multiple of
-# --block-size). Both precisions also in blocks 4× larger: a quarter of the scales, which pays
-# for corrections where they matter most. At 8 bits this is what lets a budget of 8-bit's own
-# bytes beat it without 4-bit layers (MiniLM at 0.534 × fp16: 0.99979 against 8-bit's 0.99972;
-# 0.9991 without these blocks).
-RESIDUAL_BASES = ((4, 1), (4, 4), (8, 1), (8, 4))
+# The weights a low-rank correction is offered on, (bits, block size as a multiple of
+# --block-size, grid). The bnb grids also in blocks 4× larger: a quarter of the scales, which
+# pays for corrections where they matter most (MiniLM at 0.534 × fp16: 0.99979 against 8-bit's
+# 0.99972; 0.9991 without these blocks). The integer grid from 2 to 8 bits, where a correction
+# of a coarse base buys the most.
+# The integer grid at 4 and 8 bits dominates the bnb blocks of 64 (SmolLM2's first two
+# blocks, RMS layer error by GPTQ: int4 in groups of 64, 4.31 bits/weight, 0.0426 against NF4
+# in 64, 4.5 bits, 0.0428; int8 in 128, 8.21 bits, 0.0029 against 8-bit in 64, 8.5 bits,
+# 0.0044; by rounding, 0.0685 against 0.0783), so those give way to it; NF4 in blocks of 256
+# (4.125 bits) stays beside int4 in 128; 2 and 3 bits, where a correction buys the most.
+RESIDUAL_BASES = ((2, 1, "int"), (3, 1, "int"), (3, 2, "int"), (4, 1, "int"), (4, 2, "int"),
+                  (4, 4, "bnb"), (8, 2, "int"))
+
+
+def bases(settings: Settings) -> list[tuple[int, int, str]]:
+    """The quantized bases of a budget's options: (bits, block or group size, grid)."""
+    return [(b, m * settings.block_size, g) for b, m, g in RESIDUAL_BASES]
 
 
 def rank_grid(k_break: int, n: int = 12) -> list[int]:
@@ -45,25 +64,41 @@ def rank_grid(k_break: int, n: int = 12) -> list[int]:
 
 class Errors(dict):
     """A cache of stored forms that keeps only what they are, not their tensors: measuring
-    some 80 forms of a layer must not hold 80 copies of it."""
+    dozens of forms of a layer must not hold dozens of copies of it."""
 
     def __setitem__(self, key, stored: Stored) -> None:
         super().__setitem__(key, replace(stored, u=None, s=None, v=None, weight=None))
+
+
+def _closed(s: torch.Tensor, total2: float, ref: float, ranks: list[int],
+            exact_top: float) -> dict[int, float]:
+    """Estimated stored errors at `ranks` of a whitened factorization with singular values `s`
+    of a matrix whose whitened energy is `total2`: the tail Σ_{i>k} σᵢ² exactly, plus the
+    factors' quantization noise in proportion to the energy kept, scaled to the exact error
+    `exact_top` measured at the largest rank."""
+    s2 = s.double().pow(2)
+    kept = torch.cumsum(s2, 0)
+    top = ranks[-1]
+    tail = lambda k: max(total2 - float(kept[k - 1]), 0.0)  # noqa: E731
+    noise = max((exact_top * ref) ** 2 - tail(top), 0.0) / max(float(kept[top - 1]), 1e-300)
+    return {k: (tail(k) + noise * float(kept[k - 1])) ** 0.5 / ref for k in ranks}
 
 
 def layer_options(w: torch.Tensor, bias: torch.Tensor | None, factors: Factors,
                   stats: LayerStats, bits_choices: Sequence[int], block_size: int,
                   ranks: Sequence[int] | None = None, elsize: int = 2,
                   cache: dict | None = None,
-                  residuals: dict[tuple[int, int], Residual | Callable[[], Residual]] | None = None,
-                  weight: float = 1.0) -> list[Option]:
+                  residuals: dict[tuple, Residual | Callable[[], Residual]] | None = None,
+                  weight: float = 1.0, closed: bool = False, gptq: bool = False) -> list[Option]:
     """Kept as is (`elsize` bytes per source element, weight and bias), then per bits: dense, and
     low-rank at each rank of `ranks` (None: `rank_grid`) up to that bits' break-even rank; per
-    entry of `residuals` ({(bits, block): Residual, or a function making it — made, measured
-    and dropped one at a time}), the weight at those bits plus a correction at each rank of the
-    grid up to `residual_break_rank`; a block size other than `block_size` also adds the
-    weight alone at that block size (fewer scales: cheaper, a little less exact). Every option
-    carries `weight`. Errors are `search.choose`'s; `cache` may be shared with `choose` calls."""
+    entry of `residuals` ({(bits, block[, grid]): Residual, or a function making it — made,
+    measured and dropped one at a time}), the base alone and plus a correction at each rank of
+    the grid up to `residual_break_rank` (a base at another block size than `block_size`, or on
+    the integer grid, is the dense option of its own). Every option carries `weight`. Errors
+    are `search.choose`'s, or with `closed` (whitened factors) estimated from the singular
+    values (`_closed`); `cache` may be shared with `choose` calls on the layer. Dense weights
+    are quantized by GPTQ with `gptq` (as the bases were, if they were)."""
     out_f, in_f = w.shape
     bias_bytes = 0 if bias is None else bias.numel() * elsize
     ref = reference(w, bias, stats)
@@ -72,48 +107,69 @@ def layer_options(w: torch.Tensor, bias: torch.Tensor | None, factors: Factors,
     def grid(kb: int) -> list[int]:
         return rank_grid(kb) if ranks is None else sorted({r for r in ranks if 1 <= r <= kb})
 
+    def measured(key, make) -> float:
+        if key not in cache:
+            cache[key] = make()
+        return cache[key].error
+
     options = [Option((w.numel() * elsize) + bias_bytes, 0.0, "keep", 0, None, weight)]
+    based = {(k[0], k[1], (*k, "bnb")[2]) for k in residuals or {}}
     for bits in dict.fromkeys(bits_choices):
         kb = k_break_of(w, factors, bits, block_size)
-        key = ("dense", bits, 0)
-        cache[key] = cache.get(key) or stored_dense(w, stats, ref, bits, block_size, kb)
-        options.append(Option(nbytes(w.numel(), bits, block_size) + bias_bytes, cache[key].error,
-                              "dense", 0, bits, weight))
-        for k in grid(kb):
-            key = ("lowrank", bits, k)
-            cache[key] = cache.get(key) or stored_lowrank(w, factors, stats, ref, k, bits,
-                                                          block_size, kb)
+        if (bits, block_size, "bnb") not in based:  # else the base gives this dense option
+            err = measured(("dense", bits, 0), lambda: stored_dense(
+                w, stats, ref, bits, block_size, kb, "bnb", gptq))
+            options.append(Option(weight_bytes(out_f, in_f, bits, block_size) + bias_bytes, err,
+                                  "dense", 0, bits, weight))
+        ks = grid(kb)
+        if closed and ks:  # the whitened energy of W: all its σ² (damped root: within 1e-6)
+            w_energy = float(factors.s.double().pow(2).sum())
+            top = measured(("lowrank", bits, ks[-1]), lambda: stored_lowrank(
+                w, factors, stats, ref, ks[-1], bits, block_size, kb))
+            errs = _closed(factors.s, w_energy, ref, ks, top)
+        else:
+            errs = {k: measured(("lowrank", bits, k), lambda k=k: stored_lowrank(
+                w, factors, stats, ref, k, bits, block_size, kb)) for k in ks}
+        for k in ks:
             options.append(Option(lowrank_bytes(out_f, in_f, k, bits, block_size) + bias_bytes,
-                                  cache[key].error, "lowrank", k, bits, weight))
-    for (bits, block), res in (residuals or {}).items():
+                                  errs[k], "lowrank", k, bits, weight))
+    for key, res in (residuals or {}).items():
+        bits, block, base_grid = (*key, "bnb")[:3]
         res = res() if callable(res) else res
-        tag = None if block == block_size else block
-        if tag is not None:  # the weight alone at this block size: rank 0
-            key = ("dense", bits, 0, block)
-            cache[key] = cache.get(key) or stored_residual(w, res, stats, ref, 0, 0)
-            options.append(Option(nbytes(w.numel(), bits, block) + bias_bytes, cache[key].error,
-                                  "dense", 0, bits, weight, tag))
+        tag = None if block == block_size and base_grid == "bnb" else block
+        key = ("dense", bits, 0) if tag is None else ("dense", bits, 0, block, base_grid)
+        err = measured(key, lambda: stored_residual(w, res, stats, ref, 0, 0))  # the base alone
+        options.append(Option(weight_bytes(out_f, in_f, bits, block, base_grid) + bias_bytes,
+                              err, "dense", 0, bits, weight, tag, base_grid))
         kb = res.k_break(out_f, in_f)
-        for k in grid(kb):
-            key = ("residual", bits, k, block)
-            cache[key] = cache.get(key) or stored_residual(w, res, stats, ref, k, kb)
-            options.append(Option(residual_bytes(out_f, in_f, k, bits, block) + bias_bytes,
-                                  cache[key].error, "residual", k, bits, weight, tag))
-        del res
+        ks = grid(kb)
+        if closed and ks:
+            e2 = float(res.factors.s.double().pow(2).sum())
+            top = measured(("residual", bits, ks[-1], block, base_grid),
+                           lambda: stored_residual(w, res, stats, ref, ks[-1], kb))
+            errs = _closed(res.factors.s, e2, ref, ks, top)
+        else:
+            errs = {k: measured(("residual", bits, k, block, base_grid),
+                                lambda k=k: stored_residual(w, res, stats, ref, k, kb)) for k in ks}
+        for k in ks:
+            options.append(Option(residual_bytes(out_f, in_f, k, bits, block, base_grid)
+                                  + bias_bytes, errs[k], "residual", k, bits, weight, tag,
+                                  base_grid))
     return options
 
 
 def stored_of(option: Option, w: torch.Tensor, bias: torch.Tensor | None,
               factors: Factors | None, stats: LayerStats, block_size: int, k_break: int,
-              residual: Residual | None = None) -> Stored:
+              residual: Residual | None = None, gptq: bool = False) -> Stored:
     """The stored layer of `option`, rebuilt (deterministic: the same tensors and error);
     `k_break` is what a kept-as-is layer records; a low-rank option needs the `factors`, a
-    residual option, or a dense one at its own block size, its `residual` (the weight
-    quantized at its bits and block size)."""
+    residual option, or a dense one at its own block size or grid, its `residual` (the
+    weight quantized at its bits, block size and grid)."""
     ref = reference(w, bias, stats)
     if option.kind == "residual" or option.block is not None:
         block = option.block or block_size
-        if residual is None or (residual.weight.bits, residual.weight.block_size) != (option.bits, block):
+        if residual is None or (residual.weight.bits, residual.weight.block_size,
+                                residual.weight.grid) != (option.bits, block, option.grid):
             raise ValueError(f"a residual option at {option.bits} bits, block {block}, needs "
                              "its Residual")
         return stored_residual(w, residual, stats, ref, option.rank, residual.k_break(*w.shape))
@@ -122,7 +178,7 @@ def stored_of(option: Option, w: torch.Tensor, bias: torch.Tensor | None,
         return stored_lowrank(w, factors, stats, ref, option.rank, option.bits, block_size, kb)
     if option.kind == "dense":  # k_break as the factors would bound it: every method's hold min(out, in)
         return stored_dense(w, stats, ref, option.bits, block_size,
-                            break_even_rank(*w.shape, option.bits, block_size))
+                            break_even_rank(*w.shape, option.bits, block_size), "bnb", gptq)
     return keep(k_break)
 
 
@@ -154,38 +210,33 @@ def sensitivities(raw: list[float | None]) -> list[float]:
     return [r / mean for r in raw]
 
 
-def _index(stored: Stored, work: LayerWork, options: list[Option], block_size: int) -> int:
-    """The index of `stored` among `options`, appended there if it is not one of them."""
-    for i, o in enumerate(options):
-        if (o.kind, o.rank, o.bits, o.block) == (stored.kind, stored.rank, stored.bits, None):
-            return i
-    bias = 0 if work.bias is None else work.bias.numel() * work.module.weight.element_size()
-    if stored.kind == "lowrank":
-        size = lowrank_bytes(*work.w.shape, stored.rank, stored.bits, block_size)
-    else:  # quantized dense: the kept-as-is option is always there
-        size = nbytes(work.w.numel(), stored.bits, block_size)
-    options.append(Option(size + bias, stored.error, stored.kind, stored.rank, stored.bits))
-    return len(options) - 1
+def _uniform(options: list[Option], bits: int, eps: float) -> int:
+    """What a uniform `--eps` picks on this table: the smallest low-rank option at `bits`
+    meeting eps, else the weight at `bits` in the run's blocks if it does, else kept."""
+    low = [i for i, o in enumerate(options) if o.kind == "lowrank" and o.bits == factor_bits(bits)
+           and o.error <= eps]
+    if low:
+        return min(low, key=lambda i: options[i].rank)
+    dense = [i for i, o in enumerate(options) if o.kind == "dense" and o.bits == bits
+             and o.block is None and o.error <= eps]
+    return dense[0] if dense else 0
 
 
 def bits_choices(settings: Settings) -> tuple[int, ...]:
-    return tuple(dict.fromkeys((settings.bits, 4, 8)))
+    return tuple(dict.fromkeys((factor_bits(settings.bits), 4, 8)))
 
 
 def measure_layer(work: LayerWork, settings: Settings) -> LayerOptions:
-    """Every option of one layer, residual forms included (the allocator decides where a
+    """Every option of one layer, corrected forms included (the allocator decides where a
     correction pays), and what each uniform eps would choose; nothing of their tensors."""
-    cache = Errors()  # stored forms measured for this layer, shared by all the calls below
-    block = settings.block_size
-    residuals = {(b, m * block): (lambda b=b, m=m: residual_of(work.w, work.stats, b, m * block,
-                                                               settings.method))
-                 for b, m in RESIDUAL_BASES}
+    residuals = {(b, block, g): (lambda b=b, block=block, g=g: residual_of(
+                     work.w, work.stats, b, block, settings.method, g, settings.gptq))
+                 for b, block, g in bases(settings)}
     opts = layer_options(work.w, work.bias, work.factors, work.stats, bits_choices(settings),
-                         block, elsize=work.module.weight.element_size(), cache=cache,
-                         residuals=residuals)
-    uniform = {eps: _index(choose(work.w, work.bias, work.factors, work.stats, eps, settings.bits,
-                                  block, cache=cache), work, opts, block)
-               for eps in UNIFORM_EPS}
+                         settings.block_size, elsize=work.module.weight.element_size(),
+                         residuals=residuals, closed=settings.method == "whiten",
+                         gptq=settings.gptq)
+    uniform = {eps: _uniform(opts, settings.bits, eps) for eps in UNIFORM_EPS}
     fp16 = 2 * (work.w.numel() + (0 if work.bias is None else work.bias.numel()))
     return LayerOptions(opts, uniform, raw_sensitivity(work), fp16)
 

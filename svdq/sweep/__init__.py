@@ -42,10 +42,37 @@ class Metric:
     lower_is_better: bool
 
 
-def _dense(work: LayerWork, bits: int, block_size: int) -> Stored:
-    """The layer's weight quantized at `bits` alone: a bitsandbytes baseline."""
+def _dense(work: LayerWork, bits: int, block_size: int, grid: str = "bnb",
+           gptq: bool = False) -> Stored:
+    """The layer's weight quantized at `bits` alone: a quantization-only baseline."""
     return stored_dense(work.w, work.stats, reference(work.w, work.bias, work.stats), bits,
-                        block_size, k_break=0)
+                        block_size, 0, grid, gptq)
+
+
+def grid_for(bits: int, grid: str) -> str:
+    """The grid `--grid` means at `bits` (auto: the integer one below 4 bits; float16: bnb)."""
+    if grid == "auto":
+        return "int" if bits in (2, 3) else "bnb"
+    return "bnb" if bits == 16 else grid
+
+
+def baselines(bits_list: list[int], settings: Settings, budgets: bool,
+              grid: str = "auto") -> list[tuple]:
+    """(label, bits, block, grid, gptq) of the quantization-only rows: bitsandbytes' own
+    rounding (NF4, 8-bit) at each bnb width, GPTQ (or rounding with --no-gptq) on the integer
+    grid at each integer width; with budgets also every base the budgets may use."""
+    forms = [(b, settings.block_size, grid_for(b, grid)) for b in bits_list if b != 16]
+    if budgets:
+        forms += [(b, m * settings.block_size, g) for b, m, g in RESIDUAL_BASES]
+    rows = {}
+    for bits, block, grid in forms:
+        if grid == "bnb":
+            tag = "" if block == settings.block_size else f"-b{block}"
+            rows[(bits, block, grid)] = (f"bnb-{'nf4' if bits == 4 else '8bit'}{tag}", False)
+        else:
+            way = "gptq" if settings.gptq else "rtn"
+            rows[(bits, block, grid)] = (f"{way}-int{bits}-g{block}", settings.gptq)
+    return [(label, *form, gptq) for form, (label, gptq) in rows.items()]
 
 
 def _variant(model: nn.Module, works: list[LayerWork], choices: list[Stored],
@@ -91,7 +118,7 @@ def evaluator(source: Source, text: tuple[str, str] | None, lines: list[str] | N
 def run(source: Source, settings: Settings, eps_list: list[float], bits_list: list[int],
         evaluate: Evaluate, metric: Metric, progress: Progress | None = None,
         methods: list[str] | None = None, residual: bool = False,
-        ratios: list[float] | None = None) -> dict:
+        ratios: list[float] | None = None, grid: str = "auto") -> dict:
     """Analyse once, then evaluate baselines and every (method, bits, eps) setting.
 
     `methods` defaults to `settings.method`; the calibration statistics serve them all, and
@@ -125,22 +152,14 @@ def run(source: Source, settings: Settings, eps_list: list[float], bits_list: li
         ("source", None, None, None, None),
         ("fp16", 16, None, None, lambda: [_dense(w, 16, settings.block_size) for w in works]),
     ]
-    for bits in bits_list:
-        if bits != 16:
-            label = "bnb-nf4" if bits == 4 else "bnb-8bit"
-            jobs.append((label, bits, None, None,
-                         lambda b=bits: [_dense(w, b, settings.block_size) for w in works]))
-    if ratios:  # budgets may store weights in larger blocks: so may the baselines
-        for b, m in sorted(RESIDUAL_BASES):
-            if m != 1:
-                block = m * settings.block_size
-                jobs.append((f"bnb-{'nf4' if b == 4 else '8bit'}-b{block}", b, None, None,
-                             lambda b=b, k=block: [_dense(w, b, k) for w in works]))
+    for label, b, block, g, gptq in baselines(bits_list, settings, bool(ratios), grid):
+        jobs.append((label, b, None, None, lambda b=b, k=block, g=g, q=gptq:
+                     [_dense(w, b, k, g, q) for w in works]))
     for method in methods:
         mine = [replace(w, given=f) for w, f in zip(works, factors[method])]
         for bits in bits_list:
             for eps in eps_list:
-                s = replace(settings, method=method, bits=bits, eps=eps)
+                s = replace(settings, method=method, bits=bits, eps=eps, grid=grid_for(bits, grid))
                 jobs.append((method, bits, eps, None,
                              lambda s=s, mine=mine: [choose_form(w, s) for w in mine]))
         for bits in bits_list if residual else ():
@@ -148,8 +167,10 @@ def run(source: Source, settings: Settings, eps_list: list[float], bits_list: li
 
             def corrected(eps: float, m=method, b=bits, c=corrections) -> list[Stored]:
                 if not c:
-                    c.extend(residual_of(w.w, w.stats, b, settings.block_size, m) for w in works)
-                s = replace(settings, method=m, bits=b, eps=eps, residual=True)
+                    c.extend(residual_of(w.w, w.stats, b, settings.block_size, m,
+                                         grid_for(b, grid), settings.gptq) for w in works)
+                s = replace(settings, method=m, bits=b, eps=eps, residual=True,
+                            grid=grid_for(b, grid))
                 return [choose_form(w, s, r) for w, r in zip(works, c)]
             for eps in eps_list:
                 jobs.append((f"{method}+residual", bits, eps, None,

@@ -267,9 +267,10 @@ def test_refining_a_correction_keeps_its_bytes_and_lowers_its_error(layer, block
 
 
 def test_budget_leaves_out_large_errors_unless_it_must(models, calib_file):
-    """Below what the capped forms can reach, the budget is still met, with larger errors."""
+    """Below what the capped forms (and 2-bit weights, 0.14 × fp16) can reach, the budget is
+    still met, with larger errors."""
     source = hf.load_source(str(models["llama"]))
-    settings = Settings(budget_ratio=0.15, bits=4, method="whiten", calib=str(calib_file), **CALIB)
+    settings = Settings(budget_ratio=0.12, bits=4, method="whiten", calib=str(calib_file), **CALIB)
     result = compress(source, settings)
     assert result.budget["error_cap"] is None and result.budget["plan"] == "no error cap"
     assert max(p["error"] for p in result.layers) > max(budget.ERROR_CAPS)

@@ -37,7 +37,9 @@ def test_candidates_cover_each_cap_and_plain_quantization(models, calib_file):
     assert labels[-1] == "8-bit in blocks of 64, no correction"  # 0.53 × fp16 fits in 0.6
     assert not any(label.startswith("4-bit") for label in labels)  # 8 bits fit: less exact
     tight = budget.candidates(measured, math.floor(0.27 * measured.fp16), settings.block_size)
-    assert tight[-1][0] == "4-bit in blocks of 256, no correction"  # NF4 in 64 does not fit
+    # NF4 in blocks of 64 (4.5 bits) and int4 in groups of 64 (4.31 bits, and more on layers
+    # 160 wide: their last group is short) do not fit; of what does, int4 in 128 has most bytes
+    assert tight[-1][0] == "int4 in groups of 128, no correction"
     assert len({tuple(plan) for _, plan in found}) == len(found)  # no duplicates
     for label, plan in found:
         opts = [measured.options[n][i] for n, i in enumerate(plan)]

@@ -76,7 +76,8 @@ def swept(models, calib_file):
     source = hf.load_source(str(models["llama"]))
     before = {k: v.clone() for k, v in source.model.state_dict().items()}
     classes = {n: type(m) for n, m in source.model.named_modules()}
-    settings = Settings(eps=EPS[0], bits=BITS[0], calib=str(calib_file), **CALIB)
+    # rounding, as bitsandbytes does: the eps rows' dense fallback is then the bnb baseline's
+    settings = Settings(eps=EPS[0], bits=BITS[0], calib=str(calib_file), gptq=False, **CALIB)
     measure, metric = sweep.evaluator(source, (EVAL_TEXT, "eval"), None, CTX, None, 0, 1)
     factorized: list[tuple[int, ...]] = []
     plans: list[list[dict]] = []  # one list per variant, in the order they are built
@@ -151,7 +152,7 @@ def test_svd_rows_match_compress_and_the_artifact(swept, models, calib_file, tmp
         for eps in EPS:
             row = row_of(swept.rows, "svd", bits, eps)
             source = hf.load_source(str(models["llama"]))
-            settings = Settings(eps=eps, bits=bits, calib=str(calib_file), **CALIB)
+            settings = Settings(eps=eps, bits=bits, calib=str(calib_file), gptq=False, **CALIB)
             out = tmp_path / f"{bits}-{eps}"
             manifest = artifact.save(out, source, compress(source, settings), settings)
             layers = manifest["layers"]
@@ -335,12 +336,15 @@ def test_residual_and_budget_rows_match_compress(models, calib_file, tmp_path):
     rows = results["rows"]
     by_row = {(r["method"], r["bits"], r["eps"], r["ratio"]): p for r, p in zip(rows[1:], plans)}
     assert set(by_row) == {("fp16", 16, None, None), ("bnb-nf4", 4, None, None),
-                           ("bnb-nf4-b256", 4, None, None), ("bnb-8bit-b256", 8, None, None),
-                           ("whiten", 4, 0.05, None),
+                           ("bnb-nf4-b256", 4, None, None), ("gptq-int2-g64", 2, None, None),
+                           ("gptq-int3-g64", 3, None, None), ("gptq-int3-g128", 3, None, None),
+                           ("gptq-int4-g64", 4, None, None), ("gptq-int4-g128", 4, None, None),
+                           ("gptq-int8-g128", 8, None, None), ("whiten", 4, 0.05, None),
                            ("whiten+residual", 4, 0.05, None), ("whiten budget", None, None, 0.3),
                            ("whiten budget", None, None, 0.45)}
     assert {p["block_size"] for p in by_row["bnb-nf4-b256", 4, None, None]} == {256}
-    assert {(p["bits"], p["block_size"]) for p in by_row["bnb-8bit-b256", 8, None, None]} == {(8, 256)}
+    assert {(p["bits"], p["block_size"], p.get("grid")) for p in by_row["gptq-int3-g128", 3, None, None]} \
+        == {(3, 128, "int")}
     fields = ("name", "kind", "rank", "bits", "block_size", "bytes")
     for knob, row_key in ((dict(eps=0.05, residual=True), ("whiten+residual", 4, 0.05, None)),
                           (dict(budget_ratio=0.3), ("whiten budget", None, None, 0.3)),
@@ -363,7 +367,8 @@ BAD = {
     "both measures": (["--ppl", "TEXT", "--similarity", "TEXT"], "exactly one quality measure"),
     "eps 0": (["--ppl", "TEXT", "--eps", "0,0.1"], "--eps must lie in (0, 1)"),
     "eps not a number": (["--ppl", "TEXT", "--eps", "a"], "--eps takes comma-separated numbers"),
-    "bits 3": (["--ppl", "TEXT", "--bits", "3"], "--bits 3 is not supported"),
+    "bits 5": (["--ppl", "TEXT", "--bits", "5"], "--bits 5 is not supported"),
+    "bits 3 on bnb": (["--ppl", "TEXT", "--bits", "3", "--grid", "bnb"], "with --grid int"),
     "ratio 0": (["--ppl", "TEXT", "--ratio", "0.3,0"], "--ratio must be a positive number"),
     "no eps nor ratio": (["--ppl", "TEXT", "--eps", ""], "--eps or --ratio at least one"),
     "missing text": (["--ppl", "MISSING"], "does not exist"),

@@ -1,0 +1,131 @@
+"""GPTQ (Frantar et al. 2022): quantize a weight column by column, feeding each column's
+rounding error forward into the columns not yet quantized, through the inverse Hessian of
+the layer's calibration loss, H = 2 XᵀX (the Gram the walk accumulates; the factor 2 cancels).
+
+As llm-compressor does it (checked: equal layer losses, `benchmarks/gptq_reference.py`): dead
+input columns (no energy) are zeroed; H is damped by `damp` × mean(diag H); with `act_order`
+the columns go in descending order of diag H (most input energy first) while the groups stay
+those of the original column order, so the stored layout needs no permutation index; the
+grid's scales are fixed up front from the weight (`quant.int_params`, which with `search` also
+shrinks a group's range where the energy-weighted rounding error falls); updates are lazy,
+`lazy` columns at a time, through the upper Cholesky factor of H⁻¹ — the same for every grid
+a layer is tried on, so it is made once (`prepare`). Every grid svdq stores works: the uniform
+integer grid (per-group scale and zero point) and the bitsandbytes ones (NF4 and dynamic
+8-bit codes, one absmax per block of the flattened weight).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from svdq.algo.quant import IntQuantized, Quantized, codebook, int_params, int_quantized
+
+DAMP = 0.01  # llm-compressor's and the paper's default dampening fraction
+LAZY = 128  # columns per lazy batch update
+
+
+@dataclass(frozen=True)
+class Prepared:
+    """What GPTQ needs of the Gram, whatever the grid: the dead columns, the column order and
+    the upper Cholesky factor of the damped H⁻¹ in that order."""
+
+    dead: torch.Tensor
+    perm: torch.Tensor
+    hinv: torch.Tensor
+    energy: torch.Tensor  # diag H, undamped: the columns' input energies
+
+
+def prepare(gram: torch.Tensor, damp: float = DAMP, act_order: bool = True) -> Prepared:
+    h = gram.to(torch.float64).clone()
+    dead = h.diagonal() == 0
+    h[dead, dead] = 1.0
+    energy = h.diagonal().clone()
+    h.diagonal().add_(damp * float(h.diagonal().mean()))
+    n = h.shape[0]
+    perm = (torch.argsort(h.diagonal(), descending=True, stable=True) if act_order
+            else torch.arange(n, device=h.device))
+    h = h[perm][:, perm]
+    hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True)
+    return Prepared(dead, perm, hinv, energy)
+
+
+class _Grid:
+    """Per-column rounding to the grid, with the scales fixed up front from `w`, in `w`'s
+    dtype."""
+
+    def __init__(self, w: torch.Tensor, bits: int, block: int, grid: str,
+                 energy: torch.Tensor | None, search: bool) -> None:
+        self.bits, self.block, self.grid, self.shape = bits, block, grid, tuple(w.shape)
+        if grid == "int":
+            self.scales, self.zeros = int_params(w, bits, block, energy if search else None,
+                                                 shrinks=10 if search else 1)
+            col = torch.arange(w.shape[1], device=w.device) // block
+            self.s = self.scales.to(w.device, w.dtype)[:, col].T.contiguous()  # (in, out)
+            self.z = self.zeros.to(w.device, w.dtype)[:, col].T.contiguous()
+            self.top = float((1 << bits) - 1)
+            return
+        flat = w.reshape(-1).float()
+        pad = (-flat.numel()) % block
+        self.absmax = torch.cat((flat, flat.new_zeros(pad))).view(-1, block).abs().amax(1)
+        # each entry's absmax, by column: blocks run over the flattened weight
+        index = torch.arange(flat.numel(), device=w.device).view(w.shape) // block
+        self.a = self.absmax.to(w.dtype)[index].T.contiguous()  # (in, out)
+        self.safe = torch.where(self.a > 0, self.a, torch.ones_like(self.a))
+        book = codebook(bits).to(w.device, w.dtype)
+        self.order = torch.argsort(book)
+        self.sorted = book[self.order]
+        self.mids = (self.sorted[1:] + self.sorted[:-1]) / 2
+
+    def round(self, col: torch.Tensor, j: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(codes, values) of column `col` (original index `j`) on the grid."""
+        if self.grid == "int":
+            s, z = self.s[j], self.z[j]
+            codes = torch.clamp(torch.round(col / s) + z, 0, self.top)
+            return codes, (codes - z) * s
+        k = torch.bucketize(col / self.safe[j], self.mids)
+        return self.order[k], self.sorted[k] * self.a[j]
+
+    def stored(self, codes: torch.Tensor) -> Quantized | IntQuantized:
+        if self.grid == "int":
+            return int_quantized(codes.long(), self.scales, self.zeros, self.bits, self.block)
+        flat = codes.reshape(-1).to(torch.uint8).cpu()
+        if self.bits == 4:
+            flat = torch.cat((flat, flat.new_zeros(flat.numel() % 2)))
+            flat = (flat[0::2] << 4) | flat[1::2]  # bitsandbytes: the first element high
+        return Quantized(flat.contiguous(), self.absmax.float().cpu(), self.shape, self.bits,
+                         self.block)
+
+
+def gptq(w: torch.Tensor, gram: torch.Tensor, bits: int, block_size: int, grid: str = "int",
+         act_order: bool = True, damp: float = DAMP, lazy: int = LAZY, search: bool = True,
+         dtype: torch.dtype = torch.float32,
+         prepared: Prepared | None = None) -> Quantized | IntQuantized:
+    """`w` (out, in) quantized by GPTQ against the input Gram `gram` (in, in) on `grid` at
+    `bits` (groups or blocks of `block_size`). `search`: let the integer grid's scales shrink
+    where that lowers the energy-weighted rounding error (False: plain min-max, as
+    llm-compressor's default observer). `dtype`: of the column loop (float64 in tests).
+    `prepared`: `prepare(gram, damp, act_order)`, when the caller has it already."""
+    prep = prepared or prepare(gram.to(w.device), damp, act_order)
+    rounder = _Grid(w.to(dtype), bits, block_size, grid, prep.energy, search)  # from w as given
+    weight = w.to(dtype).clone()
+    weight[:, prep.dead] = 0
+    perm, hinv = prep.perm, prep.hinv.to(dtype)
+    weight = weight[:, perm]
+    n = weight.shape[1]
+    order = perm.tolist()
+    codes = torch.zeros(weight.shape, dtype=dtype, device=w.device)
+    for i1 in range(0, n, lazy):
+        i2 = min(i1 + lazy, n)
+        block, errs = weight[:, i1:i2].clone(), torch.zeros_like(weight[:, i1:i2])
+        hb = hinv[i1:i2, i1:i2]
+        for i in range(i2 - i1):
+            code, value = rounder.round(block[:, i], order[i1 + i])
+            codes[:, i1 + i] = code
+            err = (block[:, i] - value) / hb[i, i]
+            block[:, i:].sub_(err[:, None] * hb[i, i:][None, :])
+            errs[:, i] = err
+        weight[:, i2:] -= errs @ hinv[i1:i2, i2:]
+    out = torch.empty_like(codes)
+    out[:, perm] = codes
+    return rounder.stored(out)

@@ -1,0 +1,131 @@
+"""GPTQ (svdq/algo/gptq.py) and the uniform integer grid (svdq/algo/quant.py).
+
+GPTQ is checked against a straightforward reference written here — the column-by-column
+OBQ update with the inverse Hessian of the columns not yet quantized, in float64 — and
+against rounding on the same grid, on a layer whose inputs are correlated (where error
+feedback has something to exploit)."""
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+
+from svdq import runtime
+from svdq.algo import error, quant
+from svdq.algo.factorize import LayerStats
+from svdq.algo.gptq import gptq
+
+F64 = torch.float64
+
+
+def correlated(out_f: int, in_f: int, tokens: int = 1024, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    z = torch.randn(tokens, in_f, generator=g, dtype=F64)
+    mix = torch.randn(in_f, in_f, generator=g, dtype=F64) / in_f ** 0.5
+    x = z @ mix + 0.2 * torch.randn(in_f, generator=g, dtype=F64)
+    x[:, 3] = 0  # a dead input column: no energy
+    return torch.randn(out_f, in_f, generator=g), LayerStats(x.T @ x, x.sum(0), tokens)
+
+
+def reference_gptq(w, gram, scales, zeros, bits, group, order, damp=0.01):
+    """OBQ, one column at a time in `order`: round it, spread its error over the columns not
+    yet done through the inverse Hessian of those columns, then drop it from that inverse."""
+    h = gram.clone()
+    w = w.double().clone()
+    dead = h.diagonal() == 0
+    h[dead, dead] = 1.0
+    w[:, dead] = 0
+    h += damp * h.diagonal().mean() * torch.eye(h.shape[0], dtype=F64)
+    hinv = torch.linalg.inv(h)
+    codes = torch.zeros(w.shape, dtype=torch.long)
+    left = list(order)
+    for j in order:
+        left.remove(j)
+        s, z = scales[:, j // group].double(), zeros[:, j // group].double()
+        code = torch.clamp(torch.round(w[:, j] / s) + z, 0, (1 << bits) - 1)
+        codes[:, j] = code.long()
+        err = (w[:, j] - (code - z) * s) / hinv[j, j]
+        w[:, left] -= err[:, None] * hinv[j, left][None, :]
+        hinv = hinv - hinv[:, j: j + 1] @ hinv[j: j + 1, :] / hinv[j, j]
+    return codes
+
+
+@pytest.mark.parametrize("act_order", [False, True])
+def test_gptq_equals_the_column_by_column_reference(act_order):
+    w, st = correlated(5, 40)
+    scales, zeros = quant.int_params(w, 4, 16, None, shrinks=1)  # min-max, as the reference
+    order = (torch.argsort(st.gram.diagonal() + (st.gram.diagonal() == 0).double(),
+                           descending=True, stable=True).tolist() if act_order else range(40))
+    want = reference_gptq(w, st.gram, scales, zeros, 4, 16, list(order))
+    got = gptq(w, st.gram, 4, 16, "int", act_order=act_order, search=False, dtype=F64, lazy=7)
+    codes = runtime.unpack(got.codes, 5 * 40, 4).view(5, 40)
+    assert torch.equal(got.scales, scales) and torch.equal(codes, want)
+
+
+@pytest.mark.parametrize("grid,bits,block", [("int", 2, 32), ("int", 3, 64), ("int", 4, 64),
+                                             ("int", 4, 48), ("int", 8, 128), ("bnb", 4, 64),
+                                             ("bnb", 8, 64), ("bnb", 4, 256)])
+def test_gptq_beats_rounding_on_the_same_grid(grid, bits, block):
+    w, st = correlated(64, 192)
+    ref = error.reference(w, None, st)
+    rtn = quant.quantize(w, bits, block, grid)
+    got = gptq(w, st.gram, bits, block, grid)
+    e_rtn = error.relative_error(w, rtn.dequantize(), st, ref)
+    e_gptq = error.relative_error(w, got.dequantize(), st, ref)
+    assert e_gptq < 0.95 * e_rtn, (e_gptq, e_rtn)
+    assert type(got) is type(rtn) and got.shape == rtn.shape and got.block_size == block
+    assert sum(t.numel() * t.element_size() for t in got.tensors("k").values()) == \
+        quant.weight_bytes(64, 192, bits, block, grid)
+    assert bool((got.dequantize()[:, 3] == 0).all())  # the dead column stores zeros
+
+
+@pytest.mark.parametrize("bits,group,shape", list(itertools.product(
+    (2, 3, 4, 8), (32, 64, 128), ((7, 100), (48, 576), (1, 33)))))
+def test_integer_grid_round_trips_and_counts_bytes(bits, group, shape):
+    g = torch.Generator().manual_seed(bits * group)
+    values = torch.randint(0, 1 << bits, (1001,), generator=g)
+    assert torch.equal(runtime.unpack(quant.pack(values, bits), 1001, bits), values)
+    w = torch.randn(*shape, generator=g)
+    q = quant.quantize(w, bits, group, "int")
+    stored = q.tensors("k")
+    codes, scales, zeros = (runtime.int_bytes(*shape, bits, group))
+    assert [stored["k" + s].numel() * stored["k" + s].element_size()
+            for s in (runtime.CODES, runtime.SCALES, runtime.ZEROS)] == [codes, scales, zeros]
+    assert stored["k" + runtime.SCALES].dtype == torch.float16
+    # every value is (code - zero) * scale of its group, and most within half a step of w
+    # (a range shrunk to lower the error clips the few largest entries)
+    deq = q.dequantize()
+    col = torch.arange(shape[1]) // group
+    groups = -(-shape[1] // group)
+    codes = runtime.unpack(q.codes, w.numel(), bits).view(shape).float()
+    zero = runtime.unpack(q.zeros, shape[0] * groups, bits).view(shape[0], groups).float()
+    step = q.scales.float()[:, col]
+    assert torch.equal(deq, (codes - zero[:, col]) * step)
+    assert ((deq - w).abs() <= step * 0.5 + 1e-6).float().mean() > 0.9
+
+
+def test_bits_per_weight_match_what_gptq_formats_count():
+    # 4-bit codes, a float16 scale and a 4-bit zero per 64 weights: 4.3125 bits per weight
+    assert quant.weight_bytes(576, 576, 4, 64, "int") * 8 / 576 ** 2 == 4.3125
+    assert quant.weight_bytes(576, 576, 3, 64, "int") * 8 / 576 ** 2 == pytest.approx(3.296875)
+    # a group size that does not divide the row: the last group of each row is shorter
+    assert runtime.int_bytes(576, 576, 4, 128)[1] == 2 * 576 * 5
+
+
+def test_a_gptq_base_at_rank_0_is_plain_gptq_and_refining_never_hurts():
+    from svdq.algo.dense import quantize_weight, stored_dense
+    from svdq.algo.residual import refine_residual, residual_of, stored_residual
+
+    w, st = correlated(48, 128)
+    ref = error.reference(w, None, st)
+    res = residual_of(w, st, 3, 64, "whiten", "int", gptq=True)
+    plain = quantize_weight(w, st, 3, 64, "int", gptq=True)
+    assert torch.equal(res.weight.dequantize(), plain.dequantize())
+    rank0 = stored_residual(w, res, st, ref, 0, 0)
+    assert rank0.kind == "dense" and rank0.error == stored_dense(w, st, ref, 3, 64, 0, "int", True).error
+    for k in (2, 8, 24):
+        first = stored_residual(w, res, st, ref, k, 32)
+        refined = refine_residual(w, first, st, ref, "whiten", gptq=True)
+        assert refined.error <= first.error and refined.weight.grid == "int"
+        assert refined.error < rank0.error  # a correction lowers the error of the base
