@@ -36,18 +36,23 @@ class Prepared:
     energy: torch.Tensor  # diag H, undamped: the columns' input energies
 
 
-def prepare(gram: torch.Tensor, damp: float = DAMP, act_order: bool = True) -> Prepared:
-    h = gram.to(torch.float64).clone()
-    dead = h.diagonal() == 0
-    h[dead, dead] = 1.0
-    energy = h.diagonal().clone()
-    h.diagonal().add_(damp * float(h.diagonal().mean()))
-    n = h.shape[0]
-    perm = (torch.argsort(h.diagonal(), descending=True, stable=True) if act_order
-            else torch.arange(n, device=h.device))
-    h = h[perm][:, perm]
-    hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True)
-    return Prepared(dead, perm, hinv, energy)
+def prepare(gram: torch.Tensor, damp: float = DAMP, act_order: bool = True,
+            dtype: torch.dtype = torch.float32) -> Prepared:
+    """In `dtype` (float32, as llm-compressor: half the memory of float64 at 5632 inputs),
+    one in × in matrix alive at a time beside the Gram."""
+    energy = gram.diagonal().to(torch.float64)
+    dead = energy == 0
+    energy = torch.where(dead, torch.ones_like(energy), energy)
+    damped = energy + damp * float(energy.mean())
+    n = energy.shape[0]
+    perm = (torch.argsort(damped, descending=True, stable=True) if act_order
+            else torch.arange(n, device=gram.device))
+    h = gram[perm][:, perm].to(dtype)
+    h.diagonal().copy_(damped[perm].to(dtype))
+    h = torch.linalg.cholesky(h)
+    h = torch.cholesky_inverse(h)
+    h = torch.linalg.cholesky(h, upper=True)
+    return Prepared(dead, perm, h, energy)
 
 
 class _Grid:
@@ -106,11 +111,12 @@ def gptq(w: torch.Tensor, gram: torch.Tensor, bits: int, block_size: int, grid: 
     where that lowers the energy-weighted rounding error (False: plain min-max, as
     llm-compressor's default observer). `dtype`: of the column loop (float64 in tests).
     `prepared`: `prepare(gram, damp, act_order)`, when the caller has it already."""
-    prep = prepared or prepare(gram.to(w.device), damp, act_order)
+    prep = prepared or prepare(gram.to(w.device), damp, act_order,
+                               torch.float64 if dtype == torch.float64 else torch.float32)
     rounder = _Grid(w.to(dtype), bits, block_size, grid, prep.energy, search)  # from w as given
     weight = w.to(dtype).clone()
     weight[:, prep.dead] = 0
-    perm, hinv = prep.perm, prep.hinv.to(dtype)
+    perm, hinv = prep.perm, prep.hinv.to(dtype)  # float64 tests: prepare(..., dtype=float64)
     weight = weight[:, perm]
     n = weight.shape[1]
     order = perm.tolist()

@@ -67,7 +67,7 @@ class Collector:
                 acc = self._acc[self._leader[name]]
                 out[name] = LayerStats(acc.gram, acc.total, acc.tokens, acc.abs_total,
                                        cross=acc.cross, source_gram=acc.source_gram,
-                                       source_total=acc.source_total)
+                                       source_total=acc.source_total, cache=acc.cache)
         return out
 
     @contextlib.contextmanager

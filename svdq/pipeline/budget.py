@@ -40,15 +40,15 @@ ERROR_CAPS = (0.1, 0.05, 0.02)
 DAMAGE = 0.3  # a planned relative output error above this in any layer gets a loud warning
 
 
-def check_request(model, settings: Settings) -> None:
-    """Refuse a --size that compresses nothing (at least the target layers' fp16 bytes)."""
-    if settings.budget_bytes is None:
-        return
+def check_request(model, settings: Settings) -> float:
+    """Refuse a --size that compresses nothing (at least the target layers' fp16 bytes);
+    returns the bits per weight the budget comes to."""
     fp16 = sum(fp16_bytes(model.get_submodule(n))
                for n in targets(model, settings.include, settings.exclude))
-    if settings.budget_bytes >= fp16:
+    if settings.budget_bytes is not None and settings.budget_bytes >= fp16:
         raise SvdqError(f"--size {settings.budget_bytes:,} bytes compresses nothing: the target "
                         f"layers take {fp16:,} bytes in float16; ask for less")
+    return 16 * budget_of(settings, fp16) / fp16
 
 
 def damage_warning(names: list[str], errors: list[float]) -> str | None:

@@ -33,7 +33,8 @@ from svdq.pipeline import budget as budgets
 from svdq.pipeline.judge import losses
 from svdq.pipeline.options import Measured, measure_layer
 from svdq.models.streams import Scratch
-from svdq.pipeline.walk import Clock, LayerWork, Progress, Walker, calibration_ids
+from svdq.pipeline.walk import (Clock, LayerWork, Progress, Walker, calibration_ids,
+                                one_input_at_a_time)
 from svdq.plan import LayerPlan, Result, tensors_of
 
 
@@ -127,14 +128,15 @@ def compress(source: Source, settings: Settings, progress: Progress | None = Non
     params = sum(p.numel() for p in source.model.parameters())
     clock, calibration = Clock(), {}
     out = _Out(source, sink)
-    if settings.budgeted:
-        budgets.check_request(source.model, settings)  # before minutes of calibration
+    average = None
+    if settings.budgeted:  # before minutes of calibration
+        average = budgets.check_request(source.model, settings)
     ids = calibration_ids(source, settings, report, calibration, warn)
     with Scratch(scratch) as room:
         walker = Walker(source, settings, report, clock, room.path)
         try:
             if settings.budgeted:
-                plans, budget = _budget(walker, ids, settings, out, room.path)
+                plans, budget = _budget(walker, ids, settings, out, room.path, average)
             else:
                 plans, budget = _eps(walker, ids, settings, out), None
         finally:
@@ -151,7 +153,7 @@ def _eps(walker: Walker, ids: torch.Tensor, settings: Settings, out: _Out) -> li
     walker.start(ids)
     plans = []
     for i in range(len(walker.blocks)):
-        for work in walker.enter(i):
+        for work in one_input_at_a_time(walker.enter(i)):
             walker.report(f"blocks: block {i + 1}: {work.name.rpartition('.')[2]}", i,
                           len(walker.blocks))
             stored, notes = refitted(work, choose_form(work, settings), settings)
@@ -167,15 +169,15 @@ def _eps(walker: Walker, ids: torch.Tensor, settings: Settings, out: _Out) -> li
 
 
 def _budget(walker: Walker, ids: torch.Tensor, settings: Settings, out: _Out,
-            scratch: Path) -> tuple[list[LayerPlan], dict]:
+            scratch: Path, average: float) -> tuple[list[LayerPlan], dict]:
     walker.gradients(ids, fisher=settings.method == "fisher")
     walker.start(ids)  # pass 1: each layer's options, numbers only
     layers = []
     for i in range(len(walker.blocks)):
-        for work in walker.enter(i):
+        for work in one_input_at_a_time(walker.enter(i)):
             walker.report(f"blocks: block {i + 1}: options of {work.name.rpartition('.')[2]}",
                           i, len(walker.blocks))
-            layers.append(measure_layer(work, settings))
+            layers.append(measure_layer(work, settings, (average, average)))
             walker.clock.lap("options")
         walker.leave(i)
     measured = Measured.of(layers, settings)
@@ -193,7 +195,7 @@ def _budget(walker: Walker, ids: torch.Tensor, settings: Settings, out: _Out,
     n = 0
     for i in range(len(walker.blocks)):
         swaps: dict[str, dict[str, nn.Module]] = {label: {} for label in labels}
-        for work in walker.enter(i):
+        for work in one_input_at_a_time(walker.enter(i)):
             walker.report(f"blocks: block {i + 1}: plans of {work.name.rpartition('.')[2]}",
                           i, len(walker.blocks))
             residuals: dict = {}  # quantized bases the candidates share for this layer

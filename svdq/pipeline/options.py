@@ -50,9 +50,19 @@ RESIDUAL_BASES = ((2, 1, "int"), (3, 1, "int"), (3, 2, "int"), (4, 1, "int"), (4
                   (4, 4, "bnb"), (8, 2, "int"))
 
 
-def bases(settings: Settings) -> list[tuple[int, int, str]]:
-    """The quantized bases of a budget's options: (bits, block or group size, grid)."""
-    return [(b, m * settings.block_size, g) for b, m, g in RESIDUAL_BASES]
+def bases(settings: Settings, average: tuple[float, float] | None = None
+          ) -> list[tuple[int, int, str]]:
+    """The quantized bases of a budget's options: (bits, block or group size, grid). With
+    `average` (the least and most bits per weight the budgets asked for come to), those far
+    from it are left out: below half the least or above 1.6 × the most (a budget of 4.3 bits
+    a weight keeps 2 to 4 bits and drops int8; one of 8.5 keeps int4 in 64 and int8) — each
+    base costs a quantization and an SVD per layer, and a plan mixes its neighbours."""
+    chosen = [(b, m * settings.block_size, g) for b, m, g in RESIDUAL_BASES]
+    if average is None:
+        return chosen
+    per_weight = lambda b, k, g: weight_bytes(4096, 4096, b, k, g) * 8 / 4096 ** 2  # noqa: E731
+    kept = [c for c in chosen if average[0] / 2 <= per_weight(*c) <= 1.6 * average[1]]
+    return kept or sorted(chosen, key=lambda c: abs(per_weight(*c) - average[0]))[:2]
 
 
 def rank_grid(k_break: int, n: int = 12) -> list[int]:
@@ -226,12 +236,14 @@ def bits_choices(settings: Settings) -> tuple[int, ...]:
     return tuple(dict.fromkeys((factor_bits(settings.bits), 4, 8)))
 
 
-def measure_layer(work: LayerWork, settings: Settings) -> LayerOptions:
+def measure_layer(work: LayerWork, settings: Settings,
+                  average: tuple[float, float] | None = None) -> LayerOptions:
     """Every option of one layer, corrected forms included (the allocator decides where a
-    correction pays), and what each uniform eps would choose; nothing of their tensors."""
+    correction pays), and what each uniform eps would choose; nothing of their tensors.
+    `average`: the bits per weight of the budgets asked for (`bases`)."""
     residuals = {(b, block, g): (lambda b=b, block=block, g=g: residual_of(
                      work.w, work.stats, b, block, settings.method, g, settings.gptq))
-                 for b, block, g in bases(settings)}
+                 for b, block, g in bases(settings, average)}
     opts = layer_options(work.w, work.bias, work.factors, work.stats, bits_choices(settings),
                          settings.block_size, elsize=work.module.weight.element_size(),
                          residuals=residuals, closed=settings.method == "whiten",
@@ -261,11 +273,12 @@ class Measured:
 
 
 def measure(works: list[LayerWork], settings: Settings,
-            report: Callable[[str, int, int], None]) -> Measured:
+            report: Callable[[str, int, int], None],
+            average: tuple[float, float] | None = None) -> Measured:
     """`measure_layer` for layers already walked (sweep, tests)."""
     layers = []
     for n, work in enumerate(works):
         report("budget: options per layer", n, len(works))
-        layers.append(measure_layer(work, settings))
+        layers.append(measure_layer(work, settings, average))
     report("budget: options per layer", len(works), len(works))
     return Measured.of(layers, settings)

@@ -271,6 +271,18 @@ def swapped(model: nn.Module, layers: dict[str, nn.Module]) -> Iterator[nn.Modul
             set_module(model, name, module)
 
 
+def one_input_at_a_time(works: list[LayerWork]) -> Iterator[LayerWork]:
+    """The works in order; what their statistics derive (the Gram's root, GPTQ's inverse
+    Hessian: hundreds of MB each at 5632 inputs) is freed once the last layer fed that input
+    (q, k and v share one; gate and up another) is done."""
+    for i, work in enumerate(works):
+        yield work
+        following = works[i + 1].stats.cache if i + 1 < len(works) else None
+        if following is not work.stats.cache:
+            work.stats.cache.clear()
+        work.given = None  # its factors too
+
+
 def analyse(source: Source, settings: Settings, ids: torch.Tensor, report: Progress,
             clock: Clock, gradients: bool = False, fisher: bool = False) -> list[LayerWork]:
     """Every target layer's work at once, for a model whole in memory (sweep, tests): the

@@ -181,7 +181,8 @@ def run(source: Source, settings: Settings, eps_list: list[float], bits_list: li
 
             def allocation(ratio: float, s=s, mine=mine, measured=measured) -> list[Stored]:
                 if not measured:  # measured once per method, on first use
-                    measured["m"] = measure(mine, s, report)
+                    bits = (16 * min(ratios), 16 * max(ratios))  # the bases all budgets need
+                    measured["m"] = measure(mine, s, report, bits)
                 return budget.pick(mine, measured["m"], math.floor(ratio * fp16_bytes), s,
                                    judge)[0]
             for ratio in ratios:
