@@ -121,6 +121,13 @@ def check_fits(found: list, measured: Measured, budget: int) -> None:
                     f"{least:,} bytes ({least / fp16:.3f} × fp16); ask for at least that")
 
 
+def base_of(option: Option, settings: Settings) -> tuple | None:
+    """The quantized base a residual option corrects, (bits, block, grid), else None."""
+    if option.kind != "residual":
+        return None
+    return (option.bits, option.block or settings.block_size, option.grid)
+
+
 def build_layer(work: LayerWork, option: Option, settings: Settings,
                 residuals: dict[tuple, Residual] | None = None) -> Stored:
     """The stored layer of `option` for `work`, exact, a correction refined; `residuals` caches
@@ -131,7 +138,7 @@ def build_layer(work: LayerWork, option: Option, settings: Settings,
                             settings.gptq)
     res = None
     if option.kind == "residual":  # rebuilt, not kept for every layer
-        key = (option.bits, option.block or block, option.grid)
+        key = base_of(option, settings)
         residuals = {} if residuals is None else residuals
         if key not in residuals:
             residuals[key] = residual_of(work.w, work.stats, *key[:2], settings.method, key[2],

@@ -198,15 +198,11 @@ def _budget(walker: Walker, ids: torch.Tensor, settings: Settings, out: _Out,
         for work in one_input_at_a_time(walker.enter(i)):
             walker.report(f"blocks: block {i + 1}: plans of {work.name.rpartition('.')[2]}",
                           i, len(walker.blocks))
-            residuals: dict = {}  # quantized bases the candidates share for this layer
-            for label, picks in found:
-                stored = budgets.build_layer(work, measured.options[n][picks[n]], settings, residuals)
-                final, notes = refitted(work, stored, settings)
-                plan, tensors, module = realize(work, stored, settings)  # the judge runs it unrefit
-                if final is not stored:
-                    plan, tensors, _ = realize(work, final, settings)
-                plans[label].append(plan.noted(**notes, sensitivity=weights[n]))
-                errors[label].append(stored.error)
+            for label, (plan, tensors, module, error) in _layer_of_each(
+                    work, {label: picks[n] for label, picks in found}, measured.options[n],
+                    settings).items():
+                plans[label].append(plan.noted(sensitivity=weights[n]))
+                errors[label].append(error)
                 _put(stores[label], tensors)
                 if module is not None:
                     swaps[label][work.name] = module
@@ -241,6 +237,30 @@ def _budget(walker: Walker, ids: torch.Tensor, settings: Settings, out: _Out,
     if settings.refit:  # the refit changed the errors the allocation planned with
         info["error2"] = math.fsum(p.notes["sensitivity"] * p.error ** 2 for p in plans[winner])
     return plans[winner], info
+
+
+def _layer_of_each(work: LayerWork, picks: dict[str, int], options: list,
+                   settings: Settings) -> dict[str, tuple]:
+    """Each candidate plan's form of one layer (`picks`: the option each plan chose): {label:
+    (plan entry, tensors, the module its stream runs — the form before a refit, as the judge
+    compares them — and its error)}. Plans that chose the same option share one build; a
+    quantized base several of them correct is made once and freed after its last user."""
+    residuals: dict = {}
+    built: dict[int, tuple] = {}
+    order = sorted(picks, key=lambda lb: str(budgets.base_of(options[picks[lb]], settings)))
+    for j, label in enumerate(order):
+        idx = picks[label]
+        if idx not in built:
+            stored = budgets.build_layer(work, options[idx], settings, residuals)
+            final, notes = refitted(work, stored, settings)
+            plan, tensors, module = realize(work, stored, settings)
+            if final is not stored:
+                plan, tensors, _ = realize(work, final, settings)
+            built[idx] = (plan.noted(**notes), tensors, module, stored.error)
+        base = budgets.base_of(options[idx], settings)
+        if j + 1 == len(order) or budgets.base_of(options[picks[order[j + 1]]], settings) != base:
+            residuals.pop(base, None)  # its last user is built: free its factors
+    return {label: built[picks[label]] for label in picks}
 
 
 def _put(store, tensors: dict[str, torch.Tensor]) -> None:

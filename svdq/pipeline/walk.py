@@ -42,7 +42,7 @@ from svdq.models.streams import Stream
 Progress = Callable[[str, int, int], None]  # (stage, done, total)
 # Streams larger than this together go to files under the scratch folder by themselves
 # (--offload-activations sends them there at any size).
-OFFLOAD_BYTES = 512 * 2 ** 20
+OFFLOAD_BYTES = 256 * 2 ** 20
 
 
 def offloaded(settings: Settings, hidden: int, streams: int) -> bool:
@@ -71,11 +71,17 @@ class LayerWork:
 
     name: str
     module: nn.Module  # the original layer
-    w: torch.Tensor  # (out, in) float32
+    weight: torch.Tensor | None  # (out, in) float32; None: read from the module on first use
     bias: torch.Tensor | None
     stats: LayerStats
     method: str = "svd"
     given: Factors | None = None  # the factors, once made (or given, as sweep does)
+
+    @property
+    def w(self) -> torch.Tensor:
+        if self.weight is None:
+            self.weight = weight_of(self.module).float()
+        return self.weight
 
     @property
     def factors(self) -> Factors:
@@ -219,7 +225,7 @@ class Walker:
                 st.row_fisher = None if fisher is None else fisher.to(self.device)
                 st.grad2 = grad2
             bias = None if module.bias is None else module.bias.detach().float()
-            works.append(LayerWork(name, module, weight_of(module).float(), bias, st,
+            works.append(LayerWork(name, module, None, bias, st,
                                    self.settings.method))
         return works
 
@@ -275,12 +281,17 @@ def one_input_at_a_time(works: list[LayerWork]) -> Iterator[LayerWork]:
     """The works in order; what their statistics derive (the Gram's root, GPTQ's inverse
     Hessian: hundreds of MB each at 5632 inputs) is freed once the last layer fed that input
     (q, k and v share one; gate and up another) is done."""
+    group = []
     for i, work in enumerate(works):
         yield work
+        group.append(work)
+        work.given = work.weight = None  # its factors and float32 weight
         following = works[i + 1].stats.cache if i + 1 < len(works) else None
-        if following is not work.stats.cache:
+        if following is not work.stats.cache:  # the group is done: its Gram goes too
             work.stats.cache.clear()
-        work.given = None  # its factors too
+            for done in group:
+                done.stats = None
+            group = []
 
 
 def analyse(source: Source, settings: Settings, ids: torch.Tensor, report: Progress,
