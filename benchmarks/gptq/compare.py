@@ -70,42 +70,17 @@ def eora(model, lc_model, works: dict, rank: int) -> int:
     return extra
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("model", choices=["smollm2", "gemma3"])
-    parser.add_argument("--lc-python", required=True)
-    parser.add_argument("--settings", default="4:64,3:64,2:64,4:128,3:128")
-    parser.add_argument("--ranks", default="32,64")
-    parser.add_argument("--max-tokens", type=int, default=32768)
-    parser.add_argument("--work", type=Path, default=None)
-    args = parser.parse_args()
+def anchor_rows(args, source, settings, ids, shapes, folder: Path, work: Path, ppl):
+    """The source's perplexity, then per bits:group setting llm-compressor's GPTQ (run once,
+    kept under `work`) and GPTQ + EoRA at each rank; and the byte counts svdq must meet."""
+    import transformers
 
-    from safetensors.torch import save_file
-
-    from svdq import assets
     from svdq.algo.quant import weight_bytes
-    from svdq.config import Settings
-    from svdq.pipeline.walk import Clock, analyse, calibration_ids
-    from svdq.sweep import evaluator
-    from sweep import split_text
+    from svdq.pipeline.walk import Clock, analyse
 
-    work = args.work or assets.cache_dir() / f"gptq-bench-{args.model}"
-    work.mkdir(parents=True, exist_ok=True)
-    calib, evaluation, _ = split_text(assets.cache_dir() / "bench-text")
-    path, folder, source = plain_folder(args.model)
-    settings = Settings(calib=str(calib), budget_ratio=0.3)  # compress's calibration defaults
-    ids = calibration_ids(source, settings, lambda *a: None, {})
-    save_file({"ids": ids.contiguous()}, str(work / "ids.safetensors"))
-    shapes = target_shapes(source.model)
-    fp16 = sum(2 * o * i for o, i in shapes.values())
-    perplexity, _ = evaluator(source, (evaluation.read_text(), str(evaluation)), None, 512, 512,
-                              args.max_tokens, 1)
-    ppl = lambda m: {"ppl": perplexity(m)["quality"]}  # noqa: E731
     rows = [{"method": "source", "bytes": None, **ppl(source.model)}]
     print(rows[-1], flush=True)
     works = {w.name: w for w in analyse(source, settings, ids, lambda *a: None, Clock())}
-    import transformers
-
     budgets = []
     for spec in args.settings.split(","):
         bits, group = map(int, spec.split(":"))
@@ -133,9 +108,52 @@ def main() -> None:
                          **ppl(model)})
             print(rows[-1], flush=True)
             budgets.append(size + extra)
+    return rows, budgets
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("model", choices=["smollm2", "gemma3"])
+    parser.add_argument("--lc-python", required=True)
+    parser.add_argument("--settings", default="4:64,3:64,2:64,4:128,3:128")
+    parser.add_argument("--ranks", default="32,64")
+    parser.add_argument("--max-tokens", type=int, default=32768)
+    parser.add_argument("--work", type=Path, default=None)
+    args = parser.parse_args()
+
+    from safetensors.torch import save_file
+
+    from svdq import assets
+    from svdq.config import Settings
+    from svdq.pipeline.walk import calibration_ids
+    from svdq.sweep import evaluator
+    from sweep import split_text
+
+    work = args.work or assets.cache_dir() / f"gptq-bench-{args.model}"
+    work.mkdir(parents=True, exist_ok=True)
+    calib, evaluation, _ = split_text(assets.cache_dir() / "bench-text")
+    path, folder, source = plain_folder(args.model)
+    settings = Settings(calib=str(calib), budget_ratio=0.3)  # compress's calibration defaults
+    ids = calibration_ids(source, settings, lambda *a: None, {})
+    save_file({"ids": ids.contiguous()}, str(work / "ids.safetensors"))
+    shapes = target_shapes(source.model)
+    fp16 = sum(2 * o * i for o, i in shapes.values())
+    perplexity, _ = evaluator(source, (evaluation.read_text(), str(evaluation)), None, 512, 512,
+                              args.max_tokens, 1)
+    ppl = lambda m: {"ppl": perplexity(m)["quality"]}  # noqa: E731
+    # the anchors (GPTQ, GPTQ + EoRA) are kept: a rerun with the same arguments redoes svdq only
+    anchors = work / "anchors.json"
+    key = {"settings": args.settings, "ranks": args.ranks, "max_tokens": args.max_tokens}
+    saved = json.loads(anchors.read_text()) if anchors.is_file() else {}
+    if saved.get("key") == key:
+        rows, budgets = saved["rows"], saved["budgets"]
+    else:
+        rows, budgets = anchor_rows(args, source, settings, ids, shapes, folder, work, ppl)
+        anchors.write_text(json.dumps({"key": key, "rows": rows, "budgets": budgets}, indent=1))
     ratios = ",".join(f"{b / fp16:.8f}" for b in budgets)
     swept = work / "sweep"
-    cmd = ["svdq", "sweep", str(path), "--eps", "", "--bits", "4,8", "--ratio", ratios,
+    cmd = ["svdq", "sweep", str(path), "--eps", "", "--bits", "4,8", "--method", "whiten",
+           "--ratio", ratios,
            "--calib", str(calib), "--ppl", str(evaluation), "--ctx", "512", "--stride", "512",
            "--max-tokens", str(args.max_tokens), "-o", str(swept), "--overwrite"]
     start = time.perf_counter()

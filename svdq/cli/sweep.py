@@ -37,8 +37,9 @@ def sweep(
     similarity: Optional[str] = typer.Option(None, "--similarity", help="Sentences file: cosine "
                                              "similarity to the source (encoders)."),
     block_size: int = typer.Option(64, help="Elements per quantization block."),
-    method: str = typer.Option("svd", help="Comma-separated factorizations to compare: "
-                               "svd, asvd, whiten, fisher."),
+    method: str = typer.Option("auto", help="Comma-separated factorizations to compare: "
+                               "svd, asvd, whiten, fisher; auto: as compress chooses (whiten "
+                               "for --residual and --ratio, else svd)."),
     residual: bool = typer.Option(False, help="Also, per method, bits and eps: quantized weights "
                                   "with low-rank corrections (as compress --residual)."),
     ratio: str = typer.Option("", help="Comma-separated byte budgets (× fp16 of the target "

@@ -434,3 +434,23 @@ def test_sweep_compares_methods_on_one_calibration(models, calib_file, monkeypat
     assert calls == {"svd": layers, "whiten": layers, "calibration": 1}
     found = {(r["method"], r["eps"]) for r in results["rows"] if r["eps"] is not None}
     assert found == {(m, e) for m in ("svd", "whiten") for e in (0.3, 0.5)}
+
+
+@pytest.mark.parametrize("extra, expected", [(("--eps", "0.05"), ["svd"]),
+                                             (("--eps", "", "--ratio", "0.3"), ["whiten"]),
+                                             (("--eps", "0.05", "--residual"), ["whiten"]),
+                                             (("--eps", "0.05", "--method", "svd,fisher"),
+                                              ["svd", "fisher"])])
+def test_cli_method_defaults_to_what_compress_would_choose(models, calib_file, text_file,
+                                                          tmp_path, monkeypatch, extra, expected):
+    """Without --method a sweep's budgets and corrections are whitened, as compress's are."""
+    seen = {}
+
+    def stop(source, settings, eps_list, bits_list, measure, metric, progress, methods, *rest):
+        seen["methods"] = methods
+        raise SystemExit(3)
+    monkeypatch.setattr(sweep, "run", stop)
+    result = run(*sweep_args(models["llama"], tmp_path / "out", calib_file, "--bits", "4",
+                             "--ppl", text_file, "--ctx", CTX, *extra))
+    assert result.exit_code == 3, result.output
+    assert seen["methods"] == expected
