@@ -98,6 +98,29 @@ def tame_malloc() -> None:
         pass
 
 
+def park(model: nn.Module, prefix: str, weights: Weights) -> set[str]:
+    """Every tensor outside the blocks (`prefix`…) that the checkpoint holds, and whatever
+    shares its storage (a tied head), to `meta`; returns the names to read back (`unpark`)."""
+    outside = {n: e for n, e in _tensors(model).items()
+               if not n.startswith(prefix + ".") and e[2].device.type != "meta"}
+    stored = {n for n in outside if n in weights}
+    storages = {outside[n][2].untyped_storage().data_ptr() for n in stored}
+    for name, (mod, local, t) in outside.items():
+        if name in stored or t.untyped_storage().data_ptr() in storages:
+            if local in mod._parameters:
+                mod._parameters[local] = nn.Parameter(t.to("meta"), requires_grad=False)
+            else:
+                mod._buffers[local] = t.to("meta")
+    return stored
+
+
+def unpark(model: nn.Module, names: set[str], weights: Weights, dtype: torch.dtype,
+           device: torch.device) -> None:
+    """Read back what `park` sent to `meta`, as `open_source` first read it, ties included."""
+    materialize(model, "", weights, dtype, device, only=names)
+    model.tie_weights()
+
+
 def streamable(folder: Path) -> bool:
     """A local folder whose weights are safetensors files (GGUF and .bin sources load whole)."""
     return folder.is_dir() and ((folder / INDEX).is_file() or (folder / "model.safetensors").is_file())

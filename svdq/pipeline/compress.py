@@ -139,6 +139,7 @@ def compress(source: Source, settings: Settings, progress: Progress | None = Non
                 plans, budget = _budget(walker, ids, settings, out, room.path, average)
             else:
                 plans, budget = _eps(walker, ids, settings, out), None
+            walker.outside(True)  # the writer stores them
         finally:
             walker.close()
     out(codebooks(plans))
@@ -217,6 +218,7 @@ def _budget(walker: Walker, ids: torch.Tensor, settings: Settings, out: _Out,
     scores = [None] * len(found)
     if judged:
         walker.report("judging the candidate plans", 0, 1)
+        walker.outside(True)
         by = losses(walker.model, walker.variants, ids, walker.source.is_causal, walker.main)
         scores = [by[label] for label in labels]
         walker.clock.lap("judge")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import sys
 from pathlib import Path
 
 import pytest
@@ -62,15 +63,20 @@ def test_only_the_running_block_is_in_memory(models, calib_file, tmp_path, monke
     a budget's two passes and its candidates' streams — finds only its own block loaded."""
     from svdq.models import layers, load
 
-    seen = []
+    seen, places = [], []  # places: (a pass of the walk?, all outside read, any read)
     real, real_call = calibrate.run_block, calibrate.call_block
     state = {}
 
     def loaded_now(block):
-        _, blocks = layers.blocks_of(state["model"])
+        prefix, blocks = layers.blocks_of(state["model"])
         loaded = [i for i, b in enumerate(blocks)
                   if any(t.device.type != "meta" for t in list(b.parameters()) + list(b.buffers()))]
         seen.append((next(i for i, b in enumerate(blocks) if b is block), loaded))
+        outside = [t.device.type != "meta" for n, t in state["model"].named_parameters()
+                   if not n.startswith(prefix + ".")]
+        caller = sys._getframe(2).f_code  # run_block calls call_block: count it once
+        if caller.co_name != "run_block":
+            places.append(("pipeline/walk.py" in caller.co_filename, all(outside), any(outside)))
 
     def watched(block, hidden, kwargs):
         loaded_now(block)
@@ -96,6 +102,11 @@ def test_only_the_running_block_is_in_memory(models, calib_file, tmp_path, monke
     assert result.exit_code == 0, result.output
     assert len({i for i, _ in seen}) == 2
     assert all(loaded == [i] for i, loaded in seen), seen
+    # embeddings, final norm and head: on meta while the passes walk the blocks, read for
+    # the gradient pass (which needs the head)
+    assert any(walking for walking, *_ in places)
+    assert all(not any_read for walking, _, any_read in places if walking), places
+    assert all(all_read for walking, all_read, _ in places if not walking), places
     if "--ratio" in extra:  # gradients (forward, backward) and two passes all walked
         assert len(seen) > 4 * 2 * 2
 
