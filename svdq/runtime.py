@@ -90,11 +90,13 @@ def dequantize(codes: torch.Tensor, absmax: torch.Tensor, codebook: torch.Tensor
 
 
 def unpack(packed: torch.Tensor, n: int, bits: int) -> torch.Tensor:
-    """The first `n` values of `bits` bits each from a little-endian bit stream of bytes."""
-    data = torch.cat((packed.reshape(-1).long(), packed.new_zeros(1).long()))
-    pos = torch.arange(n, device=packed.device) * bits
-    pair = data[pos // 8] | (data[pos // 8 + 1] << 8)  # a value spans at most two bytes
-    return (pair >> (pos % 8)) & ((1 << bits) - 1)
+    """The first `n` values of `bits` bits each from a little-endian bit stream of bytes
+    (`quant.pack`): `bits` bytes hold eight values, read as one 64-bit word."""
+    data = packed.reshape(-1).long()
+    data = torch.nn.functional.pad(data, (0, (-data.numel()) % bits)).view(-1, bits)
+    word = (data << (torch.arange(bits, device=data.device) * 8)).sum(1)
+    values = (word[:, None] >> (torch.arange(8, device=data.device) * bits)) & ((1 << bits) - 1)
+    return values.reshape(-1)[:n]
 
 
 def dequantize_int(codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,

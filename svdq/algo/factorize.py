@@ -88,7 +88,10 @@ def plain_svd(w: torch.Tensor, stats: LayerStats) -> Factors:
     return Factors(u, s, vt)
 
 
-def gram_root(gram: torch.Tensor, rel_damp: float = 1e-6) -> tuple[torch.Tensor, torch.Tensor | None]:
+ROOT_DAMP = 1e-6  # the Gram's damping before its root, relative to its mean diagonal
+
+
+def gram_root(gram: torch.Tensor, rel_damp: float = ROOT_DAMP) -> tuple[torch.Tensor, torch.Tensor | None]:
     """A square root S of the damped Gram matrix (G + λI = S Sᵀ), float64, and its inverse
     where S is not triangular (a triangular S is solved with instead: `LayerStats.unwhiten`).
 
@@ -114,16 +117,41 @@ def gram_root(gram: torch.Tensor, rel_damp: float = 1e-6) -> tuple[torch.Tensor,
 
 @register("whiten")
 def whitened_svd(w: torch.Tensor, stats: LayerStats) -> Factors:
-    """Truncation-aware SVD (SVD-LLM): factorize W S with G = S Sᵀ, store Vᵀ S⁻¹.
+    """Truncation-aware SVD (SVD-LLM): factorize A = W S with G = S Sᵀ, store Vᵀ S⁻¹.
 
     Truncating W S at rank k is then optimal for the output error on the calibration inputs,
     and that error is exactly sqrt(Σ_{i>k} σᵢ²) / ‖X Wᵀ‖ before quantization.
+
+    The SVD comes from the eigendecomposition of A's smaller Gram, in float64: three times
+    faster than a float32 SVD of A at 2048 × 5632, as exact in σ (~1e-7 of σ₁). Where W has
+    no more rows than columns no root is needed at all: A Aᵀ = W (G + λI) Wᵀ, and the stored
+    Vᵀ S⁻¹ = Σ⁻¹ Uᵀ W — no in × in root or solve at a 5632-input layer.
     """
+    w64 = w.double()
+    out_f, in_f = w64.shape
+    if out_f <= in_f:
+        gram = stats.gram.to(w64.device, torch.float64)
+        damp = ROOT_DAMP * (float(gram.diagonal().mean()) or 1.0)  # gram_root's first damping
+        m = (w64 @ gram) @ w64.T
+        m += damp * (w64 @ w64.T)
+        u, s = _eigen(m)
+        uw = u.T @ w64
+        # σᵢ² ≥ λ‖uᵢᵀW‖² exactly; holding to it in floating point bounds Vᵀ's rows by 1/√λ
+        s = torch.maximum(s, damp ** 0.5 * uw.norm(dim=1))
+        vt = uw / torch.where(s > 0, s, torch.ones_like(s))[:, None]
+        return Factors(u.float(), s.float(), vt.float())
     root, _ = stats.root()
-    # the products in float64 (the root spans the inputs' dynamic range), the SVD in float32:
-    # three times faster, and its error (~1e-7 of σ₁) is far below what any rank keeps
-    u, s, vt = torch.linalg.svd((w.double() @ root).float(), full_matrices=False)
-    return Factors(u, s, stats.unwhiten(vt).float())
+    a = w64 @ root
+    v, s = _eigen(a.T @ a)
+    u = (a @ v) / torch.where(s > 0, s, torch.ones_like(s))
+    return Factors(u.float(), s.float(), stats.unwhiten(v.T).float())
+
+
+def _eigen(m: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Eigenvectors (columns) and the square roots of the eigenvalues of the symmetric PSD
+    `m`, largest first (rounding's negative eigenvalues at 0)."""
+    values, vectors = torch.linalg.eigh(m)
+    return vectors.flip(1), values.flip(0).clamp_min(0).sqrt()
 
 
 ASVD_ALPHA = 0.5

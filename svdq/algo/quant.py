@@ -96,14 +96,15 @@ def codebook(bits: int) -> torch.Tensor:
 
 
 def pack(values: torch.Tensor, bits: int) -> torch.Tensor:
-    """Integers in [0, 2^bits) into a little-endian bit stream of bytes (`runtime.unpack`)."""
+    """Integers in [0, 2^bits) into a little-endian bit stream of bytes (`runtime.unpack`):
+    value i at bits [i·bits, (i+1)·bits). Eight values fill `bits` whole bytes, so they are
+    packed eight at a time into one 64-bit word and split into its low `bits` bytes."""
     v = values.reshape(-1).long().cpu()
-    pos = torch.arange(v.numel()) * bits
-    word = v << (pos % 8)  # at most 15 bits: the value's two bytes
-    out = torch.zeros(-(-v.numel() * bits // 8) + 1, dtype=torch.long)
-    out.index_add_(0, pos // 8, word & 0xFF)
-    out.index_add_(0, pos // 8 + 1, word >> 8)
-    return out[:-1].to(torch.uint8)
+    n = v.numel()
+    v = torch.nn.functional.pad(v, (0, (-n) % 8)).view(-1, 8)
+    word = (v << (torch.arange(8) * bits)).sum(1)  # disjoint bit fields: the sum is an OR
+    out = (word[:, None] >> (torch.arange(bits) * 8)) & 0xFF
+    return out.reshape(-1)[:-(-n * bits // 8)].to(torch.uint8)
 
 
 def int_params(w: torch.Tensor, bits: int, group: int, weights: torch.Tensor | None = None,

@@ -11,8 +11,8 @@ there alone, and plus a correction of its error at a grid of ranks; and the choi
 
 With whitened factors (`--method whiten`, the budgets' default) nothing is built per rank:
 the factorization's singular values give every rank's error before quantization in closed
-form (the tail of σ²), and the quantization of the factors adds noise in proportion to the
-energy kept, measured once per bit width or base at its largest rank (`_closed`). So a layer
+form (the tail of σ²; a quantized base alone: all of its error's σ²), and the quantization
+of the factors adds noise in proportion to the energy kept, measured once per bit width or base at its largest rank (`_closed`). So a layer
 costs one quantization and one SVD per base, whatever the number of ranks; pass 2 builds the
 chosen forms exactly and the manifest records their exact errors.
 """
@@ -148,7 +148,10 @@ def layer_options(w: torch.Tensor, bias: torch.Tensor | None, factors: Factors,
         res = res() if callable(res) else res
         tag = None if block == block_size and base_grid == "bnb" else block
         key = ("dense", bits, 0) if tag is None else ("dense", bits, 0, block, base_grid)
-        err = measured(key, lambda: stored_residual(w, res, stats, ref, 0, 0))  # the base alone
+        if closed and key not in cache:  # the base alone: its error's whitened energy, Σσ²
+            err = float(res.factors.s.double().pow(2).sum()) ** 0.5 / ref
+        else:
+            err = measured(key, lambda: stored_residual(w, res, stats, ref, 0, 0))
         options.append(Option(weight_bytes(out_f, in_f, bits, block, base_grid) + bias_bytes,
                               err, "dense", 0, bits, weight, tag, base_grid))
         kb = res.k_break(out_f, in_f)

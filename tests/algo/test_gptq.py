@@ -80,6 +80,14 @@ def test_gptq_beats_rounding_on_the_same_grid(grid, bits, block):
     assert bool((got.dequantize()[:, 3] == 0).all())  # the dead column stores zeros
 
 
+def test_packed_codes_keep_the_little_endian_bit_stream_layout():
+    """The artifact format: value i at bits [3i, 3i + 3) of the byte stream, low bits first."""
+    assert quant.pack(torch.tensor([1, 2, 3]), 3).tolist() == [1 | 2 << 3 | (3 & 3) << 6, 3 >> 2]
+    assert quant.pack(torch.tensor([0xA, 0x5, 0xF]), 4).tolist() == [0x5A, 0x0F]
+    stream = torch.tensor([0b10111001, 0b1], dtype=torch.uint8)
+    assert runtime.unpack(stream, 3, 3).tolist() == [1, 7, 6]
+
+
 @pytest.mark.parametrize("bits,group,shape", list(itertools.product(
     (2, 3, 4, 8), (32, 64, 128), ((7, 100), (48, 576), (1, 33)))))
 def test_integer_grid_round_trips_and_counts_bytes(bits, group, shape):
