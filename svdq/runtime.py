@@ -91,12 +91,20 @@ def dequantize(codes: torch.Tensor, absmax: torch.Tensor, codebook: torch.Tensor
 
 def unpack(packed: torch.Tensor, n: int, bits: int) -> torch.Tensor:
     """The first `n` values of `bits` bits each from a little-endian bit stream of bytes
-    (`quant.pack`): `bits` bytes hold eight values, read as one 64-bit word."""
-    data = packed.reshape(-1).long()
-    data = torch.nn.functional.pad(data, (0, (-data.numel()) % bits)).view(-1, bits)
-    word = (data << (torch.arange(bits, device=data.device) * 8)).sum(1)
-    values = (word[:, None] >> (torch.arange(8, device=data.device) * bits)) & ((1 << bits) - 1)
-    return values.reshape(-1)[:n]
+    (`quant.pack`): `bits` bytes hold eight values, read as one 64-bit word; 2²⁰ values at a
+    time (int64 temporaries of 8 MB)."""
+    data = packed.reshape(-1)
+    out = torch.empty(n, dtype=torch.long, device=data.device)
+    shifts = torch.arange(bits, device=data.device) * 8
+    fields = torch.arange(8, device=data.device) * bits
+    step = 1 << 20
+    for i in range(0, n, step):
+        part = data[i // 8 * bits: (i + step) // 8 * bits].long()
+        part = torch.nn.functional.pad(part, (0, (-part.numel()) % bits)).view(-1, bits)
+        word = (part << shifts).sum(1)
+        values = ((word[:, None] >> fields) & ((1 << bits) - 1)).reshape(-1)
+        out[i:i + step] = values[:min(step, n - i)]
+    return out
 
 
 def dequantize_int(codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,

@@ -88,6 +88,7 @@ def plain_svd(w: torch.Tensor, stats: LayerStats) -> Factors:
     return Factors(u, s, vt)
 
 
+ROWS = 512  # rows per band of the whitening's float64 products
 ROOT_DAMP = 1e-6  # the Gram's damping before its root, relative to its mean diagonal
 
 
@@ -132,14 +133,19 @@ def whitened_svd(w: torch.Tensor, stats: LayerStats) -> Factors:
     if out_f <= in_f:
         gram = stats.gram.to(w64.device, torch.float64)
         damp = ROOT_DAMP * (float(gram.diagonal().mean()) or 1.0)  # gram_root's first damping
-        m = (w64 @ gram) @ w64.T
+        m = torch.empty(out_f, out_f, dtype=torch.float64, device=w64.device)
+        for i in range(0, out_f, ROWS):  # W G Wᵀ a band of rows at a time: no out × in temporary
+            m[i:i + ROWS] = (w64[i:i + ROWS] @ gram) @ w64.T
         m += damp * (w64 @ w64.T)
         u, s = _eigen(m)
-        uw = u.T @ w64
-        # σᵢ² ≥ λ‖uᵢᵀW‖² exactly; holding to it in floating point bounds Vᵀ's rows by 1/√λ
-        s = torch.maximum(s, damp ** 0.5 * uw.norm(dim=1))
-        vt = uw / torch.where(s > 0, s, torch.ones_like(s))[:, None]
-        return Factors(u.float(), s.float(), vt.float())
+        del m
+        vt = torch.empty(out_f, in_f, device=w64.device)
+        for i in range(0, out_f, ROWS):
+            uw = u[:, i:i + ROWS].T @ w64
+            # σᵢ² ≥ λ‖uᵢᵀW‖² exactly; holding to it in floating point bounds Vᵀ's rows by 1/√λ
+            s[i:i + ROWS] = torch.maximum(s[i:i + ROWS], damp ** 0.5 * uw.norm(dim=1))
+            vt[i:i + ROWS] = uw / torch.where(s[i:i + ROWS] > 0, s[i:i + ROWS], 1.0)[:, None]
+        return Factors(u.float(), s.float(), vt)
     root, _ = stats.root()
     a = w64 @ root
     v, s = _eigen(a.T @ a)

@@ -95,45 +95,59 @@ def codebook(bits: int) -> torch.Tensor:
     raise ValueError(f"no codebook for {bits} bits")
 
 
+PACK_CHUNK = 1 << 20  # values per step of packing and unpacking: int64 temporaries of 8 MB
+
+
 def pack(values: torch.Tensor, bits: int) -> torch.Tensor:
     """Integers in [0, 2^bits) into a little-endian bit stream of bytes (`runtime.unpack`):
     value i at bits [i·bits, (i+1)·bits). Eight values fill `bits` whole bytes, so they are
     packed eight at a time into one 64-bit word and split into its low `bits` bytes."""
-    v = values.reshape(-1).long().cpu()
-    n = v.numel()
-    v = torch.nn.functional.pad(v, (0, (-n) % 8)).view(-1, 8)
-    word = (v << (torch.arange(8) * bits)).sum(1)  # disjoint bit fields: the sum is an OR
-    out = (word[:, None] >> (torch.arange(bits) * 8)) & 0xFF
-    return out.reshape(-1)[:-(-n * bits // 8)].to(torch.uint8)
+    flat = values.reshape(-1)
+    n = flat.numel()
+    out = torch.empty(-(-n // 8) * bits, dtype=torch.uint8)
+    shifts, bytes_ = torch.arange(8) * bits, torch.arange(bits) * 8
+    for i in range(0, n, PACK_CHUNK):  # PACK_CHUNK is a multiple of 8
+        v = flat[i:i + PACK_CHUNK].cpu().long()
+        v = torch.nn.functional.pad(v, (0, (-v.numel()) % 8)).view(-1, 8)
+        word = (v << shifts).sum(1)  # disjoint bit fields: the sum is an OR
+        part = ((word[:, None] >> bytes_) & 0xFF).reshape(-1)
+        out[i // 8 * bits: i // 8 * bits + part.numel()] = part
+    return out[:-(-n * bits // 8)]
 
 
 def int_params(w: torch.Tensor, bits: int, group: int, weights: torch.Tensor | None = None,
-               shrinks: int = 10) -> tuple[torch.Tensor, torch.Tensor]:
+               shrinks: int = 10, rows: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
     """Per group of `group` columns of each row: a float16 scale and an integer zero point
     ((out, groups) each) for the range [min, max] of the group, both clamped to include 0
     and shrunk toward 0 by up to 25% where that lowers the group's squared rounding error
-    (weighted per column by `weights`, e.g. the input energies diag XᵀX, when given)."""
+    (weighted per column by `weights`, e.g. the input energies diag XᵀX, when given).
+    `rows` rows at a time: the search's temporaries stay a few MB at any width."""
     out_f, in_f = w.shape
     groups, top = -(-in_f // group), (1 << bits) - 1
-    wp = torch.nn.functional.pad(w.float(), (0, groups * group - in_f)).view(out_f, groups, group)
     cw = None if weights is None else torch.nn.functional.pad(
         weights.float(), (0, groups * group - in_f)).view(1, groups, group)
-    lo, hi = wp.amin(-1).clamp(max=0), wp.amax(-1).clamp(min=0)
-    best = None
-    for k in range(shrinks if shrinks > 1 else 1):
-        p = 1.0 - 0.25 * k / max(shrinks - 1, 1)
-        scale = ((hi - lo) * p / top).clamp_min(1e-8).half().float()
-        zero = torch.round(-lo * p / scale).clamp(0, top)
-        q = torch.clamp(torch.round(wp / scale[..., None]) + zero[..., None], 0, top)
-        err = ((q - zero[..., None]) * scale[..., None] - wp).pow(2)
-        err = (err if cw is None else err * cw).sum(-1)
-        if best is None:
-            best = (err, scale, zero)
-        else:
-            better = err < best[0]
-            best = (torch.where(better, err, best[0]), torch.where(better, scale, best[1]),
-                    torch.where(better, zero, best[2]))
-    return best[1].half(), best[2].long()
+    scales, zeros = [], []
+    for r in range(0, out_f, rows):
+        part = w[r:r + rows].float()
+        wp = torch.nn.functional.pad(part, (0, groups * group - in_f)).view(-1, groups, group)
+        lo, hi = wp.amin(-1).clamp(max=0), wp.amax(-1).clamp(min=0)
+        best = None
+        for k in range(shrinks if shrinks > 1 else 1):
+            p = 1.0 - 0.25 * k / max(shrinks - 1, 1)
+            scale = ((hi - lo) * p / top).clamp_min(1e-8).half().float()
+            zero = torch.round(-lo * p / scale).clamp(0, top)
+            q = torch.clamp(torch.round(wp / scale[..., None]) + zero[..., None], 0, top)
+            err = ((q - zero[..., None]) * scale[..., None] - wp).pow(2)
+            err = (err if cw is None else err * cw).sum(-1)
+            if best is None:
+                best = (err, scale, zero)
+            else:
+                better = err < best[0]
+                best = (torch.where(better, err, best[0]), torch.where(better, scale, best[1]),
+                        torch.where(better, zero, best[2]))
+        scales.append(best[1].half())
+        zeros.append(best[2].long())
+    return torch.cat(scales), torch.cat(zeros)
 
 
 def int_codes(w: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, bits: int,
