@@ -2,11 +2,20 @@
 __version__ = "0.1.0"
 
 
-def load(path, device: str = "cpu", verify: bool = True):
+def load(path, device: str = "cpu", verify: bool = True, dequantize: bool = False):
     """Load an svdq artifact folder as a ready transformers model."""
     from svdq.artifact import load as _load
 
-    return _load(path, device=device, verify=verify)
+    return _load(path, device=device, verify=verify, dequantize=dequantize)
 
+
+def _register() -> None:
+    """Let transformers' `from_pretrained` read svdq artifacts (svdq.artifact.hf_quantizer)."""
+    from svdq.artifact.hf_quantizer import register
+
+    register()
+
+
+_register()
 
 __all__ = ["__version__", "load"]

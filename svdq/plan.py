@@ -92,13 +92,15 @@ def tensors_of(name: str, module: nn.Module, stored: Stored) -> dict[str, torch.
     keys = runtime.keys(name)
     out: dict[str, torch.Tensor] = {}
     if stored.kind == "keep":
-        out[keys["weight"]] = module.weight.detach()
+        out[keys["plain"]] = module.weight.detach()
     if stored.kind in ("lowrank", "residual"):
         out.update(stored.u.tensors(keys["u"]))
         out.update(stored.v.tensors(keys["v"]))
         out[keys["s"]] = stored.s
     if stored.kind in ("dense", "residual"):
-        out.update(stored.weight.tensors(keys["weight"]))
+        out.update(stored.weight.tensors(keys["plain" if stored.bits == 16 else "weight"]))
+    if stored.kind == "lowrank" or (stored.kind != "keep" and stored.bits != 16):
+        out[keys["plain"]] = runtime.marker()  # a loader that ignores svdq fails on its shape
     if module.bias is not None:
         out[keys["bias"]] = module.bias.detach()
     return {k: v.cpu() for k, v in out.items()}

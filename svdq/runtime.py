@@ -6,6 +6,10 @@ This file is svdq's loader. `svdq compress` copies it, byte for byte, into every
     python out/svdq_loader.py out/            # load, print a summary
     >>> import svdq_loader; model = svdq_loader.load("out/")
 
+Layers stay as stored (`StoredLinear`: codes, scales and factors, de-quantized a band of rows
+at a time in each forward), so the model takes about the artifact's bytes; `load(...,
+dequantize=True)` expands them into float layers instead (faster, as large as the source).
+
 Keep it self-contained: nothing here may import svdq or any package beyond torch,
 transformers and safetensors (json, hashlib and the standard library are fine).
 
@@ -17,23 +21,30 @@ Tensor keys (NAME is a module name such as `model.layers.0.mlp.up_proj`):
     NAME.svdq.u / NAME.svdq.v            16-bit factors: Uᵀ (k, out) and Vᵀ (k, in), float16
     NAME.svdq.{u,v}.codes / .absmax      the same factors quantized (8-bit or NF4 codes, and
                                          one float32 absmax per block of the flattened factor)
-    NAME.weight.codes / .absmax          a dense layer stored quantized, weight as (out, in)
-    NAME.weight.codes/.scales/.zeros     the same on the uniform integer grid (plan `grid: int`):
+    NAME.svdq.weight.codes / .absmax     a dense layer stored quantized, weight as (out, in)
+    NAME.svdq.weight.codes/.scales/.zeros
+                                         the same on the uniform integer grid (plan `grid: int`):
                                          codes of `bits` bits packed in a little-endian bit
                                          stream (element k at bits k·bits …), one float16
                                          scale and one packed integer zero point per group of
                                          `block_size` columns of a row (the last group of a row
                                          is shorter when block_size does not divide `in`);
                                          w = (code − zero) · scale
-    a residual layer                     NAME.weight.* (quantized at the plan's `bits`) plus
-                                         NAME.svdq.{u,v,s} at its `factor_bits`; it loads as one
-                                         linear layer of weight Q + U·diag(Σ)·Vᵀ
+    NAME.weight                          a 16-bit dense layer's or a kept layer's weight; for
+                                         every other layer an empty uint8 marker, so a loader
+                                         that does not know svdq fails on its shape instead of
+                                         leaving the layer random (before format 5 there was
+                                         no marker and a quantized weight was NAME.weight.*)
+    a residual layer                     NAME.svdq.weight.* (quantized at the plan's `bits`)
+                                         plus NAME.svdq.{u,v,s} at its `factor_bits`: Q x +
+                                         U(Σ(Vᵀ x)), or one folded weight when de-quantized
     NAME.bias                            bias of any target layer, in the model's dtype
     svdq.codebook.8 / svdq.codebook.4    the 256 / 16 code values, stored once
     anything else                        an untouched tensor of the model under its own name
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import math
@@ -43,19 +54,35 @@ from pathlib import Path
 import torch
 from torch import nn
 
-FORMAT_VERSION = 4  # 2: the residual kind, 3: the manifest checksum, 4: the integer grid
-READS = (1, 2, 3, 4)
+FORMAT_VERSION = 5  # 2: the residual kind, 3: the manifest checksum, 4: the integer grid,
+# 5: quantized weights under NAME.svdq.weight and an empty NAME.weight marker
+READS = (1, 2, 3, 4, 5)
 MANIFEST = "svdq.json"
 TENSORS = "model.safetensors"
 
 
-def keys(name: str) -> dict[str, str]:
-    """The tensor keys of target layer `name` (the scheme in this module's docstring); a
-    quantized tensor adds `CODES` and `ABSMAX` to its key."""
+def keys(name: str, version: int = FORMAT_VERSION) -> dict[str, str]:
+    """The tensor keys of target layer `name` (the scheme in this module's docstring) in
+    artifact format `version`; a quantized tensor adds `CODES` and `ABSMAX` to its key.
+    `weight` is a quantized weight's, `plain` a float one's (a kept or 16-bit layer) and, from
+    format 5, the empty marker of every other layer."""
+    weight = f"{name}.svdq.weight" if version >= 5 else f"{name}.weight"
     return {"u": f"{name}.svdq.u", "v": f"{name}.svdq.v", "s": f"{name}.svdq.s",
-            "weight": f"{name}.weight", "bias": f"{name}.bias"}
+            "weight": weight, "plain": f"{name}.weight", "bias": f"{name}.bias"}
 
 
+def marked(layer: dict) -> bool:
+    """Whether a layer of this plan entry carries the empty `NAME.weight` marker (format 5):
+    every layer whose weight is not a plain float tensor."""
+    return layer["kind"] != "dense" or layer["bits"] not in (None, 16)
+
+
+def marker() -> torch.Tensor:
+    """The marker: empty, a shape no loader that ignores svdq accepts for a layer's weight."""
+    return torch.empty(0, dtype=torch.uint8)
+
+
+TILE = 1 << 20  # weight elements de-quantized at a time (temporaries of a few MB)
 CODES, ABSMAX, SCALES, ZEROS = ".codes", ".absmax", ".scales", ".zeros"
 INT_BITS = (2, 3, 4, 8)  # widths of the uniform integer grid
 
@@ -75,18 +102,24 @@ def dequantize(codes: torch.Tensor, absmax: torch.Tensor, codebook: torch.Tensor
 
     8-bit: one code per byte. 4-bit: two codes per byte, the first element in the high nibble.
     Each block of `block_size` consecutive elements of the flattened tensor shares one absmax.
+    Whole blocks, about `TILE` elements at a time (int64 temporaries of 8 MB).
     """
     n = math.prod(shape)
-    flat = codes.reshape(-1)
-    if bits == 4:
-        flat = torch.stack((flat >> 4, flat & 0x0F), dim=1).reshape(-1)
-    idx = flat[:n].long()
-    values = codebook.float()[idx]
-    pad = (-n) % block_size
-    if pad:
-        values = torch.cat((values, values.new_zeros(pad)))
-    values = values.view(-1, block_size) * absmax.float().view(-1, 1)
-    return values.reshape(-1)[:n].reshape(shape)
+    flat, book, scale = codes.reshape(-1), codebook.float(), absmax.float().reshape(-1)
+    out = torch.empty(n, dtype=torch.float32, device=codes.device)
+    step = block_size * max(1, TILE // block_size)  # even: a 4-bit chunk starts on a byte
+    for i in range(0, n, step):
+        m = min(step, n - i)
+        part = flat[i:i + m] if bits == 8 else flat[i // 2: -(-(i + m) // 2)]
+        if bits == 4:
+            part = torch.stack((part >> 4, part & 0x0F), dim=1).reshape(-1)
+        values = book[part[:m].long()]
+        pad = (-m) % block_size
+        if pad:
+            values = torch.cat((values, values.new_zeros(pad)))
+        blocks = scale[i // block_size: i // block_size + values.numel() // block_size]
+        out[i:i + m] = (values.view(-1, block_size) * blocks.view(-1, 1)).reshape(-1)[:m]
+    return out.reshape(shape)
 
 
 def unpack(packed: torch.Tensor, n: int, bits: int) -> torch.Tensor:
@@ -110,13 +143,20 @@ def unpack(packed: torch.Tensor, n: int, bits: int) -> torch.Tensor:
 def dequantize_int(codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
                    shape: tuple[int, int], group: int, bits: int) -> torch.Tensor:
     """Uniform integer codes -> float32 (out, in): (code − zero) · scale per group of `group`
-    columns of a row (the key scheme above)."""
+    columns of a row (the key scheme above); a band of rows (a multiple of 8: whole bytes of
+    codes and zeros) of about `TILE` elements at a time."""
     out_f, in_f = shape
     groups = -(-in_f // group)
-    q = unpack(codes, out_f * in_f, bits).view(out_f, in_f).float()
-    z = unpack(zeros, out_f * groups, bits).view(out_f, groups).float()
+    scales = scales.reshape(out_f, groups)
     col = torch.arange(in_f, device=codes.device) // group
-    return (q - z[:, col]) * scales.float().view(out_f, groups)[:, col]
+    out = torch.empty(out_f, in_f, dtype=torch.float32, device=codes.device)
+    band = 8 * max(1, TILE // (8 * in_f))
+    for r in range(0, out_f, band):
+        rows = min(band, out_f - r)
+        q = unpack(codes[r * in_f * bits // 8:], rows * in_f, bits).view(rows, in_f).float()
+        z = unpack(zeros[r * groups * bits // 8:], rows * groups, bits).view(rows, groups).float()
+        out[r:r + rows] = (q - z[:, col]) * scales[r:r + rows].float()[:, col]
+    return out
 
 
 def int_bytes(out_f: int, in_f: int, bits: int, group: int) -> tuple[int, int, int]:
@@ -148,6 +188,137 @@ class LowRankLinear(nn.Module):
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
                 f"rank={self.rank}, bias={self.bias is not None}")
+
+
+class Packed(nn.Module):
+    """A quantized tensor (rows, cols) kept as stored — codes with absmax per block (`bnb`,
+    a codebook shared by the model) or packed integer codes with per-group scales and zeros
+    (`int`) — and de-quantized a band of rows at a time."""
+
+    def __init__(self, shape: tuple[int, int], bits: int, block: int, grid: str,
+                 books: nn.Module | None):
+        super().__init__()
+        self.shape, self.bits, self.block, self.grid = tuple(shape), bits, block, grid
+        n, meta = math.prod(shape), {"device": "meta"}
+        if grid == "int":
+            n_codes, n_scales, n_zeros = int_bytes(*shape, bits, block)
+            self.register_buffer("codes", torch.empty(n_codes, dtype=torch.uint8, **meta))
+            self.register_buffer("scales", torch.empty(shape[0], n_scales // 2 // shape[0],
+                                                       dtype=torch.float16, **meta))
+            self.register_buffer("zeros", torch.empty(n_zeros, dtype=torch.uint8, **meta))
+        else:
+            self.register_buffer("codes", torch.empty(n if bits == 8 else (n + 1) // 2,
+                                                      dtype=torch.uint8, **meta))
+            self.register_buffer("absmax", torch.empty(-(-n // block), dtype=torch.float32, **meta))
+        object.__setattr__(self, "books", books)  # shared, not this module's: stored once
+        # rows per band: whole bytes of codes and zeros, whole blocks of absmax
+        self.band = 8 * block * max(1, TILE // (8 * block * shape[1]))
+
+    def rows(self, r0: int, r1: int) -> torch.Tensor:
+        """Rows r0 … r1 − 1 de-quantized, float32; r0 a multiple of `band`."""
+        (_, cols), b = self.shape, self.bits
+        if self.grid == "int":
+            groups = -(-cols // self.block)
+            codes = self.codes[r0 * cols * b // 8: -(-r1 * cols * b // 8)]
+            zeros = self.zeros[r0 * groups * b // 8: -(-r1 * groups * b // 8)]
+            scales = self.scales.view(-1, groups)[r0:r1]
+            return dequantize_int(codes, scales, zeros, (r1 - r0, cols), self.block, b)
+        lo, hi = r0 * cols, r1 * cols
+        codes = self.codes[lo: hi] if b == 8 else self.codes[lo // 2: -(-hi // 2)]
+        book = self.books.get_buffer(str(b))
+        absmax = self.absmax[lo // self.block: -(-hi // self.block)]
+        return dequantize(codes, absmax, book, (r1 - r0, cols), self.block, b)
+
+    def full(self) -> torch.Tensor:
+        return torch.cat([self.rows(r, min(r + self.band, self.shape[0]))
+                          for r in range(0, self.shape[0], self.band)])
+
+
+class StoredLinear(nn.Module):
+    """A target layer as the artifact stores it, in memory at its stored size: the quantized
+    weight de-quantized a band of rows at a time in each forward, low-rank factors applied as
+    ((x Vᵀ) · Σ) Uᵀ, a residual layer as Q x + U(Σ(Vᵀ x)); its tensors under the artifact's keys
+    (`weight` the format-5 marker, `svdq.weight`, `svdq.u`, `svdq.v`, `svdq.s`, `bias`)."""
+
+    def __init__(self, layer: dict, dtype: torch.dtype, books: nn.Module | None,
+                 version: int = FORMAT_VERSION):
+        super().__init__()
+        _check_layer(layer)
+        out_f, in_f = self.out_features, self.in_features = layer["out_features"], layer["in_features"]
+        kind, bits, block = layer["kind"], layer["bits"], layer["block_size"]
+        self.kind, self.rank = kind, layer.get("rank", 0) if kind != "dense" else 0
+        meta = {"device": "meta"}
+        self.svdq = nn.Module()
+        dense = None
+        if kind in ("dense", "residual") and bits == 16:
+            self.register_buffer("weight", torch.empty(out_f, in_f, dtype=torch.float16, **meta))
+            dense = self.weight
+        elif kind in ("dense", "residual"):
+            dense = Packed((out_f, in_f), bits, block, layer.get("grid", "bnb"), books)
+            if version >= 5:
+                self.svdq.weight = dense
+            else:
+                self.weight = dense
+        if version >= 5 and marked(layer):
+            self.register_buffer("weight", torch.empty(0, dtype=torch.uint8, **meta))
+        if self.rank:
+            fbits = layer.get("factor_bits", bits)
+            for name, cols in (("u", out_f), ("v", in_f)):
+                if fbits in (4, 8):
+                    setattr(self.svdq, name, Packed((self.rank, cols), fbits, block, "bnb", books))
+                else:
+                    self.svdq.register_buffer(name, torch.empty(self.rank, cols,
+                                                                dtype=torch.float16, **meta))
+            self.svdq.register_buffer("s", torch.empty(self.rank, dtype=torch.float32, **meta))
+        self.bias = nn.Parameter(torch.empty(out_f, dtype=dtype, **meta), requires_grad=False) \
+            if layer["bias"] else None
+
+    def _dense(self) -> Packed | torch.Tensor:
+        if "weight" in self.svdq._modules:
+            return self.svdq.weight
+        if isinstance(self._modules.get("weight"), Packed):
+            return self._modules["weight"]
+        return self.weight
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = None
+        if self.kind != "lowrank":
+            w = self._dense()
+            if isinstance(w, Packed):
+                y = x.new_empty(*x.shape[:-1], self.out_features)
+                for r in range(0, self.out_features, w.band):
+                    r1 = min(r + w.band, self.out_features)
+                    y[..., r:r1] = x @ w.rows(r, r1).to(x.dtype).T
+            else:
+                y = x @ w.to(x.dtype).T
+        if self.rank:
+            u, v = self.factor("u").to(x.dtype), self.factor("v").to(x.dtype)
+            low = ((x @ v.T) * self.svdq.s.to(x.dtype)) @ u
+            y = low if y is None else y + low
+        return y if self.bias is None else y + self.bias.to(x.dtype)
+
+    def factor(self, name: str) -> torch.Tensor:
+        """Uᵀ (rank, out) or Vᵀ (rank, in), float32."""
+        f = self.svdq._modules.get(name)
+        return f.full() if isinstance(f, Packed) else self.svdq.get_buffer(name).float()
+
+    def dequantized(self, dtype: torch.dtype) -> nn.Module:
+        """The layer as `build_layer` makes it: a float linear layer (a residual one folded)
+        or a `LowRankLinear`, in `dtype`."""
+        bias = None if self.bias is None else self.bias.detach()
+        if self.rank:
+            u, v, s = self.factor("u"), self.factor("v"), self.svdq.s.float()
+            if self.kind == "lowrank":
+                return LowRankLinear(u.to(dtype), s.to(dtype), v.to(dtype), bias)
+        w = self._dense()
+        w = w.full() if isinstance(w, Packed) else w.float()
+        if self.kind == "residual":
+            w = w + (u.T * s) @ v
+        return _linear(w.to(dtype), bias)
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, "
+                f"kind={self.kind}, rank={self.rank}")
 
 
 def _take(tensors: dict, key: str, used: set, shape: tuple[int, ...] | None = None,
@@ -222,13 +393,19 @@ def _linear(w: torch.Tensor, bias: torch.Tensor | None) -> nn.Linear:
     return linear
 
 
-def build_layer(layer: dict, tensors: dict, dtype: torch.dtype, used: set) -> nn.Module | None:
-    """The module that replaces target layer `layer` (a plan entry), or None if it stays as is."""
+def build_layer(layer: dict, tensors: dict, dtype: torch.dtype, used: set,
+                version: int = FORMAT_VERSION) -> nn.Module | None:
+    """The module that replaces target layer `layer` (a plan entry), de-quantized into the
+    model's `dtype` (a low-rank layer as its factors, a residual one folded into one weight),
+    or None if it stays as is."""
     _check_layer(layer)
     name, out_f, in_f = layer["name"], layer["out_features"], layer["in_features"]
-    key = keys(name)
+    key = keys(name, version)
     bias = _take(tensors, key["bias"], used, shape=(out_f,), dtype=dtype) if layer["bias"] else None
     bits, block, grid = layer["bits"], layer["block_size"], layer.get("grid", "bnb")
+    if version >= 5 and marked(layer):
+        _take(tensors, key["plain"], used, shape=(0,), dtype=torch.uint8)
+    wkey = key["plain"] if bits == 16 else key["weight"]
     if layer["kind"] in ("lowrank", "residual"):
         k, fbits = layer["rank"], layer.get("factor_bits", bits)
         u = _factor(tensors, key["u"], (k, out_f), fbits, block, used)
@@ -236,10 +413,10 @@ def build_layer(layer: dict, tensors: dict, dtype: torch.dtype, used: set) -> nn
         s = _take(tensors, key["s"], used, shape=(k,), dtype=torch.float32)
         if layer["kind"] == "lowrank":
             return LowRankLinear(u.to(dtype), s.to(dtype), v.to(dtype), bias)
-        w = _factor(tensors, key["weight"], (out_f, in_f), bits, block, used, grid)
+        w = _factor(tensors, wkey, (out_f, in_f), bits, block, used, grid)
         return _linear((w + (u.T * s) @ v).to(dtype), bias)  # the correction folded in once
     if bits is not None:  # 4, 8 or 16 bits, or the integer grid
-        w = _factor(tensors, key["weight"], (out_f, in_f), bits, block, used, grid)
+        w = _factor(tensors, wkey, (out_f, in_f), bits, block, used, grid)
         return _linear(w.to(dtype), bias)
     used.discard(key["bias"])  # a layer kept in its own form loads with the untouched tensors
     return None
@@ -343,11 +520,13 @@ def check_device(device: str | torch.device) -> torch.device:
     return dev
 
 
-def load(path: str | Path, device: str | torch.device = "cpu", verify: bool = True) -> nn.Module:
-    """Load artifact folder `path` as a ready transformers model in eval mode.
-
-    Every stored tensor must be used and every tensor of the model provided, or it refuses.
-    """
+def load(path: str | Path, device: str | torch.device = "cpu", verify: bool = True,
+         dequantize: bool = False) -> nn.Module:
+    """Load artifact folder `path` as a ready transformers model in eval mode, its layers
+    kept as stored (`StoredLinear`: about the artifact's bytes in memory) or, with
+    `dequantize`, expanded into float layers of the model's dtype (faster, as large as the
+    uncompressed model). The skeleton is built without parameters; every stored tensor must
+    be used and every tensor of the model provided, or it refuses."""
     import transformers
 
     device = check_device(device)  # before minutes of loading
@@ -355,7 +534,7 @@ def load(path: str | Path, device: str | torch.device = "cpu", verify: bool = Tr
     manifest = read_manifest(folder, verify)
     tensors = load_tensors(folder, manifest)
     try:
-        return _assemble(folder, manifest, tensors, transformers).to(device).eval()
+        return _assemble(folder, manifest, tensors, transformers, dequantize).to(device).eval()
     except ArtifactError:
         raise
     except (KeyError, TypeError, ValueError, AttributeError, IndexError, RuntimeError, OSError) as e:
@@ -365,7 +544,59 @@ def load(path: str | Path, device: str | torch.device = "cpu", verify: bool = Tr
                             "again") from None
 
 
-def _assemble(folder: Path, manifest: dict, tensors: dict, transformers) -> nn.Module:
+@contextlib.contextmanager
+def parameters_on_meta():
+    """Build modules with their parameters on `meta` (no memory, no initialization) and their
+    buffers (rotary frequencies and the like, computed at construction) where they are."""
+    register = nn.Module.register_parameter
+
+    def on_meta(module, name, param):
+        register(module, name, param)
+        if param is not None and param.device.type != "meta":
+            module._parameters[name] = nn.Parameter(param.to("meta"), param.requires_grad)
+    nn.Module.register_parameter = on_meta
+    try:
+        yield
+    finally:
+        nn.Module.register_parameter = register
+
+
+def codebooks(bits: list[int]) -> nn.Module:
+    """The shared codebooks' module (`svdq.codebook.{bits}`), empty on `meta`."""
+    books = nn.Module()
+    for b in bits:
+        books.register_buffer(str(b), torch.empty(1 << b, dtype=torch.float32, device="meta"))
+    return books
+
+
+def books_of(layers: list) -> list[int]:
+    """The bitsandbytes codebooks plan `layers` needs (4, 8 bits)."""
+    need = set()
+    for layer in layers:
+        _check_layer(layer)
+        if layer["kind"] in ("dense", "residual") and layer.get("grid", "bnb") == "bnb":
+            need.add(layer["bits"])
+        if layer["kind"] != "dense":
+            need.add(layer.get("factor_bits", layer["bits"]))
+    return sorted(need & {4, 8})
+
+
+def swap_in(model: nn.Module, layers: list, dtype: torch.dtype, version: int) -> None:
+    """Replace each target layer of plan `layers` that is not kept by an empty `StoredLinear`,
+    beside the codebooks they need at `model.svdq.codebook`."""
+    books = books_of(layers)
+    shared = codebooks(books)
+    if books:
+        model.svdq = nn.Module()
+        model.svdq.codebook = shared
+    for layer in layers:
+        _check_layer(layer)
+        if layer["kind"] != "dense" or layer["bits"] is not None:
+            set_module(model, layer["name"], StoredLinear(layer, dtype, shared, version))
+
+
+def _assemble(folder: Path, manifest: dict, tensors: dict, transformers,
+              dequantize: bool = False) -> nn.Module:
     dtype = getattr(torch, str(manifest.get("dtype")), None)
     model_cls = getattr(transformers, str(manifest.get("architecture")), None)
     if not isinstance(dtype, torch.dtype) or not isinstance(model_cls, type) \
@@ -374,30 +605,31 @@ def _assemble(folder: Path, manifest: dict, tensors: dict, transformers) -> nn.M
         raise ArtifactError(f"the manifest of {folder} names no known dtype, architecture or "
                             "layers: the artifact is inconsistent; compress the model again")
     config = transformers.AutoConfig.from_pretrained(folder)
-    model = model_cls(config).to(dtype)  # every weight below is overwritten; strictness checks it
+    with parameters_on_meta():
+        model = model_cls(config)
+    model.to(dtype)  # its buffers, as the model would hold them in its own dtype
+    swap_in(model, manifest["layers"], dtype, manifest["format_version"])
     used: set[str] = set()
-    replaced = set()
-    for layer in manifest["layers"]:
-        module = build_layer(layer, tensors, dtype, used)
-        if module is not None:
-            set_module(model, layer["name"], module)
-            replaced.add(layer["name"])
     state = {}
-    for key, t in model.state_dict().items():
-        if key.rpartition(".")[0] in replaced:
-            continue
+    for key, t in model.state_dict(keep_vars=True).items():
         source = manifest.get("aliases", {}).get(key, key)
         state[key] = _take(tensors, str(source), used, shape=tuple(t.shape), dtype=t.dtype)
     unused = sorted(set(tensors) - used)
     if unused:
         raise ArtifactError(f"the tensor files hold {len(unused)} tensors the manifest does not explain "
                             f"(first: {unused[0]!r}); the artifact is inconsistent")
-    model.load_state_dict(state, strict=False, assign=True)  # `state` covers every key: strict by construction
+    model.load_state_dict(state, strict=True, assign=True)
     with_param = dict(model.named_parameters(remove_duplicate=False))
     for key, source in manifest.get("aliases", {}).items():  # tied weights: one parameter again
         owner, _, leaf = key.rpartition(".")
         if key in with_param and source in with_param:
             setattr(model.get_submodule(owner), leaf, with_param[source])
+    if dequantize:
+        for name, module in list(model.named_modules()):
+            if isinstance(module, StoredLinear):
+                set_module(model, name, module.dequantized(dtype))
+        if hasattr(model, "svdq"):
+            del model.svdq
     return model
 
 
@@ -411,7 +643,7 @@ def main(argv: list[str]) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 1
     n = sum(p.numel() for p in model.parameters())  # tied weights are one parameter: counted once
-    lowrank = sum(isinstance(m, LowRankLinear) for m in model.modules())
+    lowrank = sum(isinstance(m, StoredLinear) and m.kind == "lowrank" for m in model.modules())
     print(f"loaded {type(model).__name__} from {argv[0]}: {n:,} parameters in memory, "
           f"{lowrank} low-rank layers")
     return 0

@@ -113,3 +113,28 @@ def one_line_error(result, quiet_stdout: bool = False) -> str:
     if quiet_stdout:
         assert result.stdout == ""
     return stderr
+
+
+def as_format(folder: Path, version: int, checksum: bool = True) -> dict:
+    """Rewrite a one-file artifact as svdq format `version` wrote it: before 5, a quantized
+    weight under NAME.weight.* and no empty NAME.weight marker; the manifest's tensor checksum
+    updated and (with `checksum`, as from version 3) its own re-sealed."""
+    import json
+
+    from safetensors.torch import load_file, save_file
+
+    from svdq import runtime
+
+    path = folder / runtime.TENSORS
+    tensors = load_file(path)
+    if version < 5:
+        tensors = {k.replace(".svdq.weight", ".weight"): v for k, v in tensors.items()
+                   if not (k.endswith(".weight") and v.numel() == 0 and v.dtype == torch.uint8)}
+    save_file(tensors, str(path), metadata={"format": "pt"})
+    manifest = json.loads((folder / runtime.MANIFEST).read_text())
+    manifest["format_version"], manifest["sha256"] = version, runtime.sha256(path)
+    manifest.pop("manifest_sha256", None)
+    if checksum:
+        manifest["manifest_sha256"] = runtime.manifest_digest(manifest)
+    (folder / runtime.MANIFEST).write_text(json.dumps(manifest))
+    return manifest

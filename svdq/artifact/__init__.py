@@ -19,7 +19,7 @@ from typing import Iterator
 import torch
 
 from svdq import __version__, runtime
-from svdq.artifact import outdir
+from svdq.artifact import hf_quantizer, outdir
 from svdq.artifact.writer import TensorWriter
 from svdq.config import Settings
 from svdq.errors import SvdqError
@@ -145,7 +145,9 @@ class Pending:
         }
         manifest["manifest_sha256"] = runtime.manifest_digest(manifest)
         (tmp / runtime.MANIFEST).write_text(json.dumps(manifest, indent=1))
-        (tmp / "config.json").write_text(json.dumps(_config_dict(result.model), indent=2))
+        config = {**_config_dict(result.model),
+                  "quantization_config": hf_quantizer.quantization_config(result.layers)}
+        (tmp / "config.json").write_text(json.dumps(config, indent=2))
         if source.tokenizer is not None:
             source.tokenizer.save_pretrained(str(tmp))
         if getattr(result.model, "generation_config", None) is not None and source.is_causal:
@@ -180,9 +182,10 @@ def read(path: str | Path, verify: bool = True) -> dict:
         raise SvdqError(str(e)) from None
 
 
-def load(path: str | Path, device: str = "cpu", verify: bool = True):
-    """Load an artifact as a ready transformers model (svdq's own modules in place)."""
+def load(path: str | Path, device: str = "cpu", verify: bool = True, dequantize: bool = False):
+    """Load an artifact as a ready transformers model, its layers kept as stored
+    (`runtime.StoredLinear`) or, with `dequantize`, expanded to float layers (`runtime.load`)."""
     try:
-        return runtime.load(path, device=device, verify=verify)
+        return runtime.load(path, device=device, verify=verify, dequantize=dequantize)
     except runtime.ArtifactError as e:
         raise SvdqError(str(e)) from None

@@ -61,6 +61,8 @@ class TensorWriter:
                 self._waiting_bytes += self._odd_bytes
                 self._odd, self._odd_bytes = {}, 0
             else:
+                if self._waiting and self._waiting_bytes + n > self.shard_bytes:
+                    self._flush()  # a part exceeds a shard only when one tensor does
                 self._waiting[key] = t
                 self._waiting_bytes += n
             if self._waiting_bytes >= min(self.flush_bytes, self.shard_bytes):

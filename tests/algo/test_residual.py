@@ -240,7 +240,7 @@ def test_plan_records_the_block_size_of_each_layer(models, calib_file, tmp_path)
         c = residual.stored_residual(w, res, st, error.reference(w, None, st), k, 10)
         plan, stored, _ = realize(work, c, Settings(block_size=64))
         assert plan.block_size == 256 and plan.kind == ("dense" if k == 0 else "residual")
-        assert stored[name + ".weight.absmax"].numel() == -(-w.numel() // 256)
+        assert stored[name + ".svdq.weight.absmax"].numel() == -(-w.numel() // 256)
 
 
 @pytest.mark.parametrize("block", [64, 256])

@@ -20,7 +20,7 @@ from svdq.calibration import text as calibrate
 from svdq.cli import app
 from svdq.errors import SvdqError
 
-from conftest import make_text, one_line_error
+from conftest import as_format, make_text, one_line_error
 
 FAST = ["--calib-samples", "4", "--calib-len", "32", "--batch-size", "4"]
 
@@ -127,10 +127,7 @@ def test_an_edited_rank_is_one_line_everywhere(artifact_dir, calib_file, tmp_pat
 def test_old_artifacts_without_a_manifest_checksum_still_load(artifact_dir, tmp_path):
     folder = tmp_path / "copy"
     shutil.copytree(artifact_dir, folder)
-    manifest = json.loads((folder / "svdq.json").read_text())
-    del manifest["manifest_sha256"]
-    manifest["format_version"] = 2
-    (folder / "svdq.json").write_text(json.dumps(manifest))
+    manifest = as_format(folder, 2, checksum=False)
     svdq.load(folder)
     manifest["format_version"] = 3  # version 3 must carry it
     (folder / "svdq.json").write_text(json.dumps(manifest))

@@ -1,0 +1,118 @@
+"""`from_pretrained` on svdq artifacts: the same model as `svdq.load`, kept as stored, strict,
+and a loud failure where svdq is not imported."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import transformers
+from safetensors.torch import load_file, save_file
+from typer.testing import CliRunner
+
+import svdq
+from svdq import runtime
+from svdq.cli import app
+
+FAST = ["--calib-samples", "4", "--calib-len", "32", "--batch-size", "4"]
+# every layer kind: low rank and dense at 4 and 8 bits, kept, residual; a budget's mix
+CASES = {"gpt2": ["--eps", "0.03", "--bits", "4"],
+         "llama": ["--eps", "0.08", "--bits", "3", "--residual"],
+         "bert": ["--ratio", "0.3"]}
+AUTO = {"gpt2": transformers.AutoModelForCausalLM, "llama": transformers.AutoModelForCausalLM,
+        "bert": transformers.AutoModel}
+
+
+@pytest.fixture(scope="module")
+def artifacts(models, calib_file, tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("hf")
+    for arch, extra in CASES.items():
+        r = CliRunner().invoke(app, ["compress", str(models[arch]), "-o", str(root / arch),
+                                     "--calib", str(calib_file), *FAST, *extra])
+        assert r.exit_code == 0, r.output
+    return {arch: root / arch for arch in CASES}
+
+
+def ids_for(model) -> torch.Tensor:
+    return torch.randint(3, model.config.vocab_size, (2, 12), generator=torch.Generator().manual_seed(0))
+
+
+def out_of(model, ids) -> torch.Tensor:
+    with torch.no_grad():
+        out = model(input_ids=ids)
+    return out.logits if hasattr(out, "logits") else out.last_hidden_state
+
+
+@pytest.mark.parametrize("arch", sorted(CASES))
+def test_from_pretrained_equals_svdq_load(artifacts, arch):
+    folder = artifacts[arch]
+    manifest = json.loads((folder / runtime.MANIFEST).read_text())
+    kinds = {(p["kind"], p["bits"]) for p in manifest["layers"]}
+    assert len(kinds) > 1, kinds  # more than one stored form
+    ours = svdq.load(folder)
+    theirs = AUTO[arch].from_pretrained(folder)
+    assert theirs.config.quantization_config.quant_method == "svdq"
+    names = {n for n, m in theirs.named_modules() if isinstance(m, runtime.StoredLinear)}
+    assert names == {p["name"] for p in manifest["layers"] if runtime.marked(p) or
+                     p["bits"] == 16} and names
+    ids = ids_for(ours)
+    assert torch.equal(out_of(theirs.eval(), ids), out_of(ours, ids))
+    a, b = ours.state_dict(), theirs.state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_from_pretrained_keeps_codes_at_another_dtype(artifacts):
+    model = transformers.AutoModelForCausalLM.from_pretrained(artifacts["gpt2"], dtype=torch.bfloat16)
+    stored = [m for m in model.modules() if isinstance(m, runtime.Packed)]
+    assert stored and all(m.codes.dtype == torch.uint8 for m in stored)
+    assert model.transformer.wte.weight.dtype == torch.bfloat16
+    reference = svdq.load(artifacts["gpt2"])
+    ids = ids_for(reference)
+    got, want = out_of(model, ids).float(), out_of(reference, ids)
+    assert (got - want).abs().max() < 0.05 * want.abs().max()
+
+
+def test_resident_bytes_are_the_stored_bytes(artifacts):
+    """Kept as stored, a loaded artifact holds its file's tensor bytes (within 10%; here the
+    rotary and position buffers are the difference); de-quantized it holds more."""
+    folder = artifacts["llama"]
+    stored = sum(t.numel() * t.element_size() for t in
+                 runtime.load_tensors(folder, runtime.read_manifest(folder)).values())
+
+    def resident(model) -> int:
+        storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes()
+                    for t in [*model.parameters(), *model.buffers()]}
+        return sum(storages.values())
+    assert abs(resident(svdq.load(folder)) - stored) <= 0.1 * stored
+    assert resident(svdq.load(folder, dequantize=True)) > 1.1 * stored
+
+
+def test_without_svdq_from_pretrained_fails_loudly(artifacts):
+    """A Python where svdq cannot be imported: transformers only warns about the unknown
+    quantization method, but the layers' empty weight markers stop the load."""
+    code = ("import sys; sys.modules['svdq'] = None\n"
+            "import transformers\n"
+            f"transformers.AutoModelForCausalLM.from_pretrained({str(artifacts['gpt2'])!r})\n")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=300, env={"HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin"})
+    assert proc.returncode != 0
+    assert "ignore_mismatched_sizes" in proc.stderr, proc.stderr[-2000:]
+
+
+def test_from_pretrained_refuses_a_missing_tensor_and_save_pretrained(artifacts, tmp_path):
+    import shutil
+
+    folder = tmp_path / "copy"
+    shutil.copytree(artifacts["gpt2"], folder)
+    tensors = load_file(folder / runtime.TENSORS)
+    key = next(k for k in tensors if k.endswith(".svdq.s") or k.endswith(".codes"))
+    del tensors[key]
+    save_file(tensors, str(folder / runtime.TENSORS), metadata={"format": "pt"})
+    with pytest.raises(ValueError, match="svdq artifact is inconsistent"):
+        transformers.AutoModelForCausalLM.from_pretrained(folder)
+    model = transformers.AutoModelForCausalLM.from_pretrained(artifacts["gpt2"])
+    with pytest.raises(ValueError, match="not serializable"):
+        model.save_pretrained(tmp_path / "again")
