@@ -12,6 +12,7 @@ from typing import Callable, Iterator
 import typer
 import typer.core
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from svdq.errors import SvdqError
@@ -45,7 +46,8 @@ def _root(version: bool = typer.Option(False, "--version", callback=_version, is
 
 
 def fail(message: str, code: int = 1) -> None:
-    err.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
+    # escaped: a message may hold brackets (a path, `svdq[plot]`) that rich would take as markup
+    err.print(f"[bold red]error:[/] {escape(message)}", highlight=False, soft_wrap=True)
     raise typer.Exit(code)
 
 

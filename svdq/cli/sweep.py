@@ -1,6 +1,7 @@
 """`svdq sweep`: many settings on one analysis, against quantization-only baselines."""
 from __future__ import annotations
 
+import importlib.util
 import json
 from pathlib import Path
 from typing import Callable, Optional
@@ -57,6 +58,8 @@ def sweep(
     device: str = typer.Option("cpu", help="cpu or cuda."),
     seed: int = typer.Option(0, help="Seed for calibration sampling."),
     overwrite: bool = typer.Option(False, help="Replace results already in the output folder."),
+    plot: bool = typer.Option(True, "--plot/--no-plot",
+                              help="Draw frontier.png (needs matplotlib: the plot extra)."),
     as_json: bool = typer.Option(False, "--json", help="Print the results as JSON."),
 ) -> None:
     """Compress MODEL at every eps × bits, evaluate each against quantization-only baselines."""
@@ -66,6 +69,9 @@ def sweep(
     from svdq.config import Settings
 
     with user_errors():
+        if plot and importlib.util.find_spec("matplotlib") is None:  # before the long work
+            raise SvdqError("svdq sweep draws frontier.png with matplotlib, which is not "
+                            "installed: pip install 'svdq[plot]', or pass --no-plot")
         if (ppl is None) == (similarity is None):
             raise SvdqError("give exactly one quality measure: --ppl wikitext|FILE or --similarity FILE")
         eps_list = _values(eps, "eps", float, "0.02,0.05,0.1")
@@ -109,7 +115,7 @@ def sweep(
                              methods, residual, ratios, grid)
         results["evaluation"] = {"text": text[1] if text else similarity, "max_tokens": max_tokens,
                                  "ctx": ctx, "stride": stride, "lines": len(lines or [])}
-        files = sw.write(results, output)
+        files = sw.write(results, output, plot)
     if as_json:
         print(json.dumps(results))
         return

@@ -27,16 +27,17 @@ COLUMNS = ["method", "bits", "eps", "ratio", "target_bytes", "target_ratio_fp16"
            "pareto"]
 
 
-def write(results: dict, folder: Path) -> list[Path]:
-    """results.json, results.csv and frontier.png in `folder`."""
+def write(results: dict, folder: Path, draw: bool = True) -> list[Path]:
+    """results.json, results.csv and (with `draw`) frontier.png in `folder`."""
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "results.json").write_text(json.dumps(results, indent=1))
     with open(folder / "results.csv", "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=COLUMNS, extrasaction="ignore")
         writer.writeheader()
         writer.writerows(results["rows"])
-    plot(results, folder / "frontier.png")
-    return [folder / n for n in ("results.json", "results.csv", "frontier.png")]
+    if draw:
+        plot(results, folder / "frontier.png")
+    return [folder / n for n in ("results.json", "results.csv", "frontier.png")[:2 + draw]]
 
 
 def plot(results: dict, path: Path) -> None:

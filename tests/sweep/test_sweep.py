@@ -454,3 +454,28 @@ def test_cli_method_defaults_to_what_compress_would_choose(models, calib_file, t
                              "--ppl", text_file, "--ctx", CTX, *extra))
     assert result.exit_code == 3, result.output
     assert seen["methods"] == expected
+
+
+def test_sweep_without_matplotlib_refuses_before_loading_unless_told(models, calib_file,
+                                                                      text_file, tmp_path,
+                                                                      monkeypatch):
+    """The plot extra missing: one line naming the fix before any work, or --no-plot writes
+    the JSON and CSV alone."""
+    import importlib.util
+
+    from svdq.models import load as hf
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == "matplotlib" else real(name, *a))
+    loads = []
+    monkeypatch.setattr(hf, "load_source", lambda *a, **k: loads.append(a) or pytest.fail("loaded"))
+    args = ("--eps", "0.38", "--bits", "8", "--ppl", text_file, "--ctx", CTX)
+    result = run(*sweep_args(models["llama"], tmp_path / "out", calib_file, *args))
+    assert "pip install 'svdq[plot]', or pass --no-plot" in one_line_error(result)
+    assert not loads
+    monkeypatch.undo()
+    out = tmp_path / "plain"
+    result = run(*sweep_args(models["llama"], out, calib_file, *args, "--no-plot"))
+    assert result.exit_code == 0, result.output
+    assert sorted(p.name for p in out.iterdir()) == ["results.csv", "results.json"]
