@@ -57,3 +57,20 @@ def test_each_block_gets_its_own_masks():
     first, second = captured.kwargs[0][0], captured.kwargs[1][0]
     # a sliding-window block and a global one: other masks, other rotary frequencies
     assert not torch.equal(first["position_embeddings"][0], second["position_embeddings"][0])
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2", "bert"])
+def test_capture_stops_before_what_follows_the_blocks(arch):
+    """The head's logits (batch × len × vocab) are never made while inputs are captured."""
+    torch.manual_seed(0)
+    config = tiny_config(arch, 50)
+    model = getattr(transformers, config.architectures[0])(config).eval()
+    after = model.get_output_embeddings() if arch != "bert" else model.pooler
+    calls = []
+    after.register_forward_hook(lambda *a: calls.append(1))
+    ids = torch.randint(0, 50, (3, 12), generator=torch.Generator().manual_seed(1))
+    captured = capture(model, ids, batch_size=2)
+    assert not calls
+    assert len(captured.hidden) == 2 and all(len(k) == 2 for k in captured.kwargs)
+    model(input_ids=ids)  # the hook does see an ordinary forward
+    assert calls
