@@ -154,11 +154,11 @@ class Pending:
             result.model.generation_config.save_pretrained(str(tmp))
         shutil.copyfile(runtime.__file__, tmp / "svdq_loader.py")
         outdir.publish_modes(tmp)
-        _swap_in(tmp, self.out)
+        move_into_place(tmp, self.out)
         return manifest
 
 
-def _swap_in(tmp: Path, out: Path) -> None:
+def move_into_place(tmp: Path, out: Path) -> None:
     """Rename the finished folder into place; an old `out` is removed only after that."""
     old = None
     if out.exists():

@@ -20,6 +20,7 @@ from typing import Iterator
 from svdq.errors import SvdqError
 
 MANIFEST = "svdq.json"  # what marks a folder as an svdq artifact (runtime.MANIFEST)
+EXPORT = "svdq_export.json"  # what marks a folder `svdq export` wrote
 _held: dict[Path, int] = {}  # locks this process holds, and how often it entered each
 
 
@@ -37,10 +38,10 @@ def check(out: Path, overwrite: bool) -> None:
         return
     if not overwrite:
         raise SvdqError(f"{out} exists and is not empty; pass --overwrite or choose another -o")
-    if MANIFEST not in entries:
+    if MANIFEST not in entries and EXPORT not in entries:
         raise SvdqError(f"{out} holds files that are not an svdq artifact (no {MANIFEST}, e.g. "
-                        f"{entries[0]!r}); --overwrite only replaces artifacts: empty it yourself "
-                        "or choose another -o")
+                        f"{entries[0]!r}); --overwrite only replaces artifacts and exports: empty "
+                        "it yourself or choose another -o")
 
 
 def _start_time(pid: int) -> str:
