@@ -1,7 +1,8 @@
 """Write an artifact folder atomically, and read it back (through `svdq.runtime`).
 
-Layout: model.safetensors, svdq.json (manifest), config.json, tokenizer and generation config
-files, svdq_loader.py (a verbatim copy of svdq/runtime.py). The folder is written under a
+Layout: model.safetensors (or shards and their index), svdq.json (manifest), config.json,
+tokenizer and generation config files, svdq_loader.py (a verbatim copy of svdq/runtime.py),
+README.md (the model card, `card`). The folder is written under a
 temporary name beside the target and renamed at the end, so an interrupted run leaves nothing
 half-written behind.
 """
@@ -19,7 +20,7 @@ from typing import Iterator
 import torch
 
 from svdq import __version__, runtime
-from svdq.artifact import hf_quantizer, outdir
+from svdq.artifact import card, hf_quantizer, outdir
 from svdq.artifact.writer import TensorWriter
 from svdq.config import Settings
 from svdq.errors import SvdqError
@@ -153,6 +154,7 @@ class Pending:
         if getattr(result.model, "generation_config", None) is not None and source.is_causal:
             result.model.generation_config.save_pretrained(str(tmp))
         shutil.copyfile(runtime.__file__, tmp / "svdq_loader.py")
+        card.write(tmp, manifest)
         outdir.publish_modes(tmp)
         move_into_place(tmp, self.out)
         return manifest

@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import json
+import os
+from pathlib import Path
 from typing import Optional
 
 import typer
@@ -28,6 +30,8 @@ def eval_(
     max_tokens: int = typer.Option(16384, help="Use the first N tokens of the text (0: all)."),
     batch_size: int = typer.Option(1, help="Windows (or sentences) per forward pass."),
     device: str = typer.Option("cpu", help="cpu or cuda."),
+    write_card: bool = typer.Option(False, help="Record the perplexity in the artifact's model "
+                                    "card (README.md) and svdq_eval.json."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object instead of tables."),
 ) -> None:
     """Measure perplexity (sliding window) and/or encoder similarity of a model or artifact."""
@@ -37,6 +41,8 @@ def eval_(
         if ppl is None and similarity is None:
             raise SvdqError("nothing to measure; give --ppl wikitext|FILE and/or --similarity FILE")
         ev.check_options(ctx, stride, max_tokens, batch_size, device)  # before minutes of loading
+        if write_card:
+            _check_card(model, ppl)
         text = ev.read_text(ppl) if ppl is not None else None
         lines = ev.read_lines(similarity) if similarity is not None else None
         if lines == []:
@@ -63,10 +69,32 @@ def eval_(
             with err.status(f"similarity on {len(lines)} lines"):
                 sim = ev.similarity(subject.model, base.model, subject.tokenizer, lines, batch_size)
             report["similarity"] = {**sim, "file": similarity, "source": base.label}
+        if write_card:
+            from svdq import __version__
+            from svdq.artifact import card
+
+            card.record_eval(Path(model), subject.manifest, report["ppl"], __version__)
     if as_json:
         print(json.dumps(report))
     else:
         _eval_summary(report, subject.manifest)
+
+
+def _check_card(model: str, ppl: Optional[str]) -> None:
+    """--write-card needs an artifact folder it may write and a perplexity to record."""
+    from svdq.artifact import card
+    from svdq.runtime import MANIFEST
+
+    if ppl is None:
+        raise SvdqError("--write-card records perplexity; add --ppl wikitext|FILE")
+    folder = Path(model)
+    if not (folder / MANIFEST).is_file():
+        raise SvdqError(f"--write-card writes an artifact's model card, and {model} is not an "
+                        "svdq artifact folder; drop --write-card")
+    if not os.access(folder, os.W_OK) or ((folder / card.CARD).exists()
+                                          and not os.access(folder / card.CARD, os.W_OK)):
+        raise SvdqError(f"{folder} is not writable, so its card cannot be written; drop "
+                        "--write-card or fix the folder's permissions")
 
 
 def _eval_ppl(subjects: list, text: tuple[str, str], ctx: Optional[int], stride: Optional[int],
