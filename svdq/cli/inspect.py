@@ -1,6 +1,7 @@
 """`svdq inspect`: an artifact's plan as a table or JSON."""
 from __future__ import annotations
 
+import importlib.util
 import json
 from pathlib import Path
 from typing import Optional
@@ -9,7 +10,7 @@ import typer
 from rich.errors import NotRenderableError
 from rich.table import Table
 
-from svdq.cli import app, fail, out, user_errors
+from svdq.cli import app, err, fail, out, user_errors
 from svdq.errors import SvdqError
 from svdq.cli.compress import summary
 
@@ -20,6 +21,9 @@ def inspect(
     sort: str = typer.Option("name", help="Order rows by name, bytes, ratio, error or rank."),
     top: int = typer.Option(0, help="Show only the first N rows after sorting (0: all)."),
     as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table."),
+    plot: Optional[Path] = typer.Option(None, help="Also draw the plan (bytes, rank, bits and "
+                                        "error per layer) into this .png, .pdf or .svg file "
+                                        "(needs matplotlib: the plot extra)."),
 ) -> None:
     """Show per-layer ranks, bytes and errors of an artifact."""
     from svdq import artifact
@@ -28,12 +32,32 @@ def inspect(
     with user_errors():
         if sort not in keys:
             raise SvdqError(f"--sort {sort!r} is unknown; use one of {', '.join(keys)}")
+        if plot is not None:
+            _check_plot(plot)
         manifest = artifact.read(path)
+        if plot is not None:
+            from svdq.artifact.plot import draw
+
+            draw(manifest, plot, f"{path} ({manifest['source']['id']})")
+            err.print(f"drew the plan of {len(manifest['layers'])} layers into {plot}",
+                      highlight=False)
     try:
         _inspect_table(path, manifest, keys[sort], top, as_json)
     except (KeyError, TypeError, ValueError, AttributeError, ZeroDivisionError, NotRenderableError) as e:
         fail(f"the manifest of {path} lacks or mangles a field inspect shows ({type(e).__name__}: "
               f"{e}); compress the model again")
+
+
+def _check_plot(plot: Path) -> None:
+    from svdq.artifact.plot import FORMATS
+
+    if importlib.util.find_spec("matplotlib") is None:
+        raise SvdqError("--plot draws with matplotlib, which is not installed: pip install "
+                        "'svdq[plot]', or drop --plot")
+    if plot.suffix.lower() not in FORMATS:
+        raise SvdqError(f"--plot {plot}: give a file ending in {', '.join(FORMATS)}")
+    if not plot.parent.is_dir():
+        raise SvdqError(f"--plot {plot}: the folder {plot.parent} does not exist; create it first")
 
 
 def _inspect_table(path: Path, manifest: dict, key: Optional[str], top: int, as_json: bool) -> None:
