@@ -54,9 +54,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
-FORMAT_VERSION = 5  # 2: the residual kind, 3: the manifest checksum, 4: the integer grid,
-# 5: quantized weights under NAME.svdq.weight and an empty NAME.weight marker
-READS = (1, 2, 3, 4, 5)
+FORMAT_VERSION = 6  # 2: the residual kind, 3: the manifest checksum, 4: the integer grid,
+# 5: quantized weights under NAME.svdq.weight and an empty NAME.weight marker, 6: `stored_dtype`
+READS = (1, 2, 3, 4, 5, 6)
 MANIFEST = "svdq.json"
 TENSORS = "model.safetensors"
 
@@ -504,6 +504,23 @@ def load_tensors(path: str | Path, manifest: dict) -> dict:
     return tensors
 
 
+def svdq_key(key: str) -> bool:
+    """A tensor of svdq's stored forms (codes, scales, factors, Σ, codebooks)."""
+    return ".svdq." in key or key.startswith("svdq.")
+
+
+def stored_dtype(manifest: dict, dtype: torch.dtype) -> torch.dtype:
+    """The dtype the model's `dtype` tensors outside svdq's stored forms are stored in
+    (format 6 `stored_dtype`: bfloat16 for a GGUF source de-quantized to float32), else `dtype`."""
+    if "stored_dtype" not in manifest:
+        return dtype
+    stored = getattr(torch, str(manifest["stored_dtype"]), None)
+    if not isinstance(stored, torch.dtype) or not stored.is_floating_point:
+        raise ArtifactError(f"the manifest's stored_dtype {manifest['stored_dtype']!r} is no "
+                            "float dtype: the artifact is inconsistent; compress the model again")
+    return stored
+
+
 def check_device(device: str | torch.device) -> torch.device:
     """`device` as a torch.device, refused in one line where it cannot be used here."""
     try:
@@ -603,6 +620,7 @@ def _assemble(folder: Path, manifest: dict, tensors: dict, transformers,
             or not isinstance(manifest.get("aliases", {}), dict):
         raise ArtifactError(f"the manifest of {folder} names no known dtype, architecture or "
                             "layers: the artifact is inconsistent; compress the model again")
+    stored = stored_dtype(manifest, dtype)
     config = transformers.AutoConfig.from_pretrained(folder)
     with parameters_on_meta():
         model = model_cls(config)
@@ -612,7 +630,8 @@ def _assemble(folder: Path, manifest: dict, tensors: dict, transformers,
     state = {}
     for key, t in model.state_dict(keep_vars=True).items():
         source = manifest.get("aliases", {}).get(key, key)
-        state[key] = _take(tensors, str(source), used, shape=tuple(t.shape), dtype=t.dtype)
+        want = stored if t.dtype == dtype and not svdq_key(key) else t.dtype
+        state[key] = _take(tensors, str(source), used, shape=tuple(t.shape), dtype=want).to(t.dtype)
     unused = sorted(set(tensors) - used)
     if unused:
         raise ArtifactError(f"the tensor files hold {len(unused)} tensors the manifest does not explain "

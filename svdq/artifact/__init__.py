@@ -87,23 +87,36 @@ def _config_dict(model) -> dict:
 SHARD_BYTES = 2 * 10 ** 9  # tensor bytes per file at most, as `--shard-size` defaults to
 
 
+def float_storage(source: Source, settings: Settings) -> tuple[torch.dtype, torch.dtype] | None:
+    """(float32, bfloat16) where a GGUF source is float32 only because transformers
+    de-quantized it (`--dtype auto`): the tensors svdq does not quantize are then stored in
+    bfloat16 — float32's range, as the checkpoints GGUF files are made from mostly are — and
+    loaded back into the float32 model. None otherwise (stored as the model holds them)."""
+    dtype = next(source.model.parameters()).dtype
+    if source.kind == "gguf" and settings.dtype == "auto" and dtype == torch.float32:
+        return torch.float32, torch.bfloat16
+    return None
+
+
 def save(out: Path, source: Source, result: Result, settings: Settings,
          overwrite: bool = False, shard_bytes: int = SHARD_BYTES) -> dict:
     """Write the artifact to `out`; returns the manifest."""
-    with writing(out, overwrite, shard_bytes) as pending:
+    with writing(out, overwrite, shard_bytes, float_storage(source, settings)) as pending:
         return pending.finish(source, result, settings)
 
 
 @contextlib.contextmanager
-def writing(out: Path, overwrite: bool = False, shard_bytes: int = SHARD_BYTES) -> Iterator["Pending"]:
+def writing(out: Path, overwrite: bool = False, shard_bytes: int = SHARD_BYTES,
+            cast: tuple[torch.dtype, torch.dtype] | None = None) -> Iterator["Pending"]:
     """An artifact being written into a temporary folder beside `out`, holding the output
     lock: tensors may go to `pending.tensors` while the model is compressed, and
-    `pending.finish` completes it and swaps it in. Anything raised leaves nothing behind."""
+    `pending.finish` completes it and swaps it in. Anything raised leaves nothing behind.
+    `cast`: the writer's (`float_storage`)."""
     with outdir.locked(out):
         check_output(out, overwrite)  # again: the folder may have changed since the first check
         out = out.resolve()
         tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".partial", dir=out.parent))
-        pending = Pending(out, tmp, TensorWriter(tmp, shard_bytes))
+        pending = Pending(out, tmp, TensorWriter(tmp, shard_bytes, cast=cast))
         try:
             yield pending
         except BaseException as e:
@@ -132,6 +145,12 @@ class Pending:
         files = self.tensors.close()
         tmp, tensor_bytes = self.tmp, self.tensors.total_bytes
         dtype = next(result.model.parameters()).dtype
+        notes = list(source.notes + result.notes)
+        if self.tensors.cast is not None:
+            notes.append(f"the tensors svdq does not quantize are stored in "
+                         f"{str(self.tensors.cast[1]).removeprefix('torch.')}: the GGUF source "
+                         "was float32 only because it was de-quantized (--dtype float32 keeps "
+                         "float32)")
         manifest = {
             "format_version": runtime.FORMAT_VERSION, "svdq_version": __version__,
             "source": {"kind": source.kind, "id": source.id, "revision": source.revision,
@@ -139,9 +158,11 @@ class Pending:
             "architecture": type(result.model).__name__, "dtype": str(dtype).removeprefix("torch."),
             "settings": settings.to_dict(), "calibration": result.calibration,
             "timings_s": {k: round(v, 2) for k, v in result.timings.items()},
-            "notes": source.notes + result.notes, "aliases": aliases, "layers": result.layers,
+            "notes": notes, "aliases": aliases, "layers": result.layers,
             "totals": totals(result.layers, tensor_bytes, result.source_params, dtype.itemsize),
             **({"budget": result.budget} if result.budget is not None else {}),
+            **({"stored_dtype": str(self.tensors.cast[1]).removeprefix("torch.")}
+               if self.tensors.cast is not None else {}),
             **({"sha256": files[runtime.TENSORS]} if runtime.TENSORS in files else {"shards": files}),
         }
         manifest["manifest_sha256"] = runtime.manifest_digest(manifest)

@@ -31,8 +31,12 @@ def _nbytes(t: torch.Tensor) -> int:
 
 
 class TensorWriter:
-    def __init__(self, folder: Path, shard_bytes: int, flush_bytes: int | None = None) -> None:
-        self.folder, self.shard_bytes = folder, shard_bytes
+    """`cast` = (from, to): every tensor of dtype `from` outside svdq's stored forms (untouched
+    weights, biases, kept layers) is written in dtype `to`."""
+
+    def __init__(self, folder: Path, shard_bytes: int, flush_bytes: int | None = None,
+                 cast: tuple[torch.dtype, torch.dtype] | None = None) -> None:
+        self.folder, self.shard_bytes, self.cast = folder, shard_bytes, cast
         self.flush_bytes = FLUSH_BYTES if flush_bytes is None else flush_bytes
         self._waiting: dict[str, torch.Tensor] = {}
         self._odd: dict[str, torch.Tensor] = {}  # sizes not a multiple of 8, until they add up
@@ -47,6 +51,8 @@ class TensorWriter:
             if key in self.keys:
                 raise SvdqError(f"tensor {key!r} was stored twice; this is a bug in svdq")
             t = t.detach().cpu().contiguous()
+            if self.cast is not None and t.dtype == self.cast[0] and not runtime.svdq_key(key):
+                t = t.to(self.cast[1])
             if t.storage_offset() or t.untyped_storage().nbytes() != _nbytes(t):
                 t = t.clone()  # a view: safetensors writes whole storages
             n = _nbytes(t)

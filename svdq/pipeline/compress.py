@@ -105,7 +105,8 @@ class _Out:
         if self.sink is None:
             return {}
         folder.mkdir(parents=True)
-        return TensorWriter(folder, self.sink.shard_bytes, flush_bytes=CANDIDATE_FLUSH)
+        return TensorWriter(folder, self.sink.shard_bytes, flush_bytes=CANDIDATE_FLUSH,
+                            cast=self.sink.cast)
 
     def adopt(self, store: "TensorWriter | dict") -> None:
         if isinstance(store, dict):

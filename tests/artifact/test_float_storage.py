@@ -1,0 +1,92 @@
+"""A GGUF source is float32 only because transformers de-quantized it: the tensors svdq does
+not quantize are then stored in bfloat16 (format 6 `stored_dtype`) and loaded back into the
+float32 model; `--dtype float32` keeps float32."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import transformers
+from safetensors.torch import load_file
+from typer.testing import CliRunner
+
+import svdq
+from svdq import runtime
+from svdq.cli import app
+from svdq.errors import SvdqError
+from svdq.models import load
+
+FAST = ["--calib-samples", "4", "--calib-len", "32", "--batch-size", "4", "--eps", "0.08",
+        "--bits", "3", "--residual"]
+
+
+@pytest.fixture(scope="module")
+def pair(models, calib_file, tmp_path_factory) -> dict[str, Path]:
+    """The tiny Llama (float32) compressed as if it came from a GGUF file: with --dtype auto
+    and with --dtype float32."""
+    real = load.load_source
+    patch = pytest.MonkeyPatch()
+
+    def as_gguf(*args, **kwargs):
+        source = real(*args, **kwargs)
+        source.kind = "gguf"
+        return source
+    patch.setattr(load, "load_source", as_gguf)
+    root = tmp_path_factory.mktemp("float_storage")
+    try:
+        for name, extra in (("auto", []), ("float32", ["--dtype", "float32"])):
+            r = CliRunner().invoke(app, ["compress", str(models["llama"]), "-o", str(root / name),
+                                         "--calib", str(calib_file), *FAST, *extra])
+            assert r.exit_code == 0, r.output
+    finally:
+        patch.undo()
+    return {name: root / name for name in ("auto", "float32")}
+
+
+def test_untouched_tensors_are_stored_in_bfloat16(pair):
+    auto, full = (json.loads((pair[n] / runtime.MANIFEST).read_text()) for n in ("auto", "float32"))
+    assert auto["format_version"] == 6 and auto["stored_dtype"] == "bfloat16"
+    assert auto["dtype"] == "float32" and any("bfloat16" in n for n in auto["notes"])
+    assert "stored_dtype" not in full
+    a, f = (load_file(pair[n] / runtime.TENSORS) for n in ("auto", "float32"))
+    assert a.keys() == f.keys()
+    cast = 0
+    for key, t in f.items():
+        if t.dtype == torch.float32 and not runtime.svdq_key(key):
+            assert a[key].dtype == torch.bfloat16 and torch.equal(a[key], t.to(torch.bfloat16)), key
+            cast += 1
+        else:  # codes, scales, factors and Σ: the same compression, bit for bit
+            assert a[key].dtype == t.dtype and torch.equal(a[key], t), key
+    assert cast >= 5  # embeddings, norms, kept layers
+    assert auto["totals"]["artifact_tensor_bytes"] < full["totals"]["artifact_tensor_bytes"]
+
+
+def test_both_loaders_give_the_float32_model(pair):
+    ours = svdq.load(pair["auto"])
+    assert {p.dtype for p in ours.parameters()} == {torch.float32}
+    reference = svdq.load(pair["float32"])
+    expected = {k: (t.to(torch.bfloat16).float() if t.dtype == torch.float32
+                    and not runtime.svdq_key(k) else t)
+                for k, t in reference.state_dict().items()}
+    got = ours.state_dict()
+    assert got.keys() == expected.keys()
+    assert all(torch.equal(got[k], expected[k]) for k in got)
+    theirs = transformers.AutoModelForCausalLM.from_pretrained(pair["auto"])
+    ids = torch.randint(3, ours.config.vocab_size, (2, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(theirs(ids).logits, ours(ids).logits, rtol=0, atol=0)
+
+
+def test_a_bad_stored_dtype_is_refused(pair, tmp_path):
+    import shutil
+
+    folder = tmp_path / "a"
+    shutil.copytree(pair["auto"], folder)
+    manifest = json.loads((folder / runtime.MANIFEST).read_text())
+    manifest["stored_dtype"] = "int8"
+    manifest["manifest_sha256"] = runtime.manifest_digest(manifest)
+    (folder / runtime.MANIFEST).write_text(json.dumps(manifest))
+    with pytest.raises(SvdqError, match="stored_dtype 'int8' is no float dtype"):
+        svdq.load(folder)
