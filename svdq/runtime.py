@@ -125,7 +125,12 @@ def dequantize(codes: torch.Tensor, absmax: torch.Tensor, codebook: torch.Tensor
 def unpack(packed: torch.Tensor, n: int, bits: int) -> torch.Tensor:
     """The first `n` values of `bits` bits each from a little-endian bit stream of bytes
     (`quant.pack`): `bits` bytes hold eight values, read as one 64-bit word; 2²⁰ values at a
-    time (int64 temporaries of 8 MB)."""
+    time (int64 temporaries of 8 MB). 2, 4 and 8 bits, whose values never straddle a byte,
+    are read byte-wise in uint8 (`_unpack_bytes`); the result is int64 either way."""
+    if 8 % bits == 0:
+        return _unpack_bytes(packed, n, bits).long()
+    if bits == 3:
+        return _unpack3(packed, n).long()
     data = packed.reshape(-1)
     out = torch.empty(n, dtype=torch.long, device=data.device)
     shifts = torch.arange(bits, device=data.device) * 8
@@ -140,22 +145,48 @@ def unpack(packed: torch.Tensor, n: int, bits: int) -> torch.Tensor:
     return out
 
 
+def _unpack_bytes(packed: torch.Tensor, n: int, bits: int) -> torch.Tensor:
+    """`unpack` for 2, 4 and 8 bits, as uint8: in the little-endian stream value j of a byte
+    holds its bits [j·bits, (j + 1)·bits)."""
+    per = 8 // bits
+    data = packed.reshape(-1)[: -(-n // per)]
+    if per == 1:
+        return data[:n]
+    mask = (1 << bits) - 1
+    parts = [(data >> (j * bits)) & mask if j else data & mask for j in range(per)]
+    return torch.stack(parts, dim=1).reshape(-1)[:n]
+
+
+def _unpack3(packed: torch.Tensor, n: int, bits: int = 3) -> torch.Tensor:
+    """`unpack` for 3 bits, as int32: three bytes, one 24-bit little-endian word, hold eight."""
+    data = packed.reshape(-1)[: -(-n // 8) * 3].int()
+    data = torch.nn.functional.pad(data, (0, (-data.numel()) % 3)).view(-1, 3)
+    word = data[:, 0] | (data[:, 1] << 8) | (data[:, 2] << 16)
+    fields = torch.arange(0, 24, 3, dtype=torch.int32, device=data.device)
+    return ((word[:, None] >> fields) & 7).reshape(-1)[:n]
+
+
 def dequantize_int(codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
                    shape: tuple[int, int], group: int, bits: int) -> torch.Tensor:
     """Uniform integer codes -> float32 (out, in): (code − zero) · scale per group of `group`
     columns of a row (the key scheme above); a band of rows (a multiple of 8: whole bytes of
     codes and zeros) of about `TILE` elements at a time."""
     out_f, in_f = shape
-    groups = -(-in_f // group)
+    groups, whole = -(-in_f // group), in_f // group  # the last group may be partial
     scales = scales.reshape(out_f, groups)
-    col = torch.arange(in_f, device=codes.device) // group
+    read = _unpack_bytes if 8 % bits == 0 else _unpack3 if bits == 3 else unpack
     out = torch.empty(out_f, in_f, dtype=torch.float32, device=codes.device)
     band = 8 * max(1, TILE // (8 * in_f))
     for r in range(0, out_f, band):
         rows = min(band, out_f - r)
-        q = unpack(codes[r * in_f * bits // 8:], rows * in_f, bits).view(rows, in_f).float()
-        z = unpack(zeros[r * groups * bits // 8:], rows * groups, bits).view(rows, groups).float()
-        out[r:r + rows] = (q - z[:, col]) * scales[r:r + rows].float()[:, col]
+        w = out[r:r + rows]
+        w.copy_(read(codes[r * in_f * bits // 8:], rows * in_f, bits).view(rows, in_f))
+        z = read(zeros[r * groups * bits // 8:], rows * groups, bits).float().view(rows, groups)
+        s = scales[r:r + rows].float()
+        head = w[:, :whole * group].unflatten(1, (whole, group))  # a view: changed in place
+        head.sub_(z[:, :whole, None]).mul_(s[:, :whole, None])
+        if whole < groups:
+            w[:, whole * group:].sub_(z[:, whole:]).mul_(s[:, whole:])
     return out
 
 

@@ -137,3 +137,22 @@ def test_a_gptq_base_at_rank_0_is_plain_gptq_and_refining_never_hurts():
         refined = refine_residual(w, first, st, ref, "whiten", gptq=True)
         assert refined.error <= first.error and refined.weight.grid == "int"
         assert refined.error < rank0.error  # a correction lowers the error of the base
+
+
+@pytest.mark.parametrize("bits", runtime.INT_BITS)
+def test_dequantize_int_is_code_minus_zero_times_scale_per_column(bits):
+    """The byte-wise (2, 4, 8 bits) and 24-bit-word (3 bits) readers and the per-group
+    broadcasting give exactly (code − zero) · scale of each column's group: partial last
+    groups, rows narrower than a group, and bands of rows that do not divide the layer."""
+    gen = torch.Generator().manual_seed(bits)
+    for out_f, in_f, group in [(13, 32, 64), (9, 100, 32), (17, 130, 64), (3, 7, 4), (40000, 30, 32)]:
+        groups = -(-in_f // group)
+        q = torch.randint(0, 1 << bits, (out_f * in_f,), generator=gen)
+        z = torch.randint(0, 1 << bits, (out_f * groups,), generator=gen)
+        s = torch.rand(out_f, groups, generator=gen).half()
+        col = torch.arange(in_f) // group
+        expected = (q.view(out_f, in_f).float() - z.view(out_f, groups).float()[:, col]) * s.float()[:, col]
+        got = runtime.dequantize_int(quant.pack(q, bits), s, quant.pack(z, bits), (out_f, in_f),
+                                     group, bits)
+        assert torch.equal(got, expected), (out_f, in_f, group)
+        assert torch.equal(runtime.unpack(quant.pack(q, bits), q.numel(), bits), q)
