@@ -1,0 +1,190 @@
+"""Benchmark: an artifact in memory — resident bytes, prefill and decode speed — kept as
+stored, de-quantized, against its source in float32 and bfloat16 and against bitsandbytes'
+own NF4 and int8 modules on the same layers.
+
+    python benchmarks/runtime_speed.py ARTIFACT [--ctx 1024] [--new-tokens 128] [--repeats 3]
+        [--variants stored,dequantized,source-fp32,source-bf16,bnb-nf4,bnb-int8]
+        [--out benchmarks/results] [--tag NAME]
+
+Each variant runs in its own child process (so memory figures are its own): it loads the
+model, returns freed memory to the system, and records the unique bytes of its parameters
+and buffers and its resident set (VmRSS) after loading; then prefill tokens/s (one forward of
+`--ctx` tokens, batch 1, no cache; the median of `--repeats` after one warm-up) and decode
+tokens/s (greedy `generate` of exactly `--new-tokens` after a 16-token prompt, batch 1, with
+the KV cache; the median of `--repeats`), and its peak RSS (VmHWM). The text is the wiki
+asset's. `stored` is `svdq.load` (codes, scales and factors in memory, de-quantized a band of
+rows per forward), `dequantized` is `svdq.load(dequantize=True)`, `source-*` is the source as
+`svdq eval --baseline` loads it, `bnb-*` that source with every target layer of the artifact
+replaced by `bitsandbytes.nn.Linear4bit` (NF4, blocks of 64, float32 compute) or
+`Linear8bitLt` (int8 rows). Writes `runtime_speed[_TAG].md` and `.json`.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shlex
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+VARIANTS = ("stored", "dequantized", "source-fp32", "source-bf16", "bnb-nf4", "bnb-int8")
+
+
+def _status(field: str) -> int:
+    """A /proc/self/status memory field, in bytes."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) * 1024
+    return 0
+
+
+def _storage_bytes(model) -> int:
+    seen, total = set(), 0
+    for t in [*model.parameters(), *model.buffers()]:
+        ptr = t.untyped_storage().data_ptr()
+        if ptr not in seen:
+            seen.add(ptr)
+            total += t.untyped_storage().nbytes()
+    return total
+
+
+def _bnb(model, names: list[str], kind: str):
+    import bitsandbytes as bnb
+
+    from svdq.models.layers import set_module
+
+    for name in names:
+        old = model.get_submodule(name)
+        w = old.weight.detach().float()
+        if type(old).__name__ == "Conv1D":
+            w = w.T.contiguous()
+        bias = old.bias is not None
+        if kind == "nf4":
+            new = bnb.nn.Linear4bit(w.shape[1], w.shape[0], bias=bias, quant_type="nf4",
+                                    compute_dtype=torch.float32)
+            new.weight = bnb.nn.Params4bit(w, requires_grad=False, quant_type="nf4", blocksize=64)
+        else:
+            new = bnb.nn.Linear8bitLt(w.shape[1], w.shape[0], bias=bias, has_fp16_weights=False)
+            new.weight = bnb.nn.Int8Params(w, requires_grad=False, has_fp16_weights=False)
+        if bias:
+            new.bias = torch.nn.Parameter(old.bias.detach().float(), requires_grad=False)
+        set_module(model, name, new.to("cpu"))
+    return model
+
+
+def load_variant(folder: Path, variant: str):
+    import svdq
+    from svdq import artifact, evaluate as ev
+
+    if variant == "stored":
+        return svdq.load(folder)
+    if variant == "dequantized":
+        return svdq.load(folder, dequantize=True)
+    manifest = artifact.read(folder)
+    model = ev.load_baseline(manifest).model.float().eval()
+    if variant == "source-bf16":
+        return model.to(torch.bfloat16)
+    if variant.startswith("bnb-"):
+        return _bnb(model, [p["name"] for p in manifest["layers"]], variant.removeprefix("bnb-"))
+    return model
+
+
+def worker(args) -> None:
+    import gc
+    import ctypes
+
+    import transformers
+
+    from svdq import assets
+    from svdq import evaluate as ev
+
+    model = load_variant(args.artifact, args.worker).eval()
+    gc.collect()
+    ctypes.CDLL("libc.so.6").malloc_trim(0)
+    loaded = {"storage_bytes": _storage_bytes(model), "rss_after_load": _status("VmRSS")}
+    tok = transformers.AutoTokenizer.from_pretrained(args.artifact)
+    ids = ev.tokenize(tok, assets.fetch("wiki").read_text(), args.ctx)[None]
+    timings = []
+    with torch.no_grad():
+        model(ids[:, :64], use_cache=False)  # warm-up
+        for _ in range(args.repeats):
+            t = time.perf_counter()
+            model(ids, use_cache=False)
+            timings.append(time.perf_counter() - t)
+        prompt = ids[:, :16]
+        model.generate(prompt, max_new_tokens=4, min_new_tokens=4, do_sample=False)
+        decode = []
+        for _ in range(args.repeats):
+            t = time.perf_counter()
+            out = model.generate(prompt, max_new_tokens=args.new_tokens,
+                                 min_new_tokens=args.new_tokens, do_sample=False)
+            decode.append(time.perf_counter() - t)
+            assert out.shape[1] == 16 + args.new_tokens
+    print(json.dumps({**loaded, "prefill_tokens_per_s": ids.shape[1] / statistics.median(timings),
+                      "decode_tokens_per_s": args.new_tokens / statistics.median(decode),
+                      "peak_rss": _status("VmHWM"), "threads": torch.get_num_threads()}))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("artifact", type=Path)
+    parser.add_argument("--ctx", type=int, default=1024)
+    parser.add_argument("--new-tokens", type=int, default=128)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--variants", default=",".join(VARIANTS))
+    parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
+    parser.add_argument("--tag", default="")
+    parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.worker:
+        return worker(args)
+    from svdq import artifact
+
+    manifest = artifact.read(args.artifact)
+    file_bytes = manifest["totals"]["artifact_tensor_bytes"]
+    rows = []
+    for variant in args.variants.split(","):
+        if variant not in VARIANTS:
+            sys.exit(f"unknown variant {variant!r}; use {', '.join(VARIANTS)}")
+        cmd = [sys.executable, __file__, str(args.artifact), "--worker", variant, "--ctx",
+               str(args.ctx), "--new-tokens", str(args.new_tokens), "--repeats", str(args.repeats)]
+        run = subprocess.run(cmd, capture_output=True, text=True,
+                             env={**os.environ, "HF_HUB_OFFLINE": "1"})
+        if run.returncode != 0:
+            sys.exit(f"{variant} failed:\n{run.stderr[-3000:]}")
+        rows.append({"variant": variant, **json.loads(run.stdout.strip().splitlines()[-1])})
+        r = rows[-1]
+        print(f"{variant}: {r['storage_bytes'] / 1e6:.1f} MB in tensors, prefill "
+              f"{r['prefill_tokens_per_s']:.0f} tok/s, decode {r['decode_tokens_per_s']:.1f} tok/s",
+              flush=True)
+    command = "python benchmarks/runtime_speed.py " + shlex.join(sys.argv[1:])
+    report = {"command": command, "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, "
+              f"torch {torch.__version__}", "load_average": os.getloadavg()[0],
+              "artifact_tensor_bytes": file_bytes, "source": manifest["source"]["id"],
+              "ctx": args.ctx, "new_tokens": args.new_tokens, "rows": rows}
+    name = "runtime_speed" + (f"_{args.tag}" if args.tag else "")
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / f"{name}.json").write_text(json.dumps(report, indent=1))
+    lines = [f"# An artifact in memory: {manifest['source']['id']}", "",
+             f"Produced by `{command}` ({report['machine']}, {rows[0]['threads']} threads, "
+             f"load average {report['load_average']:.2f} at the end).", "",
+             f"Artifact tensors on disk: {file_bytes:,} bytes. Prefill: one forward of {args.ctx} "
+             f"tokens; decode: {args.new_tokens} new tokens, greedy, KV cache, batch 1.", "",
+             "| variant | tensor bytes in memory | × file | RSS after load MB | peak RSS MB | "
+             "prefill tok/s | decode tok/s |", "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['variant']} | {r['storage_bytes']:,} | {r['storage_bytes'] / file_bytes:.2f} | "
+                     f"{r['rss_after_load'] / 1e6:,.0f} | {r['peak_rss'] / 1e6:,.0f} | "
+                     f"{r['prefill_tokens_per_s']:,.0f} | {r['decode_tokens_per_s']:.1f} |")
+    (args.out / f"{name}.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
