@@ -116,3 +116,14 @@ def test_from_pretrained_refuses_a_missing_tensor_and_save_pretrained(artifacts,
     model = transformers.AutoModelForCausalLM.from_pretrained(artifacts["gpt2"])
     with pytest.raises(ValueError, match="not serializable"):
         model.save_pretrained(tmp_path / "again")
+
+
+@pytest.mark.parametrize("kwargs", [{"device_map": "auto"}, {"device_map": {"": "cpu"}},
+                                    {"low_cpu_mem_usage": True}])
+def test_from_pretrained_takes_device_map_and_low_cpu_mem_usage(artifacts, kwargs):
+    folder = artifacts["llama"]
+    theirs = transformers.AutoModelForCausalLM.from_pretrained(folder, **kwargs)
+    assert any(isinstance(m, runtime.StoredLinear) for m in theirs.modules())
+    ours = svdq.load(folder)
+    ids = ids_for(ours)
+    torch.testing.assert_close(out_of(theirs, ids), out_of(ours, ids), rtol=0, atol=0)
