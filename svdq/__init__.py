@@ -2,11 +2,12 @@
 __version__ = "0.1.0"
 
 
-def load(path, device: str = "cpu", verify: bool = True, dequantize: bool = False):
-    """Load an svdq artifact folder as a ready transformers model."""
+def load(path, device: str = "cpu", verify: bool = True, dequantize: bool = False, dtype=None):
+    """Load an svdq artifact folder as a ready transformers model (`dtype`: run it in
+    float32, float16 or bfloat16 instead of the manifest's dtype)."""
     from svdq.artifact import load as _load
 
-    return _load(path, device=device, verify=verify, dequantize=dequantize)
+    return _load(path, device=device, verify=verify, dequantize=dequantize, dtype=dtype)
 
 
 def _register() -> None:

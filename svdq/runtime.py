@@ -567,21 +567,34 @@ def check_device(device: str | torch.device) -> torch.device:
     return dev
 
 
+FLOATS = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
 def load(path: str | Path, device: str | torch.device = "cpu", verify: bool = True,
-         dequantize: bool = False) -> nn.Module:
+         dequantize: bool = False, dtype: str | torch.dtype | None = None) -> nn.Module:
     """Load artifact folder `path` as a ready transformers model in eval mode, its layers
     kept as stored (`StoredLinear`: about the artifact's bytes in memory) or, with
     `dequantize`, expanded into float layers of the model's dtype (faster, as large as the
-    uncompressed model). The skeleton is built without parameters; every stored tensor must
-    be used and every tensor of the model provided, or it refuses."""
+    uncompressed model). `dtype` (float32, float16, bfloat16) runs the model in another dtype
+    than the manifest's: its float tensors outside the stored forms are cast to it as they
+    load (codes, scales, factors and Σ stay as stored). The skeleton is built without
+    parameters; every stored tensor must be used and every tensor of the model provided, or it
+    refuses."""
     import transformers
 
     device = check_device(device)  # before minutes of loading
+    if dtype is not None:
+        name = str(dtype).removeprefix("torch.")
+        if name not in FLOATS:
+            raise ArtifactError(f"dtype {dtype!r} cannot run a model; use float32, float16 or "
+                                "bfloat16")
+        dtype = FLOATS[name]
     folder = Path(path)
     manifest = read_manifest(folder, verify)
     tensors = load_tensors(folder, manifest)
     try:
-        return _assemble(folder, manifest, tensors, transformers, dequantize).to(device).eval()
+        return _assemble(folder, manifest, tensors, transformers, dequantize,
+                         dtype).to(device).eval()
     except ArtifactError:
         raise
     except (KeyError, TypeError, ValueError, AttributeError, IndexError, RuntimeError, OSError) as e:
@@ -643,7 +656,7 @@ def swap_in(model: nn.Module, layers: list, dtype: torch.dtype, version: int) ->
 
 
 def _assemble(folder: Path, manifest: dict, tensors: dict, transformers,
-              dequantize: bool = False) -> nn.Module:
+              dequantize: bool = False, run_dtype: torch.dtype | None = None) -> nn.Module:
     dtype = getattr(torch, str(manifest.get("dtype")), None)
     model_cls = getattr(transformers, str(manifest.get("architecture")), None)
     if not isinstance(dtype, torch.dtype) or not isinstance(model_cls, type) \
@@ -657,12 +670,18 @@ def _assemble(folder: Path, manifest: dict, tensors: dict, transformers,
         model = model_cls(config)
     model.to(dtype)  # its buffers, as the model would hold them in its own dtype
     swap_in(model, manifest["layers"], dtype, manifest["format_version"])
+    run_dtype = run_dtype or dtype
+    sixteen = {n for n, m in model.named_modules() if isinstance(m, StoredLinear)
+               and isinstance(m._buffers.get("weight"), torch.Tensor) and m.weight.numel()}
     used: set[str] = set()
     state = {}
     for key, t in model.state_dict(keep_vars=True).items():
         source = manifest.get("aliases", {}).get(key, key)
-        want = stored if t.dtype == dtype and not svdq_key(key) else t.dtype
-        state[key] = _take(tensors, str(source), used, shape=tuple(t.shape), dtype=want).to(t.dtype)
+        plain = t.dtype == dtype and not svdq_key(key)  # a tensor in the model's own dtype
+        want = stored if plain else t.dtype
+        own = key.rpartition(".")[0] in sixteen and key.endswith(".weight")  # a 16-bit layer's
+        state[key] = _take(tensors, str(source), used, shape=tuple(t.shape), dtype=want).to(
+            run_dtype if plain and not own else t.dtype)
     unused = sorted(set(tensors) - used)
     if unused:
         raise ArtifactError(f"the tensor files hold {len(unused)} tensors the manifest does not explain "
@@ -676,7 +695,7 @@ def _assemble(folder: Path, manifest: dict, tensors: dict, transformers,
     if dequantize:
         for name, module in list(model.named_modules()):
             if isinstance(module, StoredLinear):
-                set_module(model, name, module.dequantized(dtype))
+                set_module(model, name, module.dequantized(run_dtype))
         if hasattr(model, "svdq"):
             del model.svdq
     return model

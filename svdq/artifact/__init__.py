@@ -205,10 +205,12 @@ def read(path: str | Path, verify: bool = True) -> dict:
         raise SvdqError(str(e)) from None
 
 
-def load(path: str | Path, device: str = "cpu", verify: bool = True, dequantize: bool = False):
+def load(path: str | Path, device: str = "cpu", verify: bool = True, dequantize: bool = False,
+         dtype=None):
     """Load an artifact as a ready transformers model, its layers kept as stored
-    (`runtime.StoredLinear`) or, with `dequantize`, expanded to float layers (`runtime.load`)."""
+    (`runtime.StoredLinear`) or, with `dequantize`, expanded to float layers (`runtime.load`);
+    `dtype` runs it in another float dtype than the manifest's."""
     try:
-        return runtime.load(path, device=device, verify=verify, dequantize=dequantize)
+        return runtime.load(path, device=device, verify=verify, dequantize=dequantize, dtype=dtype)
     except runtime.ArtifactError as e:
         raise SvdqError(str(e)) from None

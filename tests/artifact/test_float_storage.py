@@ -90,3 +90,29 @@ def test_a_bad_stored_dtype_is_refused(pair, tmp_path):
     (folder / runtime.MANIFEST).write_text(json.dumps(manifest))
     with pytest.raises(SvdqError, match="stored_dtype 'int8' is no float dtype"):
         svdq.load(folder)
+
+
+def test_loaded_in_bfloat16_it_holds_about_the_file(pair):
+    manifest = json.loads((pair["auto"] / runtime.MANIFEST).read_text())
+    model = svdq.load(pair["auto"], dtype="bfloat16")
+    seen, held = set(), 0
+    for name, t in [*model.named_parameters(), *model.named_buffers()]:
+        if t.untyped_storage().data_ptr() not in seen and "rotary" not in name:
+            seen.add(t.untyped_storage().data_ptr())
+            held += t.untyped_storage().nbytes()
+        if t.is_floating_point() and not runtime.svdq_key(name) and "rotary" not in name:
+            assert t.dtype == torch.bfloat16, name
+    stored = manifest["totals"]["artifact_tensor_bytes"]
+    assert abs(held - stored) <= 0.1 * stored, (held, stored)
+    theirs = transformers.AutoModelForCausalLM.from_pretrained(pair["auto"], dtype=torch.bfloat16)
+    ids = torch.randint(3, model.config.vocab_size, (2, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        ours, ref = model(ids).logits.float(), theirs(ids).logits.float()
+    torch.testing.assert_close(ours, ref, rtol=0.02, atol=0.02)
+    full = svdq.load(pair["auto"])(ids).logits
+    assert (ours - full).abs().max() < 0.1 * full.abs().max()  # bfloat16 compute, same model
+
+
+def test_a_dtype_that_cannot_run_is_refused(pair):
+    with pytest.raises(SvdqError, match="dtype 'int8' cannot run a model"):
+        svdq.load(pair["auto"], dtype="int8")
