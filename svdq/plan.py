@@ -50,15 +50,16 @@ class LayerPlan:
 
     @classmethod
     def of(cls, name: str, module: nn.Module, stored: Stored, tensors: dict[str, torch.Tensor],
-           block_size: int) -> "LayerPlan":
+           block_size: int, stored_dtype: torch.dtype | None = None) -> "LayerPlan":
         """The entry of layer `name` (the source `module`) stored as `stored`, whose artifact
         tensors are `tensors` (`tensors_of`); `block_size` is recorded where nothing is
-        quantized."""
+        quantized; `stored_dtype`: the dtype the writer stores the model's own float tensors
+        in (a kept weight, a bias), where it is not theirs (`Source.stored_dtype`)."""
         w = weight_of(module)
         return cls(name, type(module).__name__, w.shape[0], w.shape[1], module.bias is not None,
                    stored.kind, stored.rank, stored.k_break, stored.bits,
                    stored.block_size or block_size,
-                   sum(t.numel() * t.element_size() for t in tensors.values()),
+                   stored_bytes(tensors, w.dtype, stored_dtype),
                    fp16_bytes(module), stored.error,
                    stored.u.bits if stored.kind == "residual" else None,
                    "bnb" if stored.weight is None else stored.weight.grid)
@@ -84,6 +85,17 @@ class LayerPlan:
         if values.get("kind") == "dense" and values.get("bits") is None:
             values["kind"] = "keep"
         return cls(**values, notes={k: v for k, v in entry.items() if k not in known})
+
+
+def stored_bytes(tensors: dict[str, torch.Tensor], dtype: torch.dtype,
+                 stored_dtype: torch.dtype | None = None) -> int:
+    """Bytes of `tensors` in the artifact: those of the model's `dtype` outside svdq's stored
+    forms in `stored_dtype` where given (as `TensorWriter.cast` writes them)."""
+    total = 0
+    for key, t in tensors.items():
+        cast = stored_dtype is not None and t.dtype == dtype and not runtime.svdq_key(key)
+        total += t.numel() * (stored_dtype.itemsize if cast else t.element_size())
+    return total
 
 
 def tensors_of(name: str, module: nn.Module, stored: Stored) -> dict[str, torch.Tensor]:

@@ -535,6 +535,15 @@ def load_tensors(path: str | Path, manifest: dict) -> dict:
     return tensors
 
 
+def _stored_owner(key: str, layers: set[str]) -> str | None:
+    """The stored layer (a name in `layers`) that tensor `key` belongs to, if any."""
+    parts = key.split(".")
+    for i in range(len(parts) - 1, 0, -1):
+        if ".".join(parts[:i]) in layers:
+            return ".".join(parts[:i])
+    return None
+
+
 def svdq_key(key: str) -> bool:
     """A tensor of svdq's stored forms (codes, scales, factors, Σ, codebooks)."""
     return ".svdq." in key or key.startswith("svdq.")
@@ -671,17 +680,18 @@ def _assemble(folder: Path, manifest: dict, tensors: dict, transformers,
     model.to(dtype)  # its buffers, as the model would hold them in its own dtype
     swap_in(model, manifest["layers"], dtype, manifest["format_version"])
     run_dtype = run_dtype or dtype
-    sixteen = {n for n, m in model.named_modules() if isinstance(m, StoredLinear)
-               and isinstance(m._buffers.get("weight"), torch.Tensor) and m.weight.numel()}
+    layers = {n for n, m in model.named_modules() if isinstance(m, StoredLinear)}
     used: set[str] = set()
     state = {}
     for key, t in model.state_dict(keep_vars=True).items():
         source = manifest.get("aliases", {}).get(key, key)
-        plain = t.dtype == dtype and not svdq_key(key)  # a tensor in the model's own dtype
-        want = stored if plain else t.dtype
-        own = key.rpartition(".")[0] in sixteen and key.endswith(".weight")  # a 16-bit layer's
-        state[key] = _take(tensors, str(source), used, shape=tuple(t.shape), dtype=want).to(
-            run_dtype if plain and not own else t.dtype)
+        owner = _stored_owner(key, layers)
+        # the model's own float tensors: everything outside the stored layers and their
+        # biases (a stored layer's codes, scales, factors and Σ keep their dtypes)
+        plain = t.dtype == dtype and not key.startswith("svdq.") and (
+            owner is None or key == f"{owner}.bias")
+        state[key] = _take(tensors, str(source), used, shape=tuple(t.shape),
+                           dtype=stored if plain else t.dtype).to(run_dtype if plain else t.dtype)
     unused = sorted(set(tensors) - used)
     if unused:
         raise ArtifactError(f"the tensor files hold {len(unused)} tensors the manifest does not explain "

@@ -87,21 +87,19 @@ def _config_dict(model) -> dict:
 SHARD_BYTES = 2 * 10 ** 9  # tensor bytes per file at most, as `--shard-size` defaults to
 
 
-def float_storage(source: Source, settings: Settings) -> tuple[torch.dtype, torch.dtype] | None:
-    """(float32, bfloat16) where a GGUF source is float32 only because transformers
-    de-quantized it (`--dtype auto`): the tensors svdq does not quantize are then stored in
-    bfloat16 — float32's range, as the checkpoints GGUF files are made from mostly are — and
-    loaded back into the float32 model. None otherwise (stored as the model holds them)."""
-    dtype = next(source.model.parameters()).dtype
-    if source.kind == "gguf" and settings.dtype == "auto" and dtype == torch.float32:
-        return torch.float32, torch.bfloat16
-    return None
+def float_storage(source: Source) -> tuple[torch.dtype, torch.dtype] | None:
+    """The writer's cast: (float32, `source.stored_dtype`) where the source's float32 is only
+    transformers' de-quantization of a GGUF file (`models.load.load_source`), else None
+    (tensors stored as the model holds them)."""
+    if source.stored_dtype is None:
+        return None
+    return next(source.model.parameters()).dtype, source.stored_dtype
 
 
 def save(out: Path, source: Source, result: Result, settings: Settings,
          overwrite: bool = False, shard_bytes: int = SHARD_BYTES) -> dict:
     """Write the artifact to `out`; returns the manifest."""
-    with writing(out, overwrite, shard_bytes, float_storage(source, settings)) as pending:
+    with writing(out, overwrite, shard_bytes, float_storage(source)) as pending:
         return pending.finish(source, result, settings)
 
 

@@ -146,7 +146,7 @@ def _run_compress(model: str, output: Path, settings, revision, overwrite: bool,
     bar, progress = progress_bar()
     # the artifact's folder is open from the start: stored tensors go to disk as they are made
     with artifact.writing(output, overwrite, shard_bytes,
-                          artifact.float_storage(source, settings)) as pending:
+                          artifact.float_storage(source)) as pending:
         with bar:
             result = run(source, settings, progress, warn, sink=pending.tensors,
                          scratch=pending.tmp / ".scratch")

@@ -36,6 +36,17 @@ def cached(path: Path, digest: str) -> Path:
     return cache_root() / f"{path.stem}-{digest[:16]}-v{CACHE_VERSION}"
 
 
+UNQUANTIZED = {"F32", "F16", "BF16", "F64", "I8", "I16", "I32", "I64"}
+
+
+def quantized(path: Path) -> bool:
+    """Does GGUF file `path` hold quantized tensors (which transformers de-quantizes to
+    float32)? A file of float tensors alone says its model's dtype itself."""
+    from gguf import GGUFReader
+
+    return any(t.tensor_type.name not in UNQUANTIZED for t in GGUFReader(str(path)).tensors)
+
+
 def ready(folder: Path) -> bool:
     return (folder / "svdq-gguf.json").is_file()
 

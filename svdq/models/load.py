@@ -35,6 +35,10 @@ class Source:
     weights: object = None  # svdq.models.stream.Weights where the blocks stream from disk
     stream_dtype: torch.dtype | None = None  # the dtype streamed blocks are read in
     released: dict = field(default_factory=dict)  # untouched tensors of blocks already done
+    # the dtype the artifact stores the float tensors svdq does not quantize in, where it is
+    # not the model's: bfloat16 for a GGUF file whose quantized tensors transformers
+    # de-quantized to float32 (`--dtype auto`)
+    stored_dtype: torch.dtype | None = None
 
     @property
     def is_causal(self) -> bool:
@@ -91,6 +95,21 @@ def local_tokenizer(spec: str):
 def load_source(spec: str, revision: str | None = None, dtype: str = "auto",
                 stream: bool = False, report: Callable[[str, int, int], None] | None = None
                 ) -> Source:
+    """`_load` (below), and where its float32 comes only from de-quantizing a GGUF file's
+    quantized tensors, the bfloat16 its untouched tensors are stored in (`Source.stored_dtype`)."""
+    source = _load(spec, revision, dtype, stream, report)
+    if source.kind == "gguf" and dtype == "auto" and source.stored_dtype is None \
+            and next(source.model.parameters()).dtype == torch.float32:
+        from svdq.models.gguf import quantized
+
+        if quantized(Path(source.id)):
+            source.stored_dtype = torch.bfloat16
+    return source
+
+
+def _load(spec: str, revision: str | None = None, dtype: str = "auto",
+          stream: bool = False, report: Callable[[str, int, int], None] | None = None
+          ) -> Source:
     """Load `spec` (hub id, local HF folder or .gguf file) with its tokenizer. With `stream`,
     the model is opened with its blocks left on `meta`, to be read block by block
     (`svdq.models.stream`): a local folder of safetensors files as it is, a hub id's

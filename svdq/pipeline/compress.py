@@ -39,12 +39,14 @@ from svdq.plan import LayerPlan, Result, tensors_of
 
 
 
-def realize(work: LayerWork, stored: Stored,
-            settings: Settings) -> tuple[LayerPlan, dict[str, torch.Tensor], nn.Module | None]:
-    """Layer `work.name` stored as `stored`: its plan entry, its artifact tensors and the
-    module that computes it as the loaders will (None: the layer stays as it is)."""
+def realize(work: LayerWork, stored: Stored, settings: Settings,
+            stored_dtype: torch.dtype | None = None
+            ) -> tuple[LayerPlan, dict[str, torch.Tensor], nn.Module | None]:
+    """Layer `work.name` stored as `stored`: its plan entry (`stored_dtype`: see
+    `LayerPlan.of`), its artifact tensors and the module that computes it as the loaders will
+    (None: the layer stays as it is)."""
     tensors = tensors_of(work.name, work.module, stored)
-    plan = LayerPlan.of(work.name, work.module, stored, tensors, settings.block_size)
+    plan = LayerPlan.of(work.name, work.module, stored, tensors, settings.block_size, stored_dtype)
     if stored.kind == "keep":
         return plan, tensors, None
     books = {runtime.codebook_key(b): codebook(b) for b in (4, 8)}
@@ -159,7 +161,7 @@ def _eps(walker: Walker, ids: torch.Tensor, settings: Settings, out: _Out) -> li
             walker.report(f"blocks: block {i + 1}: {work.name.rpartition('.')[2]}", i,
                           len(walker.blocks))
             stored, notes = refitted(work, choose_form(work, settings), settings)
-            plan, tensors, module = realize(work, stored, settings)
+            plan, tensors, module = realize(work, stored, settings, walker.source.stored_dtype)
             if module is not None:
                 set_module(walker.model, work.name, module)
             plans.append(plan.noted(**notes))
@@ -179,7 +181,8 @@ def _budget(walker: Walker, ids: torch.Tensor, settings: Settings, out: _Out,
         for work in one_input_at_a_time(walker.enter(i)):
             walker.report(f"blocks: block {i + 1}: options of {work.name.rpartition('.')[2]}",
                           i, len(walker.blocks))
-            layers.append(measure_layer(work, settings, (average, average)))
+            layers.append(measure_layer(work, settings, (average, average),
+                                        walker.source.stored_dtype))
             walker.clock.lap("options")
         walker.leave(i)
     measured = Measured.of(layers, settings)
@@ -256,9 +259,9 @@ def _layer_of_each(work: LayerWork, picks: dict[str, int], options: list,
         if idx not in built:
             stored = budgets.build_layer(work, options[idx], settings, residuals)
             final, notes = refitted(work, stored, settings)
-            plan, tensors, module = realize(work, stored, settings)
+            plan, tensors, module = realize(work, stored, settings, walker.source.stored_dtype)
             if final is not stored:
-                plan, tensors, _ = realize(work, final, settings)
+                plan, tensors, _ = realize(work, final, settings, walker.source.stored_dtype)
             built[idx] = (plan.noted(**notes), tensors, module, stored.error)
         base = budgets.base_of(options[idx], settings)
         if j + 1 == len(order) or budgets.base_of(options[picks[order[j + 1]]], settings) != base:

@@ -240,15 +240,18 @@ def bits_choices(settings: Settings) -> tuple[int, ...]:
 
 
 def measure_layer(work: LayerWork, settings: Settings,
-                  average: tuple[float, float] | None = None) -> LayerOptions:
+                  average: tuple[float, float] | None = None,
+                  stored_dtype: torch.dtype | None = None) -> LayerOptions:
     """Every option of one layer, corrected forms included (the allocator decides where a
     correction pays), and what each uniform eps would choose; nothing of their tensors.
-    `average`: the bits per weight of the budgets asked for (`bases`)."""
+    `average`: the bits per weight of the budgets asked for (`bases`); `stored_dtype`: what a
+    kept weight and a bias are stored in where it is not the model's dtype."""
     residuals = {(b, block, g): (lambda b=b, block=block, g=g: residual_of(
                      work.w, work.stats, b, block, settings.method, g, settings.gptq))
                  for b, block, g in bases(settings, average)}
     opts = layer_options(work.w, work.bias, work.factors, work.stats, bits_choices(settings),
-                         settings.block_size, elsize=work.module.weight.element_size(),
+                         settings.block_size,
+                         elsize=(stored_dtype or work.module.weight.dtype).itemsize,
                          residuals=residuals, closed=settings.method == "whiten",
                          gptq=settings.gptq)
     uniform = {eps: _uniform(opts, settings.bits, eps) for eps in UNIFORM_EPS}

@@ -31,7 +31,8 @@ def pair(models, calib_file, tmp_path_factory) -> dict[str, Path]:
 
     def as_gguf(*args, **kwargs):
         source = real(*args, **kwargs)
-        source.kind = "gguf"
+        if kwargs.get("dtype", "auto") == "auto":  # what load_source decides for a quantized GGUF
+            source.kind, source.stored_dtype = "gguf", torch.bfloat16
         return source
     patch.setattr(load, "load_source", as_gguf)
     root = tmp_path_factory.mktemp("float_storage")
@@ -61,6 +62,31 @@ def test_untouched_tensors_are_stored_in_bfloat16(pair):
             assert a[key].dtype == t.dtype and torch.equal(a[key], t), key
     assert cast >= 5  # embeddings, norms, kept layers
     assert auto["totals"]["artifact_tensor_bytes"] < full["totals"]["artifact_tensor_bytes"]
+    for entry in auto["layers"]:  # the plan counts what the files hold
+        held = sum(a[k].numel() * a[k].element_size() for k in a if k.startswith(entry["name"] + "."))
+        assert entry["bytes"] == held, entry["name"]
+    kept = [p for p in auto["layers"] if p["bits"] is None]
+    assert kept and all(p["bytes"] == p["fp16_bytes"] for p in kept)  # bfloat16: fp16's bytes
+
+
+def test_only_a_gguf_file_with_quantized_tensors_is_float32_by_accident(tmp_path):
+    import numpy as np
+    from gguf import GGMLQuantizationType, GGUFWriter
+    from gguf.quants import quantize
+
+    from svdq.models import gguf
+
+    for name, quantized in (("f32", False), ("q8", True)):
+        w = GGUFWriter(str(tmp_path / f"{name}.gguf"), "llama")
+        w.add_tensor("a", np.ones((4, 32), dtype=np.float32))
+        if quantized:
+            w.add_tensor("b", quantize(np.ones((4, 32), dtype=np.float32), GGMLQuantizationType.Q8_0),
+                         raw_dtype=GGMLQuantizationType.Q8_0)
+        w.write_header_to_file()
+        w.write_kv_data_to_file()
+        w.write_tensors_to_file()
+        w.close()
+        assert gguf.quantized(tmp_path / f"{name}.gguf") is quantized
 
 
 def test_both_loaders_give_the_float32_model(pair):
@@ -116,3 +142,24 @@ def test_loaded_in_bfloat16_it_holds_about_the_file(pair):
 def test_a_dtype_that_cannot_run_is_refused(pair):
     with pytest.raises(SvdqError, match="dtype 'int8' cannot run a model"):
         svdq.load(pair["auto"], dtype="int8")
+
+
+@pytest.mark.parametrize("version", [4, 5])
+def test_dtype_leaves_older_formats_stored_forms_as_stored(models, calib_file, tmp_path, version):
+    """Before format 5 a quantized weight lies under NAME.weight.*: its float32 absmax must
+    not be taken for one of the model's own tensors and rounded to bfloat16."""
+    from conftest import as_format
+
+    out = tmp_path / "a"
+    r = CliRunner().invoke(app, ["compress", str(models["llama"]), "-o", str(out), "--calib",
+                                 str(calib_file), *FAST[:6], "--eps", "0.3", "--bits", "8"])
+    assert r.exit_code == 0, r.output
+    as_format(out, version)
+    model = svdq.load(out, dtype=torch.bfloat16)
+    packed = [m for m in model.modules() if isinstance(m, runtime.Packed)]
+    assert packed and all(p.absmax.dtype == torch.float32 for p in packed if p.grid == "bnb")
+    assert model.get_submodule("model.embed_tokens").weight.dtype == torch.bfloat16
+    ids = torch.randint(3, model.config.vocab_size, (1, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        full = svdq.load(out)(ids).logits
+        torch.testing.assert_close(model(ids).logits.float(), full, rtol=0.05, atol=0.05)
