@@ -57,6 +57,8 @@ from torch import nn
 FORMAT_VERSION = 6  # 2: the residual kind, 3: the manifest checksum, 4: the integer grid,
 # 5: quantized weights under NAME.svdq.weight and an empty NAME.weight marker, 6: `stored_dtype`
 READS = (1, 2, 3, 4, 5, 6)
+PLAIN_FORMAT = 5  # what an artifact without `stored_dtype` is written as: svdq releases that
+# read 1–5 load it
 MANIFEST = "svdq.json"
 TENSORS = "model.safetensors"
 

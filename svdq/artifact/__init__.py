@@ -143,6 +143,8 @@ class Pending:
         files = self.tensors.close()
         tmp, tensor_bytes = self.tmp, self.tensors.total_bytes
         dtype = next(result.model.parameters()).dtype
+        # format 6 only where it says something 5 cannot (`stored_dtype`)
+        version = runtime.PLAIN_FORMAT if self.tensors.cast is None else runtime.FORMAT_VERSION
         notes = list(source.notes + result.notes)
         if self.tensors.cast is not None:
             notes.append(f"the tensors svdq does not quantize are stored in "
@@ -150,7 +152,7 @@ class Pending:
                          "was float32 only because it was de-quantized (--dtype float32 keeps "
                          "float32)")
         manifest = {
-            "format_version": runtime.FORMAT_VERSION, "svdq_version": __version__,
+            "format_version": version, "svdq_version": __version__,
             "source": {"kind": source.kind, "id": source.id, "revision": source.revision,
                        "sha256": source.sha256},
             "architecture": type(result.model).__name__, "dtype": str(dtype).removeprefix("torch."),
@@ -166,14 +168,17 @@ class Pending:
         manifest["manifest_sha256"] = runtime.manifest_digest(manifest)
         (tmp / runtime.MANIFEST).write_text(json.dumps(manifest, indent=1))
         config = {**_config_dict(result.model),
-                  "quantization_config": hf_quantizer.quantization_config(result.layers)}
+                  "quantization_config": hf_quantizer.quantization_config(result.layers, version)}
         (tmp / "config.json").write_text(json.dumps(config, indent=2))
         if source.tokenizer is not None:
             source.tokenizer.save_pretrained(str(tmp))
         if getattr(result.model, "generation_config", None) is not None and source.is_causal:
             result.model.generation_config.save_pretrained(str(tmp))
         shutil.copyfile(runtime.__file__, tmp / "svdq_loader.py")
-        card.write(tmp, manifest)
+        try:
+            card.write(tmp, manifest)
+        except (KeyError, TypeError, ValueError, AttributeError, OSError):
+            pass  # documentation only: a card that cannot be written never costs the artifact
         outdir.publish_modes(tmp)
         move_into_place(tmp, self.out)
         return manifest

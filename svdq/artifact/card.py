@@ -44,18 +44,24 @@ def front_matter(manifest: dict) -> str:
 
 
 def _settings(manifest: dict) -> str:
-    s, budget = manifest["settings"]["_data"], manifest.get("budget")
-    if budget is not None or s.get("budget_ratio") is not None or s.get("budget_bytes") is not None:
-        goal = (f"a byte budget of {s['budget_ratio']} × the target layers' fp16 bytes"
-                if s.get("budget_ratio") is not None else f"a byte budget of {s['budget_bytes']:,} bytes")
+    """The settings in words; fields older formats lack are left out."""
+    s, budget = manifest.get("settings", {}).get("_data", {}), manifest.get("budget")
+    if s.get("budget_ratio") is not None:
+        goal = f"a byte budget of {s['budget_ratio']} × the target layers' fp16 bytes"
+    elif s.get("budget_bytes") is not None or budget is not None:
+        goal = f"a byte budget of {s.get('budget_bytes') or budget.get('requested_bytes'):,} bytes"
     else:
-        goal = f"at most {s['eps']} relative output error per layer" + (
+        goal = f"at most {s.get('eps')} relative output error per layer" + (
             ", every weight quantized and low rank correcting its error" if s.get("residual") else "")
-    cal = manifest["calibration"]
-    return (f"- goal: {goal}\n- bits: {s['bits']} ({s['grid']} grid, blocks of {s['block_size']}), "
-            f"GPTQ {'on' if s['gptq'] else 'off'}, factorization `{s['method']}`"
-            f"{', sequential calibration' if s['sequential'] else ''}"
-            f"{', refit' if s['refit'] else ''}\n"
+    how = [f"{s.get('bits')} bits" + (f" ({s['grid']} grid, blocks of {s.get('block_size')})"
+                                      if "grid" in s else "")]
+    if "gptq" in s:
+        how.append(f"GPTQ {'on' if s['gptq'] else 'off'}")
+    if "method" in s:
+        how.append(f"factorization `{s['method']}`")
+    how += [name for name in ("sequential", "refit") if s.get(name)]
+    cal = manifest.get("calibration", {})
+    return (f"- goal: {goal}\n- {', '.join(how)}\n"
             f"- calibration: {cal.get('samples')} × {cal.get('length')} tokens of "
             f"`{Path(str(cal.get('source'))).name}`")
 
@@ -89,7 +95,7 @@ def _evaluations(evals: list[dict]) -> str:
 
 def render(manifest: dict, evals: list[dict] = ()) -> str:
     source, totals = manifest["source"], manifest["totals"]
-    auto = "AutoModelForCausalLM" if manifest["architecture"].endswith("ForCausalLM") else "AutoModel"
+    arch = manifest["architecture"]  # AutoModel would build another class for a model with a head
     return f"""{front_matter(manifest)}
 
 # {Path(str(source['id'])).name}, compressed with svdq
@@ -115,8 +121,8 @@ compressed by svdq {manifest['svdq_version']} with low-rank factors and quantiza
 
 ```python
 import svdq  # registers svdq with transformers
-from transformers import {auto}
-model = {auto}.from_pretrained("FOLDER")  # layers stay compressed in memory
+from transformers import {arch}
+model = {arch}.from_pretrained("FOLDER")  # layers stay compressed in memory
 ```
 
 `svdq export FOLDER --to hf -o plain/` writes an ordinary transformers folder (layers

@@ -33,7 +33,7 @@ TARGETS = ("hf", "peft")
 ADAPTER = "adapter"  # the LoRA adapter's folder inside a peft export
 MARK = outdir.EXPORT  # svdq_export.json
 DTYPES = ("auto", "float16", "bfloat16", "float32")
-_SVDQ_FILES = {runtime.MANIFEST, "svdq_loader.py", "config.json", "README.md", INDEX}
+_SVDQ_FILES = {runtime.MANIFEST, "svdq_loader.py", "config.json", "README.md", INDEX, "svdq_eval.json"}
 
 
 def export_dtype(name: str, manifest: dict) -> torch.dtype:
@@ -67,12 +67,18 @@ def export(path: Path, to: str, out: Path, dtype: str = "auto", overwrite: bool 
     if to not in TARGETS:
         raise SvdqError(f"--to {to!r} is unknown; use hf or peft")
     path, out = Path(path), Path(out)
-    if out.resolve() == path.resolve():
-        raise SvdqError(f"-o {out} is the artifact itself; export into another folder")
-    outdir.check(out, overwrite)
     manifest = read(path)
+    here, there = path.resolve(), out.resolve()
+    if there == here or here in there.parents or there in here.parents:
+        raise SvdqError(f"-o {out} is the artifact, inside it or around it; export into a "
+                        "folder of its own")
+    outdir.check(out, overwrite)
     dt = export_dtype(dtype, manifest)
-    model = load(path)  # layers as stored: about the artifact's bytes in memory
+    if to == "peft" and not any(p["kind"] in ("lowrank", "residual") and p.get("rank")
+                                for p in manifest["layers"]):
+        raise SvdqError(f"{path} has no low-rank terms for an adapter; --to hf gives the same "
+                        "model")
+    model = load(path, dtype=dt)  # layers as stored: about the artifact's bytes in memory
     plan = {p["name"]: p for p in manifest["layers"]}
     stored = {n: m for n, m in model.named_modules() if isinstance(m, runtime.StoredLinear)}
     aliases = manifest.get("aliases", {})
@@ -109,7 +115,8 @@ def export(path: Path, to: str, out: Path, dtype: str = "auto", overwrite: bool 
         config["dtype"] = str(dt).removeprefix("torch.")
         (tmp / "config.json").write_text(json.dumps(config, indent=2))
         for f in sorted(path.iterdir()):  # tokenizer, generation config, chat template, ...
-            if f.is_file() and f.name not in _SVDQ_FILES and not f.name.endswith(".safetensors"):
+            if f.is_file() and f.name not in _SVDQ_FILES and not f.name.startswith(".") \
+                    and not f.name.endswith(".safetensors"):
                 shutil.copyfile(f, tmp / f.name)
         adapter_bytes = _write_adapter(tmp / ADAPTER, adapter, plan, out.resolve(),
                                        manifest) if adapter else 0

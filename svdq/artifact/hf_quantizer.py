@@ -22,9 +22,10 @@ PLAN_FIELDS = ("name", "kind", "bits", "factor_bits", "rank", "block_size", "gri
                "out_features", "in_features", "bias")
 
 
-def quantization_config(layers: list[dict]) -> dict:
-    """The `quantization_config` of an artifact's config.json for plan `layers`."""
-    return {"quant_method": QUANT_METHOD, "format_version": runtime.FORMAT_VERSION,
+def quantization_config(layers: list[dict], version: int = runtime.FORMAT_VERSION) -> dict:
+    """The `quantization_config` of an artifact's config.json for plan `layers`, written as
+    format `version`."""
+    return {"quant_method": QUANT_METHOD, "format_version": version,
             "layers": [{k: p[k] for k in PLAN_FIELDS if k in p} for p in layers]}
 
 

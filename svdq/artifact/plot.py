@@ -13,25 +13,19 @@ FORMATS = (".png", ".pdf", ".svg")
 
 def draw(manifest: dict, path: Path, title: str) -> None:
     """Draw the plan of `manifest` into `path` (png, pdf or svg, by its suffix)."""
-    import matplotlib.pyplot as plt
-
-    fig = figure(manifest, title)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    figure(manifest, title).savefig(path, dpi=120)
 
 
 def figure(manifest: dict, title: str):
-    """The plan's figure: axes bytes (with the error's twin), rank, bits."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    """The plan's figure: axes bytes (with the error's twin), rank, bits. A bare `Figure`,
+    not pyplot's: drawing never changes a caller's backend or figures."""
+    from matplotlib.figure import Figure
 
     layers = manifest["layers"]
     kinds = ["keep" if p["kind"] == "dense" and p["bits"] is None else p["kind"] for p in layers]
     x = range(len(layers))
-    fig, (top, mid, low) = plt.subplots(3, 1, sharex=True, figsize=(max(8, len(layers) / 12), 8),
-                                        height_ratios=(3, 2, 1.2))
+    fig = Figure(figsize=(max(8, len(layers) / 12), 8))
+    top, mid, low = fig.subplots(3, 1, sharex=True, height_ratios=(3, 2, 1.2))
     top.bar(x, [p["bytes"] for p in layers], width=0.85, color=[COLOURS[k] for k in kinds])
     top.step(x, [p["fp16_bytes"] for p in layers], where="mid", color="black", lw=0.8,
              label="fp16 bytes")

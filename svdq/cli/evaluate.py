@@ -95,6 +95,13 @@ def _check_card(model: str, ppl: Optional[str]) -> None:
                                           and not os.access(folder / card.CARD, os.W_OK)):
         raise SvdqError(f"{folder} is not writable, so its card cannot be written; drop "
                         "--write-card or fix the folder's permissions")
+    from svdq import artifact
+
+    try:  # before minutes of evaluation: a manifest the card cannot describe
+        card.render(artifact.read(folder, verify=False))
+    except (KeyError, TypeError, ValueError, AttributeError) as e:
+        raise SvdqError(f"the manifest of {folder} lacks a field the model card shows "
+                        f"({type(e).__name__}: {e}); drop --write-card") from None
 
 
 def _eval_ppl(subjects: list, text: tuple[str, str], ctx: Optional[int], stride: Optional[int],

@@ -35,13 +35,14 @@ def inspect(
         if plot is not None:
             _check_plot(plot)
         manifest = artifact.read(path)
+    try:
         if plot is not None:
             from svdq.artifact.plot import draw
 
-            draw(manifest, plot, f"{path} ({manifest['source']['id']})")
+            with user_errors():
+                draw(manifest, plot, f"{path} ({manifest['source']['id']})")
             err.print(f"drew the plan of {len(manifest['layers'])} layers into {plot}",
                       highlight=False)
-    try:
         _inspect_table(path, manifest, keys[sort], top, as_json)
     except (KeyError, TypeError, ValueError, AttributeError, ZeroDivisionError, NotRenderableError) as e:
         fail(f"the manifest of {path} lacks or mangles a field inspect shows ({type(e).__name__}: "

@@ -205,7 +205,7 @@ def _budget(walker: Walker, ids: torch.Tensor, settings: Settings, out: _Out,
                           i, len(walker.blocks))
             for label, (plan, tensors, module, error) in _layer_of_each(
                     work, {label: picks[n] for label, picks in found}, measured.options[n],
-                    settings).items():
+                    settings, walker.source.stored_dtype).items():
                 plans[label].append(plan.noted(sensitivity=weights[n]))
                 errors[label].append(error)
                 _put(stores[label], tensors)
@@ -246,7 +246,7 @@ def _budget(walker: Walker, ids: torch.Tensor, settings: Settings, out: _Out,
 
 
 def _layer_of_each(work: LayerWork, picks: dict[str, int], options: list,
-                   settings: Settings) -> dict[str, tuple]:
+                   settings: Settings, stored_dtype: torch.dtype | None = None) -> dict[str, tuple]:
     """Each candidate plan's form of one layer (`picks`: the option each plan chose): {label:
     (plan entry, tensors, the module its stream runs — the form before a refit, as the judge
     compares them — and its error)}. Plans that chose the same option share one build; a
@@ -259,9 +259,9 @@ def _layer_of_each(work: LayerWork, picks: dict[str, int], options: list,
         if idx not in built:
             stored = budgets.build_layer(work, options[idx], settings, residuals)
             final, notes = refitted(work, stored, settings)
-            plan, tensors, module = realize(work, stored, settings, walker.source.stored_dtype)
+            plan, tensors, module = realize(work, stored, settings, stored_dtype)
             if final is not stored:
-                plan, tensors, _ = realize(work, final, settings, walker.source.stored_dtype)
+                plan, tensors, _ = realize(work, final, settings, stored_dtype)
             built[idx] = (plan.noted(**notes), tensors, module, stored.error)
         base = budgets.base_of(options[idx], settings)
         if j + 1 == len(order) or budgets.base_of(options[picks[order[j + 1]]], settings) != base:

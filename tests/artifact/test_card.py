@@ -59,6 +59,9 @@ def test_a_hub_source_names_its_base_model():
 
 
 def test_eval_write_card_records_perplexity(artifact, tmp_path):
+    import shutil
+
+    artifact = Path(shutil.copytree(artifact, tmp_path / "a"))  # the module's card stays unevaluated
     text = tmp_path / "held.txt"
     text.write_text(make_text(600, seed=5))
     run = ["eval", str(artifact), "--ppl", str(text), "--max-tokens", "256", "--json"]
@@ -84,3 +87,23 @@ def test_write_card_refuses_in_one_line(artifact, models, tmp_path):
     text.write_text(make_text(100))
     assert "not an svdq artifact" in one_line_error(CliRunner().invoke(
         app, ["eval", str(models["llama"]), "--ppl", str(text), "--write-card"]))
+
+
+def test_write_card_describes_an_older_manifest(artifact, tmp_path):
+    """A manifest from before the integer grid and GPTQ settings: the card leaves them out."""
+    import shutil
+
+    from svdq import runtime
+
+    folder = Path(shutil.copytree(artifact, tmp_path / "old"))
+    manifest = json.loads((folder / runtime.MANIFEST).read_text())
+    for key in ("grid", "gptq", "method", "sequential", "refit"):
+        manifest["settings"]["_data"].pop(key)
+    manifest["manifest_sha256"] = runtime.manifest_digest(manifest)
+    (folder / runtime.MANIFEST).write_text(json.dumps(manifest))
+    text = tmp_path / "held.txt"
+    text.write_text(make_text(300, seed=5))
+    r = CliRunner().invoke(app, ["eval", str(folder), "--ppl", str(text), "--ctx", "32",
+                                 "--write-card"])
+    assert r.exit_code == 0, r.output
+    assert "| held.txt |" in (folder / card.CARD).read_text()

@@ -93,6 +93,8 @@ def test_peft_export_reproduces_svdq_load(artifacts, arch, tmp_path):
     manifest = json.loads((artifacts[arch] / runtime.MANIFEST).read_text())
     low = {p["name"]: p["rank"] for p in manifest["layers"] if p["kind"] in ("lowrank", "residual")}
     assert record["lowrank_terms_in_adapter"] == len(low) and record["lowrank_terms_folded"] == 0
+    if arch == "gpt2":  # ranks differ: rank_pattern and alpha_pattern carry them
+        assert len(set(low.values())) > 1
     base = plain_load(arch, tmp_path / "p")
     ours = svdq.load(artifacts[arch])
     assert not torch.allclose(out_of(base, arch), out_of(ours, arch), atol=1e-3)  # the base alone differs
@@ -120,8 +122,10 @@ def test_export_refuses_bad_input_in_one_line(artifacts, tmp_path):
     assert not (tmp_path / "x").exists()
     assert "--dtype 'int8'" in one_line_error(
         run_export(artifacts["gpt2"], "hf", tmp_path / "x", "--dtype", "int8"))
-    assert "the artifact itself" in one_line_error(
-        run_export(artifacts["gpt2"], "hf", artifacts["gpt2"], "--overwrite"))
+    for inside in (artifacts["gpt2"], artifacts["gpt2"] / "hf", artifacts["gpt2"].parent):
+        assert "inside it or around it" in one_line_error(
+            run_export(artifacts["gpt2"], "hf", inside, "--overwrite"))
+    assert not (artifacts["gpt2"] / "hf").exists()
     assert "no svdq.json" in one_line_error(run_export(tmp_path, "hf", tmp_path / "y"))
     (tmp_path / "full").mkdir()
     (tmp_path / "full" / "notes.txt").write_text("mine")
@@ -137,3 +141,27 @@ def test_export_overwrites_an_earlier_export(artifacts, tmp_path):
     assert r.exit_code == 0, r.output
     assert not (tmp_path / "e" / "adapter").exists()
     assert json.loads((tmp_path / "e" / "svdq_export.json").read_text())["to"] == "hf"
+
+
+def test_peft_export_without_low_rank_terms_is_refused(models, calib_file, tmp_path):
+    art = tmp_path / "dense"
+    r = CliRunner().invoke(app, ["compress", str(models["llama"]), "-o", str(art), "--calib",
+                                 str(calib_file), *FAST, "--eps", "0.3", "--bits", "8"])
+    assert r.exit_code == 0, r.output
+    assert "no low-rank terms" in one_line_error(run_export(art, "peft", tmp_path / "p"))
+    assert not (tmp_path / "p").exists()
+
+
+def test_a_sharded_artifact_exports_into_shards(artifacts, models, calib_file, tmp_path):
+    art = tmp_path / "sharded"
+    r = CliRunner().invoke(app, ["compress", str(models["llama"]), "-o", str(art), "--calib",
+                                 str(calib_file), *FAST, *CASES["llama"], "--shard-size", "40KB"])
+    assert r.exit_code == 0, r.output
+    assert (art / "model.safetensors.index.json").is_file()
+    r = run_export(art, "hf", tmp_path / "hf", "--dtype", "float32", "--shard-size", "40KB")
+    assert r.exit_code == 0, r.output
+    index = json.loads((tmp_path / "hf" / "model.safetensors.index.json").read_text())
+    assert len(set(index["weight_map"].values())) > 1
+    theirs = plain_load("llama", tmp_path / "hf")
+    torch.testing.assert_close(out_of(theirs, "llama"), out_of(svdq.load(art), "llama"),
+                               rtol=1e-4, atol=1e-4)

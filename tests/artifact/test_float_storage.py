@@ -163,3 +163,17 @@ def test_dtype_leaves_older_formats_stored_forms_as_stored(models, calib_file, t
     with torch.no_grad():
         full = svdq.load(out)(ids).logits
         torch.testing.assert_close(model(ids).logits.float(), full, rtol=0.05, atol=0.05)
+
+
+def test_a_bfloat16_stored_artifact_exports(pair, tmp_path):
+    r = CliRunner().invoke(app, ["export", str(pair["auto"]), "--to", "hf", "-o", str(tmp_path / "hf"),
+                                 "--dtype", "float32"])
+    assert r.exit_code == 0, r.output
+    theirs = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf")
+    ours = svdq.load(pair["auto"])
+    ids = torch.randint(3, ours.config.vocab_size, (2, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(theirs(ids).logits, ours(ids).logits, rtol=1e-4, atol=1e-4)
+    auto = CliRunner().invoke(app, ["export", str(pair["auto"]), "--to", "hf", "-o",
+                                    str(tmp_path / "bf16"), "--json"])
+    assert json.loads(auto.stdout)["dtype"] == "bfloat16"  # auto: the stored dtype, not float32

@@ -28,8 +28,6 @@ def heights(ax) -> list[float]:
 
 
 def test_figure_draws_each_layers_bytes_rank_bits_and_error(artifact):
-    import matplotlib.pyplot as plt
-
     from svdq.artifact.plot import figure
 
     manifest = json.loads((artifact / "svdq.json").read_text())
@@ -42,7 +40,6 @@ def test_figure_draws_each_layers_bytes_rank_bits_and_error(artifact):
     assert heights(mid) == [p["rank"] for p in layers]
     assert heights(low) == [p["bits"] for p in layers]
     assert list(twin.lines[0].get_ydata()) == [p["error"] for p in layers]
-    plt.close(fig)
 
 
 def test_inspect_plot_writes_the_file(artifact, tmp_path):
@@ -57,3 +54,17 @@ def test_inspect_plot_refuses_in_one_line(artifact, tmp_path):
         app, ["inspect", str(artifact), "--plot", str(tmp_path / "plan.txt")]))
     assert "does not exist" in one_line_error(CliRunner().invoke(
         app, ["inspect", str(artifact), "--plot", str(tmp_path / "no" / "plan.png")]))
+
+
+def test_inspect_plot_of_a_mangled_manifest_is_one_line(artifact, tmp_path):
+    import shutil
+
+    from svdq import runtime
+
+    folder = Path(shutil.copytree(artifact, tmp_path / "a"))
+    manifest = json.loads((folder / runtime.MANIFEST).read_text())
+    del manifest["layers"][0]["error"]
+    manifest["manifest_sha256"] = runtime.manifest_digest(manifest)
+    (folder / runtime.MANIFEST).write_text(json.dumps(manifest))
+    assert "lacks or mangles" in one_line_error(CliRunner().invoke(
+        app, ["inspect", str(folder), "--plot", str(tmp_path / "plan.png")]))

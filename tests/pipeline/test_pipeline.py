@@ -156,7 +156,7 @@ def test_round_trip_equal_outputs(built, case):
     # the manifest describes what was written
     m = b.manifest
     assert m == json.loads((b.out / runtime.MANIFEST).read_text())
-    assert m["format_version"] == runtime.FORMAT_VERSION
+    assert m["format_version"] == runtime.PLAIN_FORMAT  # 6 only with stored_dtype
     assert m["settings"]["_data"]["eps"] == case[1] and m["settings"]["_data"]["bits"] == case[2]
     assert Settings.from_dict(m["settings"]) == b.settings
     assert m["calibration"]["tokens"] == 4 * 32
@@ -575,7 +575,7 @@ def test_integer_grid_artifacts_load_in_both_loaders(models, calib_file, tmp_pat
                                  *extra])
     assert r.exit_code == 0, r.output
     manifest = json.loads((out / runtime.MANIFEST).read_text())
-    assert manifest["format_version"] == runtime.FORMAT_VERSION
+    assert manifest["format_version"] == runtime.PLAIN_FORMAT
     weights = [p for p in manifest["layers"] if p["kind"] in ("dense", "residual") and p["bits"]]
     assert weights and {p.get("grid") for p in weights} == {"int"}, manifest["layers"]
     spec = importlib.util.spec_from_file_location("copied_loader", out / "svdq_loader.py")
