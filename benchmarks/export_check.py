@@ -2,7 +2,7 @@
 artifact's own, on the same tokens and windows, and the bytes of each.
 
     python benchmarks/export_check.py ARTIFACT --text eval.txt [--ctx 512] [--max-tokens 32768]
-                                      [--out benchmarks/results] [--tag NAME]
+                                      [--out benchmarks/results] [--tag NAME] [--threads N]
 
 Exports ARTIFACT with `--to hf` in float32 and in the default dtype, and with `--to peft` in
 the default dtype, into a temporary folder; then scores the artifact (`svdq.load`, layers as
@@ -33,7 +33,10 @@ def main() -> None:
     parser.add_argument("--max-tokens", type=int, default=32768)
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
     parser.add_argument("--tag", default="")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
 
     import transformers
     from peft import PeftModel
