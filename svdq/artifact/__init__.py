@@ -200,6 +200,39 @@ def move_into_place(tmp: Path, out: Path) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
+def locate(spec: str | Path, revision: str | None = None, required: bool = True) -> Path:
+    """The local folder of artifact `spec`: a folder as given, or a hub repo id ("user/name")
+    holding an artifact, downloaded once into the Hugging Face cache (every file: tensors,
+    manifest, card, loader). Anything else — a missing folder, a hub repo without svdq.json —
+    comes back as given (`read` refuses it; `svdq eval` loads it as a plain model), and so does
+    a hub id not in the local cache while the hub is unreachable unless the artifact is
+    `required` (then that is the error)."""
+    path = Path(spec).expanduser()
+    text = str(spec)
+    if path.exists() or text.startswith((".", "/", "~")) or text.count("/") != 1:
+        return path
+    from huggingface_hub import hf_hub_download, snapshot_download
+    from huggingface_hub.errors import (EntryNotFoundError, HfHubHTTPError,
+                                        LocalEntryNotFoundError)
+
+    from svdq.models.load import hub_reachable
+
+    offline = not hub_reachable()
+    try:
+        hf_hub_download(text, runtime.MANIFEST, revision=revision, local_files_only=offline)
+        return Path(snapshot_download(text, revision=revision, local_files_only=offline))
+    except LocalEntryNotFoundError:  # (a subclass of the next: first)
+        if not required:
+            return path
+        raise SvdqError(f"{spec} is neither a folder nor in the local Hugging Face cache, and "
+                        "the hub is unreachable; give the artifact's folder") from None
+    except EntryNotFoundError:
+        return path  # a hub model, not an artifact
+    except (HfHubHTTPError, OSError, ValueError) as e:
+        raise SvdqError(f"cannot download {spec} from the Hugging Face hub "
+                        f"({str(e).splitlines()[0]}); check the repo id") from None
+
+
 def read(path: str | Path, verify: bool = True) -> dict:
     """The manifest of an artifact, checked; a damaged artifact is an SvdqError."""
     try:
@@ -212,7 +245,9 @@ def load(path: str | Path, device: str = "cpu", verify: bool = True, dequantize:
          dtype=None):
     """Load an artifact as a ready transformers model, its layers kept as stored
     (`runtime.StoredLinear`) or, with `dequantize`, expanded to float layers (`runtime.load`);
-    `dtype` runs it in another float dtype than the manifest's."""
+    `dtype` runs it in another float dtype than the manifest's. `path`: a folder or a hub
+    repo id (`locate`)."""
+    path = locate(path)
     try:
         return runtime.load(path, device=device, verify=verify, dequantize=dequantize, dtype=dtype)
     except runtime.ArtifactError as e:

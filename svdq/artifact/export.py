@@ -25,7 +25,7 @@ from typing import Callable
 import torch
 
 from svdq import __version__, runtime
-from svdq.artifact import SHARD_BYTES, load, move_into_place, outdir, read, writing
+from svdq.artifact import SHARD_BYTES, load, locate, move_into_place, outdir, read, writing
 from svdq.artifact.writer import INDEX
 from svdq.errors import SvdqError
 
@@ -66,7 +66,7 @@ def export(path: Path, to: str, out: Path, dtype: str = "auto", overwrite: bool 
     written as `svdq_export.json`."""
     if to not in TARGETS:
         raise SvdqError(f"--to {to!r} is unknown; use hf or peft")
-    path, out = Path(path), Path(out)
+    path, out = locate(path), Path(out)
     manifest = read(path)
     here, there = path.resolve(), out.resolve()
     if there == here or here in there.parents or there in here.parents:

@@ -11,7 +11,7 @@ from svdq.cli import app, mb, out, progress_bar, user_errors
 
 @app.command()
 def export(
-    path: Path = typer.Argument(..., metavar="ARTIFACT", help="Artifact folder."),
+    path: str = typer.Argument(..., metavar="ARTIFACT", help="Artifact folder or hub repo id."),
     to: str = typer.Option(..., "--to", help="hf: every layer de-quantized into a plain "
                            "transformers folder; peft: the quantized parts as that folder and "
                            "the low-rank terms as a PEFT LoRA adapter in OUTPUT/adapter."),

@@ -17,7 +17,7 @@ from svdq.cli.compress import summary
 
 @app.command()
 def inspect(
-    path: Path = typer.Argument(..., metavar="ARTIFACT", help="Artifact folder."),
+    path: Path = typer.Argument(..., metavar="ARTIFACT", help="Artifact folder or hub repo id."),
     sort: str = typer.Option("name", help="Order rows by name, bytes, ratio, error or rank."),
     top: int = typer.Option(0, help="Show only the first N rows after sorting (0: all)."),
     as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table."),
@@ -34,7 +34,7 @@ def inspect(
             raise SvdqError(f"--sort {sort!r} is unknown; use one of {', '.join(keys)}")
         if plot is not None:
             _check_plot(plot)
-        manifest = artifact.read(path)
+        manifest = artifact.read(artifact.locate(path))
     try:
         if plot is not None:
             from svdq.artifact.plot import draw

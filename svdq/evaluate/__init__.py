@@ -38,7 +38,9 @@ def load_subject(spec: str, device: str = "cpu") -> Subject:
     from svdq import artifact
     from svdq.models import load as hf
 
-    if (Path(spec) / "svdq.json").is_file():
+    folder = artifact.locate(spec, required=False)  # a hub repo holding an artifact: downloaded
+    if (folder / "svdq.json").is_file():
+        spec = str(folder)
         manifest = artifact.read(spec, verify=False)  # load() below checks the checksum once
         # float layers: the same stored tensors, faster to run than de-quantizing per forward
         model = artifact.load(spec, device=device, dequantize=True)
