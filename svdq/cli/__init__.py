@@ -96,5 +96,5 @@ def main() -> None:
 
 
 # the commands register themselves on `app`
-from svdq.cli import assets, compress, evaluate, export, inspect, sweep  # noqa: E402,F401
+from svdq.cli import assets, compress, evaluate, export, finetune, inspect, sweep  # noqa: E402,F401,E501
 from svdq.cli.evaluate import eval_  # noqa: E402,F401 - its defaults are tested

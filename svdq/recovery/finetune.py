@@ -1,0 +1,256 @@
+"""`svdq finetune`: win back by distillation from the source model what compression lost.
+
+The student is the artifact as stored (`tuned.prepare`: factors, Σ, biases and norms train,
+quantized dense parts stay frozen); the teacher is the artifact's source model. The loss is
+the KL divergence of the next-token distributions (causal LMs) or 1 − cosine of the
+mean-pooled last hidden states (encoders), on sequences of the training text; the loss on
+held-out sequences is measured every `eval_every` steps, the best state kept, and training
+stops early when it has not improved `patience` times in a row. The result is a new
+artifact with the same plan, tensor keys, dtypes and bytes; its manifest records the recovery.
+"""
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+from torch import nn
+
+from svdq import __version__, runtime
+from svdq.artifact import SHARD_BYTES, card, locate, move_into_place, outdir, read, writing
+from svdq.artifact.writer import INDEX
+from svdq.errors import SvdqError
+from svdq.recovery import data, tuned
+
+Progress = Callable[[str, int, int], None]
+
+
+@dataclass(frozen=True)
+class Options:
+    steps: int = 200
+    lr: float = 1e-4
+    batch_size: int = 4
+    seq_len: int = 256
+    samples: int = 512  # training sequences at most (the text may hold fewer)
+    val_samples: int = 8
+    eval_every: int = 25
+    patience: int = 3
+    calib: str = "auto"
+    seed: int = 0
+    checkpointing: bool = False
+
+    def check(self) -> None:
+        for name in ("steps", "batch_size", "seq_len", "samples", "val_samples", "eval_every"):
+            if getattr(self, name) < 1:
+                raise SvdqError(f"--{name.replace('_', '-')} must be at least 1, got "
+                                f"{getattr(self, name)}")
+        if self.patience < 1:
+            raise SvdqError(f"--patience must be at least 1, got {self.patience}")
+        if not (math.isfinite(self.lr) and self.lr > 0):
+            raise SvdqError(f"--lr must be a positive number, got {self.lr}")
+
+
+def distill_loss(student: nn.Module, teacher: nn.Module, ids: torch.Tensor, causal: bool
+                 ) -> torch.Tensor:
+    """Mean per-token KL(teacher ‖ student) of the next-token distributions, or for an
+    encoder the mean 1 − cosine of the mean-pooled last hidden states."""
+    mask = torch.ones_like(ids)
+    kw = {"input_ids": ids, "attention_mask": mask}
+    if causal:
+        with torch.no_grad():
+            t = teacher(**kw, use_cache=False).logits.float()
+        s = student(**kw, use_cache=False).logits.float()
+        t, s = t.flatten(0, 1).log_softmax(-1), s.flatten(0, 1).log_softmax(-1)
+        return nn.functional.kl_div(s, t, log_target=True, reduction="batchmean")
+    with torch.no_grad():
+        t = _pooled(teacher(**kw, output_hidden_states=True))
+    s = _pooled(student(**kw, output_hidden_states=True))
+    return (1 - nn.functional.cosine_similarity(s, t, dim=-1)).mean().float()
+
+
+def _pooled(out) -> torch.Tensor:
+    """Mean-pooled last hidden states in float64: 1 − cos of close embeddings is ~1e-5,
+    where float32's rounding would be a percent of it."""
+    h = getattr(out, "last_hidden_state", None)
+    return (out.hidden_states[-1] if h is None else h).double().mean(1)
+
+
+def _checkpoint_blocks(model: nn.Module) -> None:
+    """Recompute each block's activations in the backward instead of keeping them."""
+    from torch.utils.checkpoint import checkpoint
+
+    from svdq.models.layers import blocks_of
+
+    _, blocks = blocks_of(model)
+    for block in blocks:
+        forward = block.forward
+        block.forward = lambda *a, _f=forward, **k: checkpoint(_f, *a, use_reentrant=False, **k)
+
+
+@torch.no_grad()
+def _val_loss(student, teacher, val, batch_size, causal) -> float:
+    total = 0.0
+    for i in range(0, len(val), batch_size):
+        chunk = val[i: i + batch_size]
+        total += float(distill_loss(student, teacher, chunk, causal)) * len(chunk)
+    return total / len(val)
+
+
+def train(student: nn.Module, teacher: nn.Module, plain: dict, train_ids: torch.Tensor,
+          val_ids: torch.Tensor, causal: bool, opt: Options,
+          progress: Progress | None = None) -> dict:
+    """Fine-tune `student` in place; returns the record of the run. `plain`: {key: (parameter,
+    stored dtype)} of the norms and biases outside the tuned layers. The student ends in its
+    best state (on the held-out loss), rounded to what will be stored."""
+    layers = [m for m in student.modules() if isinstance(m, tuned.TunedLinear)]
+    params = [p for p in student.parameters() if p.requires_grad]
+    for m in layers:
+        m.qat = False  # the loss of the artifact as stored, before any step
+    before = _val_loss(student, teacher, val_ids, opt.batch_size, causal)
+    for m in layers:
+        m.qat = True
+    optim = torch.optim.AdamW(params, lr=opt.lr, weight_decay=0.0)
+    warm = max(1, opt.steps // 20)
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        optim, lambda i: min((i + 1) / warm, max(0.0, (opt.steps - i) / max(1, opt.steps - warm))))
+    gen = torch.Generator().manual_seed(opt.seed)
+    order = torch.empty(0, dtype=torch.long)
+    best, bad, curve, losses = before, 0, [[0, before]], []
+    best_state = [p.detach().clone() for p in params]  # step 0 wins if no step improves on it
+    start, step = time.perf_counter(), 0
+    for step in range(1, opt.steps + 1):
+        if len(order) < opt.batch_size:
+            order = torch.cat([order, torch.randperm(len(train_ids), generator=gen)])
+        pick, order = order[: opt.batch_size], order[opt.batch_size:]
+        loss = distill_loss(student, teacher, train_ids[pick], causal)
+        if not torch.isfinite(loss):
+            raise SvdqError(f"the loss became {float(loss)} at step {step}; lower --lr")
+        loss.backward()
+        nn.utils.clip_grad_norm_(params, 1.0)
+        optim.step()
+        sched.step()
+        optim.zero_grad(set_to_none=True)
+        losses.append(float(loss.detach()))
+        if progress:
+            progress(f"fine-tuning: loss {losses[-1]:.4f}", step, opt.steps)
+        if step % opt.eval_every and step != opt.steps:
+            continue
+        val = _val_loss(student, teacher, val_ids, opt.batch_size, causal)
+        curve.append([step, val])
+        if val < best:
+            best, bad = val, 0
+            best_state = [p.detach().clone() for p in params]
+        else:
+            bad += 1
+            if bad >= opt.patience:
+                break
+    seconds = time.perf_counter() - start
+    with torch.no_grad():
+        for p, b in zip(params, best_state):
+            p.copy_(b)
+        for m in layers:
+            m.settle()
+        for p, dtype in plain.values():  # norms and biases, as their stored dtype holds them
+            p.copy_(p.to(dtype).float())
+    after = _val_loss(student, teacher, val_ids, opt.batch_size, causal)
+    return {"steps_run": step, "best_step": min(curve, key=lambda c: c[1])[0],
+            "early_stopped": step < opt.steps, "loss": "kl_next_token" if causal else "1-cos_pooled",
+            "val_loss_before": before, "val_loss_after": after, "val_curve": curve,
+            "train_loss_first": losses[0], "train_loss_last": losses[-1],
+            "train_seconds": round(seconds, 1), "seconds_per_step": round(seconds / step, 2)}
+
+
+
+def finetune(path: str | Path, out: Path, opt: Options = Options(), overwrite: bool = False,
+             device: str = "cpu", progress: Progress | None = None,
+             warn: Callable[[str], None] | None = None) -> dict:
+    """Fine-tune artifact `path` into a new artifact at `out`; returns the recovery record
+    written into its manifest. Nothing is written unless it all succeeds; `path` is only read."""
+    import transformers
+
+    from svdq.evaluate import load_baseline
+
+    opt.check()
+    path, out = locate(path), Path(out)
+    manifest = read(path)
+    here, there = path.resolve(), out.resolve()
+    if there == here or here in there.parents or there in here.parents:
+        raise SvdqError(f"-o {out} is the artifact, inside it or around it; write the "
+                        "fine-tuned artifact to a folder of its own")
+    outdir.check(out, overwrite)
+    data.check(opt.calib)
+    device = str(runtime.check_device(device))
+    if progress:
+        progress("loading: source and artifact", 0, 2)
+    try:
+        teacher = load_baseline(manifest).model.float().to(device).eval()
+    except SvdqError as e:
+        raise SvdqError(str(e).replace("drop --baseline", "fine-tuning distils from it")) from None
+    student = runtime.load(path, dtype="float32", verify=False)
+    stored = runtime.load_tensors(path, manifest)
+    plain = {k: (p, stored[k].dtype) for k, p in tuned.prepare(student, manifest).items()
+             if k in stored}
+    student.to(device).eval()  # eval: no dropout; the gradients flow all the same
+    if opt.checkpointing:
+        _checkpoint_blocks(student)
+    tokenizer = transformers.AutoTokenizer.from_pretrained(str(path))
+    causal = bool(getattr(teacher, "can_generate", lambda: False)())
+    train_ids, val_ids, text = data.sequences(teacher, tokenizer, opt.calib, opt.samples,
+                                              opt.val_samples, opt.seq_len, opt.seed, causal,
+                                              progress, warn)
+    record = train(student, teacher, plain, train_ids.to(device), val_ids.to(device), causal,
+                   opt, progress)
+    del teacher
+    trained = [m for m in student.modules() if isinstance(m, tuned.TunedLinear)]
+    record = {"svdq_version": __version__, "from": str(here), **record,
+              "options": {k: v for k, v in asdict(opt).items() if k not in ("calib",)},
+              "text": text, "trained": {
+                  "lowrank_terms": sum(1 for m in trained if m.rank),
+                  "biases_and_norms": len(plain),
+                  "parameters": sum(p.numel() for p in student.parameters() if p.requires_grad)}}
+    new = {}
+    for m in trained:
+        new.update(m.stored_tensors(manifest["format_version"]))
+    new.update({k: p.detach().to(dtype) for k, (p, dtype) in plain.items()})
+    _write(path, out, manifest, stored, new, record, overwrite)
+    return record
+
+
+_NOT_COPIED = {runtime.MANIFEST, INDEX, card.CARD, card.EVALS, outdir.EXPORT}
+
+
+def _write(path: Path, out: Path, manifest: dict, stored: dict, new: dict, record: dict,
+           overwrite: bool) -> None:
+    """The input artifact with the tensors in `new` replaced (same keys, shapes and dtypes)."""
+    for key, t in new.items():
+        old = stored.get(key)
+        if old is None or old.shape != t.shape or old.dtype != t.dtype:
+            raise SvdqError(f"fine-tuning changed the stored form of {key!r}; this is a bug in svdq")
+    shard = max([SHARD_BYTES] + [(path / f).stat().st_size for f in runtime.tensor_files(manifest)])
+    with writing(out, overwrite, shard) as pending:
+        pending.tensors.add({k: new.get(k, t) for k, t in stored.items()})
+        files = pending.tensors.close()
+        if pending.tensors.total_bytes != manifest["totals"]["artifact_tensor_bytes"]:
+            raise SvdqError("fine-tuning changed the stored bytes; this is a bug in svdq")
+        body = {k: v for k, v in manifest.items() if k not in ("sha256", "shards", "manifest_sha256")}
+        body["recovery"] = [*manifest.get("recovery", []), record]  # one entry per run
+        body.update({"sha256": files[runtime.TENSORS]} if runtime.TENSORS in files
+                    else {"shards": files})
+        body["manifest_sha256"] = runtime.manifest_digest(body)
+        tmp = pending.tmp
+        (tmp / runtime.MANIFEST).write_text(json.dumps(body, indent=1))
+        for f in sorted(path.iterdir()):  # config, tokenizer, loader, generation config
+            if f.is_file() and f.name not in _NOT_COPIED and not f.name.endswith(".safetensors") \
+                    and not f.name.startswith("."):
+                shutil.copyfile(f, tmp / f.name)
+        try:
+            card.write(tmp, body)
+        except (KeyError, TypeError, ValueError, AttributeError, OSError):
+            pass  # documentation only
+        outdir.publish_modes(tmp)
+        move_into_place(tmp, pending.out)
