@@ -233,6 +233,19 @@ def locate(spec: str | Path, revision: str | None = None, required: bool = True)
                         f"({str(e).splitlines()[0]}); check the repo id") from None
 
 
+def annotate(path: Path, **fields) -> dict:
+    """Set top-level `fields` of artifact `path`'s manifest (records of how it was made, never
+    anything a loader reads), its own checksum made again; the file is replaced atomically.
+    Returns the new manifest."""
+    manifest = {k: v for k, v in read(path).items() if k != "manifest_sha256"}
+    manifest.update(fields)
+    manifest["manifest_sha256"] = runtime.manifest_digest(manifest)
+    tmp = Path(path) / f".{runtime.MANIFEST}.{os.getpid()}"
+    tmp.write_text(json.dumps(manifest, indent=1))
+    os.replace(tmp, Path(path) / runtime.MANIFEST)
+    return manifest
+
+
 def read(path: str | Path, verify: bool = True) -> dict:
     """The manifest of an artifact, checked; a damaged artifact is an SvdqError."""
     try:

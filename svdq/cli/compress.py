@@ -67,6 +67,17 @@ def compress(
                                              "done by itself when they are large)."),
     shard_size: str = typer.Option("2GB", help="Largest tensor file of the artifact; larger "
                                    "artifacts are split into model-0000N-of-0000M.safetensors."),
+    schedule: str = typer.Option("single", help="single: compress once; progressive: lower "
+                                 "the budget (or raise eps) in --stages steps from near-lossless "
+                                 "to the target; layerwise: compress the blocks in --groups "
+                                 "groups, front to back. Each stage is fine-tuned by "
+                                 "--finetune-steps."),
+    stages: int = typer.Option(4, help="Stages of --schedule progressive."),
+    groups: int = typer.Option(3, help="Groups of blocks of --schedule layerwise."),
+    finetune_steps: int = typer.Option(0, help="Fine-tune each stage's artifact this many "
+                                       "steps by distillation from MODEL on the calibration "
+                                       "text (as `svdq finetune`); 0: none."),
+    finetune_lr: float = typer.Option(1e-4, help="Peak learning rate of that fine-tuning."),
     as_json: bool = typer.Option(False, "--json", help="Print a JSON summary instead of tables."),
 ) -> None:
     """Compress MODEL into an artifact folder."""
@@ -88,6 +99,26 @@ def compress(
         shard_bytes = parse_size(shard_size, "--shard-size")
         artifact.check_output(output, overwrite)
         _preflight(model, settings)
+        staged = schedule != "single" or finetune_steps != 0
+        if staged:
+            from svdq.recovery import finetune as ft, schedule as sched
+
+            sched.check(settings, schedule, stages if schedule == "progressive" else groups)
+            if finetune_steps < 0:
+                raise SvdqError(f"--finetune-steps must be 0 or more, got {finetune_steps}")
+            opt = ft.Options(steps=finetune_steps, lr=finetune_lr, calib=calib, seed=seed,
+                             seq_len=min(256, calib_len)) \
+                if finetune_steps else None
+            if opt is not None:
+                opt.check()
+            with outdir.locked(output):
+                bar, progress = progress_bar()
+                with bar:
+                    manifest = sched.run(model, output, settings, schedule,
+                                         stages if schedule == "progressive" else groups, opt,
+                                         overwrite, shard_bytes, progress, _warn, revision)
+            _print(manifest, output, as_json)
+            return
         if settings.sequential and settings.refit:
             err.print("[yellow]warning:[/] --sequential --refit fits each layer to the source's "
                       "outputs from drifted inputs, which has hurt badly where the drift is large "
@@ -126,9 +157,7 @@ def _run_compress(model: str, output: Path, settings, revision, overwrite: bool,
     from svdq.models import load as hf
     from svdq.pipeline.compress import compress as run
 
-    def warn(message: str) -> None:
-        err.print(f"[yellow]warning:[/] {message}", highlight=False)
-
+    warn = _warn
     bar, progress = progress_bar()
     with bar:  # a GGUF file is converted once (a bar over its tensors); else seconds
         progress(f"loading {model}", 0, 1)
@@ -154,10 +183,19 @@ def _run_compress(model: str, output: Path, settings, revision, overwrite: bool,
             err.print(f"[bold red]warning:[/] {result.budget['warning']}", highlight=False)
         with err.status(f"writing {output}"):
             manifest = pending.finish(source, result, settings)
+    _print(manifest, output, as_json)
+
+
+def _warn(message: str) -> None:
+    err.print(f"[yellow]warning:[/] {message}", highlight=False)
+
+
+def _print(manifest: dict, output: Path, as_json: bool) -> None:
     if as_json:
         print(json.dumps({"output": str(output), "totals": manifest["totals"],
                           "budget": manifest.get("budget"),
-                          "calibration": manifest["calibration"], "layers": manifest["layers"]}))
+                          "calibration": manifest["calibration"], "layers": manifest["layers"],
+                          **{k: manifest[k] for k in ("schedule", "recovery") if k in manifest}}))
     else:
         summary(manifest, output)
 
@@ -194,6 +232,14 @@ def summary(manifest: dict, output: Path) -> None:
             out.print(f"  plan: {b['plan']}, the lowest calibration loss of "
                       + "; ".join(f"{c['plan']} {c['calibration_loss']:.5g}" for c in judged),
                       highlight=False)
+    sched = manifest.get("schedule")
+    if sched:
+        out.print(f"  schedule {sched['schedule']}: " + "; ".join(
+            f"stage {st['stage']} " + (f"ratio {st['ratio']:.3g}" if st["ratio"] else
+                                       f"eps {st['eps']:.3g}")
+            + (f" on {len(st['include'])} blocks" if st["include"] else "")
+            + (f", fine-tuned {st['val_loss_before']:.4g} → {st['val_loss_after']:.4g}"
+               if "val_loss_after" in st else "") for st in sched["stages"]), highlight=False)
     refit = [p for p in manifest["layers"] if "refit" in p]
     if refit:
         def rms(key: str) -> float:

@@ -168,12 +168,15 @@ def train(student: nn.Module, teacher: nn.Module, plain: dict, train_ids: torch.
 
 def finetune(path: str | Path, out: Path, opt: Options = Options(), overwrite: bool = False,
              device: str = "cpu", progress: Progress | None = None,
-             warn: Callable[[str], None] | None = None) -> dict:
+             warn: Callable[[str], None] | None = None, teacher: nn.Module | None = None
+             ) -> dict:
     """Fine-tune artifact `path` into a new artifact at `out`; returns the recovery record
-    written into its manifest. Nothing is written unless it all succeeds; `path` is only read."""
+    written into its manifest. Nothing is written unless it all succeeds; `path` is only read.
+    `teacher`: the source model in float32 where the caller holds it (else it is loaded as the
+    manifest names it)."""
     import transformers
 
-    from svdq.evaluate import load_baseline
+    from svdq.evaluate import load_baseline, max_context
 
     opt.check()
     path, out = locate(path), Path(out)
@@ -187,10 +190,16 @@ def finetune(path: str | Path, out: Path, opt: Options = Options(), overwrite: b
     device = str(runtime.check_device(device))
     if progress:
         progress("loading: source and artifact", 0, 2)
-    try:
-        teacher = load_baseline(manifest).model.float().to(device).eval()
-    except SvdqError as e:
-        raise SvdqError(str(e).replace("drop --baseline", "fine-tuning distils from it")) from None
+    if teacher is None:
+        try:
+            teacher = load_baseline(manifest).model.float()
+        except SvdqError as e:
+            raise SvdqError(str(e).replace("drop --baseline", "fine-tuning distils from it")) from None
+    teacher = teacher.to(device).eval()
+    context = max_context(teacher)
+    if context is not None and opt.seq_len > context:
+        raise SvdqError(f"--seq-len {opt.seq_len} is longer than the model's {context} positions; "
+                        f"give --seq-len {context} or less")
     student = runtime.load(path, dtype="float32", verify=False)
     stored = runtime.load_tensors(path, manifest)
     plain = {k: (p, stored[k].dtype) for k, p in tuned.prepare(student, manifest).items()
@@ -217,16 +226,18 @@ def finetune(path: str | Path, out: Path, opt: Options = Options(), overwrite: b
     for m in trained:
         new.update(m.stored_tensors(manifest["format_version"]))
     new.update({k: p.detach().to(dtype) for k, (p, dtype) in plain.items()})
-    _write(path, out, manifest, stored, new, record, overwrite)
+    _write(path, out, manifest, stored, new,
+           {"recovery": [*manifest.get("recovery", []), record]}, overwrite)
     return record
 
 
 _NOT_COPIED = {runtime.MANIFEST, INDEX, card.CARD, card.EVALS, outdir.EXPORT}
 
 
-def _write(path: Path, out: Path, manifest: dict, stored: dict, new: dict, record: dict,
+def _write(path: Path, out: Path, manifest: dict, stored: dict, new: dict, fields: dict,
            overwrite: bool) -> None:
-    """The input artifact with the tensors in `new` replaced (same keys, shapes and dtypes)."""
+    """The input artifact with the tensors in `new` replaced (same keys, shapes and dtypes)
+    and the manifest `fields` set."""
     for key, t in new.items():
         old = stored.get(key)
         if old is None or old.shape != t.shape or old.dtype != t.dtype:
@@ -238,7 +249,7 @@ def _write(path: Path, out: Path, manifest: dict, stored: dict, new: dict, recor
         if pending.tensors.total_bytes != manifest["totals"]["artifact_tensor_bytes"]:
             raise SvdqError("fine-tuning changed the stored bytes; this is a bug in svdq")
         body = {k: v for k, v in manifest.items() if k not in ("sha256", "shards", "manifest_sha256")}
-        body["recovery"] = [*manifest.get("recovery", []), record]  # one entry per run
+        body.update(fields)
         body.update({"sha256": files[runtime.TENSORS]} if runtime.TENSORS in files
                     else {"shards": files})
         body["manifest_sha256"] = runtime.manifest_digest(body)

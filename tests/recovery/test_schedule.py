@@ -1,0 +1,100 @@
+"""Schedules in compress: the stages' targets, the same final budget for every schedule, the
+source recorded as the original, fine-tuning between stages, and nothing left behind."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+import svdq
+from svdq.cli import app
+from svdq.config import Settings
+from svdq.recovery import finetune as ft, schedule
+from conftest import one_line_error
+
+FAST = ["--calib-samples", "4", "--calib-len", "32", "--batch-size", "4"]
+
+
+def compress(model: Path, out: Path, calib: Path, *extra: str):
+    return CliRunner().invoke(app, ["compress", str(model), "-o", str(out), "--calib",
+                                    str(calib), *FAST, "--json", *extra])
+
+
+def test_progressive_stages_fall_geometrically_to_the_target():
+    s = schedule.stage_settings(Settings(budget_ratio=0.2), "progressive", 4, ("h", 2))
+    ratios = [x.budget_ratio for x in s]
+    assert ratios[-1] == pytest.approx(0.2) and ratios[0] < schedule.START_RATIO
+    assert all(a > b for a, b in zip(ratios, ratios[1:]))
+    assert ratios[1] / ratios[0] == pytest.approx(ratios[3] / ratios[2])
+    eps = [x.eps for x in schedule.stage_settings(Settings(eps=0.2), "progressive", 3, ("h", 2))]
+    assert eps[-1] == pytest.approx(0.2) and all(a < b for a, b in zip(eps, eps[1:]))
+
+
+def test_layerwise_groups_grow_front_to_back_to_every_block():
+    s = schedule.stage_settings(Settings(budget_ratio=0.3), "layerwise", 3, ("model.layers", 7))
+    assert [len(x.include) for x in s] == [2, 5, 7]
+    assert s[-1].include == tuple(f"model.layers.{i}.*" for i in range(7))
+    assert {x.budget_ratio for x in s} == {0.3}
+    assert schedule.stage_settings(Settings(), "single", 0, ("h", 1)) == [Settings()]
+
+
+@pytest.mark.parametrize("how", [["--schedule", "progressive", "--stages", "2"],
+                                 ["--schedule", "layerwise", "--groups", "2"],
+                                 ["--finetune-steps", "5"]])
+def test_every_schedule_ends_at_the_requested_budget(models, calib_file, tmp_path, how):
+    r = compress(models["gpt2"], tmp_path / "single", calib_file, "--ratio", "0.3")
+    assert r.exit_code == 0, r.output
+    single = json.loads(r.stdout)
+    r = compress(models["gpt2"], tmp_path / "out", calib_file, "--ratio", "0.3",
+                 "--finetune-steps", "5", *how)
+    assert r.exit_code == 0, r.output
+    got = json.loads(r.stdout)
+    assert got["budget"]["requested_bytes"] == single["budget"]["requested_bytes"]
+    assert got["budget"]["achieved_bytes"] <= got["budget"]["requested_bytes"]
+    manifest = svdq.artifact.read(tmp_path / "out")
+    assert manifest["source"]["id"] == str(models["gpt2"])  # the original, not a stage's
+    stages = manifest["schedule"]["stages"]
+    assert len(stages) == (1 if how[0] == "--finetune-steps" else 2)
+    assert len(manifest["recovery"]) == 1 and all("val_loss_after" in s for s in stages)
+    svdq.load(tmp_path / "out")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "single"]  # no work folders
+
+
+def test_layerwise_without_fine_tuning_compresses_only_its_groups_blocks_first(models,
+                                                                              calib_file,
+                                                                              tmp_path):
+    r = compress(models["llama"], tmp_path / "out", calib_file, "--eps", "0.3", "--schedule",
+                 "layerwise", "--groups", "2")
+    assert r.exit_code == 0, r.output
+    manifest = svdq.artifact.read(tmp_path / "out")
+    assert [len(s["include"]) for s in manifest["schedule"]["stages"]] == [1, 2]
+    assert "recovery" not in manifest
+    names = {p["name"] for p in manifest["layers"]}
+    assert any(".layers.1." in n for n in names)  # the last stage covers every block
+
+
+def test_bad_schedules_get_one_line(models, calib_file, tmp_path):
+    m = models["gpt2"]
+    cases = {("--schedule", "zigzag"): "--schedule",
+             ("--schedule", "progressive", "--stages", "0", "--ratio", "0.3"): "--stages",
+             ("--schedule", "progressive", "--size", "1MB"): "--size",
+             ("--schedule", "layerwise", "--include", "*.mlp.*"): "--exclude",
+             ("--finetune-steps", "-1"): "--finetune-steps",
+             ("--finetune-steps", "3", "--finetune-lr", "0"): "--lr",
+             ("--schedule", "layerwise", "--groups", "9", "--eps", "0.3"): "more than"}
+    for extra, word in cases.items():
+        assert word in one_line_error(compress(m, tmp_path / "o", calib_file, *extra)), extra
+    assert not (tmp_path / "o").exists()
+
+
+def test_ctrl_c_between_stages_leaves_nothing(models, calib_file, tmp_path, monkeypatch):
+    def interrupted(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(ft, "finetune", interrupted)
+    r = compress(models["gpt2"], tmp_path / "o", calib_file, "--ratio", "0.3", "--schedule",
+                 "progressive", "--stages", "2", "--finetune-steps", "3")
+    assert "interrupted" in one_line_error(r)
+    assert list(tmp_path.iterdir()) == []
