@@ -18,7 +18,7 @@ from svdq import runtime
 from svdq.cli import app
 from svdq.evaluate import load_baseline
 from svdq.recovery import data, finetune as ft
-from conftest import make_model, one_line_error
+from conftest import make_model, make_text, one_line_error
 
 FAST = ["--calib-samples", "4", "--calib-len", "32", "--batch-size", "4"]
 CASES = {"gpt2": ["--eps", "0.6", "--bits", "4"],  # low-rank Conv1D layers, NF4 factors
@@ -135,7 +135,10 @@ def test_bad_inputs_get_one_line(artifacts, calib_file, tmp_path, models):
     assert "--lr" in one_line_error(tune(a, tmp_path / "o", calib_file, "--lr", "-1"))
     assert "own" in one_line_error(tune(a, a / "inner", calib_file))
     assert "does not exist" in one_line_error(tune(a, tmp_path / "o", tmp_path / "none.txt"))
-    assert "too few" in one_line_error(tune(a, tmp_path / "o", calib_file, "--seq-len", "20000"))
+    assert "positions" in one_line_error(tune(a, tmp_path / "o", calib_file, "--seq-len", "999"))
+    short = tmp_path / "short.txt"
+    short.write_text(make_text(300))
+    assert "too few" in one_line_error(tune(a, tmp_path / "o", short, "--seq-len", "64"))
     # another format version
     other = tmp_path / "v99"
     shutil.copytree(a, other)
