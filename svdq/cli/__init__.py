@@ -96,5 +96,6 @@ def main() -> None:
 
 
 # the commands register themselves on `app`
-from svdq.cli import assets, compress, evaluate, export, finetune, inspect, sweep  # noqa: E402,F401,E501
+from svdq.cli import (assets, compress, evaluate, export, finetune, inspect,  # noqa: E402,F401
+                      spectrum, sweep)
 from svdq.cli.evaluate import eval_  # noqa: E402,F401 - its defaults are tested

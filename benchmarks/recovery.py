@@ -1,0 +1,108 @@
+"""Benchmark: recovery fine-tuning and compression schedules at equal bytes.
+
+    python benchmarks/recovery.py smollm2 --ratio 0.281 --steps 200
+           [--schedules single,progressive,layerwise] [--stages 4] [--groups 3]
+           [--no-plain] [--lr 1e-4] [--out benchmarks/results] [--tag NAME]
+
+For each schedule, `svdq compress` at `--ratio` without fine-tuning (unless `--no-plain`) and
+with `--steps` fine-tuning steps in all, shared out over the schedule's stages (single: all
+after its one compression; progressive: steps / stages after each; layerwise: steps /
+groups), then `svdq eval` of each artifact on held-out text: SmolLM2 perplexity on the bench
+text's eval split (ctx 1024, 16,384 tokens), MiniLM cosine similarity to the source on its
+sentences. Calibration and fine-tuning text: the split's calib part. Every run is a child
+process; its wall time is recorded. Writes `recovery_MODEL_rRATIO[_TAG].md` and `.json`.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import shlex
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).parent))
+from sweep import split_text  # noqa: E402
+
+from svdq import assets  # noqa: E402
+
+
+def run(cmd: list[str]) -> tuple[dict, float]:
+    start = time.perf_counter()
+    done = subprocess.run(cmd, capture_output=True, text=True,
+                          env={**__import__("os").environ, "HF_HUB_OFFLINE": "1"})
+    if done.returncode:
+        raise SystemExit(f"{shlex.join(cmd)} failed:\n{done.stderr[-3000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1]), time.perf_counter() - start
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("model", choices=["smollm2", "minilm"])
+    parser.add_argument("--ratio", type=float, required=True)
+    parser.add_argument("--steps", type=int, default=200)
+    parser.add_argument("--lr", default="1e-4")
+    parser.add_argument("--schedules", default="single,progressive,layerwise")
+    parser.add_argument("--stages", type=int, default=4)
+    parser.add_argument("--groups", type=int, default=3)
+    parser.add_argument("--no-plain", action="store_true")
+    parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
+    parser.add_argument("--tag", default="")
+    args = parser.parse_args()
+
+    calib, evaluation, sentences = split_text(assets.cache_dir() / "bench-text")
+    model = str(assets.fetch(args.model))
+    if args.model == "smollm2":
+        score = ["--ppl", str(evaluation), "--ctx", "1024", "--max-tokens", "16384"]
+    else:
+        score = ["--similarity", str(sentences)]
+    work = Path(tempfile.mkdtemp(prefix="svdq-recovery-"))
+    rows = []
+    if args.model == "smollm2":  # (an encoder's similarity to itself is 1)
+        base, seconds = run(["svdq", "eval", model, *score, "--json"])
+        rows.append({"variant": "source", "eval": base, "seconds": round(seconds, 1)})
+    for sched in args.schedules.split(","):
+        n = {"single": 1, "progressive": args.stages, "layerwise": args.groups}[sched]
+        for steps in ([] if args.no_plain else [0]) + [args.steps]:
+            out = work / f"{sched}-{steps}"
+            cmd = ["svdq", "compress", model, "--ratio", str(args.ratio), "--calib", str(calib),
+                   "-o", str(out), "--json", "--schedule", sched, "--stages", str(args.stages),
+                   "--groups", str(args.groups), "--finetune-steps", str(steps // n),
+                   "--finetune-lr", args.lr]
+            made, seconds = run(cmd)
+            scored, _ = run(["svdq", "eval", str(out), *score, "--json"])
+            rows.append({"variant": f"{sched}, {steps} steps", "command": shlex.join(cmd),
+                         "seconds": round(seconds, 1), "bytes": made["totals"]["artifact_tensor_bytes"],
+                         "ratio_fp16": made["totals"]["checkpoint_ratio_fp16"],
+                         "schedule": made.get("schedule"), "eval": scored})
+            print(json.dumps(rows[-1]["eval"]), rows[-1]["variant"], rows[-1]["seconds"], flush=True)
+    tag = f"recovery_{args.model}_r{args.ratio}" + (f"_{args.tag}" if args.tag else "")
+    args.out.mkdir(parents=True, exist_ok=True)
+    record = {"command": shlex.join(sys.argv), "machine": platform.platform(), "rows": rows}
+    (args.out / f"{tag}.json").write_text(json.dumps(record, indent=1))
+    (args.out / f"{tag}.md").write_text(render(record, args.model))
+    print(render(record, args.model))
+
+
+def _metric(row: dict, model: str) -> str:
+    e = row["eval"]
+    if model == "smollm2":
+        return f"{e['ppl']['rows'][0]['ppl']:.3f}"
+    return f"{e['similarity']['mean']:.4f}"
+
+
+def render(record: dict, model: str) -> str:
+    what = "perplexity" if model == "smollm2" else "similarity to the source"
+    lines = [f"`{record['command']}`", "", f"| variant | bytes vs fp16 | {what} | wall s |",
+             "|---|---|---|---|"]
+    for r in record["rows"]:
+        lines.append(f"| {r['variant']} | {r.get('ratio_fp16', 2.0):.3f} | {_metric(r, model)} | "
+                     f"{r['seconds']} |")
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    main()
