@@ -26,20 +26,24 @@ def finetune(
     patience: int = typer.Option(3, help="Stop after this many validations without improvement."),
     checkpointing: bool = typer.Option(False, help="Recompute each block's activations in the "
                                        "backward pass (less memory, about a third slower)."),
+    train_factors: bool = typer.Option(False, help="Train the low-rank factors themselves "
+                                       "(straight-through their grid, re-quantized at the end) "
+                                       "instead of their scales."),
     device: str = typer.Option("cpu", help="cpu or cuda."),
     seed: int = typer.Option(0, help="Seed of the sequence order and text sampling."),
     overwrite: bool = typer.Option(False, help="Replace an existing svdq artifact in the "
                                    "output folder."),
     as_json: bool = typer.Option(False, "--json", help="Print the recovery record as JSON."),
 ) -> None:
-    """Fine-tune ARTIFACT by distillation from its source model: factors, Σ, biases and norms
-    train, quantized weights stay; the stored bytes do not change."""
+    """Fine-tune ARTIFACT by distillation from its source model: the scales of its quantized
+    weights and factors, Σ, biases and norms train, codes stay; the stored bytes do not change."""
     from svdq.recovery.finetune import Options, finetune as run
 
     with user_errors(f"interrupted; nothing was written to {output} and {path} is unchanged"):
         opt = Options(steps=steps, lr=lr, batch_size=batch_size, seq_len=seq_len,
                       samples=samples, val_samples=val_samples, eval_every=eval_every,
-                      patience=patience, calib=calib, seed=seed, checkpointing=checkpointing)
+                      patience=patience, calib=calib, seed=seed, checkpointing=checkpointing,
+                      train_factors=train_factors)
         bar, progress = progress_bar()
         with bar:
             record = run(path, output, opt, overwrite, device, progress,

@@ -43,6 +43,7 @@ class Options:
     calib: str = "auto"
     seed: int = 0
     checkpointing: bool = False
+    train_factors: bool = False  # the factors themselves (straight-through), not their scales
 
     def check(self) -> None:
         for name in ("steps", "batch_size", "seq_len", "samples", "val_samples", "eval_every"):
@@ -192,7 +193,7 @@ def finetune(path: str | Path, out: Path, opt: Options = Options(), overwrite: b
         progress("loading: source and artifact", 0, 2)
     if teacher is None:
         try:
-            teacher = load_baseline(manifest).model.float()
+            teacher = tuned.float32(load_baseline(manifest).model)
         except SvdqError as e:
             raise SvdqError(str(e).replace("drop --baseline", "fine-tuning distils from it")) from None
     teacher = teacher.to(device).eval()
@@ -202,7 +203,7 @@ def finetune(path: str | Path, out: Path, opt: Options = Options(), overwrite: b
                         f"give --seq-len {context} or less")
     student = runtime.load(path, dtype="float32", verify=False)
     stored = runtime.load_tensors(path, manifest)
-    plain = {k: (p, stored[k].dtype) for k, p in tuned.prepare(student, manifest).items()
+    plain = {k: (p, stored[k].dtype) for k, p in tuned.prepare(student, manifest, opt.train_factors).items()
              if k in stored}
     student.to(device).eval()  # eval: no dropout; the gradients flow all the same
     if opt.checkpointing:
@@ -238,8 +239,10 @@ def _write(path: Path, out: Path, manifest: dict, stored: dict, new: dict, field
            overwrite: bool) -> None:
     """The input artifact with the tensors in `new` replaced (same keys, shapes and dtypes)
     and the manifest `fields` set."""
-    for key, t in new.items():
+    for key, t in list(new.items()):
         old = stored.get(key)
+        if old is not None and t.numel() == old.numel():
+            t = new[key] = t.reshape(old.shape)  # (scales: the file's own layout)
         if old is None or old.shape != t.shape or old.dtype != t.dtype:
             raise SvdqError(f"fine-tuning changed the stored form of {key!r}; this is a bug in svdq")
     shard = max([SHARD_BYTES] + [(path / f).stat().st_size for f in runtime.tensor_files(manifest)])

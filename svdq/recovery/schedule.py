@@ -80,7 +80,7 @@ def run(model: str, output: Path, settings: Settings, schedule: str, n: int, opt
     from svdq.models import load as hf
     from svdq.models.layers import blocks_of
     from svdq.pipeline.compress import compress
-    from svdq.recovery import finetune
+    from svdq.recovery import finetune, tuned
 
     tune = opt is not None and opt.steps > 0
     progress(f"loading {model}", 0, 1)
@@ -92,7 +92,7 @@ def run(model: str, output: Path, settings: Settings, schedule: str, n: int, opt
     if tune:
         import copy
 
-        teacher = copy.deepcopy(original.model).float().eval()
+        teacher = tuned.float32(copy.deepcopy(original.model)).eval()
     work = Path(tempfile.mkdtemp(prefix=f".{output.name}.schedule-", dir=output.resolve().parent))
     record = {"schedule": schedule, "stages": []}
     source = original

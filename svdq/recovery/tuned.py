@@ -1,12 +1,17 @@
 """What fine-tuning trains in a loaded artifact, and the stored tensors it gives back.
 
-A `StoredLinear` becomes a `TunedLinear`: its quantized dense part (if any) de-quantized once
-and frozen, its low-rank factors Uᵀ, Vᵀ and Σ trainable float32 parameters started from the
-stored values, its bias trainable. In the forward the factors pass through the grid they are
-stored on (`fake_quant`: nearest code per block of the flattened factor, the gradient passed
-straight through), so the loss that training sees is the loss of what will be stored.
-`stored_tensors` quantizes them again at the end under the artifact's keys, at the same bits
-and block size: the stored bytes do not change.
+A `StoredLinear` becomes a `TunedLinear` that trains what its stored form holds in floating
+point, so nothing is re-quantized and the bytes cannot change: the scales of every quantized
+tensor (`Scaled`: the integer grid's float16 scale per group, bnb's float32 absmax per block —
+of the dense weight and of the factors; the codes stay), Σ, and the bias. Scales and Σ train
+as log-multipliers, so one learning rate is one relative step for all of them. A 16-bit
+dense weight or 16-bit factors stay frozen.
+
+With `factors` (`svdq finetune --train-factors`) the factors Uᵀ, Vᵀ train themselves instead,
+in float32 through the grid they are stored on (`fake_quant`: the nearest code per block, the
+gradient passed straight through), and `stored_tensors` quantizes them again at the same bits
+and block size. Measured on SmolLM2 (benchmarks/RESULTS.md) that raised the held-out loss at
+every learning rate that moved anything, which is why it is not the default.
 
 Everywhere else only the norms' weights and biases and the biases of linear layers train.
 """
@@ -68,39 +73,97 @@ def stored_factor(t: torch.Tensor, bits: int, block: int) -> quant.Quantized:
                            tuple(t.shape), bits, block)
 
 
-class TunedLinear(nn.Module):
-    """A stored layer being fine-tuned: frozen dense part + trainable U Σ Vᵀ + trainable bias."""
+class Scaled(nn.Module):
+    """A quantized tensor whose codes stay and whose scales train (as PEQA trains them): the
+    value is `base` — the codes at unit scale — times a scale per group (the integer grid:
+    float16 per group of a row's columns) or per block (bnb: float32 absmax per block of the
+    flattened tensor). The scales train as log-multipliers `delta` (0 at the start), so one
+    learning rate is one relative step for scales of any size."""
 
-    def __init__(self, layer: runtime.StoredLinear, entry: dict):
+    def __init__(self, packed: runtime.Packed):
+        super().__init__()
+        self.grid, self.shape, self.block = packed.grid, tuple(packed.shape), packed.block
+        if packed.grid == "int":
+            ones = torch.ones_like(packed.scales)
+            base = runtime.dequantize_int(packed.codes, ones, packed.zeros, self.shape,
+                                          packed.block, packed.bits)
+            scale, self.dtype = packed.scales.float().reshape(self.shape[0], -1), torch.float16
+        else:
+            book = packed.books.get_buffer(str(packed.bits))
+            base = runtime.dequantize(packed.codes, torch.ones_like(packed.absmax), book,
+                                      self.shape, packed.block, packed.bits)
+            scale, self.dtype = packed.absmax.float().reshape(-1), torch.float32
+        self.register_buffer("base", base)
+        self.register_buffer("scale0", scale.clone())
+        self.delta = nn.Parameter(torch.zeros_like(scale))
+
+    def scale(self) -> torch.Tensor:
+        return self.scale0 * self.delta.exp()
+
+    def value(self) -> torch.Tensor:
+        s = self.scale()
+        if self.grid == "int":
+            return self.base * s.repeat_interleave(self.block, dim=1)[:, :self.shape[1]]
+        flat = self.base.reshape(-1)
+        n = flat.numel()
+        blocks = nn.functional.pad(flat, (0, -n % self.block)).view(-1, self.block)
+        return (blocks * s[:, None]).reshape(-1)[:n].view(self.shape)
+
+    @torch.no_grad()
+    def settle(self) -> None:
+        """The scales as stored (float16 on the integer grid)."""
+        self.scale0.copy_(self.scale().to(self.dtype).float())
+        self.delta.zero_()
+
+    def tensors(self, key: str) -> dict[str, torch.Tensor]:
+        name = runtime.SCALES if self.grid == "int" else runtime.ABSMAX
+        return {key + name: self.scale().detach().to(self.dtype).contiguous()}
+
+
+class TunedLinear(nn.Module):
+    """A stored layer being fine-tuned. Trainable: the scales of its quantized parts (dense
+    weight and factors; codes stay), Σ (as a log-multiplier, like the scales) and the bias.
+    A 16-bit dense part stays frozen. With `factors` the factors U, V themselves train
+    instead of their scales, in float through `fake_quant`, re-quantized at the end."""
+
+    def __init__(self, layer: runtime.StoredLinear, entry: dict, factors: bool = False):
         super().__init__()
         self.entry, self.kind, self.rank = entry, layer.kind, layer.rank
         self.in_features, self.out_features = layer.in_features, layer.out_features
         self.fbits = entry.get("factor_bits", entry["bits"]) if self.rank else None
-        self.block, self.qat = entry["block_size"], True
-        dense = None
-        if layer.kind != "lowrank":
-            w = layer._dense()
-            dense = w.full() if isinstance(w, runtime.Packed) else w.float()
-        self.register_buffer("dense", dense)
+        self.block, self.train_factors, self.qat = entry["block_size"], factors, True
+        w = layer._dense() if layer.kind != "lowrank" else None
+        if isinstance(w, runtime.Packed):
+            self.dense = Scaled(w)
+        else:  # none, or a 16-bit weight: frozen
+            self.register_buffer("dense", None if w is None else w.float())
         if self.rank:
-            self.u = nn.Parameter(layer.factor("u").clone())
-            self.v = nn.Parameter(layer.factor("v").clone())
-            self.s = nn.Parameter(layer.svdq.s.detach().float().clone())
+            for name in ("u", "v"):
+                f = layer.svdq._modules.get(name)
+                if factors:
+                    setattr(self, name, nn.Parameter(layer.factor(name).clone()))
+                elif isinstance(f, runtime.Packed):
+                    setattr(self, name, Scaled(f))
+                else:  # 16-bit factors: frozen
+                    self.register_buffer(name, layer.factor(name).clone())
+            self.register_buffer("s0", layer.svdq.s.detach().float().clone())
+            self.log_s = nn.Parameter(torch.zeros_like(self.s0))
         self.bias = None if layer.bias is None else nn.Parameter(layer.bias.detach().float().clone())
         self.bias_dtype = None if layer.bias is None else layer.bias.dtype
 
-    def factors(self) -> tuple[torch.Tensor, torch.Tensor]:
-        if not self.qat:
-            return self.u, self.v
-        return (fake_quant(self.u, self.fbits, self.block),
-                fake_quant(self.v, self.fbits, self.block))
+    def _value(self, part) -> torch.Tensor:
+        if isinstance(part, Scaled):
+            return part.value()
+        if isinstance(part, nn.Parameter) and self.qat:
+            return fake_quant(part, self.fbits, self.block)
+        return part
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = x.float()
-        y = None if self.dense is None else x @ self.dense.T
+        y = None if self.dense is None else x @ self._value(self.dense).T
         if self.rank:
-            u, v = self.factors()
-            low = ((x @ v.T) * self.s) @ u
+            u, v = self._value(self.u), self._value(self.v)
+            low = ((x @ v.T) * (self.s0 * self.log_s.exp())) @ u
             y = low if y is None else y + low
         return y if self.bias is None else y + self.bias
 
@@ -108,44 +171,60 @@ class TunedLinear(nn.Module):
     def settle(self) -> None:
         """Round the trained values to what `stored_tensors` writes, and stop fake-quantizing:
         the module then computes exactly what the fine-tuned artifact loads as."""
+        for part in (self.dense, *((self.u, self.v) if self.rank else ())):
+            if isinstance(part, Scaled):
+                part.settle()
+            elif isinstance(part, nn.Parameter):
+                part.copy_(stored_factor(part, self.fbits, self.block).dequantize())
         if self.rank:
-            for name in ("u", "v"):
-                p = getattr(self, name)
-                p.copy_(stored_factor(p, self.fbits, self.block).dequantize())
+            self.s0.mul_(self.log_s.exp())
+            self.log_s.zero_()
         if self.bias is not None:
             self.bias.copy_(self.bias.to(self.bias_dtype).float())
         self.qat = False
 
     @torch.no_grad()
     def stored_tensors(self, version: int) -> dict[str, torch.Tensor]:
-        """The trained tensors under the artifact's keys, quantized as the plan stores them."""
+        """The trained tensors under the artifact's keys, as the plan stores them (call
+        `settle` first)."""
         key = runtime.keys(self.entry["name"], version)
         out = {}
+        if isinstance(self.dense, Scaled):
+            out.update(self.dense.tensors(key["plain"] if self.entry["bits"] == 16 else key["weight"]))
         if self.rank:
             for name in ("u", "v"):
-                q = stored_factor(getattr(self, name), self.fbits, self.block)
-                out.update(q.tensors(key[name]))
-            out[key["s"]] = self.s.detach().float().contiguous()
+                part = getattr(self, name)
+                if isinstance(part, Scaled):
+                    out.update(part.tensors(key[name]))
+                elif isinstance(part, nn.Parameter):
+                    out.update(stored_factor(part, self.fbits, self.block).tensors(key[name]))
+            out[key["s"]] = (self.s0 * self.log_s.exp()).float().contiguous()
         if self.bias is not None:
             out[key["bias"]] = self.bias.detach().to(self.bias_dtype).contiguous()
         return out
+
+
+def float32(model: nn.Module) -> nn.Module:
+    """`model` in float32 in place. Through nn.Module: transformers refuses `.float()` on a model
+    it flags as quantized, as it flags GGUF sources it de-quantized on load."""
+    return nn.Module.float(model)
 
 
 def is_norm(module: nn.Module) -> bool:
     return "norm" in type(module).__name__.lower()
 
 
-def prepare(model: nn.Module, manifest: dict) -> dict[str, nn.Parameter]:
+def prepare(model: nn.Module, manifest: dict, factors: bool = False) -> dict[str, nn.Parameter]:
     """Swap every StoredLinear of `model` for a TunedLinear, freeze everything else but norms
     and biases; returns the trainable parameters by their artifact key (tensors of the tuned
     layers excepted: `stored_tensors` gives those)."""
     plan = {p["name"]: p for p in manifest["layers"]}
     for name, module in list(model.named_modules()):
         if isinstance(module, runtime.StoredLinear):
-            runtime.set_module(model, name, TunedLinear(module, plan[name]))
+            runtime.set_module(model, name, TunedLinear(module, plan[name], factors))
     if hasattr(model, "svdq"):
         del model.svdq  # the codebooks: the tuned layers hold float values
-    model.float()
+    float32(model)
     for p in model.parameters():
         p.requires_grad_(False)
     plain = {}

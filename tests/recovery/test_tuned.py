@@ -54,14 +54,52 @@ def test_tuned_layers_compute_the_stored_layers_and_train_what_the_form_allows(t
     plain = tuned.prepare(model, manifest)
     layers = [m for m in model.modules() if isinstance(m, tuned.TunedLinear)]
     assert layers and not any(isinstance(m, runtime.StoredLinear) for m in model.modules())
-    for m in layers:
-        m.qat = False
     with torch.no_grad():
         torch.testing.assert_close(model(input_ids=ids).logits, want, rtol=1e-5, atol=1e-5)
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     assert any(n.endswith("norm.weight") for n in plain) and set(plain) <= trainable
-    for m in layers:  # dense parts frozen buffers; factors, Σ and biases trainable
-        assert m.dense is None or not m.dense.requires_grad
-        if m.rank:
-            assert m.u.requires_grad and m.v.requires_grad and m.s.requires_grad
+    for m in layers:  # the scales of quantized parts train, their codes (`base`) never
+        for part in (m.dense, *((m.u, m.v) if m.rank else ())):
+            if isinstance(part, tuned.Scaled):
+                assert part.delta.requires_grad and not part.base.requires_grad
+            elif part is not None:
+                assert not part.requires_grad  # 16-bit: frozen
+        assert not m.rank or m.log_s.requires_grad
+    assert any(isinstance(m.dense, tuned.Scaled) for m in layers)
     assert not any("embed" in n for n in trainable)
+
+
+def test_float32_takes_models_transformers_flags_as_quantized():
+    import transformers
+
+    config = transformers.BertConfig(hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                                     intermediate_size=32, vocab_size=30)
+    model = transformers.BertModel(config).to(torch.bfloat16)
+    model.is_quantized = True  # as a GGUF source de-quantized on load is flagged
+    with pytest.raises(ValueError):
+        model.float()
+    assert next(tuned.float32(model).parameters()).dtype == torch.float32
+
+
+@pytest.mark.parametrize("grid,bits", [("int", 3), ("int", 4), ("bnb", 4), ("bnb", 8)])
+def test_scaled_is_the_stored_tensor_and_writes_its_scales_back(grid, bits):
+    w = torch.randn(24, 100, generator=torch.Generator().manual_seed(3))
+    q = quant.quantize(w, bits, 32, grid)
+    packed = runtime.Packed((24, 100), bits, 32, grid, runtime.codebooks([4, 8]) if grid == "bnb" else None)
+    books = packed.books
+    if books is not None:
+        for b in (4, 8):
+            books.register_buffer(str(b), quant.codebook(b))
+    for name, t in q.tensors("").items():
+        packed.register_buffer(name.lstrip("."), t if name != ".scales" else t.reshape(24, -1))
+    s = tuned.Scaled(packed)
+    torch.testing.assert_close(s.value(), q.dequantize())
+    with torch.no_grad():
+        s.delta.add_(0.01)
+    s.settle()
+    (key, t), = s.tensors("w").items()
+    assert key == "w" + (runtime.SCALES if grid == "int" else runtime.ABSMAX)
+    old = q.scales if grid == "int" else q.absmax
+    assert t.dtype == old.dtype and t.numel() == old.numel()
+    torch.testing.assert_close(t.float().reshape(-1), old.float().reshape(-1) * 1.01 ** 1.0,
+                               rtol=2e-3, atol=0)
