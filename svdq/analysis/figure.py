@@ -40,5 +40,5 @@ def draw(result: dict, path: Path) -> None:
             if r == len(rows) - 1:
                 ax.set_xlabel("rank", fontsize=7)
     fig.suptitle(f"{result['model']}: singular value spectra (colour: block depth)", fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    fig.tight_layout(rect=(0, 0, 1, 0.98))  # room for the title
+    fig.savefig(path, dpi=80)

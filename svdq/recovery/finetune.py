@@ -166,7 +166,6 @@ def train(student: nn.Module, teacher: nn.Module, plain: dict, train_ids: torch.
             "train_seconds": round(seconds, 1), "seconds_per_step": round(seconds / step, 2)}
 
 
-
 def finetune(path: str | Path, out: Path, opt: Options = Options(), overwrite: bool = False,
              device: str = "cpu", progress: Progress | None = None,
              warn: Callable[[str], None] | None = None, teacher: nn.Module | None = None
