@@ -243,6 +243,10 @@ def annotate(path: Path, **fields) -> dict:
     tmp = Path(path) / f".{runtime.MANIFEST}.{os.getpid()}"
     tmp.write_text(json.dumps(manifest, indent=1))
     os.replace(tmp, Path(path) / runtime.MANIFEST)
+    try:
+        card.write(Path(path), manifest)
+    except (KeyError, TypeError, ValueError, AttributeError, OSError):
+        pass  # documentation only
     return manifest
 
 

@@ -93,6 +93,19 @@ def _evaluations(evals: list[dict]) -> str:
     return "\n".join(rows)
 
 
+def _recovery(manifest: dict) -> str:
+    """The schedule and the fine-tuning runs, where there were any."""
+    lines = []
+    sched = manifest.get("schedule")
+    if sched:
+        lines.append(f"- compressed by the {sched['schedule']} schedule in "
+                     f"{len(sched['stages'])} stages")
+    for r in manifest.get("recovery", []):
+        lines.append(f"- fine-tuned {r['steps_run']} steps by distillation from the source: "
+                     f"held-out {r['loss']} {r['val_loss_before']:.4g} → {r['val_loss_after']:.4g}")
+    return "".join("\n" + line for line in lines)
+
+
 def render(manifest: dict, evals: list[dict] = ()) -> str:
     source, totals = manifest["source"], manifest["totals"]
     arch = manifest["architecture"]  # AutoModel would build another class for a model with a head
@@ -105,7 +118,7 @@ compressed by svdq {manifest['svdq_version']} with low-rank factors and quantiza
 
 - stored tensors: {totals['artifact_tensor_bytes']:,} bytes, {totals['checkpoint_ratio_fp16']:.3f} ×
   the checkpoint in fp16; the {totals['layers']} target layers: {totals['target_ratio_fp16']:.3f} × their fp16 bytes
-{_settings(manifest)}
+{_settings(manifest)}{_recovery(manifest)}
 
 ## Layers by stored form
 

@@ -67,6 +67,7 @@ def test_finetune_keeps_the_stored_form_and_bytes(artifacts, calib_file, arch, t
     assert m_new["layers"] == m_old["layers"] and m_new["totals"] == m_old["totals"]
     assert m_new["format_version"] == m_old["format_version"]
     assert m_new["recovery"] == [record] and record["steps_run"] >= 1
+    assert "fine-tuned" in (tmp_path / "ft" / "README.md").read_text()
     # the held-out loss never ends above where it started: the best state is kept
     assert record["val_loss_after"] <= record["val_loss_before"] * 1.001
     # both loaders, strictly; they agree

@@ -59,6 +59,8 @@ def test_every_schedule_ends_at_the_requested_budget(models, calib_file, tmp_pat
     assert len(stages) == (1 if how[0] == "--finetune-steps" else 2)
     assert len(manifest["recovery"]) == 1 and all("val_loss_after" in s for s in stages)
     svdq.load(tmp_path / "out")
+    card = (tmp_path / "out" / "README.md").read_text()
+    assert "schedule" in card and "fine-tuned" in card
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "single"]  # no work folders
 
 
