@@ -100,6 +100,24 @@ def calib_file(tmp_path_factory) -> Path:
     return path
 
 
+FAST = ["--calib-samples", "4", "--calib-len", "32", "--batch-size", "4"]
+
+
+def compress_all(models: dict[str, Path], calib_file: Path, root: Path,
+                 cases: dict[str, list[str]]) -> dict[str, Path]:
+    """{arch: artifact folder}: each tiny model compressed by the CLI with its case's options
+    (on the short calibration of FAST), for a test module's artifacts fixture."""
+    from typer.testing import CliRunner
+
+    from svdq.cli import app
+
+    for arch, extra in cases.items():
+        r = CliRunner().invoke(app, ["compress", str(models[arch]), "-o", str(root / arch),
+                                     "--calib", str(calib_file), *FAST, *extra])
+        assert r.exit_code == 0, r.output
+    return {arch: root / arch for arch in cases}
+
+
 ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
 
 

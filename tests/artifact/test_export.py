@@ -14,7 +14,7 @@ from typer.testing import CliRunner
 import svdq
 from svdq import runtime
 from svdq.cli import app
-from conftest import one_line_error
+from conftest import compress_all, one_line_error
 
 FAST = ["--calib-samples", "4", "--calib-len", "32", "--batch-size", "4"]
 # low-rank (Conv1D) at 4 bits; residual int3 with a tied head; a budget's mix on an encoder
@@ -28,11 +28,7 @@ AUTO = {"gpt2": transformers.AutoModelForCausalLM, "llama": transformers.AutoMod
 @pytest.fixture(scope="module")
 def artifacts(models, calib_file, tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("export")
-    for arch, extra in CASES.items():
-        r = CliRunner().invoke(app, ["compress", str(models[arch]), "-o", str(root / arch),
-                                     "--calib", str(calib_file), *FAST, *extra])
-        assert r.exit_code == 0, r.output
-    return {arch: root / arch for arch in CASES}
+    return compress_all(models, calib_file, root, CASES)
 
 
 def out_of(model, arch: str) -> torch.Tensor:

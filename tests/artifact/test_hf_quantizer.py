@@ -11,13 +11,11 @@ import pytest
 import torch
 import transformers
 from safetensors.torch import load_file, save_file
-from typer.testing import CliRunner
 
 import svdq
 from svdq import runtime
-from svdq.cli import app
+from conftest import compress_all
 
-FAST = ["--calib-samples", "4", "--calib-len", "32", "--batch-size", "4"]
 # every layer kind: low rank and dense at 4 and 8 bits, kept, residual; a budget's mix
 CASES = {"gpt2": ["--eps", "0.03", "--bits", "4"],
          "llama": ["--eps", "0.08", "--bits", "3", "--residual"],
@@ -29,11 +27,7 @@ AUTO = {"gpt2": transformers.AutoModelForCausalLM, "llama": transformers.AutoMod
 @pytest.fixture(scope="module")
 def artifacts(models, calib_file, tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("hf")
-    for arch, extra in CASES.items():
-        r = CliRunner().invoke(app, ["compress", str(models[arch]), "-o", str(root / arch),
-                                     "--calib", str(calib_file), *FAST, *extra])
-        assert r.exit_code == 0, r.output
-    return {arch: root / arch for arch in CASES}
+    return compress_all(models, calib_file, root, CASES)
 
 
 def ids_for(model) -> torch.Tensor:

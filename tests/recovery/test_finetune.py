@@ -18,7 +18,7 @@ from svdq import runtime
 from svdq.cli import app
 from svdq.evaluate import load_baseline
 from svdq.recovery import data, finetune as ft
-from conftest import make_model, make_text, one_line_error
+from conftest import compress_all, make_model, make_text, one_line_error
 
 FAST = ["--calib-samples", "4", "--calib-len", "32", "--batch-size", "4"]
 CASES = {"gpt2": ["--eps", "0.6", "--bits", "4"],  # low-rank Conv1D layers, NF4 factors
@@ -30,11 +30,7 @@ TUNE = ["--steps", "30", "--seq-len", "32", "--eval-every", "10", "--lr", "1e-3"
 @pytest.fixture(scope="module")
 def artifacts(models, calib_file, tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("finetune")
-    for arch, extra in CASES.items():
-        r = CliRunner().invoke(app, ["compress", str(models[arch]), "-o", str(root / arch),
-                                     "--calib", str(calib_file), *FAST, *extra])
-        assert r.exit_code == 0, r.output
-    return {arch: root / arch for arch in CASES}
+    return compress_all(models, calib_file, root, CASES)
 
 
 def tune(artifact: Path, out: Path, calib: Path, *extra: str):
