@@ -68,10 +68,7 @@ def export(path: Path, to: str, out: Path, dtype: str = "auto", overwrite: bool 
         raise SvdqError(f"--to {to!r} is unknown; use hf or peft")
     path, out = locate(path), Path(out)
     manifest = read(path)
-    here, there = path.resolve(), out.resolve()
-    if there == here or here in there.parents or there in here.parents:
-        raise SvdqError(f"-o {out} is the artifact, inside it or around it; export into a "
-                        "folder of its own")
+    outdir.apart(path, out, "the export")
     outdir.check(out, overwrite)
     dt = export_dtype(dtype, manifest)
     if to == "peft" and not any(p["kind"] in ("lowrank", "residual") and p.get("rank")

@@ -24,6 +24,15 @@ EXPORT = "svdq_export.json"  # what marks a folder `svdq export` wrote
 _held: dict[Path, int] = {}  # locks this process holds, and how often it entered each
 
 
+def apart(source: Path, out: Path, what: str) -> None:
+    """Refuse an output that is the input artifact `source`, inside it or around it (writing
+    it would replace what is being read); `what`: the output in words."""
+    here, there = Path(source).resolve(), Path(out).resolve()
+    if there == here or here in there.parents or there in here.parents:
+        raise SvdqError(f"-o {out} is the artifact, inside it or around it; write {what} to a "
+                        "folder of its own")
+
+
 def check(out: Path, overwrite: bool) -> None:
     """Refuse, before any work is done, an output that would clobber something not ours."""
     if out.exists() and not out.is_dir():

@@ -181,10 +181,7 @@ def finetune(path: str | Path, out: Path, opt: Options = Options(), overwrite: b
     opt.check()
     path, out = locate(path), Path(out)
     manifest = read(path)
-    here, there = path.resolve(), out.resolve()
-    if there == here or here in there.parents or there in here.parents:
-        raise SvdqError(f"-o {out} is the artifact, inside it or around it; write the "
-                        "fine-tuned artifact to a folder of its own")
+    outdir.apart(path, out, "the fine-tuned artifact")
     outdir.check(out, overwrite)
     data.check(opt.calib)
     device = str(runtime.check_device(device))
@@ -216,7 +213,7 @@ def finetune(path: str | Path, out: Path, opt: Options = Options(), overwrite: b
                    opt, progress)
     del teacher
     trained = [m for m in student.modules() if isinstance(m, tuned.TunedLinear)]
-    record = {"svdq_version": __version__, "from": str(here), **record,
+    record = {"svdq_version": __version__, "from": str(path.resolve()), **record,
               "options": {k: v for k, v in asdict(opt).items() if k not in ("calib",)},
               "text": text, "trained": {
                   "lowrank_terms": sum(1 for m in trained if m.rank),
