@@ -77,6 +77,7 @@ def main() -> None:
             rows.append({"variant": f"{sched}, {steps} steps", "command": shlex.join(cmd),
                          "seconds": round(seconds, 1), "bytes": made["totals"]["artifact_tensor_bytes"],
                          "ratio_fp16": made["totals"]["checkpoint_ratio_fp16"],
+                         "target_ratio_fp16": made["totals"]["target_ratio_fp16"],
                          "schedule": made.get("schedule"), "eval": scored})
             print(json.dumps(rows[-1]["eval"]), rows[-1]["variant"], rows[-1]["seconds"], flush=True)
     tag = f"recovery_{args.model}_r{args.ratio}" + (f"_{args.tag}" if args.tag else "")
@@ -96,11 +97,13 @@ def _metric(row: dict, model: str) -> str:
 
 def render(record: dict, model: str) -> str:
     what = "perplexity" if model == "smollm2" else "similarity to the source"
-    lines = [f"`{record['command']}`", "", f"| variant | bytes vs fp16 | {what} | wall s |",
-             "|---|---|---|---|"]
+    lines = [f"`{record['command']}`", "",
+             f"| variant | stored bytes | target layers vs fp16 | {what} | wall s |",
+             "|---|---|---|---|---|"]
     for r in record["rows"]:
-        lines.append(f"| {r['variant']} | {r.get('ratio_fp16', 2.0):.3f} | {_metric(r, model)} | "
-                     f"{r['seconds']} |")
+        target = f"{r['target_ratio_fp16']:.3f}" if "target_ratio_fp16" in r else "-"
+        lines.append(f"| {r['variant']} | {r.get('bytes', '-'):,} | {target} | "
+                     f"{_metric(r, model)} | {r['seconds']} |")
     return "\n".join(lines) + "\n"
 
 

@@ -29,6 +29,9 @@ def finetune(
     train_factors: bool = typer.Option(False, help="Train the low-rank factors themselves "
                                        "(straight-through their grid, re-quantized at the end) "
                                        "instead of their scales."),
+    bf16: bool = typer.Option(False, help="Run the training steps' matrix products in bfloat16 "
+                              "(autocast; the held-out losses stay float32): about twice as "
+                              "fast where the CPU or GPU has bfloat16 units."),
     device: str = typer.Option("cpu", help="cpu or cuda."),
     seed: int = typer.Option(0, help="Seed of the sequence order and text sampling."),
     overwrite: bool = typer.Option(False, help="Replace an existing svdq artifact in the "
@@ -43,7 +46,7 @@ def finetune(
         opt = Options(steps=steps, lr=lr, batch_size=batch_size, seq_len=seq_len,
                       samples=samples, val_samples=val_samples, eval_every=eval_every,
                       patience=patience, calib=calib, seed=seed, checkpointing=checkpointing,
-                      train_factors=train_factors)
+                      train_factors=train_factors, bf16=bf16)
         bar, progress = progress_bar()
         with bar:
             record = run(path, output, opt, overwrite, device, progress,

@@ -44,6 +44,7 @@ class Options:
     seed: int = 0
     checkpointing: bool = False
     train_factors: bool = False  # the factors themselves (straight-through), not their scales
+    bf16: bool = False  # training steps' matmuls in bfloat16 (autocast); validation in float32
 
     def check(self) -> None:
         for name in ("steps", "batch_size", "seq_len", "samples", "val_samples", "eval_every"):
@@ -128,7 +129,8 @@ def train(student: nn.Module, teacher: nn.Module, plain: dict, train_ids: torch.
         if len(order) < opt.batch_size:
             order = torch.cat([order, torch.randperm(len(train_ids), generator=gen)])
         pick, order = order[: opt.batch_size], order[opt.batch_size:]
-        loss = distill_loss(student, teacher, train_ids[pick], causal)
+        with torch.autocast(train_ids.device.type, torch.bfloat16, enabled=opt.bf16):
+            loss = distill_loss(student, teacher, train_ids[pick], causal)
         if not torch.isfinite(loss):
             raise SvdqError(f"the loss became {float(loss)} at step {step}; lower --lr")
         loss.backward()

@@ -120,6 +120,13 @@ def test_checkpointing_computes_the_same(artifacts, calib_file, tmp_path):
     assert runs[0]["val_loss_after"] == pytest.approx(runs[1]["val_loss_after"], rel=1e-4)
 
 
+def test_bf16_steps_train_too(artifacts, calib_file, tmp_path):
+    r = tune(artifacts["gpt2"], tmp_path / "ft", calib_file, "--json", "--bf16")
+    assert r.exit_code == 0, r.output
+    record = json.loads(r.stdout)
+    assert record["options"]["bf16"] and record["val_loss_after"] < 0.9 * record["val_loss_before"]
+
+
 def test_fine_tuning_twice_keeps_both_records(artifacts, calib_file, tmp_path):
     assert tune(artifacts["gpt2"], tmp_path / "a", calib_file).exit_code == 0
     r = tune(tmp_path / "a", tmp_path / "b", calib_file, "--steps", "10")
