@@ -102,7 +102,8 @@ def render(record: dict, model: str) -> str:
              "|---|---|---|---|---|"]
     for r in record["rows"]:
         target = f"{r['target_ratio_fp16']:.3f}" if "target_ratio_fp16" in r else "-"
-        lines.append(f"| {r['variant']} | {r.get('bytes', '-'):,} | {target} | "
+        size = f"{r['bytes']:,}" if "bytes" in r else "-"
+        lines.append(f"| {r['variant']} | {size} | {target} | "
                      f"{_metric(r, model)} | {r['seconds']} |")
     return "\n".join(lines) + "\n"
 
