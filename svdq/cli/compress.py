@@ -240,6 +240,9 @@ def summary(manifest: dict, output: Path) -> None:
             + (f" on {len(st['include'])} blocks" if st["include"] else "")
             + (f", fine-tuned {st['val_loss_before']:.4g} → {st['val_loss_after']:.4g}"
                if "val_loss_after" in st else "") for st in sched["stages"]), highlight=False)
+    for r in manifest.get("recovery", []) if not sched else []:
+        out.print(f"  fine-tuned {r['steps_run']} steps: held-out {r['loss']} "
+                  f"{r['val_loss_before']:.4g} → {r['val_loss_after']:.4g}", highlight=False)
     refit = [p for p in manifest["layers"] if "refit" in p]
     if refit:
         def rms(key: str) -> float:

@@ -132,6 +132,8 @@ def test_fine_tuning_twice_keeps_both_records(artifacts, calib_file, tmp_path):
     r = tune(tmp_path / "a", tmp_path / "b", calib_file, "--steps", "10")
     assert r.exit_code == 0, r.output
     assert "bytes unchanged" in r.stdout
+    shown = CliRunner().invoke(app, ["inspect", str(tmp_path / "b")]).stdout
+    assert shown.count("fine-tuned") == 2
     rec = json.loads((tmp_path / "b" / runtime.MANIFEST).read_text())["recovery"]
     assert [x["options"]["steps"] for x in rec] == [30, 10]
 
