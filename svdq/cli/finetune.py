@@ -30,8 +30,8 @@ def finetune(
                                        "(straight-through their grid, re-quantized at the end) "
                                        "instead of their scales."),
     bf16: bool = typer.Option(False, help="Run the training steps' matrix products in bfloat16 "
-                              "(autocast; the held-out losses stay float32): about twice as "
-                              "fast where the CPU or GPU has bfloat16 units."),
+                              "(autocast; the held-out losses stay float32): 20% faster a "
+                              "step on SmolLM2 on a CPU with bfloat16 units."),
     device: str = typer.Option("cpu", help="cpu or cuda."),
     seed: int = typer.Option(0, help="Seed of the sequence order and text sampling."),
     overwrite: bool = typer.Option(False, help="Replace an existing svdq artifact in the "
