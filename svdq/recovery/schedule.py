@@ -105,17 +105,15 @@ def run(model: str, output: Path, settings: Settings, schedule: str, n: int, opt
                                   artifact.float_storage(source)) as pending:
                 result = compress(source, st, _staged(progress, s, len(stages)), warn,
                                   sink=pending.tensors, scratch=pending.tmp / ".scratch")
-                entry = {"stage": s + 1, "eps": None if st.budgeted else st.eps,
-                         "ratio": st.budget_ratio, "include": list(st.include)}
                 if last:
-                    record["stages"].append(entry)
                     result.notes.append(f"compressed by the {schedule} schedule in {len(stages)} "
                                         "stages (manifest `schedule`)")
                 manifest = pending.finish(source, result, st)
-            entry["target_bytes"] = manifest["totals"]["target_bytes"]
-            entry["compress_seconds"] = round(time.perf_counter() - start, 1)
-            if not last:
-                record["stages"].append(entry)
+            entry = {"stage": s + 1, "eps": None if st.budgeted else st.eps,
+                     "ratio": st.budget_ratio, "include": list(st.include),
+                     "target_bytes": manifest["totals"]["target_bytes"],
+                     "compress_seconds": round(time.perf_counter() - start, 1)}
+            record["stages"].append(entry)
             if tune:
                 start = time.perf_counter()
                 tuned_at = output if last else work / f"stage{s + 1}-tuned"
@@ -131,7 +129,7 @@ def run(model: str, output: Path, settings: Settings, schedule: str, n: int, opt
             export(folder, "hf", plain, dtype=str(dtype).removeprefix("torch."))
             nxt = hf.load_source(str(plain))
             source = dataclasses.replace(original, model=nxt.model, weights=None, released={})
-            for old in (work / f"stage{s + 1}", work / f"stage{s + 1}-tuned"):
+            for old in (work / f"stage{s + 1}", work / f"stage{s + 1}-tuned", work / f"stage{s}-float"):
                 shutil.rmtree(old, ignore_errors=True)
         return artifact.annotate(output, schedule=record)
     finally:

@@ -190,7 +190,7 @@ class TunedLinear(nn.Module):
         key = runtime.keys(self.entry["name"], version)
         out = {}
         if isinstance(self.dense, Scaled):
-            out.update(self.dense.tensors(key["plain"] if self.entry["bits"] == 16 else key["weight"]))
+            out.update(self.dense.tensors(key["weight"]))  # (a 16-bit weight is never Scaled)
         if self.rank:
             for name in ("u", "v"):
                 part = getattr(self, name)
