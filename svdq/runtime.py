@@ -38,6 +38,8 @@ Tensor keys (NAME is a module name such as `model.layers.0.mlp.up_proj`):
     a residual layer                     NAME.svdq.weight.* (quantized at the plan's `bits`)
                                          plus NAME.svdq.{u,v,s} at its `factor_bits`: Q x +
                                          U(Σ(Vᵀ x)), or one folded weight when de-quantized
+    a convolution                        the same keys, its weight read as (out, in·kh·kw) and
+                                         Vᵀ as (k, in·kh·kw); the geometry is the model's own
     NAME.bias                            bias of any target layer, in the model's dtype
     svdq.codebook.8 / svdq.codebook.4    the 256 / 16 code values, stored once
     anything else                        an untouched tensor of the model under its own name
@@ -223,6 +225,69 @@ class LowRankLinear(nn.Module):
                 f"rank={self.rank}, bias={self.bias is not None}")
 
 
+# ----------------------------------------------------------------------------- convolutions
+# A Conv2d (groups 1, zero padding) is a target like a linear layer: its weight (out, in, kh,
+# kw) is read as the matrix (out, in·kh·kw) whose inputs are the unfolded patches. Stored
+# low rank it runs as a rank-k convolution with the layer's kernel, stride, padding and
+# dilation (Vᵀ reshaped) and a 1×1 convolution back to `out` channels (U Σ).
+def conv_of(module: nn.Module) -> dict | None:
+    """The geometry of a Conv2d that svdq factorizes, or None (a linear layer, or a conv
+    that stays as it is: grouped, depthwise, or padded other than with zeros)."""
+    if not isinstance(module, nn.Conv2d) or module.groups != 1 \
+            or module.padding_mode != "zeros" or isinstance(module.padding, str):
+        return None
+    return {"in_channels": module.in_channels, "kernel": tuple(module.kernel_size),
+            "stride": tuple(module.stride), "padding": tuple(module.padding),
+            "dilation": tuple(module.dilation)}
+
+
+def _conv(x: torch.Tensor, w: torch.Tensor, conv: dict | None) -> torch.Tensor:
+    """x through the weight rows `w` (n, in·kh·kw) as a convolution with `conv`'s geometry
+    (a 1×1 one with conv None): (B, in, H, W) -> (B, n, H', W')."""
+    if conv is None:
+        return nn.functional.conv2d(x, w[:, :, None, None])
+    w = w.reshape(w.shape[0], conv["in_channels"], *conv["kernel"])
+    return nn.functional.conv2d(x, w, None, conv["stride"], conv["padding"], conv["dilation"])
+
+
+class LowRankConv2d(nn.Module):
+    """A Conv2d of rank k: a k-channel convolution with the original geometry (Vᵀ) and a 1×1
+    convolution (U Σ, with the bias) back to `out` channels."""
+
+    def __init__(self, u: torch.Tensor, s: torch.Tensor, v: torch.Tensor,
+                 bias: torch.Tensor | None, conv: dict):
+        super().__init__()
+        self.conv, self.rank = dict(conv), s.shape[0]
+        self.reduce = nn.Parameter(v.reshape(self.rank, conv["in_channels"], *conv["kernel"]),
+                                   requires_grad=False)
+        self.expand = nn.Parameter((u.T * s)[:, :, None, None], requires_grad=False)
+        self.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        c = self.conv
+        z = nn.functional.conv2d(x, self.reduce, None, c["stride"], c["padding"], c["dilation"])
+        return nn.functional.conv2d(z, self.expand, self.bias)
+
+    def extra_repr(self) -> str:
+        return f"kernel={self.conv['kernel']}, stride={self.conv['stride']}, rank={self.rank}"
+
+
+def _conv2d(w: torch.Tensor, bias: torch.Tensor | None, conv: dict) -> nn.Conv2d:
+    out = nn.Conv2d(conv["in_channels"], w.shape[0], conv["kernel"], conv["stride"],
+                    conv["padding"], conv["dilation"], bias=bias is not None, device="meta")
+    out.weight = nn.Parameter(w.reshape(out.weight.shape), requires_grad=False)
+    if bias is not None:
+        out.bias = nn.Parameter(bias, requires_grad=False)
+    return out
+
+
+def _check_conv(layer: dict, conv: dict | None) -> None:
+    if conv is not None and conv["in_channels"] * math.prod(conv["kernel"]) != layer["in_features"]:
+        raise ArtifactError(f"the manifest's entry for {layer['name']!r} does not fit the "
+                            "model's convolution there: the artifact is inconsistent; "
+                            "compress the model again")
+
+
 class Packed(nn.Module):
     """A quantized tensor (rows, cols) kept as stored — codes with absmax per block (`bnb`,
     a codebook shared by the model) or packed integer codes with per-group scales and zeros
@@ -273,9 +338,11 @@ class StoredLinear(nn.Module):
     (`weight` the format-5 marker, `svdq.weight`, `svdq.u`, `svdq.v`, `svdq.s`, `bias`)."""
 
     def __init__(self, layer: dict, dtype: torch.dtype, books: nn.Module | None,
-                 version: int = FORMAT_VERSION):
+                 version: int = FORMAT_VERSION, conv: dict | None = None):
         super().__init__()
         _check_layer(layer)
+        _check_conv(layer, conv)
+        self.conv = conv  # a convolution's geometry (`conv_of`), or None: a linear layer
         out_f, in_f = self.out_features, self.in_features = layer["out_features"], layer["in_features"]
         kind, bits, block = layer["kind"], layer["bits"], layer["block_size"]
         self.kind, self.rank = kind, layer.get("rank", 0) if kind != "dense" else 0
@@ -313,6 +380,8 @@ class StoredLinear(nn.Module):
         return self.weight
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.conv is not None:
+            return self._forward_conv(x)
         y = None
         if self.kind != "lowrank":
             w = self._dense()
@@ -329,6 +398,25 @@ class StoredLinear(nn.Module):
             y = low if y is None else y + low
         return y if self.bias is None else y + self.bias.to(x.dtype)
 
+    def _forward_conv(self, x: torch.Tensor) -> torch.Tensor:
+        """The same on images (B, in, H, W): the dense weight's rows a band of output
+        channels at a time, the factors as a rank-k and a 1×1 convolution."""
+        parts = []
+        if self.kind != "lowrank":
+            w = self._dense()
+            if isinstance(w, Packed):
+                parts.append(torch.cat([_conv(x, w.rows(r, min(r + w.band, self.out_features))
+                                              .to(x.dtype), self.conv)
+                                        for r in range(0, self.out_features, w.band)], 1))
+            else:
+                parts.append(_conv(x, w.to(x.dtype), self.conv))
+        if self.rank:
+            u, v = self.factor("u").to(x.dtype), self.factor("v").to(x.dtype)
+            z = _conv(x, v, self.conv) * self.svdq.s.to(x.dtype)[:, None, None]
+            parts.append(_conv(z, u.T, None))
+        y = parts[0] if len(parts) == 1 else parts[0] + parts[1]
+        return y if self.bias is None else y + self.bias.to(x.dtype)[:, None, None]
+
     def factor(self, name: str) -> torch.Tensor:
         """Uᵀ (rank, out) or Vᵀ (rank, in), float32."""
         f = self.svdq._modules.get(name)
@@ -341,12 +429,12 @@ class StoredLinear(nn.Module):
         if self.rank:
             u, v, s = self.factor("u"), self.factor("v"), self.svdq.s.float()
             if self.kind == "lowrank":
-                return LowRankLinear(u.to(dtype), s.to(dtype), v.to(dtype), bias)
+                return _lowrank(u.to(dtype), s.to(dtype), v.to(dtype), bias, self.conv)
         w = self._dense()
         w = w.full() if isinstance(w, Packed) else w.float()
         if self.kind == "residual":
             w = w + (u.T * s) @ v
-        return _linear(w.to(dtype), bias)
+        return _dense_module(w.to(dtype), bias, self.conv)
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
@@ -425,12 +513,21 @@ def _linear(w: torch.Tensor, bias: torch.Tensor | None) -> nn.Linear:
     return linear
 
 
+def _lowrank(u, s, v, bias, conv: dict | None) -> nn.Module:
+    return LowRankLinear(u, s, v, bias) if conv is None else LowRankConv2d(u, s, v, bias, conv)
+
+
+def _dense_module(w: torch.Tensor, bias: torch.Tensor | None, conv: dict | None) -> nn.Module:
+    return _linear(w, bias) if conv is None else _conv2d(w, bias, conv)
+
+
 def build_layer(layer: dict, tensors: dict, dtype: torch.dtype, used: set,
-                version: int = FORMAT_VERSION) -> nn.Module | None:
+                version: int = FORMAT_VERSION, conv: dict | None = None) -> nn.Module | None:
     """The module that replaces target layer `layer` (a plan entry), de-quantized into the
     model's `dtype` (a low-rank layer as its factors, a residual one folded into one weight),
-    or None if it stays as is."""
+    or None if it stays as is; `conv`: the geometry of a convolution (`conv_of`)."""
     _check_layer(layer)
+    _check_conv(layer, conv)
     name, out_f, in_f = layer["name"], layer["out_features"], layer["in_features"]
     key = keys(name, version)
     bias = _take(tensors, key["bias"], used, shape=(out_f,), dtype=dtype) if layer["bias"] else None
@@ -444,12 +541,12 @@ def build_layer(layer: dict, tensors: dict, dtype: torch.dtype, used: set,
         v = _factor(tensors, key["v"], (k, in_f), fbits, block, used)
         s = _take(tensors, key["s"], used, shape=(k,), dtype=torch.float32)
         if layer["kind"] == "lowrank":
-            return LowRankLinear(u.to(dtype), s.to(dtype), v.to(dtype), bias)
+            return _lowrank(u.to(dtype), s.to(dtype), v.to(dtype), bias, conv)
         w = _factor(tensors, wkey, (out_f, in_f), bits, block, used, grid)
-        return _linear((w + (u.T * s) @ v).to(dtype), bias)  # the correction folded in once
+        return _dense_module((w + (u.T * s) @ v).to(dtype), bias, conv)  # the correction folded in once
     if bits is not None:  # 4, 8 or 16 bits, or the integer grid
         w = _factor(tensors, wkey, (out_f, in_f), bits, block, used, grid)
-        return _linear(w.to(dtype), bias)
+        return _dense_module(w.to(dtype), bias, conv)
     used.discard(key["bias"])  # a layer kept in its own form loads with the untouched tensors
     return None
 
@@ -663,7 +760,12 @@ def swap_in(model: nn.Module, layers: list, dtype: torch.dtype, version: int) ->
     for layer in layers:
         _check_layer(layer)
         if layer["kind"] != "dense" or layer["bits"] is not None:
-            set_module(model, layer["name"], StoredLinear(layer, dtype, shared, version))
+            try:
+                conv = conv_of(model.get_submodule(layer["name"]))
+            except AttributeError:
+                raise ArtifactError(f"the model has no layer {layer['name']!r}: the artifact "
+                                    "is inconsistent; compress the model again") from None
+            set_module(model, layer["name"], StoredLinear(layer, dtype, shared, version, conv))
 
 
 def _assemble(folder: Path, manifest: dict, tensors: dict, transformers,

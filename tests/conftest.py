@@ -76,6 +76,74 @@ def make_model(arch: str, folder: Path, seed: int = 0) -> Path:
     return folder
 
 
+VISION = ("vit", "resnet", "convnext")
+
+
+def make_vision_model(arch: str, folder: Path, seed: int = 0, rank: int = 3) -> Path:
+    """A tiny 1-channel 28×28 image classifier of `arch` (3 classes) saved with its image
+    processor; every other target layer inside the blocks gets a weight of exact rank `rank`
+    (plus a little noise), so low rank pays there and not elsewhere."""
+    import transformers as T
+
+    from svdq.models.layers import targets, weight_of
+
+    configs = {
+        "vit": T.ViTConfig(image_size=28, patch_size=7, num_channels=1, hidden_size=32,
+                           num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+                           num_labels=3, architectures=["ViTForImageClassification"]),
+        "resnet": T.ResNetConfig(num_channels=1, embedding_size=16, hidden_sizes=[16, 32],
+                                 depths=[1, 1], layer_type="basic", num_labels=3,
+                                 architectures=["ResNetForImageClassification"]),
+        "convnext": T.ConvNextConfig(num_channels=1, patch_size=2, hidden_sizes=[16, 32],
+                                     depths=[1, 1], num_stages=2, num_labels=3,
+                                     architectures=["ConvNextForImageClassification"]),
+    }
+    config = configs[arch]
+    config.id2label = {0: "shirt", 1: "shoe", 2: "bag"}
+    config.label2id = {v: k for k, v in config.id2label.items()}
+    torch.manual_seed(seed)
+    model = getattr(T, config.architectures[0])(config).eval()
+    with torch.no_grad():
+        for i, name in enumerate(targets(model)):
+            module = model.get_submodule(name)
+            w = weight_of(module)
+            if i % 2 == 0 and min(w.shape) > rank:
+                low = torch.randn(w.shape[0], rank) @ torch.randn(rank, w.shape[1]) / w.shape[1]
+                low += 1e-3 * low.std() * torch.randn_like(low)
+                module.weight.copy_(low.reshape(module.weight.shape))
+    model.save_pretrained(folder)
+    T.ViTImageProcessor(size={"height": 28, "width": 28}, image_mean=[0.5],
+                        image_std=[0.5]).save_pretrained(folder)
+    return folder
+
+
+def make_images(folder: Path, per_class: int = 6, seed: int = 0) -> Path:
+    """A class-folder tree of random 28×28 grey PNGs, one sub-folder per label of the tiny
+    vision models (`shirt`, `shoe`, `bag`), with a little structure per class."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    for c, label in enumerate(("shirt", "shoe", "bag")):
+        (folder / label).mkdir(parents=True, exist_ok=True)
+        for i in range(per_class):
+            pixels = rng.random((28, 28)) * 128
+            pixels[:, 9 * c: 9 * c + 9] += 120  # a bright band whose place is the class
+            Image.fromarray(pixels.clip(0, 255).astype("uint8"), "L").save(folder / label / f"{i}.png")
+    return folder
+
+
+@pytest.fixture(scope="session")
+def vision_models(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("vision")
+    return {arch: make_vision_model(arch, root / arch) for arch in VISION}
+
+
+@pytest.fixture(scope="session")
+def image_folder(tmp_path_factory) -> Path:
+    return make_images(tmp_path_factory.mktemp("images"))
+
+
 @pytest.fixture(autouse=True, scope="session")
 def one_thread():
     """Tiny models gain nothing from threads, and a busy machine makes threads wait on each

@@ -16,7 +16,8 @@ from svdq.models.layers import weight_of
 
 # (query, key) module names inside a block; GPT-2 keeps q, k and v in one Conv1D
 PAIRS = (("attention.self.query", "attention.self.key"),  # BERT, MiniLM
-         ("attention.attention.query", "attention.attention.key"),  # ViT
+         ("attention.attention.query", "attention.attention.key"),  # ViT (transformers 4)
+         ("attention.q_proj", "attention.k_proj"),  # ViT (transformers 5)
          ("attention.attn.q", "attention.attn.k"),  # MPNet
          ("self_attn.q_proj", "self_attn.k_proj"))  # Llama-family (rotary: refused)
 FUSED = "attn.c_attn"  # GPT-2
@@ -26,13 +27,15 @@ def rotary(model: nn.Module) -> bool:
     return any("rotary" in type(m).__name__.lower() for m in model.modules())
 
 
-def heads(model: nn.Module) -> int:
+def heads(model: nn.Module) -> int | None:
     config = model.config
-    return getattr(config, "num_attention_heads", None) or getattr(config, "n_head")
+    return getattr(config, "num_attention_heads", None) or getattr(config, "n_head", None)
 
 
 def why_not(model: nn.Module, block: nn.Module) -> str | None:
     """Why the attention product does not apply to `model`, or None where it does."""
+    if heads(model) is None:
+        return f"{type(model).__name__} has no attention heads"
     if rotary(model):
         return ("the model rotates queries and keys by position (rotary embeddings), so "
                 "W_Q,h W_K,hᵀ is not one matrix")

@@ -39,6 +39,8 @@ def front_matter(manifest: dict) -> str:
     lines.append(f"tags: {json.dumps(tags)}")  # JSON lists and strings are YAML
     if manifest["architecture"].endswith("ForCausalLM"):
         lines.append("pipeline_tag: text-generation")
+    elif manifest["architecture"].endswith("ForImageClassification"):
+        lines.append("pipeline_tag: image-classification")
     lines.append("---")
     return "\n".join(lines)
 
@@ -61,9 +63,10 @@ def _settings(manifest: dict) -> str:
         how.append(f"factorization `{s['method']}`")
     how += [name for name in ("sequential", "refit") if s.get(name)]
     cal = manifest.get("calibration", {})
+    data = (f"{cal.get('samples')} images of" if cal.get("kind") == "images"
+            else f"{cal.get('samples')} × {cal.get('length')} tokens of")
     return (f"- goal: {goal}\n- {', '.join(how)}\n"
-            f"- calibration: {cal.get('samples')} × {cal.get('length')} tokens of "
-            f"`{Path(str(cal.get('source'))).name}`")
+            f"- calibration: {data} `{Path(str(cal.get('source'))).name}`")
 
 
 def _plan_table(manifest: dict) -> str:
@@ -80,7 +83,10 @@ def _plan_table(manifest: dict) -> str:
     return "\n".join(rows)
 
 
-def _evaluations(evals: list[dict]) -> str:
+def _evaluations(evals: list[dict], vision: bool = False) -> str:
+    if vision and not evals:
+        return ("Not evaluated here: `svdq eval ARTIFACT --accuracy DIR --baseline` measures "
+                "its top-1 and top-5 accuracy and agreement with the source.")
     if not evals:
         return ("Not evaluated yet: `svdq eval ARTIFACT --ppl FILE --baseline --write-card` "
                 "adds the figures here.")
@@ -128,7 +134,7 @@ compressed by svdq {manifest['svdq_version']} with low-rank factors and quantiza
 
 ## Evaluation
 
-{_evaluations(list(evals))}
+{_evaluations(list(evals), manifest.get("calibration", {}).get("kind") == "images")}
 
 ## Use
 

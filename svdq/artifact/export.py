@@ -92,7 +92,8 @@ def export(path: Path, to: str, out: Path, dtype: str = "auto", overwrite: bool 
                 progress(f"layers: {name}", i, len(stored))
             dense, low = layer_terms(layer)
             if low is not None and to == "peft":
-                adapter[name] = tuple(t.to(dt).contiguous() for t in low)
+                adapter[name] = tuple(_shaped(t.to(dt).contiguous(), layer.conv, i)
+                                      for i, t in enumerate(low))
             elif low is not None:
                 folded += 1
                 dense = low[0] @ low[1] if dense is None else dense.addmm_(*low)
@@ -100,6 +101,7 @@ def export(path: Path, to: str, out: Path, dtype: str = "auto", overwrite: bool 
                 dense = torch.zeros(layer.out_features, layer.in_features)
             if plan[name]["module"] == "Conv1D":  # GPT-2's layers store (in, out)
                 dense = dense.T
+            dense = _shaped(dense, layer.conv, 1)
             pending.tensors.add({f"{name}.weight": dense.to(dt).contiguous()})
             if layer.bias is not None:
                 pending.tensors.add({f"{name}.bias": layer.bias.detach().to(dt)})
@@ -133,6 +135,16 @@ def export(path: Path, to: str, out: Path, dtype: str = "auto", overwrite: bool 
     return record
 
 
+def _shaped(t: torch.Tensor, conv: dict | None, side: int) -> torch.Tensor:
+    """A (rows, cols) tensor as a convolution holds it: a weight or LoRA A (`side` 1) with
+    the layer's kernel, LoRA B (`side` 0) as a 1×1 kernel; unchanged for linear layers."""
+    if conv is None:
+        return t
+    if side == 0:
+        return t[:, :, None, None]
+    return t.reshape(t.shape[0], conv["in_channels"], *conv["kernel"])
+
+
 def _write_adapter(folder: Path, adapter: dict, plan: dict, base: Path, manifest: dict) -> int:
     """The PEFT LoRA adapter of the low-rank terms; returns its tensor bytes."""
     from safetensors.torch import save_file
@@ -140,9 +152,11 @@ def _write_adapter(folder: Path, adapter: dict, plan: dict, base: Path, manifest
     folder.mkdir()
     ranks = {name: b.shape[1] for name, (b, _) in adapter.items()}
     common = max(set(ranks.values()), key=list(ranks.values()).count)
-    causal = manifest["architecture"].endswith("ForCausalLM")
+    arch = manifest["architecture"]
+    task = ("CAUSAL_LM" if arch.endswith("ForCausalLM") else None
+            if arch.endswith("ForImageClassification") else "FEATURE_EXTRACTION")
     config = {
-        "peft_type": "LORA", "task_type": "CAUSAL_LM" if causal else "FEATURE_EXTRACTION",
+        "peft_type": "LORA", "task_type": task,
         "base_model_name_or_path": str(base), "inference_mode": True,
         "target_modules": sorted(adapter), "r": common, "lora_alpha": common,
         # full names, each its own rank and alpha = rank: PEFT's scale alpha / r is 1

@@ -1,5 +1,9 @@
 """Per-layer input statistics, accumulated by forward pre-hooks while a block runs.
 
+A convolution's statistics are those of its unfolded input patches (in·kh·kw columns, one
+row per output position: `torch.nn.functional.unfold` with its geometry), made a few images
+at a time (`PATCHES` values at most), so its calibration error is as exact as a linear layer's.
+
 Memory is what bounds a walk over a big model, so the sums go straight into float64
 accumulators, from float32 products of `CHUNK` tokens × `COLUMNS` columns at a time (no
 full-size float64 copy of a batch or of its product, no second Gram per batch), and layers fed the same tensor (q, k and v; gate and
@@ -8,6 +12,8 @@ up) share one set of accumulators instead of holding equal copies.
 from __future__ import annotations
 
 import contextlib
+import itertools
+import math
 from typing import Callable, Iterator
 
 import torch
@@ -15,9 +21,28 @@ from torch import nn
 
 from svdq.algo.factorize import LayerStats
 from svdq.errors import SvdqError
+from svdq.runtime import conv_of
 
 CHUNK = 2048  # tokens per float32 partial product
 COLUMNS = 512  # accumulator columns per partial product (adding float32 into float64 copies it)
+PATCHES = 2 ** 24  # float32 values of unfolded convolution patches made at once (64 MB)
+
+
+def rows(x: torch.Tensor, conv: dict | None) -> Iterator[torch.Tensor]:
+    """A layer's input as float32 rows (positions × in), in pieces: a linear layer's tokens at
+    once, a convolution's unfolded patches a few images at a time."""
+    if conv is None:
+        yield x.detach().reshape(-1, x.shape[-1]).float()
+        return
+    x = x.detach()
+    one = conv["in_channels"] * math.prod(conv["kernel"])
+    out_hw = [(x.shape[2 + d] + 2 * conv["padding"][d] - conv["dilation"][d]
+               * (conv["kernel"][d] - 1) - 1) // conv["stride"][d] + 1 for d in (0, 1)]
+    step = max(1, PATCHES // max(1, one * out_hw[0] * out_hw[1]))
+    for i in range(0, x.shape[0], step):
+        cols = nn.functional.unfold(x[i: i + step].float(), conv["kernel"], conv["dilation"],
+                                    conv["padding"], conv["stride"])  # (b, in·kh·kw, positions)
+        yield cols.transpose(1, 2).reshape(-1, one)
 
 
 def _add_products(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
@@ -80,26 +105,27 @@ class Collector:
             self._recording = False
 
     def _accumulate(self, name: str, src: torch.Tensor, held: torch.Tensor | None) -> None:
-        x = src.detach().reshape(-1, src.shape[-1]).float()
-        st = self._acc.get(name)
-        if st is None:
-            n = x.shape[1]
-            zeros = lambda *shape: torch.zeros(*shape, dtype=torch.float64, device=x.device)  # noqa: E731
-            st = self._acc[name] = LayerStats(zeros(n, n), zeros(n), 0, zeros(n))
-            if held is not None:
-                st.cross, st.source_gram, st.source_total = zeros(n, n), zeros(n, n), zeros(n)
-        _add_products(st.gram, x, x)
-        st.total += x.sum(0)
-        st.abs_total += x.abs().sum(0)
-        st.tokens += x.shape[0]
-        if held is not None:
-            x0 = held.detach().reshape(-1, held.shape[-1]).float()
-            if x0.shape != x.shape:
-                raise SvdqError("the source and compressed streams disagree in shape; "
-                                "this model cannot be calibrated with --sequential --refit")
-            _add_products(st.cross, x, x0)
-            _add_products(st.source_gram, x0, x0)
-            st.source_total += x0.sum(0)
+        conv = conv_of(self.modules[name])
+        if held is not None and held.shape != src.shape:
+            raise SvdqError("the source and compressed streams disagree in shape; "
+                            "this model cannot be calibrated with --sequential --refit")
+        pieces = zip(rows(src, conv), rows(held, conv) if held is not None else itertools.repeat(None))
+        for x, x0 in pieces:
+            st = self._acc.get(name)
+            if st is None:
+                n = x.shape[1]
+                zeros = lambda *shape: torch.zeros(*shape, dtype=torch.float64, device=x.device)  # noqa: E731
+                st = self._acc[name] = LayerStats(zeros(n, n), zeros(n), 0, zeros(n))
+                if held is not None:
+                    st.cross, st.source_gram, st.source_total = zeros(n, n), zeros(n, n), zeros(n)
+            _add_products(st.gram, x, x)
+            st.total += x.sum(0)
+            st.abs_total += x.abs().sum(0)
+            st.tokens += x.shape[0]
+            if x0 is not None:
+                _add_products(st.cross, x, x0)
+                _add_products(st.source_gram, x0, x0)
+                st.source_total += x0.sum(0)
 
     def _hook_for(self, name: str) -> Callable:
         def hook(module, args):
@@ -113,7 +139,8 @@ class Collector:
             # the same tensor object, unmodified since (a data_ptr alone can be recycled)
             version = None if src.is_inference() else src._version
             shared = bool(self._last) and self._last[0] is src and \
-                self._last[1] == version and self._last[2] is held
+                self._last[1] == version and self._last[2] is held and \
+                conv_of(self.modules[self._last[3]]) == conv_of(module)
             leader = self._leader.setdefault(
                 name, self._leader[self._last[3]] if shared else name)
             if (leader != name) != shared:

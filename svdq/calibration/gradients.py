@@ -6,7 +6,8 @@ token t): the budget's sensitivity; and with `fisher`, row_fisher (float64, (out
 `--method fisher`'s row weights. Per-sample gradients: one sequence per backward.
 
 The loss L_s of a sample: for a causal LM the mean next-token cross-entropy (as transformers
-computes it for labels=ids). Otherwise (an encoder) a random-projection surrogate,
+computes it for labels=ids); for an image classifier the cross-entropy against its own top-1
+class. Otherwise (an encoder) a random-projection surrogate,
 L_s = mean_t rᵀ h_t over the last hidden states h_t with r ~ N(0, I) drawn per sample from a
 generator seeded by `seed`: since E_r[r rᵀ] = I, E_r[(∂L/∂y)(∂L/∂y)ᵀ] = J Jᵀ / T² (J the Jacobian
 of the final hidden states in y) is the Gauss–Newton matrix of the output, so grad2 measures
@@ -27,7 +28,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-from svdq.calibration.loss import final_states, token_loss
+from svdq.calibration.loss import class_logits, final_states, token_loss
 from svdq.errors import SvdqError
 from svdq.models import blocks as model_blocks
 from svdq.models.blocks import capture, tail
@@ -111,7 +112,10 @@ def _head(model: nn.Module, last: Stream, ids: torch.Tensor, causal: bool,
         for s, h in enumerate(last):
             h = h.detach().requires_grad_(True)
             sample = ids[s: s + 1].to(h.device)
-            if causal:
+            if sample.is_floating_point():  # images: cross-entropy to the own top-1 class
+                logits = class_logits(model, cell, h, sample)
+                nn.functional.cross_entropy(logits, logits.detach().argmax(-1)).backward()
+            elif causal:
                 token_loss(model, cell, h, sample, backward=True)
             else:
                 states = final_states(model, cell, h, sample)
@@ -146,7 +150,8 @@ def _backward(block: nn.Module, inputs: Stream, kwargs: list[dict], grads: list[
     def weight_hook(name: str) -> Callable:
         def hook(param):
             g = param.grad.detach()
-            row_fisher[name] += g.double().pow(2).sum(0 if transposed[name] else 1)
+            g2 = g.double().pow(2)
+            row_fisher[name] += g2.sum(0) if transposed[name] else g2.reshape(len(g2), -1).sum(1)
             param.grad = None  # read once, never accumulated across samples
         return hook
 

@@ -4,7 +4,9 @@ the budget's judge use, computed through `models.blocks.tail` (the model's own h
 - causal LMs: the next-token cross-entropy of one sequence, summed over its tokens, with the
   vocabulary-wide logits made a chunk of positions at a time (`logits_to_keep`), so a 262k
   vocabulary costs tens of MB, not a GB;
-- encoders: the last hidden states (`last_hidden_state`, else the last of `hidden_states`).
+- encoders: the last hidden states (`last_hidden_state`, else the last of `hidden_states`);
+- image classifiers: the class logits (their KL to the source's is the judge's loss; the
+  cross-entropy against the source's own top-1 class is the gradients' loss).
 """
 from __future__ import annotations
 
@@ -52,3 +54,17 @@ def final_states(model: nn.Module, cell: dict, hidden: torch.Tensor, ids: torch.
     out = model(input_ids=ids, attention_mask=torch.ones_like(ids), output_hidden_states=True)
     h = getattr(out, "last_hidden_state", None)
     return out.hidden_states[-1] if h is None else h
+
+
+def class_logits(model: nn.Module, cell: dict, hidden: torch.Tensor,
+                 pixels: torch.Tensor) -> torch.Tensor:
+    """An image classifier's logits (float32) for `pixels`, the last block's outputs being
+    `hidden`."""
+    cell["value"] = hidden
+    return model(pixel_values=pixels).logits.float()
+
+
+def kl_sum(reference: torch.Tensor, logits: torch.Tensor) -> float:
+    """Σ over samples of KL(softmax(reference) ‖ softmax(logits)), in float64."""
+    ref = torch.log_softmax(reference.double(), -1)
+    return float((ref.exp() * (ref - torch.log_softmax(logits.double(), -1))).sum())

@@ -38,9 +38,10 @@ def compress(
                                "whiten (SVD-LLM, truncation-aware) or fisher (rows weighted "
                                "by loss gradients). auto: whiten with --residual or a budget, "
                                "else svd."),
-    calib: str = typer.Option("auto", help="wikitext, self (text sampled from the model), or a "
-                              "text file. auto: wikitext, else self for causal LMs."),
-    calib_samples: int = typer.Option(32, help="Calibration sequences."),
+    calib: str = typer.Option("auto", help="wikitext, self (text sampled from the model), a "
+                              "text file, or for an image model a folder of PNG/JPEG images. "
+                              "auto: wikitext, else self for causal LMs."),
+    calib_samples: int = typer.Option(32, help="Calibration sequences (images for an image model)."),
     calib_len: int = typer.Option(512, help="Tokens per calibration sequence."),
     batch_size: int = typer.Option(8, help="Sequences per forward pass."),
     include: list[str] = typer.Option([], help="Only compress layers matching this glob (repeatable)."),
@@ -143,6 +144,11 @@ def _preflight(model: str, settings) -> None:
     if path.exists() and not os.access(path, os.R_OK | (os.X_OK if path.is_dir() else 0)):
         raise SvdqError(f"{model} cannot be read (permission denied); check its permissions")
     if settings.calib in ("auto", "wikitext", "self"):
+        return
+    if Path(settings.calib).expanduser().is_dir():
+        from svdq.calibration import images
+
+        images.check_folder(Path(settings.calib).expanduser())
         return
     text = calibrate.check_file(Path(settings.calib))
     tokenizer = hf.local_tokenizer(model)

@@ -1,4 +1,4 @@
-"""`svdq eval`: perplexity and similarity of an artifact or a model."""
+"""`svdq eval`: perplexity, similarity or image accuracy of an artifact or a model."""
 from __future__ import annotations
 
 import json
@@ -22,6 +22,10 @@ def eval_(
     similarity: Optional[str] = typer.Option(None, "--similarity", help="File of sentences, one "
                                              "per line: cosine similarity of the artifact's and "
                                              "its source's mean-pooled last hidden states."),
+    accuracy: Optional[Path] = typer.Option(None, "--accuracy", help="Folder of labelled "
+                                            "images, one sub-folder per class (named by the "
+                                            "model's labels or by index): top-1, top-5, and for "
+                                            "an artifact agreement and KL to its source."),
     baseline: bool = typer.Option(False, help="Also measure the artifact's source model."),
     ctx: Optional[int] = typer.Option(None, help="Tokens per window (default: the model's "
                                       "context, at most 1024)."),
@@ -38,8 +42,16 @@ def eval_(
     from svdq import evaluate as ev
 
     with user_errors():
-        if ppl is None and similarity is None:
-            raise SvdqError("nothing to measure; give --ppl wikitext|FILE and/or --similarity FILE")
+        if ppl is None and similarity is None and accuracy is None:
+            raise SvdqError("nothing to measure; give --ppl wikitext|FILE, --similarity FILE "
+                            "or --accuracy DIR")
+        if accuracy is not None:
+            from svdq.calibration import images
+
+            if not accuracy.is_dir() or not any(p.is_dir() for p in accuracy.iterdir()):
+                raise SvdqError(f"--accuracy {accuracy} is no folder of class sub-folders; give "
+                                "a folder with one sub-folder of images per class")
+            images.check_folder(accuracy, "--accuracy folder")
         ev.check_options(ctx, stride, max_tokens, batch_size, device)  # before minutes of loading
         if write_card:
             _check_card(model, ppl)
@@ -49,7 +61,12 @@ def eval_(
             raise SvdqError(f"{similarity} has no non-empty lines; give one sentence per line")
         with err.status(f"loading {model}"):
             subject = ev.load_subject(model, device)
-        needs_source = baseline or lines is not None
+        if accuracy is not None:
+            from svdq.evaluate.accuracy import check_classifier
+
+            check_classifier(subject.model, model)
+        needs_source = baseline or lines is not None or (accuracy is not None
+                                                         and subject.manifest is not None)
         if needs_source and subject.manifest is None:
             raise SvdqError(f"{model} is not an svdq artifact, so it has no source to compare "
                             "with; drop --baseline/--similarity or give an artifact folder")
@@ -61,7 +78,7 @@ def eval_(
             err.print(f"[yellow]warning:[/] {note}", highlight=False)
         report = {"model": model, "artifact": subject.manifest is not None,
                   "size": ev.size_of(subject.manifest) if subject.manifest else None,
-                  "ppl": None, "similarity": None}
+                  "ppl": None, "similarity": None, "accuracy": None}
         if text is not None:
             subjects = [subject] + ([base] if baseline else [])
             report["ppl"] = _eval_ppl(subjects, text, ctx, stride, max_tokens, batch_size)
@@ -69,6 +86,8 @@ def eval_(
             with err.status(f"similarity on {len(lines)} lines"):
                 sim = ev.similarity(subject.model, base.model, subject.tokenizer, lines, batch_size)
             report["similarity"] = {**sim, "file": similarity, "source": base.label}
+        if accuracy is not None:
+            report["accuracy"] = _eval_accuracy(subject, base, baseline, accuracy, batch_size)
         if write_card:
             from svdq import __version__
             from svdq.artifact import card
@@ -133,7 +152,49 @@ def _eval_ppl(subjects: list, text: tuple[str, str], ctx: Optional[int], stride:
             "batch_size": batch_size, "rows": rows, "difference": diff}
 
 
+def _eval_accuracy(subject, base, baseline: bool, folder: Path, batch_size: int) -> dict:
+    """Accuracy of the subject (and against its source, where it is an artifact); the
+    source's own row is kept with --baseline."""
+    from svdq.evaluate.accuracy import accuracy
+
+    bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                   TimeElapsedColumn(), console=err, transient=True)
+    tasks: dict = {}
+
+    def report(stage: str, done: int, total: int) -> None:
+        task = tasks.setdefault(stage, bar.add_task(stage, total=total))
+        bar.update(task, completed=done, total=total)
+
+    with bar:
+        result = accuracy([subject] + ([base] if base is not None else []), folder,
+                          max(batch_size, 32), report)
+    names = ["artifact" if subject.manifest else "model", "baseline"]
+    for name, row in zip(names, result["rows"]):
+        row["name"] = name
+    if not baseline:
+        result["rows"] = result["rows"][:1]
+    return result
+
+
+def _accuracy_summary(acc: dict) -> None:
+    table = Table(title=f"accuracy on {acc['folder']}: {acc['images']:,} images, "
+                  f"{acc['classes']} classes", title_justify="left")
+    k = acc["rows"][0]["top5_k"]
+    for col in ("", "top-1", f"top-{k}", "agreement", "KL to source", "images/s"):
+        table.add_column(col, justify="left" if not col else "right", no_wrap=True)
+    for r in acc["rows"]:
+        kl = r.get("kl")
+        table.add_row(r["name"], f"{r['top1']:.2%}", f"{r['top5']:.2%}",
+                      f"{r['agreement']:.2%}" if "agreement" in r else "",
+                      f"{kl:.5f}" if kl is not None else "", f"{r['images_per_s']:,.0f}")
+    out.print(table)
+    for r in acc["rows"]:
+        out.print(f"  {r['name']}: {r['id']}", highlight=False)
+
+
 def _eval_summary(report: dict, manifest: Optional[dict]) -> None:
+    if report.get("accuracy") is not None:
+        _accuracy_summary(report["accuracy"])
     size, ppl, sim = report["size"], report["ppl"], report["similarity"]
     if ppl is not None:
         table = Table(title=f"perplexity on {ppl['text']}: {ppl['tokens']:,} tokens, windows of "

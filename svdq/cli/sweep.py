@@ -37,6 +37,9 @@ def sweep(
     ppl: Optional[str] = typer.Option(None, "--ppl", help="Perplexity on wikitext or a text file."),
     similarity: Optional[str] = typer.Option(None, "--similarity", help="Sentences file: cosine "
                                              "similarity to the source (encoders)."),
+    accuracy: Optional[Path] = typer.Option(None, "--accuracy", help="Folder of labelled "
+                                            "images, one sub-folder per class: top-1 accuracy "
+                                            "(image classifiers)."),
     block_size: int = typer.Option(64, help="Elements per quantization block."),
     method: str = typer.Option("auto", help="Comma-separated factorizations to compare: "
                                "svd, asvd, whiten, fisher; auto: as compress chooses (whiten "
@@ -46,7 +49,8 @@ def sweep(
     ratio: str = typer.Option("", help="Comma-separated byte budgets (× fp16 of the target "
                               "layers), one global allocation per method each (as compress "
                               "--ratio), e.g. 0.28,0.35,0.5."),
-    calib: str = typer.Option("auto", help="wikitext, self, or a text file (as for compress)."),
+    calib: str = typer.Option("auto", help="wikitext, self, a text file, or a folder of images "
+                              "(as for compress)."),
     calib_samples: int = typer.Option(32, help="Calibration sequences."),
     calib_len: int = typer.Option(512, help="Tokens per calibration sequence."),
     ctx: Optional[int] = typer.Option(None, help="Perplexity window (default: model context, ≤1024)."),
@@ -72,8 +76,13 @@ def sweep(
         if plot and importlib.util.find_spec("matplotlib") is None:  # before the long work
             raise SvdqError("svdq sweep draws frontier.png with matplotlib, which is not "
                             "installed: pip install 'svdq[plot]', or pass --no-plot")
-        if (ppl is None) == (similarity is None):
-            raise SvdqError("give exactly one quality measure: --ppl wikitext|FILE or --similarity FILE")
+        if sum(x is not None for x in (ppl, similarity, accuracy)) != 1:
+            raise SvdqError("give exactly one quality measure: --ppl wikitext|FILE, "
+                            "--similarity FILE or --accuracy DIR")
+        if accuracy is not None:
+            from svdq.calibration import images
+
+            images.check_folder(accuracy, "--accuracy folder")
         eps_list = _values(eps, "eps", float, "0.02,0.05,0.1")
         bits_list = _values(bits, "bits", int, "4,8", "whole numbers")
         ratios = _values(ratio, "ratio", float, "0.28,0.35")
@@ -108,12 +117,14 @@ def sweep(
             source = hf.load_source(model, dtype="auto")
         for note in source.notes:
             err.print(f"[yellow]warning:[/] {note}", highlight=False)
-        measure, metric = sw.evaluator(source, text, lines, ctx, stride, max_tokens, batch_size)
+        measure, metric = sw.evaluator(source, text, lines, ctx, stride, max_tokens, batch_size,
+                                       accuracy)
         bar, progress = progress_bar()
         with bar:
             results = sw.run(source, settings, eps_list, bits_list, measure, metric, progress,
                              methods, residual, ratios, grid)
-        results["evaluation"] = {"text": text[1] if text else similarity, "max_tokens": max_tokens,
+        results["evaluation"] = {"text": text[1] if text else similarity or str(accuracy),
+                                 "max_tokens": max_tokens,
                                  "ctx": ctx, "stride": stride, "lines": len(lines or [])}
         files = sw.write(results, output, plot)
     if as_json:

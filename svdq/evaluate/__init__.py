@@ -1,4 +1,5 @@
-"""Evaluate a model: sliding-window perplexity, output similarity of two encoders, sizes.
+"""Evaluate a model: sliding-window perplexity, output similarity of two encoders, sizes
+(and image accuracy: `svdq.evaluate.accuracy`).
 
 The functions take models, tokenizers and tensors and return plain dicts, so `svdq eval` and a
 sweep over settings share them. `load_subject`/`load_baseline` resolve what to evaluate: an
@@ -46,7 +47,7 @@ def load_subject(spec: str, device: str = "cpu") -> Subject:
         model = artifact.load(spec, device=device, dequantize=True)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            tokenizer = transformers.AutoTokenizer.from_pretrained(spec)
+            tokenizer = hf.preprocessor(type(model), spec)
         return Subject(model, tokenizer, spec, manifest)
     source = hf.load_source(spec)
     return Subject(source.model.to(device).eval(), source.tokenizer, spec, notes=source.notes)

@@ -72,6 +72,14 @@ class _Captured(Exception):
     never runs."""
 
 
+def inputs(batch: torch.Tensor) -> dict:
+    """A model's keyword inputs for a calibration batch: token ids (integers), or an image
+    model's pixel values (floats, (batch, channels, height, width))."""
+    if batch.is_floating_point():
+        return {"pixel_values": batch}
+    return {"input_ids": batch, "attention_mask": torch.ones_like(batch), "use_cache": False}
+
+
 def capture(model: nn.Module, ids: torch.Tensor, batch_size: int) -> Captured:
     """Run `model` on `ids` in batches with stand-ins for its blocks, and record what each
     block receives. No block computes, and the forward stops after the last stand-in: this
@@ -93,7 +101,7 @@ def capture(model: nn.Module, ids: torch.Tensor, batch_size: int) -> Captured:
         for start in range(0, ids.shape[0], batch_size):
             batch = ids[start: start + batch_size].to(device)
             try:
-                model(input_ids=batch, attention_mask=torch.ones_like(batch), use_cache=False)
+                model(**inputs(batch))
             except _Captured:
                 pass
     return Captured(hidden, kwargs)

@@ -1,9 +1,11 @@
 """Which layers are compressed, how their weights are read, and swapping modules by name.
 
-GPT-2's `Conv1D` stores its weight transposed, (in, out). Everything in svdq reads and writes
-weights as (out, in) through `weight_of`, the one place that knows. Targets are the linear
-layers (`nn.Linear`, GPT-2 `Conv1D`) inside the transformer blocks; embeddings, `lm_head` and
-poolers lie outside the blocks and stay as they are. `include` narrows the targets and
+GPT-2's `Conv1D` stores its weight transposed, (in, out), and a `Conv2d` its kernel, (out, in,
+kh, kw). Everything in svdq reads and writes weights as (out, in) — a convolution's as (out,
+in·kh·kw) — through `weight_of`, the one place that knows. Targets are the linear layers
+(`nn.Linear`, GPT-2 `Conv1D`) and the convolutions that can be factorized (`runtime.conv_of`:
+not grouped or depthwise) inside the model's blocks; embeddings, `lm_head`, poolers, a
+vision model's stem and classifier lie outside the blocks and stay as they are. `include` narrows the targets and
 `exclude` removes some, both with fnmatch patterns on module names.
 """
 from __future__ import annotations
@@ -14,9 +16,10 @@ import torch
 from torch import nn
 
 from svdq.errors import SvdqError
-from svdq.runtime import set_module
+from svdq.runtime import conv_of, set_module
 
-__all__ = ["blocks_of", "conv1d_type", "is_linear", "set_module", "targets", "weight_of"]
+__all__ = ["blocks_of", "conv1d_type", "is_linear", "is_target", "set_module", "targets",
+           "weight_of"]
 
 
 def conv1d_type() -> type | None:
@@ -32,31 +35,42 @@ def is_linear(module: nn.Module) -> bool:
     return isinstance(module, nn.Linear) or (conv1d is not None and isinstance(module, conv1d))
 
 
+def is_target(module: nn.Module) -> bool:
+    """A layer svdq can compress: linear, or a convolution it can factorize."""
+    return is_linear(module) or conv_of(module) is not None
+
+
 def weight_of(module: nn.Module) -> torch.Tensor:
-    """The weight of a linear layer as (out, in), whatever its storage."""
+    """The weight of a target layer as (out, in), whatever its storage."""
     conv1d = conv1d_type()
     if conv1d is not None and isinstance(module, conv1d):
         return module.weight.detach().T
+    if isinstance(module, nn.Conv2d):
+        return module.weight.detach().reshape(module.weight.shape[0], -1)
     return module.weight.detach()
 
 
 def blocks_of(model: nn.Module) -> tuple[str, nn.ModuleList]:
-    """The transformer's list of blocks: the longest ModuleList that holds linear layers."""
-    best: tuple[str, nn.ModuleList] | None = None
+    """The model's list of blocks: the ModuleList that holds the most target layers (a
+    transformer's layers, not the experts or sub-layers inside one; a CNN's stages), the
+    longest among equals."""
+    best, key = None, (0, 0)
     for name, module in model.named_modules():
-        if isinstance(module, nn.ModuleList) and any(is_linear(m) for m in module.modules()):
-            if best is None or len(module) > len(best[1]):
-                best = (name, module)
+        if isinstance(module, nn.ModuleList):
+            held = (sum(is_target(m) for m in module.modules()), len(module))
+            if held[0] and held > key:
+                best, key = (name, module), held
     if best is None:
-        raise SvdqError(f"{type(model).__name__} has no list of transformer blocks with linear "
-                        "layers; svdq supports GPT-2, Llama-family and BERT-family models")
+        raise SvdqError(f"{type(model).__name__} has no list of blocks with linear or "
+                        "convolution layers; svdq supports GPT-2, Llama-family, BERT-family "
+                        "models and ViT, ResNet and ConvNeXt image classifiers")
     return best
 
 
 def targets(model: nn.Module, include: tuple[str, ...] = (), exclude: tuple[str, ...] = ()) -> list[str]:
     """Names of the layers to compress, in model order."""
     prefix, _ = blocks_of(model)
-    linear = [name for name, m in model.named_modules() if is_linear(m)]
+    linear = [name for name, m in model.named_modules() if is_target(m)]
     inside = [name for name in linear if name.startswith(prefix + ".")]
     if include:
         outside = [n for n in linear if n not in inside and any(fnmatch(n, p) for p in include)]

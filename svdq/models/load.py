@@ -44,6 +44,28 @@ class Source:
     def is_causal(self) -> bool:
         return bool(getattr(self.model, "can_generate", lambda: False)())
 
+    @property
+    def is_vision(self) -> bool:
+        """An image model: its input is pixels, and `tokenizer` is its image processor."""
+        return is_vision(type(self.model))
+
+
+def is_vision(model_class: type) -> bool:
+    return getattr(model_class, "main_input_name", "input_ids") == "pixel_values"
+
+
+def preprocessor(model_class: type, folder: str, **kwargs):
+    """What turns raw input into the model's: its tokenizer, or an image model's processor."""
+    import transformers
+
+    if not is_vision(model_class):
+        return transformers.AutoTokenizer.from_pretrained(folder, **kwargs)
+    try:
+        return transformers.AutoImageProcessor.from_pretrained(folder, **kwargs)
+    except (OSError, ValueError):
+        raise SvdqError(f"{folder} has no image processor (preprocessor_config.json); save "
+                        "the model's image processor into its folder") from None
+
 
 def _model_class(config) -> type:
     import transformers
@@ -52,7 +74,8 @@ def _model_class(config) -> type:
         if hasattr(transformers, name):
             return getattr(transformers, name)
     # no architecture recorded (GGUF files): a causal LM when the config type has one
-    for auto in (transformers.AutoModelForCausalLM, transformers.AutoModel):
+    for auto in (transformers.AutoModelForCausalLM, transformers.AutoModelForImageClassification,
+                 transformers.AutoModel):
         if type(config) in auto._model_mapping:
             return auto._model_mapping[type(config)]
     raise SvdqError(f"transformers has no model class for {type(config).__name__}; svdq "
@@ -149,7 +172,7 @@ def _load(spec: str, revision: str | None = None, dtype: str = "auto",
                     return streamed
             with _quiet_gguf():
                 model = _model_class(config).from_pretrained(folder, dtype=torch_dtype, **kwargs)
-            tokenizer = transformers.AutoTokenizer.from_pretrained(folder, **kwargs)
+            tokenizer = preprocessor(type(model), folder, **kwargs)
     except (OSError, SafetensorError) as e:
         if kind != "hub" or isinstance(e, SafetensorError):
             raise SvdqError(f"cannot load {spec}: {str(e).splitlines()[0]}; a weight file is "
@@ -199,9 +222,11 @@ def _streamed(spec: str, path: Path, kind: str, folder: str, config, dtype: str,
         local = path
     if not streaming.streamable(local):
         return None
-    tokenizer = transformers.AutoTokenizer.from_pretrained(str(local))
+    tokenizer = preprocessor(model_class, str(local))
     config = transformers.AutoConfig.from_pretrained(str(local))
     source = streaming.open_source(local, dtype, model_class, config, tokenizer)
+    if source is None:
+        return None
     if kind == "gguf":  # the manifest names the file the user gave, not the cache
         source.kind, source.id, source.sha256 = "gguf", str(path.resolve()), digest
     elif kind == "hub":

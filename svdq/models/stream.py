@@ -187,7 +187,8 @@ def to_device(model: nn.Module, device: torch.device) -> nn.Module:
 
 def open_source(folder: Path, dtype: str, model_class: type, config, tokenizer):
     """A Source whose blocks stay on `meta` until the walk reads them; what lies outside the
-    blocks (embeddings, final norm, head) is read now."""
+    blocks (embeddings, final norm, head) is read now. None where the checkpoint names the
+    blocks' tensors otherwise than the model does: it loads whole."""
     from accelerate import init_empty_weights
 
     from svdq.models.layers import blocks_of
@@ -199,6 +200,8 @@ def open_source(folder: Path, dtype: str, model_class: type, config, tokenizer):
         warnings.simplefilter("ignore")
         model = model_class._from_config(config, dtype=torch_dtype)
     prefix, _ = blocks_of(model)
+    if any(n not in weights for n in _tensors(model) if n.startswith(prefix + ".")):
+        return None  # stored under other names (transformers renames them as it loads: ViT)
     outside = {n for n in _tensors(model) if not n.startswith(prefix + ".")}
     materialize(model, "", weights, torch_dtype, torch.device("cpu"), only=outside & set(weights.files))
     model.tie_weights()  # a tied head is not in the checkpoint: it shares the embedding

@@ -50,7 +50,8 @@ def realize(work: LayerWork, stored: Stored, settings: Settings,
     if stored.kind == "keep":
         return plan, tensors, None
     books = {runtime.codebook_key(b): codebook(b) for b in (4, 8)}
-    module = runtime.build_layer(plan.to_json(), {**tensors, **books}, work.module.weight.dtype, set())
+    module = runtime.build_layer(plan.to_json(), {**tensors, **books}, work.module.weight.dtype,
+                                 set(), conv=runtime.conv_of(work.module))
     return plan, tensors, module.to(work.module.weight.device)
 
 
@@ -235,7 +236,8 @@ def _budget(walker: Walker, ids: torch.Tensor, settings: Settings, out: _Out,
             if plan.kind != "keep":
                 module = walker.model.get_submodule(plan.name)
                 new = runtime.build_layer(plan.to_json(), {**out.kept, **books},
-                                          module.weight.dtype, set())
+                                          module.weight.dtype, set(),
+                                          conv=runtime.conv_of(module))
                 set_module(walker.model, plan.name, new.to(module.weight.device))
     info = budgets.summary(measured, limit, found, scores, best, errors[winner],
                            [p.name for p in plans[winner]])

@@ -1,7 +1,8 @@
 """How a budget's candidate plans are compared: their calibration loss, end to end.
 
 A causal LM's loss is its mean next-token cross-entropy on the calibration sequences; an
-encoder's is the relative squared distance of its last hidden states to the source's. Both are
+encoder's is the relative squared distance of its last hidden states to the source's; an
+image classifier's the mean KL of its class distributions to the source's. Both are
 computed from the last block's outputs of each plan's own stream through the model's head
 (`models.blocks.tail`), so a plan is judged one block at a time like everything else:
 `losses` takes the streams a walk carried to the end; `judge_of` walks a model that is whole
@@ -15,7 +16,7 @@ import torch
 from torch import nn
 
 from svdq.algo.stored import Stored
-from svdq.calibration.loss import final_states, token_loss
+from svdq.calibration.loss import class_logits, final_states, kl_sum, token_loss
 from svdq.config import Settings
 from svdq.models.blocks import capture, run_block, tail
 from svdq.models.layers import blocks_of
@@ -25,7 +26,8 @@ from svdq.pipeline.walk import LayerWork
 
 
 def _rows(stream: Stream, ids: torch.Tensor):
-    """(sample ids (1, T), its hidden states (1, T, h)) for every sample of `stream`."""
+    """(sample ids (1, T) or pixels (1, C, H, W), its hidden states) for every sample of
+    `stream`."""
     row = 0
     for h in stream:
         for k in range(h.shape[0]):
@@ -43,6 +45,12 @@ def losses(model: nn.Module, finals: dict[str, Stream], ids: torch.Tensor, causa
             for label, stream in finals.items():
                 total = sum(token_loss(model, cell, h, seq) for seq, h in _rows(stream, ids))
                 out[label] = total / max(ids.shape[0] * (ids.shape[1] - 1), 1)
+            return out
+        if ids.is_floating_point():  # images: KL of the class distributions to the source's
+            ref = [class_logits(model, cell, h, x) for x, h in _rows(reference, ids)]
+            for label, stream in finals.items():
+                out[label] = sum(kl_sum(r, class_logits(model, cell, h, x)) for (x, h), r
+                                 in zip(_rows(stream, ids), ref)) / max(ids.shape[0], 1)
             return out
         ref_states = [final_states(model, cell, h, seq).float().double()
                       for seq, h in _rows(reference, ids)]

@@ -183,6 +183,9 @@ def finetune(path: str | Path, out: Path, opt: Options = Options(), overwrite: b
     opt.check()
     path, out = locate(path), Path(out)
     manifest = read(path)
+    if manifest.get("calibration", {}).get("kind") == "images":
+        raise SvdqError("svdq finetune distils on text and cannot fine-tune an image model yet; "
+                        "use the artifact as it is")
     outdir.apart(path, out, "the fine-tuned artifact")
     outdir.check(out, overwrite)
     data.check(opt.calib)

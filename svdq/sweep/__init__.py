@@ -11,6 +11,7 @@ from __future__ import annotations
 import copy
 import math
 import time
+from pathlib import Path
 from dataclasses import dataclass, replace
 from typing import Callable
 
@@ -90,10 +91,23 @@ def _variant(model: nn.Module, works: list[LayerWork], choices: list[Stored],
 
 def evaluator(source: Source, text: tuple[str, str] | None, lines: list[str] | None,
               ctx: int | None, stride: int | None, max_tokens: int,
-              batch_size: int) -> tuple[Evaluate, Metric]:
-    """How each variant is scored: perplexity on `text`, or the mean cosine similarity of its
-    sentence embeddings of `lines` to the source's (computed once, here)."""
+              batch_size: int, images: Path | None = None) -> tuple[Evaluate, Metric]:
+    """How each variant is scored: perplexity on `text`, the mean cosine similarity of its
+    sentence embeddings of `lines` to the source's (computed once, here), or an image
+    classifier's top-1 accuracy on the labelled folder `images`."""
     from svdq import evaluate as ev
+
+    if images is not None:
+        from svdq.calibration.images import labelled
+        from svdq.evaluate.accuracy import check_classifier, logits_of, scores
+
+        data = labelled(images, check_classifier(source.model, source.id))
+        labels = torch.tensor([y for _, y in data])
+
+        def accuracy(model: nn.Module) -> dict:
+            logits, spent = logits_of([model], source.tokenizer, data, max(batch_size, 32))
+            return {"quality": scores(logits[0], labels)["top1"], "seconds": spent[0]}
+        return accuracy, Metric("top-1 accuracy", False)
 
     if text is not None:
         ids = ev.tokenize(source.tokenizer, text[0], max_tokens)

@@ -86,3 +86,21 @@ def test_spectrum_bad_inputs_get_one_line(models, calib_file, tmp_path, monkeypa
     r = CliRunner().invoke(app, ["spectrum", str(models["gpt2"]), "-o", str(tmp_path / "o")])
     assert "--no-plot" in one_line_error(r)
     assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("arch", ["vit", "resnet"])
+def test_spectrum_of_image_models(vision_models, image_folder, tmp_path, arch):
+    """ViT's attention product is found; ResNet, without attention, says so; convs have
+    spectra like linear layers."""
+    r = CliRunner().invoke(app, ["spectrum", str(vision_models[arch]), "-o", str(tmp_path / "sp"),
+                                 "--calib", str(image_folder), "--calib-samples", "6",
+                                 "--no-plot", "--json"])
+    assert r.exit_code == 0, r.output
+    summary = json.loads(r.stdout)
+    if arch == "vit":
+        assert summary["attention"]["applies"]
+    else:
+        assert not summary["attention"]["applies"]
+        assert "no attention heads" in summary["attention"]["why_not"]
+    result = json.loads((tmp_path / "sp" / "spectrum.json").read_text())
+    assert len(result["layers"]) == {"vit": 12, "resnet": 5}[arch]

@@ -161,3 +161,25 @@ def test_a_sharded_artifact_exports_into_shards(artifacts, models, calib_file, t
     theirs = plain_load("llama", tmp_path / "hf")
     torch.testing.assert_close(out_of(theirs, "llama"), out_of(svdq.load(art), "llama"),
                                rtol=1e-4, atol=1e-4)
+
+
+def test_conv_layers_export_as_convolutions(vision_models, image_folder, tmp_path):
+    """hf: every conv weight back in its kernel shape; peft: conv LoRA terms (A with the
+    layer's kernel, B 1×1) that reproduce svdq.load."""
+    peft = pytest.importorskip("peft")
+    r = CliRunner().invoke(app, ["compress", str(vision_models["resnet"]), "-o", str(tmp_path / "a"),
+                                 "--calib", str(image_folder), "--calib-samples", "8",
+                                 "--eps", "0.05"])
+    assert r.exit_code == 0, r.output
+    x = torch.randn(2, 1, 28, 28, generator=torch.Generator().manual_seed(0))
+    ours = svdq.load(tmp_path / "a")
+    with torch.no_grad():
+        expected = ours(pixel_values=x).logits
+    for to in ("hf", "peft"):
+        r = run_export(tmp_path / "a", to, tmp_path / to, "--dtype", "float32")
+        assert r.exit_code == 0, r.output
+        model = transformers.ResNetForImageClassification.from_pretrained(tmp_path / to).eval()
+        if to == "peft":
+            model = peft.PeftModel.from_pretrained(model, str(tmp_path / to / "adapter")).eval()
+        with torch.no_grad():
+            torch.testing.assert_close(model(pixel_values=x).logits, expected, rtol=1e-4, atol=1e-4)

@@ -1,0 +1,81 @@
+"""Accuracy of an image classifier on a labelled folder (one sub-folder per class): top-1 and
+top-5, and where a reference model is given (the artifact's source), the agreement of the two
+top-1 predictions and the mean KL of the predicted distributions to the reference's."""
+from __future__ import annotations
+
+import math
+import time
+from pathlib import Path
+from typing import Callable
+
+import torch
+from torch import nn
+
+from svdq.calibration import images
+from svdq.errors import SvdqError
+
+
+def check_classifier(model: nn.Module, what: str) -> dict:
+    """The model's labels ({index: name}); refused in one line where it classifies no images."""
+    from svdq.models.load import is_vision
+
+    labels = getattr(model.config, "id2label", None)
+    if not is_vision(type(model)) or not labels:
+        raise SvdqError(f"--accuracy measures image classifiers, and {what} "
+                        f"({type(model).__name__}) is none; use --ppl or --similarity")
+    return {int(k): v for k, v in labels.items()}
+
+
+def logits_of(models: list[nn.Module], processor, data: list[tuple[Path, int]],
+              batch_size: int, report: Callable[[int, int], None] | None = None
+              ) -> tuple[list[torch.Tensor], list[float]]:
+    """(n, classes) float32 logits of each model on the images of `data`, in its order, and
+    the seconds each spent in its forwards (each batch is read and processed once for all)."""
+    channels = getattr(models[0].config, "num_channels", 3)
+    out: list[list[torch.Tensor]] = [[] for _ in models]
+    spent = [0.0 for _ in models]
+    with torch.no_grad():
+        for i in range(0, len(data), batch_size):
+            batch = images.pixels(processor, [p for p, _ in data[i: i + batch_size]], channels)
+            for j, model in enumerate(models):
+                param = next(p for p in model.parameters() if p.is_floating_point())
+                t0 = time.perf_counter()
+                out[j].append(model(pixel_values=batch.to(param.device, param.dtype))
+                              .logits.float().cpu())
+                spent[j] += time.perf_counter() - t0
+            if report is not None:
+                report(min(i + batch_size, len(data)), len(data))
+    return [torch.cat(o) for o in out], spent
+
+
+def scores(logits: torch.Tensor, labels: torch.Tensor,
+           reference: torch.Tensor | None = None) -> dict:
+    """top-1, top-5 (top-k for fewer than 5 classes) and, against `reference` logits, top-1
+    agreement and mean KL(reference ‖ model)."""
+    k = min(5, logits.shape[1])
+    top = logits.topk(k, dim=1).indices
+    out = {"n": len(labels), "top1": float((top[:, 0] == labels).float().mean()),
+           "top5": float((top == labels[:, None]).any(1).float().mean()), "top5_k": k}
+    if reference is not None:
+        ref = torch.log_softmax(reference.double(), 1)
+        kl = (ref.exp() * (ref - torch.log_softmax(logits.double(), 1))).sum(1)
+        out["agreement"] = float((reference.argmax(1) == top[:, 0]).float().mean())
+        out["kl"] = float(kl.mean()) if math.isfinite(float(kl.mean())) else None
+    return out
+
+
+def accuracy(subjects: list, folder: Path, batch_size: int,
+             report: Callable[[str, int, int], None] | None = None) -> dict:
+    """Accuracy of each subject (`evaluate.Subject`) on `folder`; where there are two, the
+    second is the first one's reference (its source)."""
+    labels_of = check_classifier(subjects[0].model, subjects[0].label)
+    data = images.labelled(folder, labels_of)
+    labels = torch.tensor([y for _, y in data])
+    logits, spent = logits_of([s.model for s in subjects], subjects[0].tokenizer, data,
+                              batch_size, lambda d, n: report and report("accuracy", d, n))
+    rows = [{"id": s.label, "images_per_s": len(data) / max(t, 1e-9)}
+            for s, t in zip(subjects, spent)]
+    for i, (row, lg) in enumerate(zip(rows, logits)):
+        row.update(scores(lg, labels, logits[1] if len(logits) == 2 and i == 0 else None))
+    return {"folder": str(folder), "images": len(data), "classes": len(set(labels.tolist())),
+            "rows": rows}
