@@ -23,7 +23,8 @@ happens.
 """
 from __future__ import annotations
 
-from typing import Callable
+import contextlib
+from typing import Callable, Iterator
 
 import torch
 from torch import nn
@@ -80,7 +81,9 @@ def gradients(model: nn.Module, ids: torch.Tensor, modules: dict[str, nn.Module]
             unload(i)
             done += 1
             report("gradients", done, steps)
-        grads = _head(model, stream, ids, causal, seed)
+        head = {k: m for k, m in modules.items() if not k.startswith(prefix + ".")}
+        with _watching(head, fisher, out):  # --include'd layers of the head
+            grads = _head(model, stream, ids, causal, seed)
         stream.drop()
         done += 1
         report("gradients", done, steps)
@@ -125,11 +128,11 @@ def _head(model: nn.Module, last: Stream, ids: torch.Tensor, causal: bool,
     return grads
 
 
-def _backward(block: nn.Module, inputs: Stream, kwargs: list[dict], grads: list[torch.Tensor],
-              modules: dict[str, nn.Module], fisher: bool,
-              out: dict[str, tuple[torch.Tensor | None, float]]) -> list[torch.Tensor]:
-    """Backpropagate each sample's ∂L/∂(block output) through `block`, accumulating the
-    statistics of `modules` into `out`; returns ∂L/∂(block input) per sample."""
+@contextlib.contextmanager
+def _watching(modules: dict[str, nn.Module], fisher: bool,
+              out: dict[str, tuple[torch.Tensor | None, float]]) -> Iterator[None]:
+    """While the body runs backward passes, accumulate the statistics of `modules` (hooks on
+    their outputs and, with `fisher`, their weights' gradients); into `out` at the end."""
     conv1d = conv1d_type()
     transposed = {n: conv1d is not None and isinstance(m, conv1d) for n, m in modules.items()}
     rows = {n: (m.weight.shape[-1] if transposed[n] else m.weight.shape[0]) for n, m in modules.items()}
@@ -156,18 +159,13 @@ def _backward(block: nn.Module, inputs: Stream, kwargs: list[dict], grads: list[
         return hook
 
     handles = []
-    new = []
     try:
         for n, m in modules.items():
             handles.append(m.register_forward_hook(output_hook(n)))
             if fisher:
                 m.weight.requires_grad_(True)
                 handles.append(m.weight.register_post_accumulate_grad_hook(weight_hook(n)))
-        with torch.enable_grad():
-            for h, kw, g in zip(inputs, kwargs, grads):
-                h = h.detach().requires_grad_(True)
-                model_blocks.call_block(block, h, kw).backward(g.to(h.device, h.dtype))
-                new.append(h.grad.detach())
+        yield
     finally:
         for handle in handles:
             handle.remove()
@@ -176,4 +174,17 @@ def _backward(block: nn.Module, inputs: Stream, kwargs: list[dict], grads: list[
             m.weight.grad = None
     for n in modules:
         out[n] = (row_fisher.get(n), float(grad2[n]))
+
+
+def _backward(block: nn.Module, inputs: Stream, kwargs: list[dict], grads: list[torch.Tensor],
+              modules: dict[str, nn.Module], fisher: bool,
+              out: dict[str, tuple[torch.Tensor | None, float]]) -> list[torch.Tensor]:
+    """Backpropagate each sample's ∂L/∂(block output) through `block`, accumulating the
+    statistics of `modules` into `out`; returns ∂L/∂(block input) per sample."""
+    new = []
+    with _watching(modules, fisher, out), torch.enable_grad():
+        for h, kw, g in zip(inputs, kwargs, grads):
+            h = h.detach().requires_grad_(True)
+            model_blocks.call_block(block, h, kw).backward(g.to(h.device, h.dtype))
+            new.append(h.grad.detach())
     return new

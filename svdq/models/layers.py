@@ -5,8 +5,10 @@ kh, kw). Everything in svdq reads and writes weights as (out, in) — a convolut
 in·kh·kw) — through `weight_of`, the one place that knows. Targets are the linear layers
 (`nn.Linear`, GPT-2 `Conv1D`) and the convolutions that can be factorized (`runtime.conv_of`:
 not grouped or depthwise) inside the model's blocks; embeddings, `lm_head`, poolers, a
-vision model's stem and classifier lie outside the blocks and stay as they are. `include` narrows the targets and
-`exclude` removes some, both with fnmatch patterns on module names.
+vision model's stem and classifier lie outside the blocks and stay as they are unless
+`include` names them (layers of the head after the blocks, not tied to another's weight).
+`include` narrows the targets and `exclude` removes some, both with fnmatch patterns on
+module names.
 """
 from __future__ import annotations
 
@@ -72,18 +74,40 @@ def targets(model: nn.Module, include: tuple[str, ...] = (), exclude: tuple[str,
     prefix, _ = blocks_of(model)
     linear = [name for name, m in model.named_modules() if is_target(m)]
     inside = [name for name in linear if name.startswith(prefix + ".")]
+    outside = []
     if include:
         outside = [n for n in linear if n not in inside and any(fnmatch(n, p) for p in include)]
-        if outside:
-            raise SvdqError(f"--include matches {outside[0]}, which lies outside the transformer "
-                            "blocks; svdq compresses only layers inside the blocks")
         inside = [n for n in inside if any(fnmatch(n, p) for p in include)]
-    chosen = [n for n in inside if not any(fnmatch(n, p) for p in exclude)]
+    tied = _tied(model)
+    for name in outside:
+        if name in tied:
+            raise SvdqError(f"--include matches {name}, whose weight is tied to {tied[name]}; "
+                            "svdq cannot compress one without the other: exclude it")
+    chosen = [n for n in inside + outside if not any(fnmatch(n, p) for p in exclude)]
     if not chosen:
         raise SvdqError(f"no layer of {type(model).__name__} is left to compress; loosen "
                         "--include/--exclude (module names look like "
                         f"{inside[0] if inside else linear[0] if linear else '...'})")
     return chosen
+
+
+def head_of(model: nn.Module, names: list[str]) -> list[str]:
+    """The target layers of `names` outside the blocks: the head's, which run after them
+    (`--include` chooses them; `pipeline.walk` checks that none runs before the blocks)."""
+    prefix, _ = blocks_of(model)
+    return [n for n in names if not n.startswith(prefix + ".")]
+
+
+def _tied(model: nn.Module) -> dict[str, str]:
+    """{module name: the other module name} for layers whose weight is one tensor with
+    another module's (a causal LM's head tied to its embeddings)."""
+    owners: dict[int, list[str]] = {}
+    for name, module in model.named_modules(remove_duplicate=False):
+        w = getattr(module, "weight", None)
+        if isinstance(w, torch.Tensor):
+            owners.setdefault(id(w), []).append(name)
+    return {n: next(o for o in names if o != n) for names in owners.values() if len(names) > 1
+            for n in names}
 
 
 def fp16_bytes(module: nn.Module) -> int:

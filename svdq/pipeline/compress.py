@@ -157,10 +157,11 @@ def _eps(walker: Walker, ids: torch.Tensor, settings: Settings, out: _Out) -> li
         walker.gradients(ids, fisher=True)
     walker.start(ids)
     plans = []
-    for i in range(len(walker.blocks)):
-        for work in one_input_at_a_time(walker.enter(i)):
-            walker.report(f"blocks: block {i + 1}: {work.name.rpartition('.')[2]}", i,
-                          len(walker.blocks))
+    n = len(walker.blocks)
+    for i in range(n + 1):  # the blocks, then the head's --include'd layers
+        for work in one_input_at_a_time(walker.enter(i) if i < n else walker.enter_head()):
+            where = f"block {i + 1}" if i < n else "head"
+            walker.report(f"blocks: {where}: {work.name.rpartition('.')[2]}", i, n)
             stored, notes = refitted(work, choose_form(work, settings), settings)
             plan, tensors, module = realize(work, stored, settings, walker.source.stored_dtype)
             if module is not None:
@@ -168,8 +169,9 @@ def _eps(walker: Walker, ids: torch.Tensor, settings: Settings, out: _Out) -> li
             plans.append(plan.noted(**notes))
             out(tensors)
             walker.clock.lap("rank search and quantization")
-        walker.leave(i, keep=walker.source.released)
-        out.released()
+        if i < n:
+            walker.leave(i, keep=walker.source.released)
+            out.released()
     return plans
 
 
@@ -178,14 +180,17 @@ def _budget(walker: Walker, ids: torch.Tensor, settings: Settings, out: _Out,
     walker.gradients(ids, fisher=settings.method == "fisher")
     walker.start(ids)  # pass 1: each layer's options, numbers only
     layers = []
-    for i in range(len(walker.blocks)):
-        for work in one_input_at_a_time(walker.enter(i)):
-            walker.report(f"blocks: block {i + 1}: options of {work.name.rpartition('.')[2]}",
-                          i, len(walker.blocks))
+    blocks = len(walker.blocks)
+    for i in range(blocks + 1):  # the blocks, then the head's --include'd layers
+        for work in one_input_at_a_time(walker.enter(i) if i < blocks else walker.enter_head()):
+            where = f"block {i + 1}" if i < blocks else "head"
+            walker.report(f"blocks: {where}: options of {work.name.rpartition('.')[2]}",
+                          i, blocks)
             layers.append(measure_layer(work, settings, (average, average),
                                         walker.source.stored_dtype))
             walker.clock.lap("options")
-        walker.leave(i)
+        if i < blocks:
+            walker.leave(i)
     measured = Measured.of(layers, settings)
     limit = budgets.budget_of(settings, measured.fp16)
     found = budgets.candidates(measured, limit, settings.block_size)
@@ -199,11 +204,12 @@ def _budget(walker: Walker, ids: torch.Tensor, settings: Settings, out: _Out,
     errors: dict[str, list[float]] = {label: [] for label in labels}
     walker.start(ids, variants=tuple(labels) if judged else ())  # pass 2: build, run, judge
     n = 0
-    for i in range(len(walker.blocks)):
+    for i in range(blocks + 1):
         swaps: dict[str, dict[str, nn.Module]] = {label: {} for label in labels}
-        for work in one_input_at_a_time(walker.enter(i)):
-            walker.report(f"blocks: block {i + 1}: plans of {work.name.rpartition('.')[2]}",
-                          i, len(walker.blocks))
+        for work in one_input_at_a_time(walker.enter(i) if i < blocks else walker.enter_head()):
+            where = f"block {i + 1}" if i < blocks else "head"
+            walker.report(f"blocks: {where}: plans of {work.name.rpartition('.')[2]}",
+                          i, blocks)
             for label, (plan, tensors, module, error) in _layer_of_each(
                     work, {label: picks[n] for label, picks in found}, measured.options[n],
                     settings, walker.source.stored_dtype).items():
@@ -217,6 +223,9 @@ def _budget(walker: Walker, ids: torch.Tensor, settings: Settings, out: _Out,
         if not judged:  # the one plan is the model's now
             for name, module in swaps[labels[0]].items():
                 set_module(walker.model, name, module)
+        if i == blocks:  # the head's layers: swapped in as each plan is judged
+            head = swaps
+            break
         walker.leave(i, variants=swaps if judged else None, keep=walker.source.released)
         out.released()
         walker.clock.lap("plans")
@@ -224,7 +233,8 @@ def _budget(walker: Walker, ids: torch.Tensor, settings: Settings, out: _Out,
     if judged:
         walker.report("judging the candidate plans", 0, 1)
         walker.outside(True)
-        by = losses(walker.model, walker.variants, ids, walker.source.is_causal, walker.main)
+        by = losses(walker.model, walker.variants, ids, walker.source.is_causal, walker.main,
+                    head if judged else None)
         scores = [by[label] for label in labels]
         walker.clock.lap("judge")
     best = min(range(len(found)), key=lambda k: (scores[k] is None, scores[k] or 0.0, k))

@@ -19,10 +19,10 @@ from svdq.algo.stored import Stored
 from svdq.calibration.loss import class_logits, final_states, kl_sum, token_loss
 from svdq.config import Settings
 from svdq.models.blocks import capture, run_block, tail
-from svdq.models.layers import blocks_of
+from svdq.models.layers import blocks_of, head_of
 from svdq.models.load import Source
 from svdq.models.streams import Stream
-from svdq.pipeline.walk import LayerWork
+from svdq.pipeline.walk import LayerWork, swapped
 
 
 def _rows(stream: Stream, ids: torch.Tensor):
@@ -36,29 +36,34 @@ def _rows(stream: Stream, ids: torch.Tensor):
 
 
 def losses(model: nn.Module, finals: dict[str, Stream], ids: torch.Tensor, causal: bool,
-           reference: Stream | None = None) -> dict[str, float]:
+           reference: Stream | None = None,
+           heads: dict[str, dict[str, nn.Module]] | None = None) -> dict[str, float]:
     """The calibration loss of each stream in `finals` (the last block's outputs of a plan);
-    encoders compare against `reference`, the source's own stream."""
+    encoders and image classifiers compare against `reference`, the source's own stream
+    through the model's own head; `heads[label]`: the plan's head layers, swapped in for its
+    loss (`--include`d layers after the blocks)."""
     out = {}
+    heads = heads or {}
     with tail(model) as cell, torch.no_grad():
-        if causal:
-            for label, stream in finals.items():
-                total = sum(token_loss(model, cell, h, seq) for seq, h in _rows(stream, ids))
-                out[label] = total / max(ids.shape[0] * (ids.shape[1] - 1), 1)
-            return out
-        if ids.is_floating_point():  # images: KL of the class distributions to the source's
+        if not causal and ids.is_floating_point():
             ref = [class_logits(model, cell, h, x) for x, h in _rows(reference, ids)]
-            for label, stream in finals.items():
-                out[label] = sum(kl_sum(r, class_logits(model, cell, h, x)) for (x, h), r
-                                 in zip(_rows(stream, ids), ref)) / max(ids.shape[0], 1)
-            return out
-        ref_states = [final_states(model, cell, h, seq).float().double()
-                      for seq, h in _rows(reference, ids)]
-        norm = sum(float(r.pow(2).sum()) for r in ref_states) or 1.0
+        elif not causal:
+            ref = [final_states(model, cell, h, seq).float().double()
+                   for seq, h in _rows(reference, ids)]
+            norm = sum(float(r.pow(2).sum()) for r in ref) or 1.0
         for label, stream in finals.items():
-            err = sum(float((final_states(model, cell, h, seq).float().double() - r).pow(2).sum())
-                      for (seq, h), r in zip(_rows(stream, ids), ref_states))
-            out[label] = err / norm
+            with swapped(model, heads.get(label, {})):
+                rows = _rows(stream, ids)
+                if causal:
+                    total = sum(token_loss(model, cell, h, seq) for seq, h in rows)
+                    out[label] = total / max(ids.shape[0] * (ids.shape[1] - 1), 1)
+                elif ids.is_floating_point():  # images: KL of the class distributions
+                    out[label] = sum(kl_sum(r, class_logits(model, cell, h, x)) for (x, h), r
+                                     in zip(rows, ref)) / max(ids.shape[0], 1)
+                else:
+                    err = sum(float((final_states(model, cell, h, seq).float().double() - r)
+                                    .pow(2).sum()) for (seq, h), r in zip(rows, ref))
+                    out[label] = err / norm
     return out
 
 
@@ -68,7 +73,6 @@ def judge_of(source: Source, works: list[LayerWork], ids: torch.Tensor,
     in, each layer as stored (`pipeline.compress.realize`); the source's own stream is the
     encoders' reference, computed once here."""
     from svdq.pipeline.compress import realize
-    from svdq.pipeline.walk import swapped
 
     model = source.model
     device = next(model.parameters()).device
@@ -85,9 +89,13 @@ def judge_of(source: Source, works: list[LayerWork], ids: torch.Tensor,
 
     reference = None if source.is_causal else walk_all()
 
+    head = set(head_of(model, [w.name for w in works]))
+
     def judge(stored: list[Stored]) -> float:
         layers = {w.name: realize(w, s, settings)[2] for w, s in zip(works, stored)}
-        with swapped(model, {n: m for n, m in layers.items() if m is not None}):
+        layers = {n: m for n, m in layers.items() if m is not None}
+        with swapped(model, {n: m for n, m in layers.items() if n not in head}):
             final = walk_all()
-        return losses(model, {"plan": final}, ids, source.is_causal, reference)["plan"]
+        return losses(model, {"plan": final}, ids, source.is_causal, reference,
+                      {"plan": {n: m for n, m in layers.items() if n in head}})["plan"]
     return judge

@@ -36,7 +36,7 @@ from svdq.config import Settings
 from svdq.errors import SvdqError
 from svdq.models import stream
 from svdq.models import blocks as model_blocks
-from svdq.models.layers import blocks_of, set_module, targets, weight_of
+from svdq.models.layers import blocks_of, head_of, set_module, targets, weight_of
 from svdq.models.load import Source
 from svdq.models.streams import Stream
 
@@ -154,6 +154,8 @@ class Walker:
                       else source.model.to(self.device))
         self.prefix, self.blocks = blocks_of(self.model)
         self.names = targets(self.model, settings.include, settings.exclude)
+        self.head = head_of(self.model, self.names)  # --include'd layers after the blocks
+        self.ids: torch.Tensor | None = None
         self.scratch = scratch
         self.grads: dict[str, tuple[torch.Tensor | None, float]] = {}
         self.main: Stream | None = None
@@ -228,7 +230,19 @@ class Walker:
         offload = self._offload(1 + len(variants) + (sequential and refit))
         self.main = self.new_stream(offload)
         self.outside(True)
-        captured = model_blocks.capture(self.model, ids, self.settings.batch_size)
+        self.ids = ids
+        early = []  # head layers that run before the blocks: not the head
+        hooks = [self.model.get_submodule(n).register_forward_pre_hook(
+            lambda *_, n=n: early.append(n)) for n in self.head]
+        try:
+            captured = model_blocks.capture(self.model, ids, self.settings.batch_size)
+        finally:
+            for hook in hooks:
+                hook.remove()
+        if early:
+            raise SvdqError(f"--include matches {early[0]}, which runs before the blocks (an "
+                            "embedding or stem); svdq compresses the blocks' layers and the "
+                            "head's after them")
         self.outside(False)
         for h in captured.hidden:
             self.main.append(h)
@@ -254,9 +268,11 @@ class Walker:
                     with collector.source():
                         paired.append(model_blocks.run_block(block, self.paired[j], kw))
                 outputs.append(model_blocks.run_block(block, h, kw))
-        stats = collector.stats
         self._outputs, self._paired_outputs = outputs, paired
         self.clock.lap("forward and statistics")
+        return self._works(mine, collector.stats)
+
+    def _works(self, mine: dict[str, nn.Module], stats: dict[str, LayerStats]) -> list[LayerWork]:
         works = []
         for name, module in mine.items():
             st = stats[name]
@@ -269,6 +285,26 @@ class Walker:
             works.append(LayerWork(name, module, None, bias, st,
                                    self.settings.method))
         return works
+
+    def enter_head(self) -> list[LayerWork]:
+        """The head's target layers (`--include`d, after the blocks) with their statistics,
+        gathered by running the main stream — the last block's outputs — through the
+        model's own head one sample at a time; none where no head layer is a target."""
+        if not self.head:
+            return []
+        self.report("head: forward and statistics", len(self.blocks), len(self.blocks))
+        self.outside(True)
+        mine = {n: self.model.get_submodule(n) for n in self.head}
+        row = 0
+        with Collector(mine) as collector, model_blocks.tail(self.model) as cell, \
+                torch.no_grad():
+            for h in self.main:
+                for k in range(h.shape[0]):
+                    cell["value"] = h[k: k + 1]
+                    self.model(**model_blocks.inputs(self.ids[row: row + 1].to(h.device)))
+                    row += 1
+        self.clock.lap("forward and statistics")
+        return self._works(mine, collector.stats)
 
     def leave(self, i: int, variants: dict[str, dict[str, nn.Module]] | None = None,
               keep: dict[str, torch.Tensor] | None = None) -> None:
@@ -353,6 +389,7 @@ def analyse(source: Source, settings: Settings, ids: torch.Tensor, report: Progr
         for i in range(len(walker.blocks)):
             works += walker.enter(i)
             walker.leave(i)
+        works += walker.enter_head()
     finally:
         walker.close()
     return works

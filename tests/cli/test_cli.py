@@ -202,7 +202,7 @@ BAD = {
     "bits 3 on bnb": ("gpt2", ["--bits", "3", "--grid", "bnb"], "file", "--grid int"),
     "unknown grid": ("gpt2", ["--grid", "fp8"], "file", "--grid"),
     "no target layers": ("gpt2", ["--include", "nothing*"], "file", "no layer"),
-    "include outside blocks": ("gpt2", ["--include", "lm_head"], "file", "outside"),
+    "include a tied head": ("gpt2", ["--include", "lm_head"], "file", "tied to"),
     "calib missing": ("gpt2", [], "missing", "does not exist"),
     "calib binary": ("gpt2", [], "binary", "UTF-8"),
     "calib empty": ("llama", [], "empty", "empty"),
