@@ -3,7 +3,7 @@ weights can be had offline), accuracy against stored bytes.
 
     apt-get install dataset-fashion-mnist          # once: /usr/share/datasets/fashion-mnist
     python benchmarks/vision.py resnet|vit [--epochs N] [--eps 0.05,0.1,0.2] [--bits 4,8]
-           [--ratio 0.2,0.3,0.5] [--methods svd,asvd,whiten] [--out benchmarks/results]
+           [--ratio 0.1,0.15,0.2,0.3,0.5] [--methods svd,asvd,whiten] [--out benchmarks/results]
 
 Once per model, a small ResNet or ViT is built from a transformers config and trained on the
 60,000 training images (AdamW, cosine schedule; the seconds and test accuracy go into
@@ -171,7 +171,7 @@ def main() -> None:
     ap.add_argument("--epochs", type=int, default=None, help="default: 3 (resnet), 6 (vit)")
     ap.add_argument("--eps", default="0.05,0.1,0.2")
     ap.add_argument("--bits", default="4,8")
-    ap.add_argument("--ratio", default="0.2,0.3,0.5")
+    ap.add_argument("--ratio", default="0.1,0.15,0.2,0.3,0.5")
     ap.add_argument("--methods", default="svd,asvd,whiten")
     ap.add_argument("--calib-samples", default="256")
     ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results")

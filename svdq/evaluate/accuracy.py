@@ -26,6 +26,16 @@ def check_classifier(model: nn.Module, what: str) -> dict:
     return {int(k): v for k, v in labels.items()}
 
 
+def forward(model: nn.Module, pixels: torch.Tensor) -> tuple[torch.Tensor, float]:
+    """Float32 logits (on the CPU) of `model` on one batch of pixel values, and the seconds
+    its forward took."""
+    param = next(p for p in model.parameters() if p.is_floating_point())
+    t0 = time.perf_counter()
+    with torch.no_grad():
+        logits = model(pixel_values=pixels.to(param.device, param.dtype)).logits.float().cpu()
+    return logits, time.perf_counter() - t0
+
+
 def logits_of(models: list[nn.Module], processor, data: list[tuple[Path, int]],
               batch_size: int, report: Callable[[int, int], None] | None = None
               ) -> tuple[list[torch.Tensor], list[float]]:
@@ -34,17 +44,14 @@ def logits_of(models: list[nn.Module], processor, data: list[tuple[Path, int]],
     channels = getattr(models[0].config, "num_channels", 3)
     out: list[list[torch.Tensor]] = [[] for _ in models]
     spent = [0.0 for _ in models]
-    with torch.no_grad():
-        for i in range(0, len(data), batch_size):
-            batch = images.pixels(processor, [p for p, _ in data[i: i + batch_size]], channels)
-            for j, model in enumerate(models):
-                param = next(p for p in model.parameters() if p.is_floating_point())
-                t0 = time.perf_counter()
-                out[j].append(model(pixel_values=batch.to(param.device, param.dtype))
-                              .logits.float().cpu())
-                spent[j] += time.perf_counter() - t0
-            if report is not None:
-                report(min(i + batch_size, len(data)), len(data))
+    for i in range(0, len(data), batch_size):
+        batch = images.pixels(processor, [p for p, _ in data[i: i + batch_size]], channels)
+        for j, model in enumerate(models):
+            logits, seconds = forward(model, batch)
+            out[j].append(logits)
+            spent[j] += seconds
+        if report is not None:
+            report(min(i + batch_size, len(data)), len(data))
     return [torch.cat(o) for o in out], spent
 
 

@@ -249,7 +249,7 @@ class Walker:
         self.kwargs = captured.kwargs
         self.paired = self.main.copy() if sequential and refit else None
         self.variants = {label: self.main.copy() for label in variants}
-        self.clock.lap("calibration text")
+        self.clock.lap("calibration images" if ids.is_floating_point() else "calibration text")
 
     def enter(self, i: int) -> list[LayerWork]:
         """Read block i, run the main stream through it gathering its layers' statistics, and

@@ -7,6 +7,7 @@ import importlib.util
 
 import pytest
 import torch
+import transformers
 from typer.testing import CliRunner
 
 from conftest import VISION, one_line_error
@@ -58,7 +59,9 @@ def test_compressed_model_and_every_loader_agree(arch, vision_models, image_fold
         loader = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(loader)
         standalone = loader.load(tmp_path / "out")(pixel_values=x).logits
-    for got in (stored, dense, standalone):
+        auto = transformers.AutoModelForImageClassification.from_pretrained(tmp_path / "out")
+        hub = auto.eval()(pixel_values=x).logits  # transformers' own loading, svdq quantizer
+    for got in (stored, dense, standalone, hub):
         assert torch.allclose(got, expected, atol=1e-5, rtol=1e-4)
     if arch == "resnet":
         model = runtime.load(tmp_path / "out", dequantize=True)
