@@ -70,8 +70,9 @@ def plot(results: dict, path: Path) -> None:
     ax.step([r["target_bytes"] / 1e6 for r in front], [r["quality"] for r in front],
             where="post", color="black", lw=1, ls="--", label="Pareto frontier", zorder=1)
     ax.set_xlabel("stored bytes of the compressed layers (MB)")
-    ax.set_ylabel("perplexity (lower is better)" if metric == "perplexity"
-                  else "cosine similarity to the source (higher is better)")
+    ax.set_ylabel({"perplexity": "perplexity (lower is better)",
+                   "top-1 accuracy": "top-1 accuracy (higher is better)"}.get(
+                       metric, "cosine similarity to the source (higher is better)"))
     values = [r["quality"] for r in rows]
     if metric == "perplexity" and max(values) > 3 * min(values):  # a wide range: log scale
         ax.set_yscale("log")
