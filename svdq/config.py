@@ -37,6 +37,7 @@ class Settings:
     budget_bytes: int | None = None  # --size: total stored bytes of the target layers (eps unused)
     budget_ratio: float | None = None  # --ratio: that total as a fraction of their fp16 bytes
     offload_activations: bool = False  # calibration streams in files, not memory
+    sparse: float = 0.0  # eps mode: share of each linear layer's entries kept exactly (float16)
     _version: int = field(default=SETTINGS_VERSION, repr=False)
 
     def __post_init__(self) -> None:
@@ -77,6 +78,14 @@ class Settings:
             raise SvdqError(f"--size must be positive, e.g. --size 60MB; got {self.budget_bytes} bytes")
         if self.budget_ratio is not None and self.budget_bytes is not None:
             raise SvdqError("give one budget: --ratio or --size, not both")
+        if not 0 <= self.sparse < 0.25:
+            raise SvdqError(f"--sparse is the share of a layer's entries kept exactly, in "
+                            f"[0, 0.25), e.g. --sparse 0.005; got {self.sparse}")
+        if self.sparse and self.refit:
+            raise SvdqError("--refit does not take a sparse term yet; drop --refit or --sparse")
+        if self.sparse and self.budgeted:
+            raise SvdqError("--sparse takes eps mode (with or without --residual); budgets do "
+                            "not weigh sparse terms yet: drop --ratio/--size or --sparse")
         if self.budgeted and self.sequential:
             raise SvdqError("--sequential cannot be combined with --ratio/--size (the budget is "
                             "shared out once every layer is measured); drop one")

@@ -42,6 +42,7 @@ class LayerPlan:
     error: float
     factor_bits: int | None = None
     grid: str = "bnb"  # the weight's grid (dense, residual): bnb, or int (uniform integer)
+    sparse_nnz: int = 0  # entries of a sparse term (--sparse; format 7), 0: none
     notes: dict = field(default_factory=dict, compare=True)
 
     def __post_init__(self) -> None:
@@ -62,7 +63,8 @@ class LayerPlan:
                    stored_bytes(tensors, w.dtype, stored_dtype),
                    fp16_bytes(module), stored.error,
                    stored.u.bits if stored.kind == "residual" else None,
-                   "bnb" if stored.weight is None else stored.weight.grid)
+                   "bnb" if stored.weight is None else stored.weight.grid,
+                   0 if stored.sparse is None else stored.sparse.nnz)
 
     def noted(self, **notes) -> "LayerPlan":
         return replace(self, notes={**self.notes, **notes})
@@ -76,6 +78,8 @@ class LayerPlan:
             entry["factor_bits"] = self.factor_bits
         if self.grid != "bnb":  # absent: the bitsandbytes grids every format version knows
             entry["grid"] = self.grid
+        if self.sparse_nnz:  # absent: no sparse term, as before format 7
+            entry["sparse_nnz"] = self.sparse_nnz
         return {**entry, **self.notes}
 
     @classmethod
@@ -113,6 +117,8 @@ def tensors_of(name: str, module: nn.Module, stored: Stored) -> dict[str, torch.
         out.update(stored.weight.tensors(keys["plain" if stored.bits == 16 else "weight"]))
     if stored.kind == "lowrank" or (stored.kind != "keep" and stored.bits != 16):
         out[keys["plain"]] = runtime.marker()  # a loader that ignores svdq fails on its shape
+    if stored.sparse is not None:
+        out.update(stored.sparse.tensors(keys["sparse"]))
     if module.bias is not None:
         out[keys["bias"]] = module.bias.detach()
     return {k: v.cpu() for k, v in out.items()}

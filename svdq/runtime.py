@@ -40,6 +40,12 @@ Tensor keys (NAME is a module name such as `model.layers.0.mlp.up_proj`):
                                          U(Σ(Vᵀ x)), or one folded weight when de-quantized
     a convolution                        the same keys, its weight read as (out, in·kh·kw) and
                                          Vᵀ as (k, in·kh·kw); the geometry is the model's own
+    NAME.svdq.sparse.values / .cols / .rows
+                                         a sparse term (format 7, plan `sparse_nnz` entries):
+                                         CSR of the entries kept exactly, values float16,
+                                         column indices int16 (int32 above 32768 inputs; read
+                                         as unsigned), row pointers int32 (out + 1); added to
+                                         what the layer's form computes
     NAME.bias                            bias of any target layer, in the model's dtype
     svdq.codebook.8 / svdq.codebook.4    the 256 / 16 code values, stored once
     anything else                        an untouched tensor of the model under its own name
@@ -56,9 +62,11 @@ from pathlib import Path
 import torch
 from torch import nn
 
-FORMAT_VERSION = 6  # 2: the residual kind, 3: the manifest checksum, 4: the integer grid,
-# 5: quantized weights under NAME.svdq.weight and an empty NAME.weight marker, 6: `stored_dtype`
-READS = (1, 2, 3, 4, 5, 6)
+FORMAT_VERSION = 7  # 2: the residual kind, 3: the manifest checksum, 4: the integer grid,
+# 5: quantized weights under NAME.svdq.weight and an empty NAME.weight marker, 6: `stored_dtype`,
+# 7: sparse terms (written only where a layer has one)
+READS = (1, 2, 3, 4, 5, 6, 7)
+STORED_DTYPE_FORMAT = 6  # what an artifact with `stored_dtype` and no sparse term is written as
 PLAIN_FORMAT = 5  # what an artifact without `stored_dtype` is written as: svdq releases that
 # read 1–5 load it
 MANIFEST = "svdq.json"
@@ -72,12 +80,41 @@ def keys(name: str, version: int = FORMAT_VERSION) -> dict[str, str]:
     format 5, the empty marker of every other layer."""
     weight = f"{name}.svdq.weight" if version >= 5 else f"{name}.weight"
     return {"u": f"{name}.svdq.u", "v": f"{name}.svdq.v", "s": f"{name}.svdq.s",
-            "weight": weight, "plain": f"{name}.weight", "bias": f"{name}.bias"}
+            "weight": weight, "plain": f"{name}.weight", "bias": f"{name}.bias",
+            "sparse": f"{name}.svdq.sparse"}
+
+
+INT16_COLUMNS = 1 << 15  # a sparse term's column indices are int16 up to this many inputs
+
+
+def sparse_parts(out_f: int, in_f: int, nnz: int) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+    """The CSR tensors of a sparse term: {suffix: (shape, dtype)}."""
+    cols = torch.int16 if in_f <= INT16_COLUMNS else torch.int32
+    return {"values": ((nnz,), torch.float16), "cols": ((nnz,), cols),
+            "rows": ((out_f + 1,), torch.int32)}
+
+
+def sparse_matrix(values: torch.Tensor, cols: torch.Tensor, rows: torch.Tensor,
+                  shape: tuple[int, int]) -> torch.Tensor:
+    """A sparse term as a torch sparse COO matrix (float32)."""
+    counts = (rows[1:] - rows[:-1]).long()
+    r = torch.repeat_interleave(torch.arange(shape[0], device=rows.device), counts)
+    c = cols.long() % (1 << 16) if cols.dtype == torch.int16 else cols.long()
+    return torch.sparse_coo_tensor(torch.stack([r, c]), values.float(), shape,
+                                   check_invariants=True).coalesce()  # indices in range
+
+
+def sparse_apply(x: torch.Tensor, matrix: torch.Tensor) -> torch.Tensor:
+    """x Sᵀ for x (..., in) and a sparse COO S (out, in)."""
+    flat = x.reshape(-1, x.shape[-1])
+    y = torch.sparse.mm(matrix.to(x.device, torch.float32), flat.float().T).T
+    return y.to(x.dtype).reshape(*x.shape[:-1], matrix.shape[0])
 
 
 def marked(layer: dict) -> bool:
     """Whether a layer of this plan entry carries the empty `NAME.weight` marker (format 5):
-    every layer whose weight is not a plain float tensor."""
+    every layer whose weight is not a plain float tensor (a sparse term comes only with
+    those)."""
     return layer["kind"] != "dense" or layer["bits"] not in (None, 16)
 
 
@@ -208,16 +245,19 @@ class LowRankLinear(nn.Module):
     """
 
     def __init__(self, u: torch.Tensor, s: torch.Tensor, v: torch.Tensor,
-                 bias: torch.Tensor | None = None):
+                 bias: torch.Tensor | None = None, sparse: torch.Tensor | None = None):
         super().__init__()
         self.in_features, self.out_features, self.rank = v.shape[1], u.shape[1], s.shape[0]
         self.u = nn.Parameter(u, requires_grad=False)
         self.s = nn.Parameter(s, requires_grad=False)
         self.v = nn.Parameter(v, requires_grad=False)
         self.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
+        self.sparse = sparse  # a sparse term (COO, out × in) added, or None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = ((x @ self.v.T) * self.s) @ self.u
+        if self.sparse is not None:
+            y = y + sparse_apply(x, self.sparse)
         return y if self.bias is None else y + self.bias
 
     def extra_repr(self) -> str:
@@ -369,6 +409,12 @@ class StoredLinear(nn.Module):
                     self.svdq.register_buffer(name, torch.empty(self.rank, cols,
                                                                 dtype=torch.float16, **meta))
             self.svdq.register_buffer("s", torch.empty(self.rank, dtype=torch.float32, **meta))
+        self.nnz = layer.get("sparse_nnz", 0)
+        if self.nnz:
+            sparse = nn.Module()
+            for part, (shape, dt) in sparse_parts(out_f, in_f, self.nnz).items():
+                sparse.register_buffer(part, torch.empty(shape, dtype=dt, **meta))
+            self.svdq.sparse = sparse
         self.bias = nn.Parameter(torch.empty(out_f, dtype=dtype, **meta), requires_grad=False) \
             if layer["bias"] else None
 
@@ -396,7 +442,16 @@ class StoredLinear(nn.Module):
             u, v = self.factor("u").to(x.dtype), self.factor("v").to(x.dtype)
             low = ((x @ v.T) * self.svdq.s.to(x.dtype)) @ u
             y = low if y is None else y + low
+        if self.nnz:
+            y = y + sparse_apply(x, self.sparse())
         return y if self.bias is None else y + self.bias.to(x.dtype)
+
+    def sparse(self) -> torch.Tensor | None:
+        """The sparse term as a COO matrix (out, in), or None."""
+        if not self.nnz:
+            return None
+        t = self.svdq.sparse
+        return sparse_matrix(t.values, t.cols, t.rows, (self.out_features, self.in_features))
 
     def _forward_conv(self, x: torch.Tensor) -> torch.Tensor:
         """The same on images (B, in, H, W): the dense weight's rows a band of output
@@ -426,14 +481,17 @@ class StoredLinear(nn.Module):
         """The layer as `build_layer` makes it: a float linear layer (a residual one folded)
         or a `LowRankLinear`, in `dtype`."""
         bias = None if self.bias is None else self.bias.detach()
+        sparse = self.sparse()
         if self.rank:
             u, v, s = self.factor("u"), self.factor("v"), self.svdq.s.float()
             if self.kind == "lowrank":
-                return _lowrank(u.to(dtype), s.to(dtype), v.to(dtype), bias, self.conv)
+                return _lowrank(u.to(dtype), s.to(dtype), v.to(dtype), bias, self.conv, sparse)
         w = self._dense()
         w = w.full() if isinstance(w, Packed) else w.float()
         if self.kind == "residual":
             w = w + (u.T * s) @ v
+        if sparse is not None:
+            w = w + sparse.to_dense()
         return _dense_module(w.to(dtype), bias, self.conv)
 
     def extra_repr(self) -> str:
@@ -498,6 +556,11 @@ def _check_layer(layer) -> None:
             or not isinstance(layer.get("bias"), bool):
         raise ArtifactError(f"the manifest's entry for {layer['name']!r} has an unknown kind, "
                             "bits or bias: the artifact is inconsistent; compress the model again")
+    nnz = layer.get("sparse_nnz", 0)
+    if not isinstance(nnz, int) or isinstance(nnz, bool) or nnz < 0 \
+            or nnz > layer["out_features"] * layer["in_features"] or (nnz and not marked(layer)):
+        raise ArtifactError(f"the manifest's entry for {layer['name']!r} has an invalid "
+                            "sparse_nnz: the artifact is inconsistent; compress the model again")
     if kind != "dense":
         whole("rank")
         if layer.get("factor_bits", bits) not in (4, 8, 16) or (kind == "residual" and bits is None):
@@ -513,8 +576,13 @@ def _linear(w: torch.Tensor, bias: torch.Tensor | None) -> nn.Linear:
     return linear
 
 
-def _lowrank(u, s, v, bias, conv: dict | None) -> nn.Module:
-    return LowRankLinear(u, s, v, bias) if conv is None else LowRankConv2d(u, s, v, bias, conv)
+def _lowrank(u, s, v, bias, conv: dict | None, sparse: torch.Tensor | None = None) -> nn.Module:
+    if conv is None:
+        return LowRankLinear(u, s, v, bias, sparse)
+    if sparse is not None:
+        raise ArtifactError("a convolution with a sparse term: the artifact is inconsistent; "
+                            "compress the model again")
+    return LowRankConv2d(u, s, v, bias, conv)
 
 
 def _dense_module(w: torch.Tensor, bias: torch.Tensor | None, conv: dict | None) -> nn.Module:
@@ -535,20 +603,30 @@ def build_layer(layer: dict, tensors: dict, dtype: torch.dtype, used: set,
     if version >= 5 and marked(layer):
         _take(tensors, key["plain"], used, shape=(0,), dtype=torch.uint8)
     wkey = key["plain"] if bits == 16 else key["weight"]
+    nnz = layer.get("sparse_nnz", 0)
+    sparse = None
+    if nnz:
+        parts = {part: _take(tensors, f"{key['sparse']}.{part}", used, shape=shape, dtype=dt)
+                 for part, (shape, dt) in sparse_parts(out_f, in_f, nnz).items()}
+        sparse = sparse_matrix(parts["values"], parts["cols"], parts["rows"], (out_f, in_f))
     if layer["kind"] in ("lowrank", "residual"):
         k, fbits = layer["rank"], layer.get("factor_bits", bits)
         u = _factor(tensors, key["u"], (k, out_f), fbits, block, used)
         v = _factor(tensors, key["v"], (k, in_f), fbits, block, used)
         s = _take(tensors, key["s"], used, shape=(k,), dtype=torch.float32)
         if layer["kind"] == "lowrank":
-            return _lowrank(u.to(dtype), s.to(dtype), v.to(dtype), bias, conv)
-        w = _factor(tensors, wkey, (out_f, in_f), bits, block, used, grid)
-        return _dense_module((w + (u.T * s) @ v).to(dtype), bias, conv)  # the correction folded in once
+            return _lowrank(u.to(dtype), s.to(dtype), v.to(dtype), bias, conv, sparse)
+        w = _factor(tensors, wkey, (out_f, in_f), bits, block, used, grid) + (u.T * s) @ v
+        return _dense_module(_plus(w, sparse).to(dtype), bias, conv)  # folded in once
     if bits is not None:  # 4, 8 or 16 bits, or the integer grid
         w = _factor(tensors, wkey, (out_f, in_f), bits, block, used, grid)
-        return _dense_module(w.to(dtype), bias, conv)
+        return _dense_module(_plus(w, sparse).to(dtype), bias, conv)
     used.discard(key["bias"])  # a layer kept in its own form loads with the untouched tensors
     return None
+
+
+def _plus(w: torch.Tensor, sparse: torch.Tensor | None) -> torch.Tensor:
+    return w if sparse is None else w + sparse.to_dense().to(w.device)
 
 
 def set_module(model: nn.Module, name: str, module: nn.Module) -> None:

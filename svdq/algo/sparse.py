@@ -12,23 +12,29 @@ the best kept — never worse than A₀ = fit(W), S = 0, the form without a spar
 few entries hold more energy than the rest, the first fit bends toward them and hard
 thresholding can stall short of them (tests/algo/test_sparse.py).
 
-This is the sparse term's math only: the stored forms, the loaders and the budget do not use
-it yet (issue 14).
+`with_sparse` adds the term to a stored form in one step (the rank search uses it, so a
+lower rank with a few exact entries can win); `refine_sparse` then alternates on the chosen
+form, refitting it to W − S with the same rank and bits. The loaders apply S as a sparse
+product (layers kept as stored) or fold it into the weight (`runtime`).
 
 Bytes (CSR): values float16 (2 per entry), column indices int16 where `in` fits (else
 int32), row pointers int32 (out + 1): `csr_bytes`.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Callable
+import math
+from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING, Callable
 
 import torch
 
-from svdq.algo.error import error_norm2
+from svdq.algo.error import error_norm2, relative_error
 from svdq.algo.factorize import LayerStats
 
-INT16_COLUMNS = 1 << 15  # column indices fit int16 below this many inputs
+if TYPE_CHECKING:  # stored imports nothing of this module at run time
+    from svdq.algo.stored import Stored
+
+from svdq.runtime import INT16_COLUMNS  # noqa: E402  (the loaders read the same layout)
 
 
 def csr_bytes(out_f: int, in_f: int, nnz: int) -> int:
@@ -80,7 +86,7 @@ class CSR:
 
 def salient(delta: torch.Tensor, gram_diag: torch.Tensor, k: int) -> torch.Tensor:
     """The `k` entries of `delta` with the largest |Δ_ij|² G_jj, as a matrix zero elsewhere."""
-    out = torch.zeros_like(delta)
+    out = torch.zeros(delta.shape, dtype=delta.dtype, device=delta.device)  # contiguous
     if k <= 0:
         return out
     score = delta.double() ** 2 * gram_diag.double().clamp_min(0)
@@ -118,3 +124,64 @@ def godec(w: torch.Tensor, stats: LayerStats, k: int, fit: Callable[[torch.Tenso
         if e2 < best.error2:
             best = Split(approx, s, e2, [])
     return Split(best.approx, best.sparse, best.error2, errors)
+
+
+def best_entries(delta: torch.Tensor, gram: torch.Tensor, k: int) -> torch.Tensor:
+    """The sparse matrix of `k` entries that best corrects an error Δ on inputs with Gram G:
+    entries chosen by the gain of each one alone at its best value, (Δ G)_ij² / G_jj (for a
+    diagonal G the saliency |Δ_ij|² G_jj; a GPTQ error, whose entries compensate one another
+    through G, has small gains where zeroing an entry would undo that), then the values of
+    each row's chosen entries solved together, s_J = (Δ_i G)_J G_JJ⁻¹ — so the error
+    ‖X (Δ − S)ᵀ‖² never exceeds ‖X Δᵀ‖²."""
+    out = torch.zeros(delta.shape, dtype=torch.float32, device=delta.device)
+    if k <= 0:
+        return out
+    g = gram.double().to(delta.device)
+    dg = delta.double() @ g  # (out, in)
+    diag = g.diagonal().clamp_min(1e-12)
+    score = dg ** 2 / diag
+    top = torch.topk(score.reshape(-1), min(k, score.numel())).indices
+    rows, cols = top // delta.shape[1], top % delta.shape[1]
+    for r in rows.unique().tolist():
+        j = cols[rows == r]
+        sub = g[j][:, j]
+        damp = 1e-9 * float(sub.diagonal().mean()) * torch.eye(len(j), dtype=sub.dtype,
+                                                                device=sub.device)
+        out[r, j] = torch.linalg.solve(sub + damp, dg[r, j]).float()
+    return out
+
+
+def sparse_count(out_f: int, in_f: int, fraction: float) -> int:
+    """Entries a `--sparse FRACTION` term keeps in an (out, in) layer."""
+    return math.floor(fraction * out_f * in_f)
+
+
+def with_sparse(w: torch.Tensor, stored: "Stored", stats: LayerStats, ref: float,
+                nnz: int) -> "Stored":
+    """`stored` plus the `nnz` most salient entries of what it leaves, W − Ŵ, kept exactly
+    (float16), and the error of the sum; kept and 16-bit dense layers stay as they are."""
+    if nnz <= 0 or stored.kind == "keep" or (stored.kind == "dense" and stored.bits == 16):
+        return stored
+    w = w.float()
+    approx = stored.dequantize()
+    s = CSR.of(best_entries(w - approx, stats.gram, nnz))
+    return replace(stored, sparse=s, error=relative_error(w, approx + s.dense(), stats, ref))
+
+
+def refine_sparse(w: torch.Tensor, stored: "Stored", stats: LayerStats, ref: float,
+                  refit: Callable[[torch.Tensor], "Stored"], rounds: int = 2) -> "Stored":
+    """Alternate on a form with a sparse term: `refit` the form (same kind, rank, bits) to
+    W − S, take the most salient entries of what it leaves as the new S; every round is
+    measured and the best kept, so the result is never worse than `stored`."""
+    if stored.sparse is None:
+        return stored
+    w, best, nnz = w.float(), stored, stored.sparse.nnz
+    for _ in range(rounds):
+        form = refit(w - best.sparse.dense())
+        approx = form.dequantize()
+        s = CSR.of(best_entries(w - approx, stats.gram, nnz))
+        trial = replace(form, sparse=s, error=relative_error(w, approx + s.dense(), stats, ref))
+        if trial.error >= best.error:
+            break
+        best = trial
+    return best

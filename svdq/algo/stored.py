@@ -7,6 +7,9 @@ hand around, and what `svdq.plan` turns into a manifest entry and artifact tenso
 | dense    | `weight` at `bits`                        | Q(W)                           |
 | lowrank  | `u` (Uᵀ), `s` (Σ, float32), `v` (Vᵀ)      | U Σ Vᵀ                         |
 | residual | `weight` at `bits`, `u`, `s`, `v`         | Q(W) + U Σ Vᵀ (a correction)   |
+
+Any form but keep (and a 16-bit dense weight) may carry a sparse term `sparse` (`algo.sparse.
+CSR`: a few entries kept exactly, added to what the form computes: `--sparse`).
 """
 from __future__ import annotations
 
@@ -34,6 +37,7 @@ class Stored:
     s: torch.Tensor | None = None
     v: Quantized | None = None
     weight: Quantized | None = None
+    sparse: "CSR | None" = None  # algo.sparse.CSR: entries kept exactly, added
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
@@ -46,12 +50,26 @@ class Stored:
         stored = self.weight or self.u
         return None if stored is None else stored.block_size
 
+    def nbytes(self) -> int:
+        """Bytes of the stored tensors (the bias and the format-5 marker apart)."""
+        parts: dict[str, torch.Tensor] = {}
+        for name in ("u", "v", "weight"):
+            if getattr(self, name) is not None:
+                parts.update(getattr(self, name).tensors(name))
+        if self.s is not None:
+            parts["s"] = self.s
+        if self.sparse is not None:
+            parts.update(self.sparse.tensors("sparse"))
+        return sum(t.numel() * t.element_size() for t in parts.values())
+
     def dequantize(self) -> torch.Tensor | None:
         """Ŵ as the loaders compute it (float32), or None for a kept layer."""
         w_hat = None if self.weight is None else self.weight.dequantize()
         if self.u is not None:
             low = (self.u.dequantize().T * self.s) @ self.v.dequantize()
             w_hat = low if w_hat is None else w_hat + low
+        if self.sparse is not None and w_hat is not None:
+            w_hat = w_hat + self.sparse.dense().to(w_hat.device)
         return w_hat
 
 

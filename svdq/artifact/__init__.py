@@ -144,7 +144,9 @@ class Pending:
         tmp, tensor_bytes = self.tmp, self.tensors.total_bytes
         dtype = next(result.model.parameters()).dtype
         # format 6 only where it says something 5 cannot (`stored_dtype`)
-        version = runtime.PLAIN_FORMAT if self.tensors.cast is None else runtime.FORMAT_VERSION
+        version = (runtime.FORMAT_VERSION if any(p.get("sparse_nnz") for p in result.layers)
+                   else runtime.PLAIN_FORMAT if self.tensors.cast is None
+                   else runtime.STORED_DTYPE_FORMAT)
         notes = list(source.notes + result.notes)
         if self.tensors.cast is not None:
             notes.append(f"the tensors svdq does not quantize are stored in "

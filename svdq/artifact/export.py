@@ -47,8 +47,8 @@ def export_dtype(name: str, manifest: dict) -> torch.dtype:
 
 
 def layer_terms(layer: runtime.StoredLinear) -> tuple[torch.Tensor | None, tuple | None]:
-    """A stored layer's quantized dense part (out, in) and low-rank term (U Σ, Vᵀ), float32;
-    either is None where the layer has none."""
+    """A stored layer's quantized dense part (out, in), its sparse term added, and its
+    low-rank term (U Σ, Vᵀ), float32; either is None where the layer has none."""
     dense = None
     if layer.kind != "lowrank":
         w = layer._dense()
@@ -56,6 +56,9 @@ def layer_terms(layer: runtime.StoredLinear) -> tuple[torch.Tensor | None, tuple
     low = None
     if layer.rank:
         low = (layer.factor("u").T * layer.svdq.s.float(), layer.factor("v"))
+    sparse = layer.sparse()
+    if sparse is not None:  # exact entries: part of the dense base
+        dense = sparse.to_dense() if dense is None else dense + sparse.to_dense()
     return dense, low
 
 

@@ -63,6 +63,9 @@ def compress(
                                    "output folder (a folder of other files is refused)."),
     stream: bool = typer.Option(True, help="Read the model block by block (memory: about one "
                                 "block); --no-stream loads it whole."),
+    sparse: float = typer.Option(0.0, help="Share of each linear layer's entries kept exactly "
+                                 "(float16, CSR) beside its form, chosen by activation-aware "
+                                 "saliency, e.g. 0.005; eps mode only."),
     offload_activations: bool = typer.Option(False, help="Keep the calibration activations in "
                                              "files beside the output instead of memory (also "
                                              "done by itself when they are large)."),
@@ -96,6 +99,7 @@ def compress(
                             batch_size=batch_size, seed=seed, device=device, dtype=dtype,
                             sequential=sequential, refit=refit, budget_ratio=ratio,
                             residual=residual, offload_activations=offload_activations,
+                            sparse=sparse,
                             budget_bytes=None if size is None else parse_size(size))
         shard_bytes = parse_size(shard_size, "--shard-size")
         artifact.check_output(output, overwrite)

@@ -23,7 +23,9 @@ from svdq import runtime
 from svdq.algo.quant import codebook
 from svdq.algo.refit import refit_u
 from svdq.algo.residual import residual_of
-from svdq.algo.search import choose, choose_residual
+from svdq.algo.error import reference
+from svdq.algo.search import choose, choose_residual, refined_sparse
+from svdq.algo.sparse import sparse_count
 from svdq.algo.stored import Stored
 from svdq.artifact.writer import TensorWriter
 from svdq.config import Settings
@@ -59,13 +61,25 @@ def choose_form(work: LayerWork, settings: Settings, residual=None) -> Stored:
     """The eps-mode choice for one layer: low rank replaces the weight, or with
     `settings.residual` corrects the weight's quantization error (`residual`: that error's
     factors, made here when not given)."""
+    # --sparse: linear layers only (the loaders apply a sparse term to matrices, not kernels);
+    # the form with the term is taken only where it stores fewer bytes at the same eps
+    nnz = 0 if runtime.conv_of(work.module) else sparse_count(*work.w.shape, settings.sparse)
     if settings.residual:
         res = residual or residual_of(work.w, work.stats, settings.bits, settings.block_size,
                                       settings.method, settings.grid, settings.gptq)
-        return choose_residual(work.w, work.bias, res, work.stats, settings.eps,
-                               method=settings.method)
-    return choose(work.w, work.bias, work.factors, work.stats, settings.eps, settings.bits,
-                  settings.block_size, grid=settings.grid, gptq=settings.gptq)
+        tried = [choose_residual(work.w, work.bias, res, work.stats, settings.eps,
+                                 method=settings.method, sparse=n) for n in {0, nnz}]
+    else:
+        tried = [choose(work.w, work.bias, work.factors, work.stats, settings.eps,
+                        settings.bits, settings.block_size, grid=settings.grid,
+                        gptq=settings.gptq, sparse=n, method=settings.method)
+                 for n in {0, nnz}]
+    met = [t for t in tried if t.kind != "keep"]
+    stored = min(met, key=lambda t: (t.nbytes(), t.error)) if met else tried[0]
+    if stored.sparse is None:
+        return stored
+    return refined_sparse(work.w, stored, work.stats, reference(work.w, work.bias, work.stats),
+                          settings.method, settings.gptq)
 
 
 def refitted(work: LayerWork, stored: Stored, settings: Settings) -> tuple[Stored, dict]:

@@ -183,6 +183,9 @@ def finetune(path: str | Path, out: Path, opt: Options = Options(), overwrite: b
     opt.check()
     path, out = locate(path), Path(out)
     manifest = read(path)
+    if any(p.get("sparse_nnz") for p in manifest["layers"]):
+        raise SvdqError("svdq finetune does not train artifacts with sparse terms (--sparse) "
+                        "yet; use the artifact as it is")
     if manifest.get("calibration", {}).get("kind") == "images":
         raise SvdqError("svdq finetune distils on text and cannot fine-tune an image model yet; "
                         "use the artifact as it is")

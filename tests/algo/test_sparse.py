@@ -71,3 +71,32 @@ def test_low_rank_plus_spikes_is_recovered():
     assert found == set(where.tolist())
     assert torch.linalg.matrix_rank(split.approx, atol=1e-3) == 3
     assert split.error2 < 1e-6 * split.errors2[0]
+
+
+def test_the_eps_search_with_a_sparse_term_needs_a_lower_rank():
+    """A rank-3 weight with a few large spikes: truncation alone needs a high rank for the
+    spikes; with as many exact entries the search stops at rank 3, never worse, and the
+    alternation on the chosen form never raises its error."""
+    from svdq.algo.error import reference
+    from svdq.algo.factorize import factorize
+    from svdq.algo.search import choose, refined_sparse
+
+    torch.manual_seed(0)
+    w = torch.randn(48, 3) @ torch.randn(3, 64) / 8
+    spikes = torch.randperm(w.numel())[:20]
+    w.view(-1)[spikes] += 5 * torch.sign(torch.randn(20))
+    stats = stats_of(torch.randn(512, 64))
+    factors = factorize("svd", w, stats)
+    plain = choose(w, None, factors, stats, 0.05, 16, 64)
+    with_s = choose(w, None, factors, stats, 0.05, 16, 64, sparse=20)
+    assert with_s.kind == "lowrank" and with_s.sparse.nnz == 20 and with_s.error <= 0.05
+    assert with_s.rank == 3 and plain.rank > 10  # the spikes cost truncation a rank each
+    ref = reference(w, None, stats)
+    refined = refined_sparse(w, with_s, stats, ref, "svd")
+    assert refined.error <= with_s.error and refined.rank == with_s.rank
+    assert refined.sparse.nnz == 20
+    w_hat = refined.dequantize()  # the form and its sparse term
+    assert abs(error_norm2(w - w_hat, stats) ** 0.5 / ref - refined.error) < 1e-6
+    # kept and 16-bit dense layers take no sparse term
+    from svdq.algo.stored import keep
+    assert sparse.with_sparse(w, keep(), stats, ref, 5).sparse is None
