@@ -80,7 +80,8 @@ def _inspect_table(path: Path, manifest: dict, key: Optional[str], top: int, as_
                          no_wrap=col != "layer", min_width=12 if col == "layer" else None)
     for p in rows:
         table.add_row(str(p["name"]), f"{p['out_features']}×{p['in_features']}",
-                      {"lowrank": "low-rank", "residual": "dense+low-rank"}.get(p["kind"], "dense"),
+                      {"lowrank": "low-rank", "residual": "dense+low-rank"}.get(p["kind"], "dense")
+                      + (f"+{p['sparse_nnz']} exact" if p.get("sparse_nnz") else ""),
                       str(p["rank"]) if p["kind"] != "dense" else "-", str(p["k_break"]),
                       (f"int{p['bits']}" if p.get("grid") == "int"
                        else str(p["bits"] or manifest["dtype"])), f"{p['bytes']:,}",
