@@ -125,7 +125,7 @@ def main() -> None:
 
     from svdq import assets
     from svdq.config import Settings
-    from svdq.pipeline.walk import calibration_ids
+    from svdq.pipeline.inputs import calibration_ids
     from svdq.sweep import evaluator
     from sweep import split_text
 

@@ -39,7 +39,7 @@ def main() -> None:
     from svdq import assets
     from svdq.algo.gptq import gptq
     from svdq.config import Settings
-    from svdq.pipeline.walk import calibration_ids
+    from svdq.pipeline.inputs import calibration_ids
     from sweep import split_text
 
     work = assets.cache_dir() / f"gptq-reference-{args.model}"

@@ -14,10 +14,14 @@ CSR`: a few entries kept exactly, added to what the form computes: `--sparse`).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
 from svdq.algo.quant import Quantized
+
+if TYPE_CHECKING:  # for the annotation only
+    from svdq.algo.sparse import CSR
 
 KINDS = ("keep", "dense", "lowrank", "residual")
 

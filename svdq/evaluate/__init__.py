@@ -34,8 +34,6 @@ class Subject:
 
 def load_subject(spec: str, device: str = "cpu") -> Subject:
     """An artifact folder (svdq.json inside) via svdq.artifact, else via svdq.models.load.load_source."""
-    import transformers
-
     from svdq import artifact
     from svdq.models import load as hf
 

@@ -35,7 +35,8 @@ from svdq.pipeline import budget as budgets
 from svdq.pipeline.judge import losses
 from svdq.pipeline.options import Measured, measure_layer
 from svdq.models.streams import Scratch
-from svdq.pipeline.walk import (Clock, LayerWork, Progress, Walker, calibration_ids,
+from svdq.pipeline.inputs import calibration_ids
+from svdq.pipeline.walk import (Clock, LayerWork, Progress, Walker,
                                 one_input_at_a_time)
 from svdq.plan import LayerPlan, Result, tensors_of
 

@@ -18,7 +18,8 @@ from svdq.config import Settings
 from svdq.models import layers as surgery
 from svdq.models import load as hf
 from svdq.pipeline.compress import compress
-from svdq.pipeline.walk import Clock, analyse, calibration_ids
+from svdq.pipeline.inputs import calibration_ids
+from svdq.pipeline.walk import Clock, analyse
 
 from conftest import make_text
 

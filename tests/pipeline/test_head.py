@@ -10,13 +10,14 @@ import torch
 import transformers
 from typer.testing import CliRunner
 
-from conftest import make_text, make_tokenizer, one_line_error, tiny_config
+from conftest import make_tokenizer, one_line_error, tiny_config
 from svdq import artifact, runtime
 from svdq.cli import app
 from svdq.config import Settings
 from svdq.models import load as hf
 from svdq.pipeline.compress import compress
-from svdq.pipeline.walk import Clock, analyse, calibration_ids
+from svdq.pipeline.inputs import calibration_ids
+from svdq.pipeline.walk import Clock, analyse
 
 BLOCKS_AND_HEAD = ["--include", "resnet.encoder.*", "--include", "classifier.*"]
 

@@ -14,7 +14,8 @@ from svdq.pipeline import budget
 from svdq.pipeline.compress import realize
 from svdq.pipeline.judge import judge_of
 from svdq.pipeline.options import measure
-from svdq.pipeline.walk import Clock, analyse, calibration_ids, swapped
+from svdq.pipeline.inputs import calibration_ids
+from svdq.pipeline.walk import Clock, analyse, swapped
 
 CALIB = dict(calib_samples=4, calib_len=32, batch_size=4)
 
