@@ -6,12 +6,13 @@ from __future__ import annotations
 import math
 import time
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterable, Iterator
 
 import torch
 from torch import nn
 
 from svdq.calibration import images
+from svdq.calibration.loss import kl_sum
 from svdq.errors import SvdqError
 
 
@@ -26,32 +27,33 @@ def check_classifier(model: nn.Module, what: str) -> dict:
     return {int(k): v for k, v in labels.items()}
 
 
-def forward(model: nn.Module, pixels: torch.Tensor) -> tuple[torch.Tensor, float]:
-    """Float32 logits (on the CPU) of `model` on one batch of pixel values, and the seconds
-    its forward took."""
-    param = next(p for p in model.parameters() if p.is_floating_point())
-    t0 = time.perf_counter()
-    with torch.no_grad():
-        logits = model(pixel_values=pixels.to(param.device, param.dtype)).logits.float().cpu()
-    return logits, time.perf_counter() - t0
+def batches(processor, data: list[tuple[Path, int]], channels: int,
+            batch_size: int) -> Iterator[torch.Tensor]:
+    """The pixel values of `data`'s images, `batch_size` at a time, as `processor` makes them."""
+    for i in range(0, len(data), batch_size):
+        yield images.pixels(processor, [p for p, _ in data[i: i + batch_size]], channels)
 
 
-def logits_of(models: list[nn.Module], processor, data: list[tuple[Path, int]],
-              batch_size: int, report: Callable[[int, int], None] | None = None
+def logits_of(models: list[nn.Module], pixels: Iterable[torch.Tensor],
+              report: Callable[[int], None] | None = None
               ) -> tuple[list[torch.Tensor], list[float]]:
-    """(n, classes) float32 logits of each model on the images of `data`, in its order, and
-    the seconds each spent in its forwards (each batch is read and processed once for all)."""
-    channels = getattr(models[0].config, "num_channels", 3)
+    """(n, classes) float32 logits (on the CPU) of each model on the batches `pixels`, and
+    the seconds each spent in its forwards (each batch is made once for all models);
+    `report` hears the images done."""
     out: list[list[torch.Tensor]] = [[] for _ in models]
     spent = [0.0 for _ in models]
-    for i in range(0, len(data), batch_size):
-        batch = images.pixels(processor, [p for p, _ in data[i: i + batch_size]], channels)
-        for j, model in enumerate(models):
-            logits, seconds = forward(model, batch)
-            out[j].append(logits)
-            spent[j] += seconds
-        if report is not None:
-            report(min(i + batch_size, len(data)), len(data))
+    done = 0
+    with torch.no_grad():
+        for batch in pixels:
+            for j, model in enumerate(models):
+                param = next(p for p in model.parameters() if p.is_floating_point())
+                t0 = time.perf_counter()
+                out[j].append(model(pixel_values=batch.to(param.device, param.dtype))
+                              .logits.float().cpu())
+                spent[j] += time.perf_counter() - t0
+            done += len(batch)
+            if report is not None:
+                report(done)
     return [torch.cat(o) for o in out], spent
 
 
@@ -64,10 +66,9 @@ def scores(logits: torch.Tensor, labels: torch.Tensor,
     out = {"n": len(labels), "top1": float((top[:, 0] == labels).float().mean()),
            "top5": float((top == labels[:, None]).any(1).float().mean()), "top5_k": k}
     if reference is not None:
-        ref = torch.log_softmax(reference.double(), 1)
-        kl = (ref.exp() * (ref - torch.log_softmax(logits.double(), 1))).sum(1)
+        kl = kl_sum(reference, logits) / len(labels)
         out["agreement"] = float((reference.argmax(1) == top[:, 0]).float().mean())
-        out["kl"] = float(kl.mean()) if math.isfinite(float(kl.mean())) else None
+        out["kl"] = kl if math.isfinite(kl) else None
     return out
 
 
@@ -78,8 +79,10 @@ def accuracy(subjects: list, folder: Path, batch_size: int,
     labels_of = check_classifier(subjects[0].model, subjects[0].label)
     data = images.labelled(folder, labels_of)
     labels = torch.tensor([y for _, y in data])
-    logits, spent = logits_of([s.model for s in subjects], subjects[0].tokenizer, data,
-                              batch_size, lambda d, n: report and report("accuracy", d, n))
+    channels = getattr(subjects[0].model.config, "num_channels", 3)
+    logits, spent = logits_of([s.model for s in subjects],
+                              batches(subjects[0].tokenizer, data, channels, batch_size),
+                              lambda d: report and report("accuracy", d, len(data)))
     rows = [{"id": s.label, "images_per_s": len(data) / max(t, 1e-9)}
             for s, t in zip(subjects, spent)]
     for i, (row, lg) in enumerate(zip(rows, logits)):

@@ -103,27 +103,23 @@ def evaluator(source: Source, text: tuple[str, str] | None, lines: list[str] | N
 
     if images is not None:
         from svdq.calibration.images import labelled
-        from svdq.calibration.images import pixels as read_pixels
-        from svdq.evaluate.accuracy import check_classifier, forward, logits_of, scores
+        from svdq.evaluate.accuracy import batches, check_classifier, logits_of, scores
 
         data = labelled(images, check_classifier(source.model, source.id))
         labels = torch.tensor([y for _, y in data])
+        channels = getattr(source.model.config, "num_channels", 3)
         batch = max(batch_size, 32)
         # every variant sees the same images: read and processed once where they fit in
         # PIXEL_CACHE_BYTES (float32), else again for each
-        channels = getattr(source.model.config, "num_channels", 3)
-        first = read_pixels(source.tokenizer, [data[0][0]], channels)
-        cached = None
-        if first.numel() * 4 * len(data) <= PIXEL_CACHE_BYTES:
-            cached = read_pixels(source.tokenizer, [p for p, _ in data], channels)
+        first = next(batches(source.tokenizer, data[:1], channels, 1))
+        cached = list(batches(source.tokenizer, data, channels, batch)) \
+            if first.numel() * 4 * len(data) <= PIXEL_CACHE_BYTES else None
 
         def accuracy(model: nn.Module) -> dict:
-            if cached is None:
-                logits, spent = logits_of([model], source.tokenizer, data, batch)
-                return {"quality": scores(logits[0], labels)["top1"], "seconds": spent[0]}
-            parts = [forward(model, cached[i: i + batch]) for i in range(0, len(cached), batch)]
-            logits = torch.cat([lg for lg, _ in parts])
-            return {"quality": scores(logits, labels)["top1"], "seconds": sum(t for _, t in parts)}
+            pixels = cached if cached is not None else batches(source.tokenizer, data,
+                                                               channels, batch)
+            logits, spent = logits_of([model], pixels)
+            return {"quality": scores(logits[0], labels)["top1"], "seconds": spent[0]}
         return accuracy, Metric("top-1 accuracy", False)
 
     if text is not None:

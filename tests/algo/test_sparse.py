@@ -100,3 +100,18 @@ def test_the_eps_search_with_a_sparse_term_needs_a_lower_rank():
     # kept and 16-bit dense layers take no sparse term
     from svdq.algo.stored import keep
     assert sparse.with_sparse(w, keep(), stats, ref, 5).sparse is None
+
+
+def test_best_entries_never_raise_the_error_of_a_compensating_error():
+    """On correlated inputs a GPTQ-like error compensates between columns; the best entries,
+    values solved through the Gram, still only lower ‖X (Δ − S)ᵀ‖²."""
+    g = torch.Generator().manual_seed(3)
+    mix = torch.randn(32, 32, generator=g)
+    x = torch.randn(400, 32, generator=g) @ (torch.eye(32) + 0.9 * mix / 32 ** 0.5)
+    stats = stats_of(x)
+    delta = torch.randn(16, 32, generator=g) @ torch.linalg.inv(stats.gram.float() + torch.eye(32))
+    base = error_norm2(delta, stats)
+    for k in (1, 5, 40, 200):
+        s = sparse.best_entries(delta, stats.gram, k)
+        assert int((s != 0).sum()) <= k
+        assert error_norm2(delta - s, stats) <= base * (1 + 1e-9)
