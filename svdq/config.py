@@ -38,6 +38,7 @@ class Settings:
     budget_ratio: float | None = None  # --ratio: that total as a fraction of their fp16 bytes
     offload_activations: bool = False  # calibration streams in files, not memory
     sparse: float = 0.0  # eps mode: share of each linear layer's entries kept exactly (float16)
+    attention_product: bool = False  # eps mode: queries and keys stored as their product per head
     _version: int = field(default=SETTINGS_VERSION, repr=False)
 
     def __post_init__(self) -> None:
@@ -86,6 +87,11 @@ class Settings:
         if self.sparse and self.budgeted:
             raise SvdqError("--sparse takes eps mode (with or without --residual); budgets do "
                             "not weigh sparse terms yet: drop --ratio/--size or --sparse")
+        if self.attention_product and (self.budgeted or self.refit or self.bits == 16):
+            raise SvdqError("--attention-product takes eps mode with quantized weights (--bits "
+                            "2–8), without --refit; budgets do not offer it yet: drop "
+                            + ("--ratio/--size" if self.budgeted else "--refit" if self.refit
+                               else "--bits 16") + " or --attention-product")
         if self.budgeted and self.sequential:
             raise SvdqError("--sequential cannot be combined with --ratio/--size (the budget is "
                             "shared out once every layer is measured); drop one")

@@ -43,6 +43,7 @@ class LayerPlan:
     factor_bits: int | None = None
     grid: str = "bnb"  # the weight's grid (dense, residual): bnb, or int (uniform integer)
     sparse_nnz: int = 0  # entries of a sparse term (--sparse; format 7), 0: none
+    rows: list | None = None  # a dense layer storing these output rows only ([start, length] runs; format 8)
     notes: dict = field(default_factory=dict, compare=True)
 
     def __post_init__(self) -> None:
@@ -64,7 +65,7 @@ class LayerPlan:
                    fp16_bytes(module), stored.error,
                    stored.u.bits if stored.kind == "residual" else None,
                    "bnb" if stored.weight is None else stored.weight.grid,
-                   0 if stored.sparse is None else stored.sparse.nnz)
+                   0 if stored.sparse is None else stored.sparse.nnz, stored.rows)
 
     def noted(self, **notes) -> "LayerPlan":
         return replace(self, notes={**self.notes, **notes})
@@ -80,6 +81,8 @@ class LayerPlan:
             entry["grid"] = self.grid
         if self.sparse_nnz:  # absent: no sparse term, as before format 7
             entry["sparse_nnz"] = self.sparse_nnz
+        if self.rows is not None:  # absent: every row stored, as before format 8
+            entry["rows"] = [list(r) for r in self.rows]
         return {**entry, **self.notes}
 
     @classmethod
@@ -119,7 +122,9 @@ def tensors_of(name: str, module: nn.Module, stored: Stored) -> dict[str, torch.
         out[keys["plain"]] = runtime.marker()  # a loader that ignores svdq fails on its shape
     if stored.sparse is not None:
         out.update(stored.sparse.tensors(keys["sparse"]))
-    if module.bias is not None:
+    if stored.bias is not None:  # its own (the attention product's queries and keys)
+        out[keys["bias"]] = stored.bias.detach().to(module.bias.dtype)
+    elif module.bias is not None:
         out[keys["bias"]] = module.bias.detach()
     return {k: v.cpu() for k, v in out.items()}
 

@@ -46,6 +46,11 @@ Tensor keys (NAME is a module name such as `model.layers.0.mlp.up_proj`):
                                          column indices int16 (int32 above 32768 inputs; read
                                          as unsigned), row pointers int32 (out + 1); added to
                                          what the layer's form computes
+    a layer with `rows`                  (format 8, plan `rows`: [start, length] runs) a dense
+                                         layer that stores only those output rows: its
+                                         NAME.svdq.weight is (Σ length, in) and every other
+                                         output is zero before the bias (the attention product:
+                                         narrower queries and keys, zero-padded per head)
     NAME.bias                            bias of any target layer, in the model's dtype
     svdq.codebook.8 / svdq.codebook.4    the 256 / 16 code values, stored once
     anything else                        an untouched tensor of the model under its own name
@@ -62,10 +67,11 @@ from pathlib import Path
 import torch
 from torch import nn
 
-FORMAT_VERSION = 7  # 2: the residual kind, 3: the manifest checksum, 4: the integer grid,
+FORMAT_VERSION = 8  # 2: the residual kind, 3: the manifest checksum, 4: the integer grid,
 # 5: quantized weights under NAME.svdq.weight and an empty NAME.weight marker, 6: `stored_dtype`,
-# 7: sparse terms (written only where a layer has one)
-READS = (1, 2, 3, 4, 5, 6, 7)
+# 7: sparse terms (written only where a layer has one), 8: layers storing some output rows
+READS = (1, 2, 3, 4, 5, 6, 7, 8)
+SPARSE_FORMAT = 7  # what an artifact with a sparse term and no `rows` layer is written as
 STORED_DTYPE_FORMAT = 6  # what an artifact with `stored_dtype` and no sparse term is written as
 PLAIN_FORMAT = 5  # what an artifact without `stored_dtype` is written as: svdq releases that
 # read 1–5 load it
@@ -109,6 +115,28 @@ def sparse_apply(x: torch.Tensor, matrix: torch.Tensor) -> torch.Tensor:
     flat = x.reshape(-1, x.shape[-1])
     y = torch.sparse.mm(matrix.to(x.device, torch.float32), flat.float().T).T
     return y.to(x.dtype).reshape(*x.shape[:-1], matrix.shape[0])
+
+
+def row_index(layer: dict) -> torch.Tensor | None:
+    """The output rows a `rows` layer stores, in order (int64), or None: it stores them all."""
+    if not layer.get("rows"):
+        return None
+    return torch.cat([torch.arange(start, start + n, device="cpu")  # not meta: it is no state
+                      for start, n in layer["rows"]])
+
+
+def stored_rows(layer: dict) -> int:
+    """How many output rows the layer's dense weight stores."""
+    return sum(n for _, n in layer["rows"]) if layer.get("rows") else layer["out_features"]
+
+
+def _spread(y: torch.Tensor, index: torch.Tensor | None, out_f: int) -> torch.Tensor:
+    """Outputs of the stored rows (..., Σ length) put in place among `out_f` zeros."""
+    if index is None:
+        return y
+    full = y.new_zeros(*y.shape[:-1], out_f)
+    full[..., index.to(y.device, non_blocking=True)] = y
+    return full
 
 
 def marked(layer: dict) -> bool:
@@ -322,6 +350,9 @@ def _conv2d(w: torch.Tensor, bias: torch.Tensor | None, conv: dict) -> nn.Conv2d
 
 
 def _check_conv(layer: dict, conv: dict | None) -> None:
+    if conv is not None and layer.get("rows"):
+        raise ArtifactError(f"the manifest gives the convolution {layer['name']!r} rows: the "
+                            "artifact is inconsistent; compress the model again")
     if conv is not None and conv["in_channels"] * math.prod(conv["kernel"]) != layer["in_features"]:
         raise ArtifactError(f"the manifest's entry for {layer['name']!r} does not fit the "
                             "model's convolution there: the artifact is inconsistent; "
@@ -393,7 +424,8 @@ class StoredLinear(nn.Module):
             self.register_buffer("weight", torch.empty(out_f, in_f, dtype=torch.float16, **meta))
             dense = self.weight
         elif kind in ("dense", "residual"):
-            dense = Packed((out_f, in_f), bits, block, layer.get("grid", "bnb"), books)
+            dense = Packed((stored_rows(layer), in_f), bits, block, layer.get("grid", "bnb"),
+                           books)
             if version >= 5:
                 self.svdq.weight = dense
             else:
@@ -409,6 +441,7 @@ class StoredLinear(nn.Module):
                     self.svdq.register_buffer(name, torch.empty(self.rank, cols,
                                                                 dtype=torch.float16, **meta))
             self.svdq.register_buffer("s", torch.empty(self.rank, dtype=torch.float32, **meta))
+        self.index = row_index(layer)  # not state: made from the plan; None: every row stored
         self.nnz = layer.get("sparse_nnz", 0)
         if self.nnz:
             sparse = nn.Module()
@@ -432,12 +465,14 @@ class StoredLinear(nn.Module):
         if self.kind != "lowrank":
             w = self._dense()
             if isinstance(w, Packed):
-                y = x.new_empty(*x.shape[:-1], self.out_features)
-                for r in range(0, self.out_features, w.band):
-                    r1 = min(r + w.band, self.out_features)
+                n = w.shape[0]
+                y = x.new_empty(*x.shape[:-1], n)
+                for r in range(0, n, w.band):
+                    r1 = min(r + w.band, n)
                     y[..., r:r1] = x @ w.rows(r, r1).to(x.dtype).T
             else:
                 y = x @ w.to(x.dtype).T
+            y = _spread(y, self.index, self.out_features)
         if self.rank:
             u, v = self.factor("u").to(x.dtype), self.factor("v").to(x.dtype)
             low = ((x @ v.T) * self.svdq.s.to(x.dtype)) @ u
@@ -472,6 +507,15 @@ class StoredLinear(nn.Module):
         y = parts[0] if len(parts) == 1 else parts[0] + parts[1]
         return y if self.bias is None else y + self.bias.to(x.dtype)[:, None, None]
 
+    def dense_weight(self) -> torch.Tensor | None:
+        """The dense part (out, in), de-quantized, float32 (rows not stored are zero), or
+        None for a low-rank layer."""
+        if self.kind == "lowrank":
+            return None
+        w = self._dense()
+        w = w.full() if isinstance(w, Packed) else w.float()
+        return _spread(w.T, self.index, self.out_features).T
+
     def factor(self, name: str) -> torch.Tensor:
         """Uᵀ (rank, out) or Vᵀ (rank, in), float32."""
         f = self.svdq._modules.get(name)
@@ -486,8 +530,7 @@ class StoredLinear(nn.Module):
             u, v, s = self.factor("u"), self.factor("v"), self.svdq.s.float()
             if self.kind == "lowrank":
                 return _lowrank(u.to(dtype), s.to(dtype), v.to(dtype), bias, self.conv, sparse)
-        w = self._dense()
-        w = w.full() if isinstance(w, Packed) else w.float()
+        w = self.dense_weight()
         if self.kind == "residual":
             w = w + (u.T * s) @ v
         if sparse is not None:
@@ -561,6 +604,18 @@ def _check_layer(layer) -> None:
             or nnz > layer["out_features"] * layer["in_features"] or (nnz and not marked(layer)):
         raise ArtifactError(f"the manifest's entry for {layer['name']!r} has an invalid "
                             "sparse_nnz: the artifact is inconsistent; compress the model again")
+    rows = layer.get("rows")
+    if rows is not None:
+        starts = [r[0] for r in rows] if isinstance(rows, list) and rows and all(
+            isinstance(r, list) and len(r) == 2 and all(isinstance(v, int) and not
+                                                        isinstance(v, bool) for v in r)
+            for r in rows) else None
+        if starts is None or kind != "dense" or bits not in (2, 3, 4, 8) or nnz \
+                or any(n < 1 or start < 0 for start, n in rows) \
+                or any(a[0] + a[1] > b[0] for a, b in zip(rows, rows[1:])) \
+                or rows[-1][0] + rows[-1][1] > layer["out_features"]:
+            raise ArtifactError(f"the manifest's entry for {layer['name']!r} has invalid rows: "
+                                "the artifact is inconsistent; compress the model again")
     if kind != "dense":
         whole("rank")
         if layer.get("factor_bits", bits) not in (4, 8, 16) or (kind == "residual" and bits is None):
@@ -619,7 +674,8 @@ def build_layer(layer: dict, tensors: dict, dtype: torch.dtype, used: set,
         w = _factor(tensors, wkey, (out_f, in_f), bits, block, used, grid) + (u.T * s) @ v
         return _dense_module(_plus(w, sparse).to(dtype), bias, conv)  # folded in once
     if bits is not None:  # 4, 8 or 16 bits, or the integer grid
-        w = _factor(tensors, wkey, (out_f, in_f), bits, block, used, grid)
+        w = _factor(tensors, wkey, (stored_rows(layer), in_f), bits, block, used, grid)
+        w = _spread(w.T, row_index(layer), out_f).T
         return _dense_module(_plus(w, sparse).to(dtype), bias, conv)
     used.discard(key["bias"])  # a layer kept in its own form loads with the untouched tensors
     return None

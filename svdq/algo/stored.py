@@ -10,6 +10,10 @@ hand around, and what `svdq.plan` turns into a manifest entry and artifact tenso
 
 Any form but keep (and a 16-bit dense weight) may carry a sparse term `sparse` (`algo.sparse.
 CSR`: a few entries kept exactly, added to what the form computes: `--sparse`).
+
+A dense form may store only some output rows (`rows`: [start, length] runs of the `outputs`
+rows; the others are zero before the bias) and bring a bias of its own (`bias`): the
+attention product's narrower queries and keys (`algo.product`).
 """
 from __future__ import annotations
 
@@ -42,10 +46,15 @@ class Stored:
     v: Quantized | None = None
     weight: Quantized | None = None
     sparse: "CSR | None" = None  # algo.sparse.CSR: entries kept exactly, added
+    rows: list | None = None  # dense only: the output rows `weight` holds, [start, length] runs
+    outputs: int = 0  # with `rows`: the layer's output rows
+    bias: torch.Tensor | None = None  # a bias replacing the source layer's (with `rows`)
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
             raise ValueError(f"unknown stored kind {self.kind!r}")
+        if self.rows is not None and (self.kind != "dense" or not self.outputs):
+            raise ValueError("only a dense form stores some rows, and it needs `outputs`")
 
     @property
     def block_size(self) -> int | None:
@@ -74,6 +83,10 @@ class Stored:
             w_hat = low if w_hat is None else w_hat + low
         if self.sparse is not None and w_hat is not None:
             w_hat = w_hat + self.sparse.dense().to(w_hat.device)
+        if self.rows is not None:
+            full = w_hat.new_zeros(self.outputs, w_hat.shape[1])
+            full[torch.cat([torch.arange(a, a + n) for a, n in self.rows])] = w_hat
+            w_hat = full
         return w_hat
 
 

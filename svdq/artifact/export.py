@@ -49,10 +49,7 @@ def export_dtype(name: str, manifest: dict) -> torch.dtype:
 def layer_terms(layer: runtime.StoredLinear) -> tuple[torch.Tensor | None, tuple | None]:
     """A stored layer's quantized dense part (out, in), its sparse term added, and its
     low-rank term (U Σ, Vᵀ), float32; either is None where the layer has none."""
-    dense = None
-    if layer.kind != "lowrank":
-        w = layer._dense()
-        dense = w.full() if isinstance(w, runtime.Packed) else w.float()
+    dense = layer.dense_weight()
     low = None
     if layer.rank:
         low = (layer.factor("u").T * layer.svdq.s.float(), layer.factor("v"))

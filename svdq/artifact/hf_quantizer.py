@@ -19,7 +19,7 @@ from svdq import runtime
 QUANT_METHOD = "svdq"
 # what a StoredLinear is built from: the rest of a plan entry (errors, bytes) stays in svdq.json
 PLAN_FIELDS = ("name", "kind", "bits", "factor_bits", "rank", "block_size", "grid",
-               "out_features", "in_features", "bias")
+               "out_features", "in_features", "bias", "sparse_nnz", "rows")
 
 
 def quantization_config(layers: list[dict], version: int = runtime.FORMAT_VERSION) -> dict:

@@ -66,6 +66,11 @@ def compress(
     sparse: float = typer.Option(0.0, help="Share of each linear layer's entries kept exactly "
                                  "(float16, CSR) beside its form, chosen by activation-aware "
                                  "saliency, e.g. 0.005; eps mode only."),
+    attention_product: bool = typer.Option(False, help="Store each attention block's queries "
+                                           "and keys as their product per head (W_Q,h W_K,hᵀ "
+                                           "at a lower rank; eps bounds the error of the "
+                                           "scores) where that stores fewer bytes. Models "
+                                           "without rotary embeddings, eps mode."),
     offload_activations: bool = typer.Option(False, help="Keep the calibration activations in "
                                              "files beside the output instead of memory (also "
                                              "done by itself when they are large)."),
@@ -99,7 +104,7 @@ def compress(
                             batch_size=batch_size, seed=seed, device=device, dtype=dtype,
                             sequential=sequential, refit=refit, budget_ratio=ratio,
                             residual=residual, offload_activations=offload_activations,
-                            sparse=sparse,
+                            sparse=sparse, attention_product=attention_product,
                             budget_bytes=None if size is None else parse_size(size))
         shard_bytes = parse_size(shard_size, "--shard-size")
         artifact.check_output(output, overwrite)

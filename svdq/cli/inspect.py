@@ -80,11 +80,20 @@ def _inspect_table(path: Path, manifest: dict, key: Optional[str], top: int, as_
                          no_wrap=col != "layer", min_width=12 if col == "layer" else None)
     for p in rows:
         table.add_row(str(p["name"]), f"{p['out_features']}×{p['in_features']}",
-                      {"lowrank": "low-rank", "residual": "dense+low-rank"}.get(p["kind"], "dense")
+                      ("q·k product" if p.get("rows") else
+                       {"lowrank": "low-rank", "residual": "dense+low-rank"}.get(p["kind"], "dense"))
                       + (f"+{p['sparse_nnz']} exact" if p.get("sparse_nnz") else ""),
-                      str(p["rank"]) if p["kind"] != "dense" else "-", str(p["k_break"]),
+                      _rank(p), str(p["k_break"]),
                       (f"int{p['bits']}" if p.get("grid") == "int"
                        else str(p["bits"] or manifest["dtype"])), f"{p['bytes']:,}",
                       f"{p['ratio']:.3f}", f"{p['error']:.4f}")
     out.print(table)
     summary(manifest, path)
+
+
+def _rank(p: dict) -> str:
+    """A low-rank layer's rank; an attention-product layer's rows per head (h1+h2+…)."""
+    if p.get("rows"):
+        heads = p.get("attention_product", {}).get("heads", [])
+        return "+".join(map(str, heads)) if len(heads) <= 4 else f"Σ{sum(heads)}"
+    return str(p["rank"]) if p["kind"] != "dense" else "-"

@@ -27,11 +27,12 @@ from svdq.algo.error import reference
 from svdq.algo.search import choose, choose_residual, refined_sparse
 from svdq.algo.sparse import sparse_count
 from svdq.algo.stored import Stored
+from svdq.analysis.attention import heads
 from svdq.artifact.writer import TensorWriter
 from svdq.config import Settings
 from svdq.models.layers import set_module
 from svdq.models.load import Source
-from svdq.pipeline import budget as budgets
+from svdq.pipeline import budget as budgets, product as products
 from svdq.pipeline.judge import losses
 from svdq.pipeline.options import Measured, measure_layer
 from svdq.models.streams import Scratch
@@ -150,6 +151,8 @@ def compress(source: Source, settings: Settings, progress: Progress | None = Non
     average = None
     if settings.budgeted:  # before minutes of calibration
         average = budgets.check_request(source.model, settings)
+    if settings.attention_product:
+        products.check(source.model)
     ids = calibration_ids(source, settings, report, calibration, warn)
     with Scratch(scratch) as room:
         walker = Walker(source, settings, report, clock, room.path)
@@ -174,10 +177,16 @@ def _eps(walker: Walker, ids: torch.Tensor, settings: Settings, out: _Out) -> li
     plans = []
     n = len(walker.blocks)
     for i in range(n + 1):  # the blocks, then the head's --include'd layers
-        for work in one_input_at_a_time(walker.enter(i) if i < n else walker.enter_head()):
+        works = walker.enter(i) if i < n else walker.enter_head()
+        paired = {}
+        if settings.attention_product and i < n:
+            walker.report(f"blocks: block {i + 1}: attention product", i, n)
+            paired = products.plan_block(works, settings, heads(walker.model), choose_form)
+        for work in one_input_at_a_time(works):
             where = f"block {i + 1}" if i < n else "head"
             walker.report(f"blocks: {where}: {work.name.rpartition('.')[2]}", i, n)
-            stored, notes = refitted(work, choose_form(work, settings), settings)
+            stored, notes = paired.pop(work.name, None) or refitted(
+                work, choose_form(work, settings), settings)
             plan, tensors, module = realize(work, stored, settings, walker.source.stored_dtype)
             if module is not None:
                 set_module(walker.model, work.name, module)

@@ -186,6 +186,9 @@ def finetune(path: str | Path, out: Path, opt: Options = Options(), overwrite: b
     if any(p.get("sparse_nnz") for p in manifest["layers"]):
         raise SvdqError("svdq finetune does not train artifacts with sparse terms (--sparse) "
                         "yet; use the artifact as it is")
+    if any(p.get("rows") for p in manifest["layers"]):
+        raise SvdqError("svdq finetune does not train artifacts with attention-product layers "
+                        "(--attention-product) yet; use the artifact as it is")
     if manifest.get("calibration", {}).get("kind") == "images":
         raise SvdqError("svdq finetune distils on text and cannot fine-tune an image model yet; "
                         "use the artifact as it is")

@@ -80,7 +80,8 @@ def test_sparse_term_round_trips_through_every_loader(spiky, calib_file, tmp_pat
     with torch.no_grad():
         expected = result.model(input_ids=x).logits
         for model in (svdq.load(tmp_path / "out"), svdq.load(tmp_path / "out", dequantize=True),
-                      loader.load(tmp_path / "out")):
+                      loader.load(tmp_path / "out"),  # and transformers' (the plan's nnz)
+                      transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out")):
             torch.testing.assert_close(model(input_ids=x).logits, expected, rtol=1e-4, atol=1e-5)
 
 
@@ -138,4 +139,4 @@ def test_sparse_refusals(models, spiky, calib_file, tmp_path):
     assert "sparse terms" in err
     # a damaged sparse term (a column index out of range) is refused, not a crash
     manifest = json.loads((tmp_path / "a" / runtime.MANIFEST).read_text())
-    assert runtime.READS[-1] == manifest["format_version"] == 7
+    assert manifest["format_version"] == runtime.SPARSE_FORMAT == 7 and 7 in runtime.READS

@@ -1,0 +1,130 @@
+"""`--attention-product` in eps mode: a block's query and key layers stored together as the
+attention product (`algo.product`) where that stores fewer bytes than their own forms.
+
+Per block, each (query, key) pair among the target layers — GPT-2's fused `c_attn` holds both,
+and its values — gets its two eps-mode forms as usual and the product form with the fewest
+rows whose score error is ≤ eps; the product is taken where its rows store fewer bytes than
+the two forms together. The product layers are dense layers storing some output rows
+(`Stored.rows`): per head the first r_h of its d outputs, the others zero, so the model's
+attention code runs unchanged (the zero-padded dimensions add nothing to q · k).
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from svdq.algo.error import error_norm2, reference
+from svdq.algo.product import head_products, runs, smallest_product
+from svdq.algo.quant import quantize
+from svdq.algo.stored import Stored
+from svdq.analysis.attention import FUSED, PAIRS, heads, rotary
+from svdq.config import Settings
+from svdq.errors import SvdqError
+from svdq.pipeline.walk import LayerWork
+
+
+def check(model: nn.Module) -> None:
+    """Refuse, before any calibration, a model the product does not apply to."""
+    why = None
+    if heads(model) is None:
+        why = f"{type(model).__name__} has no attention heads"
+    elif rotary(model):
+        why = (f"{type(model).__name__} rotates queries and keys by position (rotary "
+               "embeddings), so W_Q,h W_K,hᵀ is not one matrix")
+    elif not any(name.endswith(tuple("." + q for q, _ in PAIRS)) or name.endswith("." + FUSED)
+                 for name, _ in model.named_modules()):
+        why = f"svdq does not know where {type(model).__name__}'s queries and keys are"
+    if why:
+        raise SvdqError(f"--attention-product does not apply: {why}; drop --attention-product")
+
+
+def plan_block(works: list[LayerWork], settings: Settings, n_heads: int,
+               choose_form) -> dict[str, tuple[Stored, dict]]:
+    """The forms of the block's query and key layers (fused: the c_attn layer) where the
+    product pays, with what the manifest notes; `choose_form(work, settings)` makes a layer's
+    own eps-mode form. Layers not returned are chosen as usual."""
+    by_name = {w.name: w for w in works}
+    out: dict[str, tuple[Stored, dict]] = {}
+    for work in works:
+        for q, k in PAIRS:
+            if work.name.endswith("." + q):
+                key = by_name.get(work.name[: -len(q)] + k)
+                if key is not None:
+                    out.update(_pair(work, key, settings, n_heads, choose_form))
+        if work.name.endswith("." + FUSED):
+            out.update(_fused(work, settings, n_heads, choose_form))
+    return out
+
+
+def _pair(qw: LayerWork, kw: LayerWork, settings: Settings, n_heads: int, choose_form
+          ) -> dict[str, tuple[Stored, dict]]:
+    own = {qw.name: choose_form(qw, settings), kw.name: choose_form(kw, settings)}
+    products = head_products(qw.w, qw.bias, kw.w, n_heads, qw.stats)
+    form = smallest_product(products, settings.eps, settings.bits, settings.block_size,
+                            settings.grid)
+    own_bytes = sum(_bytes(s, w) for s, w in ((own[qw.name], qw), (own[kw.name], kw)))
+    if form is None or _qbytes(form.q) + _qbytes(form.k) >= own_bytes:
+        return {name: (stored, {}) for name, stored in own.items()}
+    out_f, d = qw.w.shape[0], products.d
+    rows = runs(form.ranks, d)
+    index = torch.cat([torch.arange(a, a + n) for a, n in rows])
+    q_bias = None
+    if qw.bias is not None:
+        q_bias = torch.zeros(out_f)
+        q_bias[index] = form.q_bias.cpu()
+    k_bias = None if kw.bias is None else torch.zeros(out_f)
+    notes = {"attention_product": {"heads": form.ranks, "score_error": form.error,
+                                   "pair": [qw.name, kw.name]}}
+    common = dict(kind="dense", rank=0, k_break=out_f, bits=settings.bits, error=form.error,
+                  rows=rows, outputs=out_f)
+    return {qw.name: (Stored(weight=form.q, bias=q_bias, **common), notes),
+            kw.name: (Stored(weight=form.k, bias=k_bias, **common), notes)}
+
+
+def _fused(work: LayerWork, settings: Settings, n_heads: int, choose_form
+           ) -> dict[str, tuple[Stored, dict]]:
+    """GPT-2's c_attn: queries, keys and values in one (3·h, in) weight. The product rewrites
+    the first two thirds; the values are stored quantized beside them in one weight."""
+    own = choose_form(work, settings)
+    w, h = work.w, work.w.shape[0] // 3
+    bias = work.bias
+    products = head_products(w[:h], None if bias is None else bias[:h], w[h:2 * h], n_heads,
+                             work.stats)
+    form = smallest_product(products, settings.eps, settings.bits, settings.block_size,
+                            settings.grid)
+    if form is None:
+        return {work.name: (own, {})}
+    total, d = sum(form.ranks), products.d
+    rows = runs(form.ranks, d) + runs(form.ranks, d, h) + [[2 * h, h]]
+    new = torch.cat([form.q.dequantize(), form.k.dequantize(), w[2 * h:].cpu()])
+    weight = quantize(new, settings.bits, settings.block_size, settings.grid)
+    w_hat = weight.dequantize().to(w.device).double()
+    q_hat = torch.cat([w_hat[:total], form.q_bias.double().to(w.device)[:, None]], 1)
+    scores = (products.error2(form.ranks, q_hat, w_hat[total:2 * total])
+              / (products.total2() or 1.0)) ** 0.5
+    v_ref = reference(w[2 * h:], None if bias is None else bias[2 * h:], work.stats)
+    values = error_norm2(w[2 * h:] - w_hat[2 * total:].float(), work.stats) ** 0.5 / v_ref
+    error = max(scores, values)
+    if error > settings.eps or _qbytes(weight) >= _bytes(own, work):
+        return {work.name: (own, {})}
+    fused_bias = None
+    if bias is not None:
+        fused_bias = torch.zeros(3 * h)
+        index = torch.cat([torch.arange(a, a + n) for a, n in runs(form.ranks, d)])
+        fused_bias[index] = form.q_bias.cpu()
+        fused_bias[2 * h:] = bias[2 * h:].cpu()
+    notes = {"attention_product": {"heads": form.ranks, "score_error": scores,
+                                   "value_error": values, "pair": [work.name]}}
+    return {work.name: (Stored("dense", 0, 3 * h, settings.bits, error, weight=weight,
+                               rows=rows, outputs=3 * h, bias=fused_bias), notes)}
+
+
+def _qbytes(quantized) -> int:
+    return sum(t.numel() * t.element_size() for t in quantized.tensors("w").values())
+
+
+def _bytes(stored: Stored, work: LayerWork) -> int:
+    """What a form stores (a kept layer: its weight as the model holds it)."""
+    if stored.kind == "keep":
+        return work.module.weight.numel() * work.module.weight.element_size()
+    return stored.nbytes()

@@ -1,0 +1,183 @@
+"""`svdq compress --attention-product`: on models whose heads' products are of low rank the
+query and key layers shrink together, every loader computes what compress had in memory, and
+what the product cannot serve is refused in one line."""
+from __future__ import annotations
+
+import importlib.util
+import json
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from svdq import runtime
+from svdq.cli import app
+from svdq.errors import SvdqError
+from conftest import FAST, make_model, one_line_error
+
+run = CliRunner().invoke
+ARCHS = {"bert": "BertModel", "gpt2": "GPT2LMHeadModel"}
+
+
+def planted(arch: str, folder, rank: int = 2):
+    """A tiny model whose heads' queries and keys have `rank` rows' worth each (so W_Q,hᵀ W_K,h
+    has rank ≤ `rank`), biases random."""
+    import transformers
+
+    make_model(arch, folder)
+    model = getattr(transformers, ARCHS[arch]).from_pretrained(folder)
+    g = torch.Generator().manual_seed(1)
+    n, heads = model.config.hidden_size, model.config.num_attention_heads
+    d = n // heads
+
+    def low():
+        return torch.cat([torch.randn(d, rank, generator=g) @ torch.randn(rank, n, generator=g)
+                          / n ** 0.5 for _ in range(heads)])
+    with torch.no_grad():
+        for block in (model.encoder.layer if arch == "bert" else model.transformer.h):
+            if arch == "bert":
+                for lin in (block.attention.self.query, block.attention.self.key):
+                    lin.weight.copy_(low())
+                    lin.bias.normal_(0, 0.3, generator=g)
+            else:
+                block.attn.c_attn.weight[:, :n] = low().T
+                block.attn.c_attn.weight[:, n:2 * n] = low().T
+                block.attn.c_attn.bias.normal_(0, 0.3, generator=g)
+    model.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def artifacts(tmp_path_factory, calib_file):
+    root = tmp_path_factory.mktemp("product")
+    out = {}
+    for arch in ARCHS:
+        src = planted(arch, root / f"src-{arch}")
+        for flag in ("--attention-product", "--no-product"):
+            folder = root / f"{arch}{flag}"
+            extra = [flag] if flag == "--attention-product" else []
+            r = run(app, ["compress", str(src), "-o", str(folder), "--calib", str(calib_file),
+                          *FAST, "--eps", "0.05", *extra])
+            assert r.exit_code == 0, r.output
+            out[arch, flag] = folder
+        out[arch] = src
+    return out
+
+
+def _manifest(folder):
+    return json.loads((folder / runtime.MANIFEST).read_text())
+
+
+@pytest.mark.parametrize("arch", list(ARCHS))
+def test_queries_and_keys_shrink_together_within_eps(artifacts, arch):
+    product = _manifest(artifacts[arch, "--attention-product"])
+    plain = _manifest(artifacts[arch, "--no-product"])
+    assert product["format_version"] == 8 and plain["format_version"] in (5, 6)
+    paired = [p for p in product["layers"] if p.get("rows")]
+    assert len(paired) == (4 if arch == "bert" else 2)  # q and k of both blocks; GPT-2: c_attn
+    for p in paired:
+        note = p["attention_product"]
+        assert p["error"] <= 0.05 and note["score_error"] <= 0.05
+        assert all(r <= 2 for r in note["heads"])  # the planted rank per head is enough
+        kept = sum(n for _, n in p["rows"])
+        assert kept == sum(note["heads"]) * (2 if arch == "gpt2" else 1) \
+            + (64 if arch == "gpt2" else 0)  # GPT-2 keeps its values' rows
+    names = {p["name"] for p in paired}
+    mine = sum(p["bytes"] for p in product["layers"] if p["name"] in names)
+    theirs = sum(p["bytes"] for p in plain["layers"] if p["name"] in names)
+    assert mine < theirs  # taken only where it stores fewer bytes
+    others = [(p["name"], p["bytes"]) for p in product["layers"] if p["name"] not in names]
+    assert others == [(p["name"], p["bytes"]) for p in plain["layers"] if p["name"] not in names]
+
+
+@pytest.mark.parametrize("arch", list(ARCHS))
+def test_every_loader_computes_the_product_model(artifacts, arch):
+    import transformers
+
+    from svdq import load
+
+    folder = artifacts[arch, "--attention-product"]
+    ids = torch.randint(3, 60, (2, 16))
+    spec = importlib.util.spec_from_file_location("svdq_loader_product", folder / "svdq_loader.py")
+    standalone = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(standalone)
+    auto = transformers.AutoModel if arch == "bert" else transformers.AutoModelForCausalLM
+    models = [load(folder), load(folder, dequantize=True), standalone.load(folder),
+              auto.from_pretrained(folder)]
+    source = getattr(transformers, ARCHS[arch]).from_pretrained(artifacts[arch])
+    with torch.no_grad():
+        outs = [m.eval()(ids)[0] for m in models]
+        ref = source.eval()(ids)[0]
+    for y in outs[1:]:
+        assert torch.allclose(y, outs[0], atol=1e-5 * float(outs[0].abs().max()))
+    assert float((outs[0] - ref).norm() / ref.norm()) < 0.05  # a faithful model of the source
+    stored = [m for m in models[0].modules() if isinstance(m, runtime.StoredLinear)
+              and m.index is not None]
+    assert stored and all(m.svdq.weight.shape[0] < m.out_features for m in stored)
+
+
+def test_export_folds_the_product_into_plain_layers(artifacts, tmp_path):
+    import transformers
+
+    from svdq import load
+
+    folder = artifacts["bert", "--attention-product"]
+    r = run(app, ["export", str(folder), "--to", "hf", "-o", str(tmp_path / "hf"),
+                  "--dtype", "float32"])
+    assert r.exit_code == 0, r.output
+    ids = torch.randint(3, 60, (2, 16))
+    plain = transformers.AutoModel.from_pretrained(tmp_path / "hf")
+    with torch.no_grad():
+        a, b = load(folder).eval()(ids)[0], plain.eval()(ids)[0]
+    assert torch.allclose(a, b, atol=1e-5 * float(a.abs().max()))
+
+
+def test_inspect_shows_the_rows_per_head(artifacts):
+    r = run(app, ["inspect", str(artifacts["bert", "--attention-product"])], terminal_width=200)
+    assert r.exit_code == 0 and "q·k product" in r.output
+
+
+def test_what_the_product_cannot_serve_is_refused(models, calib_file, artifacts, tmp_path):
+    def fails(*args):
+        return one_line_error(run(app, ["compress", *map(str, args), "--calib", str(calib_file),
+                                        *FAST, "--attention-product"]))
+    assert "rotary" in fails(models["llama"], "-o", tmp_path / "l")
+    assert "budgets" in fails(models["bert"], "-o", tmp_path / "b", "--ratio", "0.3")
+    assert "--bits 16" in fails(models["bert"], "-o", tmp_path / "b", "--bits", "16")
+    assert "--refit" in fails(models["bert"], "-o", tmp_path / "b", "--refit")
+    assert not (tmp_path / "l").exists() and not (tmp_path / "b").exists()
+    err = one_line_error(run(app, ["finetune", str(artifacts["bert", "--attention-product"]),
+                                   "-o", str(tmp_path / "ft"), "--calib", str(calib_file),
+                                   "--steps", "1"]))
+    assert "attention-product" in err
+
+
+@pytest.mark.parametrize("rows", [[[0, 1], [0, 1]], [[60, 10]], [[0, 0]], "all", [[0, 1.5]]])
+def test_damaged_rows_are_refused_by_the_loader(artifacts, tmp_path, rows):
+    import shutil
+
+    from svdq import load
+
+    folder = tmp_path / "a"
+    shutil.copytree(artifacts["bert", "--attention-product"], folder)
+    manifest = _manifest(folder)
+    entry = next(p for p in manifest["layers"] if p.get("rows"))
+    entry["rows"] = rows
+    manifest["manifest_sha256"] = runtime.manifest_digest(manifest)
+    (folder / runtime.MANIFEST).write_text(json.dumps(manifest))
+    with pytest.raises(SvdqError, match="invalid rows"):
+        load(folder)
+
+
+def test_random_heads_keep_their_own_forms(models, calib_file, tmp_path):
+    """Random weights have full-rank products: at a tight eps the product keeps nearly every
+    row, never stores fewer bytes than the two layers' own forms, and nothing changes."""
+    folders = {}
+    for flag in ([], ["--attention-product"]):
+        folder = tmp_path / ("p" if flag else "n")
+        r = run(app, ["compress", str(models["bert"]), "-o", str(folder), "--calib",
+                      str(calib_file), *FAST, "--eps", "0.02", *flag])
+        assert r.exit_code == 0, r.output
+        folders[bool(flag)] = [(p["name"], p["bytes"], p.get("rows"))
+                               for p in _manifest(folder)["layers"]]
+    assert folders[True] == folders[False]
