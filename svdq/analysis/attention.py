@@ -12,36 +12,17 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from svdq.models.attention import FUSED, PAIRS, heads
+from svdq.models.attention import why_not as names_why_not
 from svdq.models.layers import weight_of
-
-# (query, key) module names inside a block; GPT-2 keeps q, k and v in one Conv1D
-PAIRS = (("attention.self.query", "attention.self.key"),  # BERT, MiniLM
-         ("attention.attention.query", "attention.attention.key"),  # ViT (transformers 4)
-         ("attention.q_proj", "attention.k_proj"),  # ViT (transformers 5)
-         ("attention.attn.q", "attention.attn.k"),  # MPNet
-         ("self_attn.q_proj", "self_attn.k_proj"))  # Llama-family (rotary: refused)
-FUSED = "attn.c_attn"  # GPT-2
-
-
-def rotary(model: nn.Module) -> bool:
-    return any("rotary" in type(m).__name__.lower() for m in model.modules())
-
-
-def heads(model: nn.Module) -> int | None:
-    config = model.config
-    return getattr(config, "num_attention_heads", None) or getattr(config, "n_head", None)
 
 
 def why_not(model: nn.Module, block: nn.Module) -> str | None:
     """Why the attention product does not apply to `model`, or None where it does."""
-    if heads(model) is None:
-        return f"{type(model).__name__} has no attention heads"
-    if rotary(model):
-        return ("the model rotates queries and keys by position (rotary embeddings), so "
-                "W_Q,h W_K,hᵀ is not one matrix")
-    if qk_weights(block, heads(model)) is None:
-        return f"svdq does not know where {type(model).__name__}'s queries and keys are"
-    return None
+    reason = names_why_not(model)
+    if reason is None and qk_weights(block, heads(model)) is None:
+        reason = f"svdq does not know where {type(model).__name__}'s queries and keys are"
+    return reason
 
 
 def qk_weights(block: nn.Module, n_heads: int) -> tuple[str, torch.Tensor, torch.Tensor] | None:

@@ -216,12 +216,15 @@ def _print(manifest: dict, output: Path, as_json: bool) -> None:
 
 
 def _kind(p: dict, dtype: str) -> str:
-    """A plan entry's form in words: 'low-rank', 'dense 8', 'dense int3' or 'residual 4+8'."""
+    """A plan entry's form in words: 'low-rank', 'dense 8', 'dense int3', 'residual 4+8' or
+    'q·k product 8'."""
     bits = f"int{p['bits']}" if p.get("grid") == "int" else p["bits"]
     if p["kind"] == "lowrank":
         return "low-rank"
     if p["kind"] == "residual":
         return f"residual {bits}+{p['factor_bits']}"
+    if p.get("rows"):
+        return f"q·k product {bits}"
     return f"dense {bits or dtype}"
 
 

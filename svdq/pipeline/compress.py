@@ -27,7 +27,7 @@ from svdq.algo.error import reference
 from svdq.algo.search import choose, choose_residual, refined_sparse
 from svdq.algo.sparse import sparse_count
 from svdq.algo.stored import Stored
-from svdq.analysis.attention import heads
+from svdq.models.attention import heads
 from svdq.artifact.writer import TensorWriter
 from svdq.config import Settings
 from svdq.models.layers import set_module

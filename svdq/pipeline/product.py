@@ -17,7 +17,7 @@ from svdq.algo.error import error_norm2, reference
 from svdq.algo.product import head_products, runs, smallest_product
 from svdq.algo.quant import quantize
 from svdq.algo.stored import Stored
-from svdq.analysis.attention import FUSED, PAIRS, heads, rotary
+from svdq.models.attention import FUSED, PAIRS, why_not
 from svdq.config import Settings
 from svdq.errors import SvdqError
 from svdq.pipeline.walk import LayerWork
@@ -25,15 +25,7 @@ from svdq.pipeline.walk import LayerWork
 
 def check(model: nn.Module) -> None:
     """Refuse, before any calibration, a model the product does not apply to."""
-    why = None
-    if heads(model) is None:
-        why = f"{type(model).__name__} has no attention heads"
-    elif rotary(model):
-        why = (f"{type(model).__name__} rotates queries and keys by position (rotary "
-               "embeddings), so W_Q,h W_K,hᵀ is not one matrix")
-    elif not any(name.endswith(tuple("." + q for q, _ in PAIRS)) or name.endswith("." + FUSED)
-                 for name, _ in model.named_modules()):
-        why = f"svdq does not know where {type(model).__name__}'s queries and keys are"
+    why = why_not(model)
     if why:
         raise SvdqError(f"--attention-product does not apply: {why}; drop --attention-product")
 

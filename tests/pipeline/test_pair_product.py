@@ -59,6 +59,7 @@ def artifacts(tmp_path_factory, calib_file):
             r = run(app, ["compress", str(src), "-o", str(folder), "--calib", str(calib_file),
                           *FAST, "--eps", "0.05", *extra])
             assert r.exit_code == 0, r.output
+            assert ("q·k product 8" in r.output) == bool(extra)  # the summary names the form
             out[arch, flag] = folder
         out[arch] = src
     return out
@@ -98,7 +99,7 @@ def test_every_loader_computes_the_product_model(artifacts, arch):
 
     folder = artifacts[arch, "--attention-product"]
     ids = torch.randint(3, 60, (2, 16))
-    spec = importlib.util.spec_from_file_location("svdq_loader_product", folder / "svdq_loader.py")
+    spec = importlib.util.spec_from_file_location("svdq_loader_pair_product", folder / "svdq_loader.py")
     standalone = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(standalone)
     auto = transformers.AutoModel if arch == "bert" else transformers.AutoModelForCausalLM
