@@ -20,13 +20,12 @@ import argparse
 import json
 import platform
 import shlex
-import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
+from recovery import run  # noqa: E402  (a child command's JSON and its seconds)
 from sweep import split_text  # noqa: E402
 
 from svdq import assets  # noqa: E402
@@ -35,15 +34,6 @@ TARGETS = {"minilm": ["--include", "*.attention.self.query", "--include", "*.att
            "vit": ["--include", "*.attention.q_proj", "--include", "*.attention.k_proj"]}
 VARIANTS = {"own (svd)": ["--method", "svd"], "own (whiten)": ["--method", "whiten"],
             "attention product": ["--attention-product"]}
-
-
-def run(cmd: list[str]) -> tuple[dict, float]:
-    start = time.perf_counter()
-    done = subprocess.run(cmd, capture_output=True, text=True,
-                          env={**__import__("os").environ, "HF_HUB_OFFLINE": "1"})
-    if done.returncode:
-        raise SystemExit(f"{shlex.join(cmd)} failed:\n{done.stderr[-3000:]}")
-    return json.loads(done.stdout.strip().splitlines()[-1]), time.perf_counter() - start
 
 
 def main() -> None:
