@@ -1,7 +1,8 @@
 """Benchmark: the attention product against queries and keys compressed on their own.
 
     python benchmarks/attention_product.py minilm|vit [--eps 0.1,0.2,0.3,0.5] [--bits 8]
-                                                      [--out benchmarks/results]
+                                      [--variants "own (svd),own (whiten),attention product"]
+                                      [--out benchmarks/results]
 
 Only the query and key layers are targets (`--include` of their names), so the bytes and the
 score measure them alone. Per eps, three compressions: each layer on its own (the eps-mode
@@ -41,7 +42,10 @@ def main() -> None:
     parser.add_argument("model", choices=list(TARGETS))
     parser.add_argument("--eps", default="0.1,0.2,0.3,0.5")
     parser.add_argument("--bits", type=int, default=8)
+    parser.add_argument("--variants", default=",".join(VARIANTS),
+                        help="a comma list of: " + ", ".join(VARIANTS))
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
+    parser.add_argument("--append", action="store_true", help="add the rows to the table there")
     args = parser.parse_args()
     if args.model == "minilm":
         calib, _, sentences = split_text(assets.cache_dir() / "bench-text")
@@ -55,7 +59,8 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="svdq-product-"))
     rows = []
     for eps in args.eps.split(","):
-        for variant, flags in VARIANTS.items():
+        for variant in args.variants.split(","):
+            flags = VARIANTS[variant]
             out = work / f"{list(VARIANTS).index(variant)}-{eps}"
             cmd = ["svdq", "compress", model, "--eps", eps, "--bits", str(args.bits),
                    *TARGETS[args.model], *flags, "--calib", str(calib), "-o", str(out), "--json"]
@@ -78,8 +83,13 @@ def main() -> None:
                 "seconds": round(seconds, 1)})
             print(json.dumps(rows[-1]), flush=True)
     args.out.mkdir(parents=True, exist_ok=True)
-    record = {"command": shlex.join(sys.argv), "machine": platform.platform(), "rows": rows}
-    (args.out / f"attention_product_{args.model}.json").write_text(json.dumps(record, indent=1))
+    record = {"commands": [shlex.join(sys.argv)], "machine": platform.platform(), "rows": rows}
+    path = args.out / f"attention_product_{args.model}.json"
+    if args.append and path.is_file():  # more rows for the same table
+        before = json.loads(path.read_text())
+        record["commands"] = before["commands"] + record["commands"]
+        record["rows"] = before["rows"] + rows
+    path.write_text(json.dumps(record, indent=1))
     (args.out / f"attention_product_{args.model}.md").write_text(render(record, args.model))
     print(render(record, args.model))
 
@@ -92,7 +102,7 @@ def _score(scored: dict) -> float:
 
 def render(record: dict, model: str) -> str:
     what = "similarity" if model == "minilm" else "top-1"
-    lines = [f"`{record['command']}`", "",
+    lines = [*(f"`{c}`  " for c in record["commands"]), "",
              f"| eps | variant | q + k bytes | × fp16 | {what} | low-rank layers | "
              "product layers (rows kept per block) | compress s |",
              "|---|---|---|---|---|---|---|---|"]
