@@ -117,12 +117,14 @@ def sparse_apply(x: torch.Tensor, matrix: torch.Tensor) -> torch.Tensor:
     return y.to(x.dtype).reshape(*x.shape[:-1], matrix.shape[0])
 
 
+def runs_index(runs: list) -> torch.Tensor:
+    """The rows of [start, length] runs, in order (int64, on the CPU: not meta, it is no state)."""
+    return torch.cat([torch.arange(start, start + n, device="cpu") for start, n in runs])
+
+
 def row_index(layer: dict) -> torch.Tensor | None:
-    """The output rows a `rows` layer stores, in order (int64), or None: it stores them all."""
-    if not layer.get("rows"):
-        return None
-    return torch.cat([torch.arange(start, start + n, device="cpu")  # not meta: it is no state
-                      for start, n in layer["rows"]])
+    """The output rows a `rows` layer stores, in order, or None: it stores them all."""
+    return runs_index(layer["rows"]) if layer.get("rows") else None
 
 
 def stored_rows(layer: dict) -> int:
@@ -606,11 +608,10 @@ def _check_layer(layer) -> None:
                             "sparse_nnz: the artifact is inconsistent; compress the model again")
     rows = layer.get("rows")
     if rows is not None:
-        starts = [r[0] for r in rows] if isinstance(rows, list) and rows and all(
-            isinstance(r, list) and len(r) == 2 and all(isinstance(v, int) and not
-                                                        isinstance(v, bool) for v in r)
-            for r in rows) else None
-        if starts is None or kind != "dense" or bits not in (2, 3, 4, 8) or nnz \
+        pairs = isinstance(rows, list) and rows and all(
+            isinstance(r, list) and len(r) == 2
+            and all(isinstance(v, int) and not isinstance(v, bool) for v in r) for r in rows)
+        if not pairs or kind != "dense" or bits not in (2, 3, 4, 8) or nnz \
                 or any(n < 1 or start < 0 for start, n in rows) \
                 or any(a[0] + a[1] > b[0] for a, b in zip(rows, rows[1:])) \
                 or rows[-1][0] + rows[-1][1] > layer["out_features"]:

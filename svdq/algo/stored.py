@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from svdq.algo.quant import Quantized
+from svdq.runtime import runs_index
 
 if TYPE_CHECKING:  # for the annotation only
     from svdq.algo.sparse import CSR
@@ -85,7 +86,7 @@ class Stored:
             w_hat = w_hat + self.sparse.dense().to(w_hat.device)
         if self.rows is not None:
             full = w_hat.new_zeros(self.outputs, w_hat.shape[1])
-            full[torch.cat([torch.arange(a, a + n) for a, n in self.rows])] = w_hat
+            full[runs_index(self.rows).to(w_hat.device)] = w_hat
             w_hat = full
         return w_hat
 

@@ -21,6 +21,7 @@ from svdq.models.attention import FUSED, PAIRS, why_not
 from svdq.config import Settings
 from svdq.errors import SvdqError
 from svdq.pipeline.walk import LayerWork
+from svdq.runtime import runs_index
 
 
 def check(model: nn.Module) -> None:
@@ -54,23 +55,24 @@ def _pair(qw: LayerWork, kw: LayerWork, settings: Settings, n_heads: int, choose
     products = head_products(qw.w, qw.bias, kw.w, n_heads, qw.stats)
     form = smallest_product(products, settings.eps, settings.bits, settings.block_size,
                             settings.grid)
-    own_bytes = sum(_bytes(s, w) for s, w in ((own[qw.name], qw), (own[kw.name], kw)))
-    if form is None or _qbytes(form.q) + _qbytes(form.k) >= own_bytes:
+    if form is None:
         return {name: (stored, {}) for name, stored in own.items()}
-    out_f, d = qw.w.shape[0], products.d
-    rows = runs(form.ranks, d)
-    index = torch.cat([torch.arange(a, a + n) for a, n in rows])
+    out_f = qw.w.shape[0]
+    rows = runs(form.ranks, products.d)
     q_bias = None
     if qw.bias is not None:
         q_bias = torch.zeros(out_f)
-        q_bias[index] = form.q_bias.cpu()
-    k_bias = None if kw.bias is None else torch.zeros(out_f)
-    notes = {"attention_product": {"heads": form.ranks, "score_error": form.error,
-                                   "pair": [qw.name, kw.name]}}
+        q_bias[runs_index(rows)] = form.q_bias.cpu()
     common = dict(kind="dense", rank=0, k_break=out_f, bits=settings.bits, error=form.error,
                   rows=rows, outputs=out_f)
-    return {qw.name: (Stored(weight=form.q, bias=q_bias, **common), notes),
-            kw.name: (Stored(weight=form.k, bias=k_bias, **common), notes)}
+    new = {qw.name: Stored(weight=form.q, bias=q_bias, **common),
+           kw.name: Stored(weight=form.k, bias=None if kw.bias is None else torch.zeros(out_f),
+                           **common)}
+    if sum(s.nbytes() for s in new.values()) >= sum(_bytes(own[w.name], w) for w in (qw, kw)):
+        return {name: (stored, {}) for name, stored in own.items()}
+    notes = {"attention_product": {"heads": form.ranks, "score_error": form.error,
+                                   "pair": [qw.name, kw.name]}}
+    return {name: (stored, notes) for name, stored in new.items()}
 
 
 def _fused(work: LayerWork, settings: Settings, n_heads: int, choose_form
@@ -96,23 +98,19 @@ def _fused(work: LayerWork, settings: Settings, n_heads: int, choose_form
               / (products.total2() or 1.0)) ** 0.5
     v_ref = reference(w[2 * h:], None if bias is None else bias[2 * h:], work.stats)
     values = error_norm2(w[2 * h:] - w_hat[2 * total:].float(), work.stats) ** 0.5 / v_ref
-    error = max(scores, values)
-    if error > settings.eps or _qbytes(weight) >= _bytes(own, work):
-        return {work.name: (own, {})}
     fused_bias = None
     if bias is not None:
         fused_bias = torch.zeros(3 * h)
-        index = torch.cat([torch.arange(a, a + n) for a, n in runs(form.ranks, d)])
-        fused_bias[index] = form.q_bias.cpu()
+        fused_bias[runs_index(runs(form.ranks, d))] = form.q_bias.cpu()
         fused_bias[2 * h:] = bias[2 * h:].cpu()
+    error = max(scores, values)
+    new = Stored("dense", 0, 3 * h, settings.bits, error, weight=weight, rows=rows,
+                 outputs=3 * h, bias=fused_bias)
+    if error > settings.eps or new.nbytes() >= _bytes(own, work):
+        return {work.name: (own, {})}
     notes = {"attention_product": {"heads": form.ranks, "score_error": scores,
                                    "value_error": values, "pair": [work.name]}}
-    return {work.name: (Stored("dense", 0, 3 * h, settings.bits, error, weight=weight,
-                               rows=rows, outputs=3 * h, bias=fused_bias), notes)}
-
-
-def _qbytes(quantized) -> int:
-    return sum(t.numel() * t.element_size() for t in quantized.tensors("w").values())
+    return {work.name: (new, notes)}
 
 
 def _bytes(stored: Stored, work: LayerWork) -> int:
