@@ -144,3 +144,4 @@ class Result:
     budget: dict | None = None  # --ratio/--size: requested, planned and achieved bytes
     released: dict[str, torch.Tensor] = field(default_factory=dict)  # streamed blocks' untouched tensors
     planned: set[str] = field(default_factory=set)  # the target layers: their tensors are written
+    device: dict = field(default_factory=dict)  # where the work ran (a GPU: its peak memory)

@@ -176,7 +176,8 @@ def dequantize(codes: torch.Tensor, absmax: torch.Tensor, codebook: torch.Tensor
     Whole blocks, about `TILE` elements at a time (int64 temporaries of 8 MB).
     """
     n = math.prod(shape)
-    flat, book, scale = codes.reshape(-1), codebook.float(), absmax.float().reshape(-1)
+    flat, book = codes.reshape(-1), codebook.float().to(codes.device)
+    scale = absmax.float().reshape(-1).to(codes.device)
     out = torch.empty(n, dtype=torch.float32, device=codes.device)
     step = block_size * max(1, TILE // block_size)  # even: a 4-bit chunk starts on a byte
     for i in range(0, n, step):

@@ -107,7 +107,7 @@ class _Grid:
             flat = torch.cat((flat, flat.new_zeros(flat.numel() % 2)))
             flat = (flat[0::2] << 4) | flat[1::2]  # bitsandbytes: the first element high
         return Quantized(flat.contiguous(), self.absmax.float().cpu(), self.shape, self.bits,
-                         self.block)
+                         self.block, codes.device)
 
 
 def gptq(w: torch.Tensor, gram: torch.Tensor, bits: int, block_size: int, grid: str = "int",

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import logging
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -39,6 +39,9 @@ class Quantized:
     shape: tuple[int, ...]
     bits: int
     block_size: int
+    # where the tensor was quantized (--device): de-quantized there, while what is stored rests
+    # on the CPU until it is written
+    device: torch.device = field(default=torch.device("cpu"), compare=False)
     grid = "bnb"
 
     def tensors(self, key: str) -> dict[str, torch.Tensor]:
@@ -48,10 +51,12 @@ class Quantized:
         return {key + CODES: self.data, key + ABSMAX: self.absmax}
 
     def dequantize(self) -> torch.Tensor:
+        """The tensor as the loaders compute it, float32, on `device`."""
         if self.absmax is None:
-            return self.data.float()
-        return dequantize(self.data, self.absmax, codebook(self.bits), self.shape,
-                          self.block_size, self.bits)
+            return self.data.to(self.device).float()
+        return dequantize(self.data.to(self.device), self.absmax.to(self.device),
+                          codebook(self.bits).to(self.device), self.shape, self.block_size,
+                          self.bits)
 
 
 @dataclass(frozen=True)
@@ -65,14 +70,16 @@ class IntQuantized:
     shape: tuple[int, int]
     bits: int
     block_size: int
+    device: torch.device = field(default=torch.device("cpu"), compare=False)  # as Quantized's
     grid = "int"
 
     def tensors(self, key: str) -> dict[str, torch.Tensor]:
         return {key + CODES: self.codes, key + SCALES: self.scales, key + ZEROS: self.zeros}
 
     def dequantize(self) -> torch.Tensor:
-        return dequantize_int(self.codes, self.scales, self.zeros, self.shape, self.block_size,
-                              self.bits)
+        """The weight as the loaders compute it, float32, on `device`."""
+        return dequantize_int(self.codes.to(self.device), self.scales.to(self.device),
+                              self.zeros.to(self.device), self.shape, self.block_size, self.bits)
 
 
 def _bnb():
@@ -161,7 +168,7 @@ def int_codes(w: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, bits: 
 def int_quantized(codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, bits: int,
                   group: int) -> IntQuantized:
     return IntQuantized(pack(codes, bits), scales.half().cpu().contiguous(), pack(zeros, bits),
-                        tuple(codes.shape), bits, group)
+                        tuple(codes.shape), bits, group, codes.device)
 
 
 def quantize(w: torch.Tensor, bits: int, block_size: int, grid: str = "bnb",
@@ -177,7 +184,8 @@ def quantize(w: torch.Tensor, bits: int, block_size: int, grid: str = "bnb",
                              bits, block_size)
     shape = tuple(w.shape)
     if bits == 16:
-        return Quantized(w.detach().to(torch.float16).contiguous(), None, shape, 16, block_size)
+        return Quantized(w.detach().to(torch.float16).cpu().contiguous(), None, shape, 16,
+                         block_size, w.device)
     bnbf = _bnb()
 
     w = w.detach().float().contiguous()
@@ -187,7 +195,8 @@ def quantize(w: torch.Tensor, bits: int, block_size: int, grid: str = "bnb",
         codes, state = bnbf.quantize_4bit(w, blocksize=block_size, quant_type="nf4")
     else:
         raise ValueError(f"bits must be one of {BITS}, got {bits}")
-    return Quantized(codes.reshape(-1).cpu(), state.absmax.float().cpu(), shape, bits, block_size)
+    return Quantized(codes.reshape(-1).cpu(), state.absmax.float().cpu(), shape, bits, block_size,
+                     w.device)
 
 
 def nbytes(numel: int, bits: int, block_size: int) -> int:

@@ -23,7 +23,7 @@ int32), row pointers int32 (out + 1): `csr_bytes`.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Callable
 
 import torch
@@ -50,6 +50,7 @@ class CSR:
     cols: torch.Tensor
     rows: torch.Tensor
     shape: tuple[int, int]
+    device: torch.device = field(default=torch.device("cpu"), compare=False)  # where made (dense)
 
     @classmethod
     def of(cls, m: torch.Tensor) -> "CSR":
@@ -57,11 +58,12 @@ class CSR:
         out_f, in_f = m.shape
         half = m.to(torch.float16)
         r, c = half.nonzero(as_tuple=True)  # row-major order
-        counts = torch.bincount(r, minlength=out_f)
+        counts = torch.bincount(r, minlength=out_f).cpu()
         rows = torch.zeros(out_f + 1, dtype=torch.int32)
         rows[1:] = counts.cumsum(0).to(torch.int32)
         cols = c.to(torch.int16 if in_f <= INT16_COLUMNS else torch.int32)
-        return cls(half[r, c].contiguous(), cols.contiguous(), rows, (out_f, in_f))
+        return cls(half[r, c].cpu().contiguous(), cols.cpu().contiguous(), rows, (out_f, in_f),
+                   m.device)
 
     @property
     def nnz(self) -> int:
@@ -71,14 +73,14 @@ class CSR:
         return sum(t.numel() * t.element_size() for t in (self.values, self.cols, self.rows))
 
     def dense(self) -> torch.Tensor:
-        """The matrix, float32."""
+        """The matrix, float32, on `device`."""
         out = torch.zeros(self.shape, dtype=torch.float32)
         counts = self.rows[1:] - self.rows[:-1]
         r = torch.repeat_interleave(torch.arange(self.shape[0]), counts.long())
         # int16 indices above 32767 wrap negative: read them back as unsigned
         c = self.cols.long() % (1 << 16) if self.cols.dtype == torch.int16 else self.cols.long()
         out[r, c] = self.values.float()
-        return out
+        return out.to(self.device)
 
     def tensors(self, key: str) -> dict[str, torch.Tensor]:
         return {f"{key}.values": self.values, f"{key}.cols": self.cols, f"{key}.rows": self.rows}

@@ -161,6 +161,7 @@ class Pending:
             "architecture": type(result.model).__name__, "dtype": str(dtype).removeprefix("torch."),
             "settings": settings.to_dict(), "calibration": result.calibration,
             "timings_s": {k: round(v, 2) for k, v in result.timings.items()},
+            **({"device": result.device} if result.device else {}),
             "notes": notes, "aliases": aliases, "layers": result.layers,
             "totals": totals(result.layers, tensor_bytes, result.source_params, dtype.itemsize),
             **({"budget": result.budget} if result.budget is not None else {}),

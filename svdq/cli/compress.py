@@ -210,7 +210,8 @@ def _print(manifest: dict, output: Path, as_json: bool) -> None:
         print(json.dumps({"output": str(output), "totals": manifest["totals"],
                           "budget": manifest.get("budget"),
                           "calibration": manifest["calibration"], "layers": manifest["layers"],
-                          **{k: manifest[k] for k in ("schedule", "recovery") if k in manifest}}))
+                          **{k: manifest[k] for k in ("schedule", "recovery", "device", "timings_s")
+                             if k in manifest}}))
     else:
         summary(manifest, output)
 
@@ -270,4 +271,8 @@ def summary(manifest: dict, output: Path) -> None:
                   f"error against the source layers' outputs {rms('source_error_before_refit'):.4f}"
                   f" → {rms('source_error'):.4f} (root mean square over all layers)",
                   highlight=False)
+    gpu = manifest.get("device", {})
+    if gpu.get("type") == "cuda":
+        out.print(f"  ran on {gpu['name']}: at most {gpu['peak_allocated_mb']:,} MB of GPU memory "
+                  "allocated", highlight=False)
     out.print(f"  inspect it with: svdq inspect {output}", highlight=False)

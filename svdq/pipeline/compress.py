@@ -153,7 +153,10 @@ def compress(source: Source, settings: Settings, progress: Progress | None = Non
         average = budgets.check_request(source.model, settings)
     if settings.attention_product:
         products.check(source.model)
-    ids = calibration_ids(source, settings, report, calibration, warn)
+    gpu = torch.device(settings.device)
+    ids = calibration_ids(source, settings, report, calibration, warn)  # refuses cuda without one
+    if gpu.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(gpu)
     with Scratch(scratch) as room:
         walker = Walker(source, settings, report, clock, room.path)
         try:
@@ -167,7 +170,15 @@ def compress(source: Source, settings: Settings, progress: Progress | None = Non
     out(codebooks(plans))
     return Result(source.model, [p.to_json() for p in plans], out.kept, calibration, params,
                   dict(clock.spent), budget=budget, released=source.released,
-                  planned={p.name for p in plans})
+                  planned={p.name for p in plans}, device=_device(gpu))
+
+
+def _device(device: torch.device) -> dict:
+    """Where the heavy work ran, for the manifest; on a GPU also the peak memory it held."""
+    if device.type != "cuda":
+        return {"type": device.type}
+    return {"type": "cuda", "name": torch.cuda.get_device_name(device),
+            "peak_allocated_mb": round(torch.cuda.max_memory_allocated(device) / 2 ** 20)}
 
 
 def _eps(walker: Walker, ids: torch.Tensor, settings: Settings, out: _Out) -> list[LayerPlan]:

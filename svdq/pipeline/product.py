@@ -90,7 +90,7 @@ def _fused(work: LayerWork, settings: Settings, n_heads: int, choose_form
         return {work.name: (own, {})}
     total, d = sum(form.ranks), products.d
     rows = runs(form.ranks, d) + runs(form.ranks, d, h) + [[2 * h, h]]
-    new = torch.cat([form.q.dequantize(), form.k.dequantize(), w[2 * h:].cpu()])
+    new = torch.cat([form.q.dequantize(), form.k.dequantize(), w[2 * h:]])
     weight = quantize(new, settings.bits, settings.block_size, settings.grid)
     w_hat = weight.dequantize().to(w.device).double()
     q_hat = torch.cat([w_hat[:total], form.q_bias.double().to(w.device)[:, None]], 1)

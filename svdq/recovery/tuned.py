@@ -70,7 +70,7 @@ def stored_factor(t: torch.Tensor, bits: int, block: int) -> quant.Quantized:
         return quant.quantize(t, bits, block)
     codes, absmax, _ = grid_quant(t, bits, block)
     return quant.Quantized(codes.cpu().contiguous(), absmax.float().cpu().contiguous(),
-                           tuple(t.shape), bits, block)
+                           tuple(t.shape), bits, block, t.device)
 
 
 class Scaled(nn.Module):
