@@ -15,7 +15,8 @@ def finetune(
     output: Path = typer.Option(..., "-o", "--output", help="Folder for the fine-tuned artifact."),
     calib: str = typer.Option("auto", help="Training text: wikitext, self (sampled from the "
                               "source) or a text file; its last tokens (at least a tenth) are "
-                              "held out for validation. auto: wikitext, else self."),
+                              "held out for validation. auto: wikitext, else self. An image "
+                              "model: a folder of images (a tenth held out)."),
     steps: int = typer.Option(200, help="Optimizer steps at most."),
     lr: float = typer.Option(1e-4, help="Peak learning rate (AdamW; warm-up, then linear decay)."),
     batch_size: int = typer.Option(4, help="Sequences per step."),

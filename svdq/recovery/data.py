@@ -1,9 +1,11 @@
-"""Text for fine-tuning: training sequences and, held out from them, validation sequences.
+"""What fine-tuning trains on: training sequences and, held out from them, validation
+sequences — or for an image model, training and held-out images.
 
 From a text (a file or WikiText-2) the validation sequences come from the text's last tokens
 (at least a tenth of it) and the training sequences from what precedes them, so no validation
 token is ever trained on. From `self` (text sampled from the source model) they are separate
-samples.
+samples. From a folder of images a seeded draw holds out at least a tenth of them (and at
+least `val_samples`); the training images are drawn from the rest.
 """
 from __future__ import annotations
 
@@ -33,10 +35,41 @@ def _split(ids: list[int], samples: int, val_samples: int, length: int, seed: in
     return train, val
 
 
-def check(calib: str) -> None:
-    """Refuse a missing or unreadable text file before any model loads."""
-    if calib not in ("auto", "wikitext", "self"):
+def check(calib: str, images: bool = False) -> None:
+    """Refuse a missing or unreadable text file (for an image model: anything but a folder
+    of images) before any model loads."""
+    from svdq.calibration.images import check_folder, is_image_folder
+
+    if images and not is_image_folder(calib):
+        raise SvdqError(f"an image model fine-tunes on images, and --calib {calib} is not a "
+                        "folder; give --calib DIR, a folder of PNG or JPEG images")
+    if images:
+        check_folder(Path(calib).expanduser(), "training folder")
+    elif is_image_folder(calib):
+        raise SvdqError(f"--calib {calib} is a folder, and a language model fine-tunes on "
+                        "text; give a text file")
+    elif calib not in ("auto", "wikitext", "self"):
         calib_text.check_file(Path(calib))
+
+
+def pictures(processor, folder: str, samples: int, val_samples: int, seed: int, channels: int
+             ) -> tuple[torch.Tensor, torch.Tensor, dict]:
+    """(training pixels, held-out pixels, where they came from) from a folder of images."""
+    from svdq.calibration import images
+
+    found = images.check_folder(Path(folder).expanduser(), "training folder")
+    held = max(val_samples, len(found) // 10)
+    if len(found) < held + 1:
+        raise SvdqError(f"{folder} holds {len(found)} images, too few for training and "
+                        f"{held} held-out ones; give more images or lower --val-samples")
+    order = torch.randperm(len(found), generator=torch.Generator().manual_seed(seed)).tolist()
+    val = sorted(order[:held])
+    train = sorted(order[held: held + samples])
+    return (images.pixels(processor, [found[i] for i in train], channels),
+            images.pixels(processor, [found[i] for i in val], channels),
+            {"source": str(Path(folder).expanduser().resolve()), "kind": "images",
+             "train_images": len(train), "val_images": len(val),
+             "held_out": "a seeded draw of the folder's images"})
 
 
 def sequences(teacher: nn.Module, tokenizer, calib: str, samples: int, val_samples: int,

@@ -2,9 +2,10 @@
 
 The student is the artifact as stored (`tuned.prepare`: factors, Σ, biases and norms train,
 quantized dense parts stay frozen); the teacher is the artifact's source model. The loss is
-the KL divergence of the next-token distributions (causal LMs) or 1 − cosine of the
-mean-pooled last hidden states (encoders), on sequences of the training text; the loss on
-held-out sequences is measured every `eval_every` steps, the best state kept, and training
+the KL divergence of the next-token distributions (causal LMs), 1 − cosine of the
+mean-pooled last hidden states (encoders) or the KL divergence of the class distributions
+(image classifiers), on sequences of the training text or on training images; the loss on
+held-out data is measured every `eval_every` steps, the best state kept, and training
 stops early when it has not improved `patience` times in a row. The result is a new
 artifact with the same plan, tensor keys, dtypes and bytes; its manifest records the recovery.
 """
@@ -57,10 +58,19 @@ class Options:
             raise SvdqError(f"--lr must be a positive number, got {self.lr}")
 
 
+LOSSES = {"causal": "kl_next_token", "encoder": "1-cos_pooled", "images": "kl_class"}
+
+
 def distill_loss(student: nn.Module, teacher: nn.Module, ids: torch.Tensor, causal: bool
                  ) -> torch.Tensor:
-    """Mean per-token KL(teacher ‖ student) of the next-token distributions, or for an
-    encoder the mean 1 − cosine of the mean-pooled last hidden states."""
+    """Mean per-token KL(teacher ‖ student) of the next-token distributions, for an encoder
+    the mean 1 − cosine of the mean-pooled last hidden states, and for images (`ids` float
+    pixels) the mean KL(teacher ‖ student) of the class distributions."""
+    if ids.is_floating_point():
+        with torch.no_grad():
+            t = teacher(pixel_values=ids).logits.float().log_softmax(-1)
+        s = student(pixel_values=ids).logits.float().log_softmax(-1)
+        return nn.functional.kl_div(s, t, log_target=True, reduction="batchmean")
     mask = torch.ones_like(ids)
     kw = {"input_ids": ids, "attention_mask": mask}
     if causal:
@@ -162,7 +172,9 @@ def train(student: nn.Module, teacher: nn.Module, plain: dict, train_ids: torch.
             p.copy_(p.to(dtype).float())
     after = _val_loss(student, teacher, val_ids, opt.batch_size, causal)
     return {"steps_run": step, "best_step": min(curve, key=lambda c: c[1])[0],
-            "early_stopped": step < opt.steps, "loss": "kl_next_token" if causal else "1-cos_pooled",
+            "early_stopped": step < opt.steps,
+            "loss": LOSSES["images" if train_ids.is_floating_point() else
+                           "causal" if causal else "encoder"],
             "val_loss_before": before, "val_loss_after": after, "val_curve": curve,
             "train_loss_first": losses[0], "train_loss_last": losses[-1],
             "train_seconds": round(seconds, 1), "seconds_per_step": round(seconds / step, 2)}
@@ -189,12 +201,10 @@ def finetune(path: str | Path, out: Path, opt: Options = Options(), overwrite: b
     if any(p.get("rows") for p in manifest["layers"]):
         raise SvdqError("svdq finetune does not train artifacts with attention-product layers "
                         "(--attention-product) yet; use the artifact as it is")
-    if manifest.get("calibration", {}).get("kind") == "images":
-        raise SvdqError("svdq finetune distils on text and cannot fine-tune an image model yet; "
-                        "use the artifact as it is")
+    images = manifest.get("calibration", {}).get("kind") == "images"
     outdir.apart(path, out, "the fine-tuned artifact")
     outdir.check(out, overwrite)
-    data.check(opt.calib)
+    data.check(opt.calib, images)
     device = str(runtime.check_device(device))
     if progress:
         progress("loading: source and artifact", 0, 2)
@@ -204,7 +214,7 @@ def finetune(path: str | Path, out: Path, opt: Options = Options(), overwrite: b
         except SvdqError as e:
             raise SvdqError(str(e).replace("drop --baseline", "fine-tuning distils from it")) from None
     teacher = teacher.to(device).eval()
-    context = max_context(teacher)
+    context = None if images else max_context(teacher)
     if context is not None and opt.seq_len > context:
         raise SvdqError(f"--seq-len {opt.seq_len} is longer than the model's {context} positions; "
                         f"give --seq-len {context} or less")
@@ -215,11 +225,17 @@ def finetune(path: str | Path, out: Path, opt: Options = Options(), overwrite: b
     student.to(device).eval()  # eval: no dropout; the gradients flow all the same
     if opt.checkpointing:
         _checkpoint_blocks(student)
-    tokenizer = transformers.AutoTokenizer.from_pretrained(str(path))
     causal = bool(getattr(teacher, "can_generate", lambda: False)())
-    train_ids, val_ids, text = data.sequences(teacher, tokenizer, opt.calib, opt.samples,
-                                              opt.val_samples, opt.seq_len, opt.seed, causal,
-                                              progress, warn)
+    if images:
+        processor = transformers.AutoImageProcessor.from_pretrained(str(path))
+        train_ids, val_ids, text = data.pictures(processor, opt.calib, opt.samples,
+                                                 opt.val_samples, opt.seed,
+                                                 teacher.config.num_channels)
+    else:
+        tokenizer = transformers.AutoTokenizer.from_pretrained(str(path))
+        train_ids, val_ids, text = data.sequences(teacher, tokenizer, opt.calib, opt.samples,
+                                                  opt.val_samples, opt.seq_len, opt.seed,
+                                                  causal, progress, warn)
     record = train(student, teacher, plain, train_ids.to(device), val_ids.to(device), causal,
                    opt, progress)
     del teacher

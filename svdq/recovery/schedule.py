@@ -33,11 +33,6 @@ def check(settings: Settings, schedule: str, n: int) -> None:
     """Refuse, before any model loads, a schedule the settings cannot take."""
     if schedule not in SCHEDULES:
         raise SvdqError(f"--schedule {schedule!r} is unknown; use one of {', '.join(SCHEDULES)}")
-    from svdq.calibration.images import is_image_folder
-
-    if is_image_folder(settings.calib):
-        raise SvdqError("--schedule and --finetune-steps fine-tune on text and cannot take an "
-                        "image model yet; drop them")
     if schedule == "single":
         return
     if n < 1:

@@ -130,6 +130,7 @@ class TunedLinear(nn.Module):
         super().__init__()
         self.entry, self.kind, self.rank = entry, layer.kind, layer.rank
         self.in_features, self.out_features = layer.in_features, layer.out_features
+        self.conv = layer.conv  # a convolution's geometry, or None
         self.fbits = entry.get("factor_bits", entry["bits"]) if self.rank else None
         self.block, self.train_factors, self.qat = entry["block_size"], factors, True
         w = layer._dense() if layer.kind != "lowrank" else None
@@ -160,6 +161,14 @@ class TunedLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = x.float()
+        if self.conv is not None:  # as StoredLinear runs a convolution: (B, in, H, W)
+            conv = runtime._conv  # noqa: SLF001  (the loaders' own geometry)
+            y = None if self.dense is None else conv(x, self._value(self.dense), self.conv)
+            if self.rank:
+                u, v = self._value(self.u), self._value(self.v)
+                z = conv(x, v, self.conv) * (self.s0 * self.log_s.exp())[:, None, None]
+                y = conv(z, u.T, None) if y is None else y + conv(z, u.T, None)
+            return y if self.bias is None else y + self.bias[:, None, None]
         y = None if self.dense is None else x @ self._value(self.dense).T
         if self.rank:
             u, v = self._value(self.u), self._value(self.v)

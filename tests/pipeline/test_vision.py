@@ -110,7 +110,8 @@ def test_model_and_data_that_do_not_fit_are_refused(vision_models, models, image
     err = one_line_error(run("compress", vision_models["vit"], "-o", tmp_path / "d",
                              "--calib", empty))
     assert "holds no PNG or JPEG images" in err
-    err = one_line_error(run("compress", vision_models["vit"], "-o", tmp_path / "e", "--calib",
+    # a schedule fine-tunes an image model on the images (tests/recovery/test_finetune_images.py)
+    err = one_line_error(run("compress", models["gpt2"], "-o", tmp_path / "e", "--calib",
                              image_folder, "--finetune-steps", "5"))
-    assert "cannot take an image model" in err
+    assert "takes text" in err
     assert not any((tmp_path / x).exists() for x in "abcde")
