@@ -37,7 +37,8 @@ class Settings:
     budget_bytes: int | None = None  # --size: total stored bytes of the target layers (eps unused)
     budget_ratio: float | None = None  # --ratio: that total as a fraction of their fp16 bytes
     offload_activations: bool = False  # calibration streams in files, not memory
-    sparse: float = 0.0  # eps mode: share of each linear layer's entries kept exactly (float16)
+    sparse: float = 0.0  # share of each linear layer's entries kept exactly (float16): eps mode
+    # adds the term where it saves bytes at eps, a budget offers it among the options
     attention_product: bool = False  # eps mode: queries and keys stored as their product per head
     _version: int = field(default=SETTINGS_VERSION, repr=False)
 
@@ -84,9 +85,6 @@ class Settings:
                             f"[0, 0.25), e.g. --sparse 0.005; got {self.sparse}")
         if self.sparse and self.refit:
             raise SvdqError("--refit does not take a sparse term yet; drop --refit or --sparse")
-        if self.sparse and self.budgeted:
-            raise SvdqError("--sparse takes eps mode (with or without --residual); budgets do "
-                            "not weigh sparse terms yet: drop --ratio/--size or --sparse")
         if self.attention_product and (self.budgeted or self.refit or self.bits == 16):
             raise SvdqError("--attention-product takes eps mode with quantized weights (--bits "
                             "2–8), without --refit; budgets do not offer it yet: drop "

@@ -36,6 +36,7 @@ class Option:
     weight: float = 1.0
     block: int | None = None  # quantization block size, None: the run's --block-size
     grid: str = "bnb"  # the weight's grid (dense, residual): bnb or int
+    sparse: int = 0  # entries of a sparse term beside the form (`--sparse` in a budget), or 0
 
     @property
     def cost(self) -> float:

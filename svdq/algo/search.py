@@ -107,7 +107,7 @@ def _with_sparse_search(w, bias, factors, stats, eps, bits, block_size, grid, gp
 
 
 def refined_sparse(w: torch.Tensor, stored: Stored, stats: LayerStats, ref: float,
-                   method: str, gptq: bool = False) -> Stored:
+                   method: str, gptq: bool = False, rounds: int = 2) -> Stored:
     """`algo.sparse.refine_sparse` with the refit of `stored`'s own form: its factorization
     (`method`) at its rank and bits, its weight re-quantized on its grid, or both."""
     if stored.sparse is None:
@@ -123,7 +123,7 @@ def refined_sparse(w: torch.Tensor, stored: Stored, stats: LayerStats, ref: floa
                                 q.grid, gptq)
         res = residual_of(target, stats, q.bits, q.block_size, method, q.grid, gptq)
         return stored_residual(target, res, stats, ref, stored.rank, stored.k_break)
-    return refine_sparse(w, stored, stats, ref, refit)
+    return refine_sparse(w, stored, stats, ref, refit, rounds)
 
 
 def choose_residual(w: torch.Tensor, bias: torch.Tensor | None, res: Residual, stats: LayerStats,

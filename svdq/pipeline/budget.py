@@ -6,8 +6,10 @@ layer for the least Σ weight · error² within the budget, never worse than any
 settings that fits. A layer's weight is its loss sensitivity (`calibration.gradients`): the
 mean squared loss gradient of its outputs times its output energy, so weight · error²
 estimates the loss damage of its output error. That estimate is first-order: `candidates`
-are the plans allocated under each error cap and the most exact plain quantization that fits,
-and a judge (the calibration loss of each plan, run end to end) picks among them.
+are the plans allocated under each error cap and the most exact plain quantization that fits
+(with `--sparse`, also the best estimate's allocation without sparse terms, so more options
+never cost calibration loss), and a judge (the calibration loss of each plan, run end to end)
+picks among them.
 
 The allocation needs numbers only; building a plan needs each layer's statistics again. So a
 budget runs in two passes over the blocks (`pipeline.compress`): the first keeps each layer's
@@ -17,6 +19,7 @@ own stream through the block, and keeps their tensors until the judge has spoken
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 from typing import Callable
 
 from svdq.algo.allocate import Option, allocate, total
@@ -29,7 +32,8 @@ from svdq.algo.stored import Stored
 from svdq.config import Settings
 from svdq.errors import SvdqError
 from svdq.models.layers import fp16_bytes, targets
-from svdq.pipeline.options import Measured, UNIFORM_EPS, stored_of  # noqa: F401 - UNIFORM_EPS re-exported
+from svdq.pipeline.options import (Measured, UNIFORM_EPS, plus_sparse,  # noqa: F401 - UNIFORM_EPS
+                                   stored_of)  # re-exported
 from svdq.pipeline.walk import LayerWork
 
 # Sensitivity × error² estimates a layer's damage only while the error is small: forms whose
@@ -91,11 +95,25 @@ def candidates(measured: Measured, budget: int, block_size: int) -> list[tuple[s
             found.append(("no error cap", allocate(options, budget, list(measured.uniform.values()))))
         except ValueError:
             return []
-    forms = {(o.bits, o.block or block_size, o.grid) for o in options[0] if o.kind == "dense"}
+    if any(o.sparse for opts in options for o in opts) and found:  # and the same without them
+        label = found[0][0]
+        cap = next((c for c in ERROR_CAPS if label == f"error cap {c:g}"), math.inf)
+        plain_idx = [[i for i, o in enumerate(opts) if not o.sparse and o.error <= cap]
+                     for opts in options]
+        sub = [[options[n][i] for i in idx] for n, idx in enumerate(plain_idx)]
+        try:
+            picks = allocate(sub, budget, [])
+            found.append((f"{label}, no sparse terms",
+                          [plain_idx[n][j] for n, j in enumerate(picks)]))
+        except ValueError:
+            pass
+    forms = {(o.bits, o.block or block_size, o.grid) for o in options[0]
+             if o.kind == "dense" and not o.sparse}
     plain = []
     for bits, block, grid in forms:  # each plain quantization of every layer
         plan = [next(i for i, o in enumerate(opts) if (o.kind, o.bits, o.block or block_size,
-                                                       o.grid) == ("dense", bits, block, grid))
+                                                       o.grid, o.sparse)
+                     == ("dense", bits, block, grid, 0))
                 for opts in options]
         size = total(options, plan)[0]
         if size <= budget:
@@ -134,8 +152,10 @@ def build_layer(work: LayerWork, option: Option, settings: Settings,
     the quantized bases (bits, block, grid) a layer's options share across candidate plans."""
     block, ref = settings.block_size, reference(work.w, work.bias, work.stats)
     if option.kind == "dense" and option.block is not None:  # the weight alone in its own blocks
-        return stored_dense(work.w, work.stats, ref, option.bits, option.block, 0, option.grid,
-                            settings.gptq)
+        stored = stored_dense(work.w, work.stats, ref, option.bits, option.block, 0, option.grid,
+                              settings.gptq)
+        return plus_sparse(work.w, stored, work.stats, ref, option.sparse, settings.method,
+                           settings.gptq) if option.sparse else stored
     res = None
     if option.kind == "residual":  # rebuilt, not kept for every layer
         key = base_of(option, settings)
@@ -146,9 +166,11 @@ def build_layer(work: LayerWork, option: Option, settings: Settings,
         res = residuals[key]
     factors = work.factors if option.kind == "lowrank" else None
     k_break = break_even_rank(*work.w.shape, factor_bits(settings.bits), block)
-    stored = stored_of(option, work.w, work.bias, factors, work.stats, block, k_break, res,
-                       settings.gptq)
-    return refine_residual(work.w, stored, work.stats, ref, settings.method, gptq=settings.gptq)
+    stored = stored_of(replace(option, sparse=0), work.w, work.bias, factors, work.stats, block,
+                       k_break, res, settings.gptq)
+    stored = refine_residual(work.w, stored, work.stats, ref, settings.method, gptq=settings.gptq)
+    return plus_sparse(work.w, stored, work.stats, ref, option.sparse, settings.method,
+                       settings.gptq) if option.sparse else stored
 
 
 def summary(measured: Measured, budget: int, found: list[tuple[str, list[int]]],

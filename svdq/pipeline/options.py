@@ -23,6 +23,7 @@ from typing import Callable, Sequence
 
 import torch
 
+from svdq import runtime
 from svdq.algo.allocate import Option
 from svdq.algo.dense import stored_dense
 from svdq.algo.error import output_norm2, reference
@@ -30,7 +31,8 @@ from svdq.algo.factorize import Factors, LayerStats
 from svdq.algo.lowrank import break_even_rank, k_break_of, lowrank_bytes, stored_lowrank
 from svdq.algo.quant import weight_bytes
 from svdq.algo.residual import Residual, residual_bytes, residual_of, stored_residual
-from svdq.algo.search import factor_bits
+from svdq.algo.search import factor_bits, refined_sparse
+from svdq.algo.sparse import csr_bytes, sparse_count, with_sparse
 from svdq.algo.stored import Stored, keep
 from svdq.config import Settings
 from svdq.pipeline.walk import LayerWork
@@ -77,7 +79,14 @@ class Errors(dict):
     dozens of forms of a layer must not hold dozens of copies of it."""
 
     def __setitem__(self, key, stored: Stored) -> None:
-        super().__setitem__(key, replace(stored, u=None, s=None, v=None, weight=None))
+        super().__setitem__(key, replace(stored, u=None, s=None, v=None, weight=None,
+                                         sparse=None))
+
+
+def sparse_ranks(ranks: list[int]) -> list[int]:
+    """The ranks of a grid that get a sparse variant in a budget: a third of the way up, two
+    thirds, and the top (each variant is built and measured: a few per form, not all)."""
+    return sorted({ranks[len(ranks) // 3], ranks[2 * len(ranks) // 3], ranks[-1]}) if ranks else []
 
 
 def _closed(s: torch.Tensor, total2: float, ref: float, ranks: list[int],
@@ -99,7 +108,8 @@ def layer_options(w: torch.Tensor, bias: torch.Tensor | None, factors: Factors,
                   ranks: Sequence[int] | None = None, elsize: int = 2,
                   cache: dict | None = None,
                   residuals: dict[tuple, Residual | Callable[[], Residual]] | None = None,
-                  weight: float = 1.0, closed: bool = False, gptq: bool = False) -> list[Option]:
+                  weight: float = 1.0, closed: bool = False, gptq: bool = False,
+                  sparse: int = 0, method: str = "whiten") -> list[Option]:
     """Kept as is (`elsize` bytes per source element, weight and bias), then per bits: dense, and
     low-rank at each rank of `ranks` (None: `rank_grid`) up to that bits' break-even rank; per
     entry of `residuals` ({(bits, block[, grid]): Residual, or a function making it — made,
@@ -108,7 +118,10 @@ def layer_options(w: torch.Tensor, bias: torch.Tensor | None, factors: Factors,
     the integer grid, is the dense option of its own). Every option carries `weight`. Errors
     are `search.choose`'s, or with `closed` (whitened factors) estimated from the singular
     values (`_closed`); `cache` may be shared with `choose` calls on the layer. Dense weights
-    are quantized by GPTQ with `gptq` (as the bases were, if they were)."""
+    are quantized by GPTQ with `gptq` (as the bases were, if they were). With `sparse` (a
+    number of entries) each base alone and the low-rank and corrected forms at `sparse_ranks`
+    also come with a sparse term of that many entries (`plus_sparse`; `method` refits the
+    factors), built and measured, where it lowers their error."""
     out_f, in_f = w.shape
     bias_bytes = 0 if bias is None else bias.numel() * elsize
     ref = reference(w, bias, stats)
@@ -123,6 +136,13 @@ def layer_options(w: torch.Tensor, bias: torch.Tensor | None, factors: Factors,
         return cache[key].error
 
     options = [Option((w.numel() * elsize) + bias_bytes, 0.0, "keep", 0, None, weight)]
+    extra = csr_bytes(out_f, in_f, sparse)
+
+    def variant(option: Option, key, make) -> None:  # the form plus a sparse term
+        err = measured((*key, "sparse", sparse), lambda: plus_sparse(w, make(), stats, ref, sparse,
+                                                                     method, gptq))
+        if err < option.error:
+            options.append(replace(option, bytes=option.bytes + extra, error=err, sparse=sparse))
     based = {(k[0], k[1], (*k, "bnb")[2]) for k in residuals or {}}
     for bits in dict.fromkeys(bits_choices):
         kb = k_break_of(w, factors, bits, block_size)
@@ -143,6 +163,9 @@ def layer_options(w: torch.Tensor, bias: torch.Tensor | None, factors: Factors,
         for k in ks:
             options.append(Option(lowrank_bytes(out_f, in_f, k, bits, block_size) + bias_bytes,
                                   errs[k], "lowrank", k, bits, weight))
+            if sparse and k in sparse_ranks(ks):
+                variant(options[-1], ("lowrank", bits, k), lambda k=k: stored_lowrank(
+                    w, factors, stats, ref, k, bits, block_size, kb))
     for key, res in (residuals or {}).items():
         bits, block, base_grid = (*key, "bnb")[:3]
         res = res() if callable(res) else res
@@ -154,6 +177,8 @@ def layer_options(w: torch.Tensor, bias: torch.Tensor | None, factors: Factors,
             err = measured(key, lambda: stored_residual(w, res, stats, ref, 0, 0))
         options.append(Option(weight_bytes(out_f, in_f, bits, block, base_grid) + bias_bytes,
                               err, "dense", 0, bits, weight, tag, base_grid))
+        if sparse:
+            variant(options[-1], key, lambda: stored_residual(w, res, stats, ref, 0, 0))
         kb = res.k_break(out_f, in_f)
         ks = grid(kb)
         if closed and ks:
@@ -168,16 +193,39 @@ def layer_options(w: torch.Tensor, bias: torch.Tensor | None, factors: Factors,
             options.append(Option(residual_bytes(out_f, in_f, k, bits, block, base_grid)
                                   + bias_bytes, errs[k], "residual", k, bits, weight, tag,
                                   base_grid))
+            if sparse and k in sparse_ranks(ks):
+                variant(options[-1], ("residual", bits, k, block, base_grid),
+                        lambda k=k: stored_residual(w, res, stats, ref, k, kb))
     return options
 
 
 def stored_of(option: Option, w: torch.Tensor, bias: torch.Tensor | None,
               factors: Factors | None, stats: LayerStats, block_size: int, k_break: int,
-              residual: Residual | None = None, gptq: bool = False) -> Stored:
+              residual: Residual | None = None, gptq: bool = False,
+              method: str = "whiten") -> Stored:
     """The stored layer of `option`, rebuilt (deterministic: the same tensors and error);
     `k_break` is what a kept-as-is layer records; a low-rank option needs the `factors`, a
     residual option, or a dense one at its own block size or grid, its `residual` (the
-    weight quantized at its bits, block size and grid)."""
+    weight quantized at its bits, block size and grid). A sparse term follows the option."""
+    stored = _stored_of(option, w, bias, factors, stats, block_size, k_break, residual, gptq)
+    if not option.sparse:
+        return stored
+    return plus_sparse(w, stored, stats, reference(w, bias, stats), option.sparse, method, gptq)
+
+
+def plus_sparse(w: torch.Tensor, stored: Stored, stats: LayerStats, ref: float, nnz: int,
+                method: str, gptq: bool) -> Stored:
+    """A budget's sparse variant of `stored`: the `nnz` most salient entries of what it
+    leaves, then one round of the alternation (the form refit to W − S, S chosen again; kept
+    only if it lowers the error) — one, not eps mode's two: a budget measures dozens of
+    variants per layer."""
+    return refined_sparse(w, with_sparse(w, stored, stats, ref, nnz), stats, ref, method, gptq,
+                          rounds=1)
+
+
+def _stored_of(option: Option, w: torch.Tensor, bias: torch.Tensor | None,
+               factors: Factors | None, stats: LayerStats, block_size: int, k_break: int,
+               residual: Residual | None = None, gptq: bool = False) -> Stored:
     ref = reference(w, bias, stats)
     if option.kind == "residual" or option.block is not None:
         block = option.block or block_size
@@ -227,11 +275,11 @@ def _uniform(options: list[Option], bits: int, eps: float) -> int:
     """What a uniform `--eps` picks on this table: the smallest low-rank option at `bits`
     meeting eps, else the weight at `bits` in the run's blocks if it does, else kept."""
     low = [i for i, o in enumerate(options) if o.kind == "lowrank" and o.bits == factor_bits(bits)
-           and o.error <= eps]
+           and o.error <= eps and not o.sparse]
     if low:
         return min(low, key=lambda i: options[i].rank)
     dense = [i for i, o in enumerate(options) if o.kind == "dense" and o.bits == bits
-             and o.block is None and o.error <= eps]
+             and o.block is None and o.error <= eps and not o.sparse]
     return dense[0] if dense else 0
 
 
@@ -249,11 +297,13 @@ def measure_layer(work: LayerWork, settings: Settings,
     residuals = {(b, block, g): (lambda b=b, block=block, g=g: residual_of(
                      work.w, work.stats, b, block, settings.method, g, settings.gptq))
                  for b, block, g in bases(settings, average)}
+    # --sparse: linear layers only (the loaders apply a sparse term to matrices, not kernels)
+    nnz = 0 if runtime.conv_of(work.module) else sparse_count(*work.w.shape, settings.sparse)
     opts = layer_options(work.w, work.bias, work.factors, work.stats, bits_choices(settings),
                          settings.block_size,
                          elsize=(stored_dtype or work.module.weight.dtype).itemsize,
                          residuals=residuals, closed=settings.method == "whiten",
-                         gptq=settings.gptq)
+                         gptq=settings.gptq, sparse=nnz, method=settings.method)
     uniform = {eps: _uniform(opts, settings.bits, eps) for eps in UNIFORM_EPS}
     fp16 = 2 * (work.w.numel() + (0 if work.bias is None else work.bias.numel()))
     return LayerOptions(opts, uniform, raw_sensitivity(work), fp16)

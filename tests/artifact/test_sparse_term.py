@@ -126,7 +126,6 @@ def test_exports_fold_the_sparse_term(spiky, calib_file, tmp_path):
 
 def test_sparse_refusals(models, spiky, calib_file, tmp_path):
     for extra, words in ((["--sparse", "0.3"], "[0, 0.25)"),
-                         (["--sparse", "0.01", "--ratio", "0.4"], "budgets do not weigh"),
                          (["--sparse", "0.01", "--refit"], "--refit does not take")):
         err = one_line_error(run("compress", models["llama"], "-o", tmp_path / "x", "--calib",
                                  calib_file, *FAST, *extra))
@@ -140,3 +139,27 @@ def test_sparse_refusals(models, spiky, calib_file, tmp_path):
     # a damaged sparse term (a column index out of range) is refused, not a crash
     manifest = json.loads((tmp_path / "a" / runtime.MANIFEST).read_text())
     assert manifest["format_version"] == runtime.SPARSE_FORMAT == 7 and 7 in runtime.READS
+
+
+def test_a_budget_offers_sparse_variants_and_judges_them(spiky, calib_file, tmp_path):
+    """On weights that are low rank plus spikes the budget takes sparse terms, and the plan it
+    keeps has a lower calibration loss than the same allocation without them (judged beside
+    it); the artifact loads with both loaders and matches the plan's bytes."""
+    r = run("compress", spiky["llama"], "-o", tmp_path / "a", "--calib", calib_file, *FAST,
+            "--ratio", "0.15", "--sparse", "0.01")
+    assert r.exit_code == 0, r.output
+    manifest = json.loads((tmp_path / "a" / runtime.MANIFEST).read_text())
+    layers, budget = manifest["layers"], manifest["budget"]
+    assert any(p.get("sparse_nnz") for p in layers)
+    judged = {c["plan"]: c["calibration_loss"] for c in budget["candidates"]}
+    plain = [k for k in judged if k.endswith("no sparse terms")]
+    assert len(plain) == 1 and judged[budget["plan"]] < judged[plain[0]]
+    assert manifest["totals"]["target_bytes"] <= budget["requested_bytes"]
+    assert sum(p["bytes"] for p in layers) == manifest["totals"]["target_bytes"]
+    x = torch.randint(3, 40, (2, 16), generator=torch.Generator().manual_seed(0))
+    spec = importlib.util.spec_from_file_location("loader_sb", tmp_path / "a" / "svdq_loader.py")
+    loader = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(loader)
+    with torch.no_grad():
+        torch.testing.assert_close(svdq.load(tmp_path / "a")(input_ids=x).logits,
+                                   loader.load(tmp_path / "a")(input_ids=x).logits)
