@@ -39,7 +39,8 @@ class Settings:
     offload_activations: bool = False  # calibration streams in files, not memory
     sparse: float = 0.0  # share of each linear layer's entries kept exactly (float16): eps mode
     # adds the term where it saves bytes at eps, a budget offers it among the options
-    attention_product: bool = False  # eps mode: queries and keys stored as their product per head
+    attention_product: bool = False  # queries and keys stored as their product per head (eps
+    # mode: where it saves bytes; a budget: one more candidate plan, judged)
     _version: int = field(default=SETTINGS_VERSION, repr=False)
 
     def __post_init__(self) -> None:
@@ -85,11 +86,10 @@ class Settings:
                             f"[0, 0.25), e.g. --sparse 0.005; got {self.sparse}")
         if self.sparse and self.refit:
             raise SvdqError("--refit does not take a sparse term yet; drop --refit or --sparse")
-        if self.attention_product and (self.budgeted or self.refit or self.bits == 16):
-            raise SvdqError("--attention-product takes eps mode with quantized weights (--bits "
-                            "2–8), without --refit; budgets do not offer it yet: drop "
-                            + ("--ratio/--size" if self.budgeted else "--refit" if self.refit
-                               else "--bits 16") + " or --attention-product")
+        if self.attention_product and (self.refit or self.bits == 16):
+            raise SvdqError("--attention-product takes quantized weights (--bits 2–8), without "
+                            "--refit: drop " + ("--refit" if self.refit else "--bits 16")
+                            + " or --attention-product")
         if self.budgeted and self.sequential:
             raise SvdqError("--sequential cannot be combined with --ratio/--size (the budget is "
                             "shared out once every layer is measured); drop one")

@@ -21,6 +21,8 @@ the largest σ², each rank costing the same bytes.
 """
 from __future__ import annotations
 
+from typing import Callable
+
 from dataclasses import dataclass
 
 import torch
@@ -171,6 +173,22 @@ def smallest_product(products: HeadProducts, eps: float, bits: int, block_size: 
             hi, best = mid, trial
         else:
             lo = mid
+    return best
+
+
+def largest_product(products: HeadProducts, fits: Callable[[ProductForm], bool], bits: int,
+                    block_size: int, grid: str = "bnb") -> ProductForm | None:
+    """The product form with the most rows that `fits` (its bytes fall with the rows:
+    bisected), or None where even one row does not."""
+    lo, hi = 0, products.heads * products.d
+    best = None
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        trial = stored_product(products, mid, bits, block_size, grid)
+        if fits(trial):
+            lo, best = mid, trial
+        else:
+            hi = mid - 1
     return best
 
 

@@ -214,7 +214,7 @@ def _budget(walker: Walker, ids: torch.Tensor, settings: Settings, out: _Out,
             scratch: Path, average: float) -> tuple[list[LayerPlan], dict]:
     walker.gradients(ids, fisher=settings.method == "fisher")
     walker.start(ids)  # pass 1: each layer's options, numbers only
-    layers = []
+    layers, names = [], []
     blocks = len(walker.blocks)
     for i in range(blocks + 1):  # the blocks, then the head's --include'd layers
         for work in one_input_at_a_time(walker.enter(i) if i < blocks else walker.enter_head()):
@@ -223,6 +223,7 @@ def _budget(walker: Walker, ids: torch.Tensor, settings: Settings, out: _Out,
                           i, blocks)
             layers.append(measure_layer(work, settings, (average, average),
                                         walker.source.stored_dtype))
+            names.append(work.name)
             walker.clock.lap("options")
         if i < blocks:
             walker.leave(i)
@@ -230,6 +231,11 @@ def _budget(walker: Walker, ids: torch.Tensor, settings: Settings, out: _Out,
     limit = budgets.budget_of(settings, measured.fp16)
     found = budgets.candidates(measured, limit, settings.block_size)
     budgets.check_fits(found, measured, limit)
+    product = None  # --attention-product: the best estimate with the product where it fits
+    if settings.attention_product:
+        product = f"{found[0][0]} + attention product"
+        found.append((product, found[0][1]))
+    index = {name: n for n, name in enumerate(names)}
     walker.clock.lap("allocation")
     labels = [label for label, _ in found]
     judged = len(found) > 1
@@ -241,13 +247,22 @@ def _budget(walker: Walker, ids: torch.Tensor, settings: Settings, out: _Out,
     n = 0
     for i in range(blocks + 1):
         swaps: dict[str, dict[str, nn.Module]] = {label: {} for label in labels}
-        for work in one_input_at_a_time(walker.enter(i) if i < blocks else walker.enter_head()):
+        works = walker.enter(i) if i < blocks else walker.enter_head()
+        paired = {} if product is None or i == blocks else products.fit_block(
+            works, heads(walker.model), _room(works, index, measured, found[0][1]), settings)
+        for work in one_input_at_a_time(works):
             where = f"block {i + 1}" if i < blocks else "head"
             walker.report(f"blocks: {where}: plans of {work.name.rpartition('.')[2]}",
                           i, blocks)
-            for label, (plan, tensors, module, error) in _layer_of_each(
-                    work, {label: picks[n] for label, picks in found}, measured.options[n],
-                    settings, walker.source.stored_dtype).items():
+            picks = {label: chosen[n] for label, chosen in found}
+            special = {product: paired.pop(work.name)} if work.name in paired else {}
+            each = _layer_of_each(work, {k: v for k, v in picks.items() if k not in special},
+                                  measured.options[n], settings, walker.source.stored_dtype)
+            for label, (stored, notes) in special.items():
+                plan, tensors, module = realize(work, stored, settings,
+                                                walker.source.stored_dtype)
+                each[label] = (plan.noted(**notes), tensors, module, stored.error)
+            for label, (plan, tensors, module, error) in each.items():
                 plans[label].append(plan.noted(sensitivity=weights[n]))
                 errors[label].append(error)
                 _put(stores[label], tensors)
@@ -290,6 +305,18 @@ def _budget(walker: Walker, ids: torch.Tensor, settings: Settings, out: _Out,
     if settings.refit:  # the refit changed the errors the allocation planned with
         info["error2"] = math.fsum(p.notes["sensitivity"] * p.error ** 2 for p in plans[winner])
     return plans[winner], info
+
+
+def _room(works: list[LayerWork], index: dict[str, int], measured: Measured,
+          plan: list[int]) -> dict[str, int]:
+    """What `plan` gives each of the block's layers, its bias apart: the room a product
+    candidate's query and key rows must fit in."""
+    room = {}
+    for work in works:
+        option = measured.options[index[work.name]][plan[index[work.name]]]
+        bias = work.module.bias
+        room[work.name] = option.bytes - (0 if bias is None else bias.numel() * bias.element_size())
+    return room
 
 
 def _layer_of_each(work: LayerWork, picks: dict[str, int], options: list,

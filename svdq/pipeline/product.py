@@ -1,5 +1,6 @@
-"""`--attention-product` in eps mode: a block's query and key layers stored together as the
-attention product (`algo.product`) where that stores fewer bytes than their own forms.
+"""`--attention-product`: a block's query and key layers stored together as the attention
+product (`algo.product`) — in eps mode where that stores fewer bytes than their own forms, in
+a budget as a candidate plan judged beside the others (`fit_block`).
 
 Per block, each (query, key) pair among the target layers — GPT-2's fused `c_attn` holds both,
 and its values — gets its two eps-mode forms as usual and the product form with the fewest
@@ -14,7 +15,8 @@ import torch
 from torch import nn
 
 from svdq.algo.error import error_norm2, reference
-from svdq.algo.product import head_products, runs, smallest_product
+from svdq.algo.product import (ProductForm, head_products, largest_product, runs,
+                               smallest_product)
 from svdq.algo.quant import quantize
 from svdq.algo.stored import Stored
 from svdq.models.attention import FUSED, PAIRS, why_not
@@ -57,22 +59,64 @@ def _pair(qw: LayerWork, kw: LayerWork, settings: Settings, n_heads: int, choose
                             settings.grid)
     if form is None:
         return {name: (stored, {}) for name, stored in own.items()}
+    new = _stored_pair(qw, kw, form, products.d)
+    if sum(s.nbytes() for s in new.values()) >= sum(_bytes(own[w.name], w) for w in (qw, kw)):
+        return {name: (stored, {}) for name, stored in own.items()}
+    return _noted(qw, kw, form, new)
+
+
+def _stored_pair(qw: LayerWork, kw: LayerWork, form: ProductForm, d: int) -> dict[str, Stored]:
+    """The query and key layers of `form` as stored: dense layers keeping the new rows."""
     out_f = qw.w.shape[0]
-    rows = runs(form.ranks, products.d)
+    rows = runs(form.ranks, d)
     q_bias = None
     if qw.bias is not None:
         q_bias = torch.zeros(out_f)
         q_bias[runs_index(rows)] = form.q_bias.cpu()
-    common = dict(kind="dense", rank=0, k_break=out_f, bits=settings.bits, error=form.error,
+    common = dict(kind="dense", rank=0, k_break=out_f, bits=form.q.bits, error=form.error,
                   rows=rows, outputs=out_f)
-    new = {qw.name: Stored(weight=form.q, bias=q_bias, **common),
-           kw.name: Stored(weight=form.k, bias=None if kw.bias is None else torch.zeros(out_f),
-                           **common)}
-    if sum(s.nbytes() for s in new.values()) >= sum(_bytes(own[w.name], w) for w in (qw, kw)):
-        return {name: (stored, {}) for name, stored in own.items()}
+    return {qw.name: Stored(weight=form.q, bias=q_bias, **common),
+            kw.name: Stored(weight=form.k, bias=None if kw.bias is None else torch.zeros(out_f),
+                            **common)}
+
+
+def _noted(qw: LayerWork, kw: LayerWork, form: ProductForm, new: dict[str, Stored]
+           ) -> dict[str, tuple[Stored, dict]]:
     notes = {"attention_product": {"heads": form.ranks, "score_error": form.error,
                                    "pair": [qw.name, kw.name]}}
     return {name: (stored, notes) for name, stored in new.items()}
+
+
+BUDGET_BITS = (4, 8)  # the widths a budget's product rows are tried at (bitsandbytes grids)
+
+
+def fit_block(works: list[LayerWork], n_heads: int, room: dict[str, int], settings: Settings
+              ) -> dict[str, tuple[Stored, dict]]:
+    """A budget's product candidate for one block: each (query, key) pair stored as the
+    product with the lowest score error whose two layers' stored bytes fit in `room` (what
+    the plan it is built on gives the two layers together, their biases apart), over the
+    widths of BUDGET_BITS; pairs where nothing fits are not returned (they keep that plan's
+    forms). GPT-2's fused c_attn is not offered here."""
+    by_name = {w.name: w for w in works}
+    out: dict[str, tuple[Stored, dict]] = {}
+    for qw in works:
+        for q, k in PAIRS:
+            kw = by_name.get(qw.name[: -len(q)] + k) if qw.name.endswith("." + q) else None
+            if kw is None or qw.name not in room or kw.name not in room:
+                continue
+            limit = room[qw.name] + room[kw.name]
+            products = head_products(qw.w, qw.bias, kw.w, n_heads, qw.stats)
+            def fits(f: ProductForm) -> bool:
+                stored = _stored_pair(qw, kw, f, products.d).values()
+                return sum(x.nbytes() for x in stored) <= limit
+
+            tried = [largest_product(products, fits, bits, settings.block_size)
+                     for bits in BUDGET_BITS]
+            tried = [f for f in tried if f is not None]
+            if tried:
+                form = min(tried, key=lambda f: f.error)
+                out.update(_noted(qw, kw, form, _stored_pair(qw, kw, form, products.d)))
+    return out
 
 
 def _fused(work: LayerWork, settings: Settings, n_heads: int, choose_form

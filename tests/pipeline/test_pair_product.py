@@ -143,7 +143,6 @@ def test_what_the_product_cannot_serve_is_refused(models, calib_file, artifacts,
         return one_line_error(run(app, ["compress", *map(str, args), "--calib", str(calib_file),
                                         *FAST, "--attention-product"]))
     assert "rotary" in fails(models["llama"], "-o", tmp_path / "l")
-    assert "budgets" in fails(models["bert"], "-o", tmp_path / "b", "--ratio", "0.3")
     assert "--bits 16" in fails(models["bert"], "-o", tmp_path / "b", "--bits", "16")
     assert "--refit" in fails(models["bert"], "-o", tmp_path / "b", "--refit")
     assert not (tmp_path / "l").exists() and not (tmp_path / "b").exists()
@@ -182,3 +181,55 @@ def test_random_heads_keep_their_own_forms(models, calib_file, tmp_path):
         folders[bool(flag)] = [(p["name"], p["bytes"], p.get("rows"))
                                for p in _manifest(folder)["layers"]]
     assert folders[True] == folders[False]
+
+
+def test_a_budget_judges_the_product_as_a_candidate(artifacts, calib_file, tmp_path):
+    """With --ratio the product is one more candidate: the best estimate's plan with each
+    query/key pair stored as the product that fits in the bytes that plan gives the pair.
+    On planted rank-2 heads it fits at low score error, stays within the budget, is judged,
+    and whichever plan wins loads."""
+    r = run(app, ["compress", str(artifacts["bert"]), "-o", str(tmp_path / "a"), "--calib",
+                  str(calib_file), *FAST, "--ratio", "0.3", "--attention-product"])
+    assert r.exit_code == 0, r.output
+    m = _manifest(tmp_path / "a")
+    judged = {c["plan"]: c for c in m["budget"]["candidates"]}
+    product = [k for k in judged if k.endswith("+ attention product")]
+    assert len(product) == 1 and judged[product[0]]["calibration_loss"] is not None
+    base = product[0].removesuffix(" + attention product")
+    assert base in judged
+    assert m["totals"]["target_bytes"] <= m["budget"]["requested_bytes"]
+    if m["budget"]["plan"] == product[0]:
+        rows = [p for p in m["layers"] if p.get("rows")]
+        assert rows and all(p["attention_product"]["score_error"] < 0.05 for p in rows)
+    x = torch.randint(3, 40, (2, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.isfinite(runtime.load(tmp_path / "a")(input_ids=x).last_hidden_state).all()
+
+
+def test_the_product_fits_in_the_room_it_is_given(artifacts, calib_file):
+    """`fit_block` keeps each pair within the bytes it is given (the most rows that fit, at
+    the lower score error of 4 and 8 bits)."""
+    from svdq.config import Settings
+    from svdq.models import load as hf
+    from svdq.models.attention import heads
+    from svdq.pipeline import product as products
+    from svdq.pipeline.inputs import calibration_ids
+    from svdq.pipeline.walk import Clock, Walker
+
+    source = hf.load_source(str(artifacts["bert"]))
+    settings = Settings(eps=0.1, calib=str(calib_file), calib_samples=4, calib_len=32,
+                        batch_size=4)
+    ids = calibration_ids(source, settings, lambda *a: None, {})
+    walker = Walker(source, settings, lambda *a: None, Clock())
+    walker.start(ids)
+    works = walker.enter(0)
+    q, k = (w for w in works if w.name.endswith(("query", "key")))
+    for room in (600, 2000, 10 ** 6):
+        got = products.fit_block(works, heads(walker.model), {q.name: room, k.name: room},
+                                 settings)
+        if not got:
+            continue
+        stored = [got[q.name][0], got[k.name][0]]
+        assert sum(s.nbytes() for s in stored) <= 2 * room
+    # with room for every row the rank-2 heads are served to 8-bit rounding noise
+    assert got[q.name][1]["attention_product"]["score_error"] < 0.05
