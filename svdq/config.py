@@ -86,10 +86,9 @@ class Settings:
                             f"[0, 0.25), e.g. --sparse 0.005; got {self.sparse}")
         if self.sparse and self.refit:
             raise SvdqError("--refit does not take a sparse term yet; drop --refit or --sparse")
-        if self.attention_product and (self.refit or self.bits == 16):
-            raise SvdqError("--attention-product takes quantized weights (--bits 2–8), without "
-                            "--refit: drop " + ("--refit" if self.refit else "--bits 16")
-                            + " or --attention-product")
+        if self.attention_product and self.bits == 16:
+            raise SvdqError("--attention-product takes quantized weights (--bits 2–8): drop "
+                            "--bits 16 or --attention-product")
         if self.budgeted and self.sequential:
             raise SvdqError("--sequential cannot be combined with --ratio/--size (the budget is "
                             "shared out once every layer is measured); drop one")

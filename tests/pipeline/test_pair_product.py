@@ -144,7 +144,6 @@ def test_what_the_product_cannot_serve_is_refused(models, calib_file, artifacts,
                                         *FAST, "--attention-product"]))
     assert "rotary" in fails(models["llama"], "-o", tmp_path / "l")
     assert "--bits 16" in fails(models["bert"], "-o", tmp_path / "b", "--bits", "16")
-    assert "--refit" in fails(models["bert"], "-o", tmp_path / "b", "--refit")
     assert not (tmp_path / "l").exists() and not (tmp_path / "b").exists()
     err = one_line_error(run(app, ["finetune", str(artifacts["bert", "--attention-product"]),
                                    "-o", str(tmp_path / "ft"), "--calib", str(calib_file),
@@ -233,3 +232,19 @@ def test_the_product_fits_in_the_room_it_is_given(artifacts, calib_file):
         assert sum(s.nbytes() for s in stored) <= 2 * room
     # with room for every row the rank-2 heads are served to 8-bit rounding noise
     assert got[q.name][1]["attention_product"]["score_error"] < 0.05
+
+
+def test_refit_refits_the_other_layers_and_keeps_the_product(artifacts, calib_file, tmp_path):
+    """--sequential --refit with the product: the product's rows are chosen on the scores and
+    kept as they are; the other factored layers are refit against the source's outputs."""
+    r = run(app, ["compress", str(artifacts["bert"]), "-o", str(tmp_path / "a"), "--calib",
+                  str(calib_file), *FAST, "--eps", "0.05", "--attention-product",
+                  "--sequential", "--refit"])
+    assert r.exit_code == 0, r.output
+    layers = _manifest(tmp_path / "a")["layers"]
+    product = [p for p in layers if p.get("rows")]
+    assert product and not any("refit" in p for p in product)
+    assert all("refit" in p and "source_error" in p for p in layers if not p.get("rows"))
+    x = torch.randint(3, 40, (2, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.isfinite(runtime.load(tmp_path / "a")(input_ids=x).last_hidden_state).all()
