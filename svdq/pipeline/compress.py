@@ -302,6 +302,8 @@ def _budget(walker: Walker, ids: torch.Tensor, settings: Settings, out: _Out,
     info = budgets.summary(measured, limit, found, scores, best, errors[winner],
                            [p.name for p in plans[winner]])
     info["achieved_bytes"] = sum(p.bytes for p in plans[winner])
+    for entry, label in zip(info["candidates"], labels):  # as built (a product stores fewer)
+        entry["bytes"] = sum(p.bytes for p in plans[label])
     if settings.refit:  # the refit changed the errors the allocation planned with
         info["error2"] = math.fsum(p.notes["sensitivity"] * p.error ** 2 for p in plans[winner])
     return plans[winner], info

@@ -195,7 +195,7 @@ def test_a_budget_judges_the_product_as_a_candidate(artifacts, calib_file, tmp_p
     product = [k for k in judged if k.endswith("+ attention product")]
     assert len(product) == 1 and judged[product[0]]["calibration_loss"] is not None
     base = product[0].removesuffix(" + attention product")
-    assert base in judged
+    assert base in judged and judged[product[0]]["bytes"] <= judged[base]["bytes"]
     assert m["totals"]["target_bytes"] <= m["budget"]["requested_bytes"]
     if m["budget"]["plan"] == product[0]:
         rows = [p for p in m["layers"] if p.get("rows")]
