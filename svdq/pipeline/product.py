@@ -15,8 +15,8 @@ import torch
 from torch import nn
 
 from svdq.algo.error import error_norm2, reference
-from svdq.algo.product import (ProductForm, head_products, largest_product, runs,
-                               smallest_product)
+from svdq.algo.product import (HeadProducts, ProductForm, head_products, largest_product,
+                               runs, smallest_product)
 from svdq.algo.quant import quantize
 from svdq.algo.stored import Stored
 from svdq.models.attention import FUSED, PAIRS, why_not
@@ -96,9 +96,19 @@ def fit_block(works: list[LayerWork], n_heads: int, room: dict[str, int], settin
     product with the lowest score error whose two layers' stored bytes fit in `room` (what
     the plan it is built on gives the two layers together, their biases apart), over the
     widths of BUDGET_BITS; pairs where nothing fits are not returned (they keep that plan's
-    forms). GPT-2's fused c_attn is not offered here."""
+    forms). GPT-2's fused c_attn likewise, its value rows quantized beside the new ones and
+    its error the larger of the scores' and the values'."""
     by_name = {w.name: w for w in works}
     out: dict[str, tuple[Stored, dict]] = {}
+    for work in works:
+        if work.name.endswith("." + FUSED) and work.name in room:
+            products = _fused_products(work, n_heads)
+            made = [largest_product(products, lambda f: _fused_stored(
+                        work, products, f, settings.block_size)[0].nbytes() <= room[work.name],
+                        bits, settings.block_size) for bits in BUDGET_BITS]
+            made = [_fused_stored(work, products, f, settings.block_size) for f in made if f]
+            if made:
+                out[work.name] = min(made, key=lambda m: m[0].error)
     for qw in works:
         for q, k in PAIRS:
             kw = by_name.get(qw.name[: -len(q)] + k) if qw.name.endswith("." + q) else None
@@ -124,18 +134,32 @@ def _fused(work: LayerWork, settings: Settings, n_heads: int, choose_form
     """GPT-2's c_attn: queries, keys and values in one (3·h, in) weight. The product rewrites
     the first two thirds; the values are stored quantized beside them in one weight."""
     own = choose_form(work, settings)
-    w, h = work.w, work.w.shape[0] // 3
-    bias = work.bias
-    products = head_products(w[:h], None if bias is None else bias[:h], w[h:2 * h], n_heads,
-                             work.stats)
+    products = _fused_products(work, n_heads)
     form = smallest_product(products, settings.eps, settings.bits, settings.block_size,
                             settings.grid)
     if form is None:
         return {work.name: (own, {})}
+    new, notes = _fused_stored(work, products, form, settings.block_size, settings.grid)
+    if new.error > settings.eps or new.nbytes() >= _bytes(own, work):
+        return {work.name: (own, {})}
+    return {work.name: (new, notes)}
+
+
+def _fused_products(work: LayerWork, n_heads: int) -> HeadProducts:
+    w, h, bias = work.w, work.w.shape[0] // 3, work.bias
+    return head_products(w[:h], None if bias is None else bias[:h], w[h:2 * h], n_heads,
+                         work.stats)
+
+
+def _fused_stored(work: LayerWork, products: HeadProducts, form: ProductForm, block_size: int,
+                  grid: str = "bnb") -> tuple[Stored, dict]:
+    """The fused layer with `form`'s query and key rows and all value rows, quantized together
+    at the form's bits; its error the larger of the scores' and the values' own."""
+    w, h, bias, bits = work.w, work.w.shape[0] // 3, work.bias, form.q.bits
     total, d = sum(form.ranks), products.d
     rows = runs(form.ranks, d) + runs(form.ranks, d, h) + [[2 * h, h]]
     new = torch.cat([form.q.dequantize(), form.k.dequantize(), w[2 * h:]])
-    weight = quantize(new, settings.bits, settings.block_size, settings.grid)
+    weight = quantize(new, bits, block_size, grid)
     w_hat = weight.dequantize().to(w.device).double()
     q_hat = torch.cat([w_hat[:total], form.q_bias.double().to(w.device)[:, None]], 1)
     scores = (products.error2(form.ranks, q_hat, w_hat[total:2 * total])
@@ -147,14 +171,10 @@ def _fused(work: LayerWork, settings: Settings, n_heads: int, choose_form
         fused_bias = torch.zeros(3 * h)
         fused_bias[runs_index(runs(form.ranks, d))] = form.q_bias.cpu()
         fused_bias[2 * h:] = bias[2 * h:].cpu()
-    error = max(scores, values)
-    new = Stored("dense", 0, 3 * h, settings.bits, error, weight=weight, rows=rows,
-                 outputs=3 * h, bias=fused_bias)
-    if error > settings.eps or new.nbytes() >= _bytes(own, work):
-        return {work.name: (own, {})}
-    notes = {"attention_product": {"heads": form.ranks, "score_error": scores,
-                                   "value_error": values, "pair": [work.name]}}
-    return {work.name: (new, notes)}
+    stored = Stored("dense", 0, 3 * h, bits, max(scores, values), weight=weight, rows=rows,
+                    outputs=3 * h, bias=fused_bias)
+    return stored, {"attention_product": {"heads": form.ranks, "score_error": scores,
+                                          "value_error": values, "pair": [work.name]}}
 
 
 def _bytes(stored: Stored, work: LayerWork) -> int:
