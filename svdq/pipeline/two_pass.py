@@ -1,0 +1,173 @@
+"""A budget's walk (`--ratio`/`--size`), in two passes over the blocks.
+
+Pass 1 keeps each layer's option table only (`pipeline.options`); the allocation picks the
+candidate plans (`pipeline.budget`); pass 2 builds every candidate's layers block by block,
+runs each plan's own stream through the block, hands each candidate's tensors to a store of
+its own, and the judge (`pipeline.judge.losses`) picks the plan whose tensors become the
+artifact's. With `--attention-product` one more candidate is the best estimate's plan with
+each query/key pair stored as the product that fits in the pair's bytes (`product.fit_block`).
+"""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import torch
+from torch import nn
+
+from svdq import runtime
+from svdq.config import Settings
+from svdq.models.attention import heads
+from svdq.models.layers import set_module
+from svdq.pipeline import budget as budgets, product as products
+from svdq.pipeline.forms import codebooks, realize, refitted
+from svdq.pipeline.judge import losses
+from svdq.pipeline.options import Measured, measure_layer
+from svdq.pipeline.walk import LayerWork, Walker, one_input_at_a_time
+from svdq.plan import LayerPlan
+
+if TYPE_CHECKING:
+    from svdq.pipeline.compress import _Out
+
+
+def walk(walker: Walker, ids: torch.Tensor, settings: Settings, out: "_Out",
+            scratch: Path, average: float) -> tuple[list[LayerPlan], dict]:
+    walker.gradients(ids, fisher=settings.method == "fisher")
+    walker.start(ids)  # pass 1: each layer's options, numbers only
+    layers, names = [], []
+    blocks = len(walker.blocks)
+    for i in range(blocks + 1):  # the blocks, then the head's --include'd layers
+        for work in one_input_at_a_time(walker.enter(i) if i < blocks else walker.enter_head()):
+            where = f"block {i + 1}" if i < blocks else "head"
+            walker.report(f"blocks: {where}: options of {work.name.rpartition('.')[2]}",
+                          i, blocks)
+            layers.append(measure_layer(work, settings, (average, average),
+                                        walker.source.stored_dtype))
+            names.append(work.name)
+            walker.clock.lap("options")
+        if i < blocks:
+            walker.leave(i)
+    measured = Measured.of(layers, settings)
+    limit = budgets.budget_of(settings, measured.fp16)
+    found = budgets.candidates(measured, limit, settings.block_size)
+    budgets.check_fits(found, measured, limit)
+    product = None  # --attention-product: the best estimate with the product where it fits
+    if settings.attention_product:
+        product = f"{found[0][0]} + attention product"
+        found.append((product, found[0][1]))
+    index = {name: n for n, name in enumerate(names)}
+    walker.clock.lap("allocation")
+    labels = [label for label, _ in found]
+    judged = len(found) > 1
+    weights = [opts[0].weight for opts in measured.options]
+    stores = {label: out.store(scratch / f"candidate-{k}") for k, label in enumerate(labels)}
+    plans: dict[str, list[LayerPlan]] = {label: [] for label in labels}
+    errors: dict[str, list[float]] = {label: [] for label in labels}
+    walker.start(ids, variants=tuple(labels) if judged else ())  # pass 2: build, run, judge
+    n = 0
+    for i in range(blocks + 1):
+        swaps: dict[str, dict[str, nn.Module]] = {label: {} for label in labels}
+        works = walker.enter(i) if i < blocks else walker.enter_head()
+        paired = {} if product is None or i == blocks else products.fit_block(
+            works, heads(walker.model), _room(works, index, measured, found[0][1]), settings)
+        for work in one_input_at_a_time(works):
+            where = f"block {i + 1}" if i < blocks else "head"
+            walker.report(f"blocks: {where}: plans of {work.name.rpartition('.')[2]}",
+                          i, blocks)
+            picks = {label: chosen[n] for label, chosen in found}
+            special = {product: paired.pop(work.name)} if work.name in paired else {}
+            each = _layer_of_each(work, {k: v for k, v in picks.items() if k not in special},
+                                  measured.options[n], settings, walker.source.stored_dtype)
+            for label, (stored, notes) in special.items():
+                plan, tensors, module = realize(work, stored, settings,
+                                                walker.source.stored_dtype)
+                each[label] = (plan.noted(**notes), tensors, module, stored.error)
+            for label, (plan, tensors, module, error) in each.items():
+                plans[label].append(plan.noted(sensitivity=weights[n]))
+                errors[label].append(error)
+                _put(stores[label], tensors)
+                if module is not None:
+                    swaps[label][work.name] = module
+            n += 1
+            walker.clock.lap("plans")
+        if not judged:  # the one plan is the model's now
+            for name, module in swaps[labels[0]].items():
+                set_module(walker.model, name, module)
+        if i == blocks:  # the head's layers: swapped in as each plan is judged
+            head = swaps
+            break
+        walker.leave(i, variants=swaps if judged else None, keep=walker.source.released)
+        out.released()
+        walker.clock.lap("plans")
+    scores = [None] * len(found)
+    if judged:
+        walker.report("judging the candidate plans", 0, 1)
+        walker.outside(True)
+        by = losses(walker.model, walker.variants, ids, walker.source.is_causal, walker.main,
+                    head if judged else None)
+        scores = [by[label] for label in labels]
+        walker.clock.lap("judge")
+    best = min(range(len(found)), key=lambda k: (scores[k] is None, scores[k] or 0.0, k))
+    winner = labels[best]
+    out.adopt(stores[winner])
+    if judged and not walker.streamed and out.sink is None:  # the model, as the winner has it
+        books = codebooks(plans[winner])
+        for plan in plans[winner]:
+            if plan.kind != "keep":
+                module = walker.model.get_submodule(plan.name)
+                new = runtime.build_layer(plan.to_json(), {**out.kept, **books},
+                                          module.weight.dtype, set(),
+                                          conv=runtime.conv_of(module))
+                set_module(walker.model, plan.name, new.to(module.weight.device))
+    info = budgets.summary(measured, limit, found, scores, best, errors[winner],
+                           [p.name for p in plans[winner]])
+    info["achieved_bytes"] = sum(p.bytes for p in plans[winner])
+    for entry, label in zip(info["candidates"], labels):  # as built (a product stores fewer)
+        entry["bytes"] = sum(p.bytes for p in plans[label])
+    if settings.refit:  # the refit changed the errors the allocation planned with
+        info["error2"] = math.fsum(p.notes["sensitivity"] * p.error ** 2 for p in plans[winner])
+    return plans[winner], info
+
+
+def _room(works: list[LayerWork], index: dict[str, int], measured: Measured,
+          plan: list[int]) -> dict[str, int]:
+    """What `plan` gives each of the block's layers, its bias apart: the room a product
+    candidate's query and key rows must fit in."""
+    room = {}
+    for work in works:
+        option = measured.options[index[work.name]][plan[index[work.name]]]
+        bias = work.module.bias
+        room[work.name] = option.bytes - (0 if bias is None else bias.numel() * bias.element_size())
+    return room
+
+
+def _layer_of_each(work: LayerWork, picks: dict[str, int], options: list,
+                   settings: Settings, stored_dtype: torch.dtype | None = None) -> dict[str, tuple]:
+    """Each candidate plan's form of one layer (`picks`: the option each plan chose): {label:
+    (plan entry, tensors, the module its stream runs — the form before a refit, as the judge
+    compares them — and its error)}. Plans that chose the same option share one build; a
+    quantized base several of them correct is made once and freed after its last user."""
+    residuals: dict = {}
+    built: dict[int, tuple] = {}
+    order = sorted(picks, key=lambda lb: str(budgets.base_of(options[picks[lb]], settings)))
+    for j, label in enumerate(order):
+        idx = picks[label]
+        if idx not in built:
+            stored = budgets.build_layer(work, options[idx], settings, residuals)
+            final, notes = refitted(work, stored, settings)
+            plan, tensors, module = realize(work, stored, settings, stored_dtype)
+            if final is not stored:
+                plan, tensors, _ = realize(work, final, settings, stored_dtype)
+            built[idx] = (plan.noted(**notes), tensors, module, stored.error)
+        base = budgets.base_of(options[idx], settings)
+        if j + 1 == len(order) or budgets.base_of(options[picks[order[j + 1]]], settings) != base:
+            residuals.pop(base, None)  # its last user is built: free its factors
+    return {label: built[picks[label]] for label in picks}
+
+
+def _put(store, tensors: dict[str, torch.Tensor]) -> None:
+    if isinstance(store, dict):
+        store.update(tensors)
+    else:
+        store.add(tensors)
