@@ -29,6 +29,8 @@ CASES = {  # name: (model, options)
     "eps sparse": ("gpt2", ["--eps", "0.2", "--bits", "4", "--sparse", "0.02"]),
     "attention product": ("bert", ["--eps", "0.3", "--attention-product"]),
     "budget": ("llama", ["--ratio", "0.4"]),
+    "budget with sparse terms": ("llama", ["--ratio", "0.3", "--sparse", "0.01"]),
+    "budget with the product": ("gpt2", ["--ratio", "0.4", "--attention-product"]),
     "sequential refit": ("llama", ["--eps", "0.3", "--sequential", "--refit"]),
     "not streamed, offloaded": ("gpt2", ["--eps", "0.3", "--no-stream", "--offload-activations"]),
 }
