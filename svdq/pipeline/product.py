@@ -87,7 +87,10 @@ def _noted(qw: LayerWork, kw: LayerWork, form: ProductForm, new: dict[str, Store
     return {name: (stored, notes) for name, stored in new.items()}
 
 
-BUDGET_BITS = (4, 8)  # the widths a budget's product rows are tried at (bitsandbytes grids)
+# The grids a budget's product rows are tried at: (bits, grid). The integer grid's 2 and 3
+# bits too, since a tight budget gives q and k only a few bits a weight (MiniLM at 0.2 × fp16
+# rejected a product offered at 4 and 8 bits alone).
+BUDGET_BITS = ((2, "int"), (3, "int"), (4, "int"), (4, "bnb"), (8, "bnb"))
 
 
 def fit_block(works: list[LayerWork], n_heads: int, room: dict[str, int], settings: Settings
@@ -95,7 +98,7 @@ def fit_block(works: list[LayerWork], n_heads: int, room: dict[str, int], settin
     """A budget's product candidate for one block: each (query, key) pair stored as the
     product with the lowest score error whose two layers' stored bytes fit in `room` (what
     the plan it is built on gives the two layers together, their biases apart), over the
-    widths of BUDGET_BITS; pairs where nothing fits are not returned (they keep that plan's
+    grids of BUDGET_BITS; pairs where nothing fits are not returned (they keep that plan's
     forms). GPT-2's fused c_attn likewise, its value rows quantized beside the new ones and
     its error the larger of the scores' and the values'."""
     by_name = {w.name: w for w in works}
@@ -105,7 +108,7 @@ def fit_block(works: list[LayerWork], n_heads: int, room: dict[str, int], settin
             products = _fused_products(work, n_heads)
             made = [largest_product(products, lambda f: _fused_stored(
                         work, products, f, settings.block_size)[0].nbytes() <= room[work.name],
-                        bits, settings.block_size) for bits in BUDGET_BITS]
+                        bits, settings.block_size, grid) for bits, grid in BUDGET_BITS]
             made = [_fused_stored(work, products, f, settings.block_size) for f in made if f]
             if made:
                 out[work.name] = min(made, key=lambda m: m[0].error)
@@ -120,8 +123,8 @@ def fit_block(works: list[LayerWork], n_heads: int, room: dict[str, int], settin
                 stored = _stored_pair(qw, kw, f, products.d).values()
                 return sum(x.nbytes() for x in stored) <= limit
 
-            tried = [largest_product(products, fits, bits, settings.block_size)
-                     for bits in BUDGET_BITS]
+            tried = [largest_product(products, fits, bits, settings.block_size, grid)
+                     for bits, grid in BUDGET_BITS]
             tried = [f for f in tried if f is not None]
             if tried:
                 form = min(tried, key=lambda f: f.error)
@@ -139,7 +142,7 @@ def _fused(work: LayerWork, settings: Settings, n_heads: int, choose_form
                             settings.grid)
     if form is None:
         return {work.name: (own, {})}
-    new, notes = _fused_stored(work, products, form, settings.block_size, settings.grid)
+    new, notes = _fused_stored(work, products, form, settings.block_size)
     if new.error > settings.eps or new.nbytes() >= _bytes(own, work):
         return {work.name: (own, {})}
     return {work.name: (new, notes)}
@@ -151,15 +154,15 @@ def _fused_products(work: LayerWork, n_heads: int) -> HeadProducts:
                          work.stats)
 
 
-def _fused_stored(work: LayerWork, products: HeadProducts, form: ProductForm, block_size: int,
-                  grid: str = "bnb") -> tuple[Stored, dict]:
+def _fused_stored(work: LayerWork, products: HeadProducts, form: ProductForm, block_size: int
+                  ) -> tuple[Stored, dict]:
     """The fused layer with `form`'s query and key rows and all value rows, quantized together
     at the form's bits; its error the larger of the scores' and the values' own."""
     w, h, bias, bits = work.w, work.w.shape[0] // 3, work.bias, form.q.bits
     total, d = sum(form.ranks), products.d
     rows = runs(form.ranks, d) + runs(form.ranks, d, h) + [[2 * h, h]]
     new = torch.cat([form.q.dequantize(), form.k.dequantize(), w[2 * h:]])
-    weight = quantize(new, bits, block_size, grid)
+    weight = quantize(new, bits, block_size, form.q.grid)
     w_hat = weight.dequantize().to(w.device).double()
     q_hat = torch.cat([w_hat[:total], form.q_bias.double().to(w.device)[:, None]], 1)
     scores = (products.error2(form.ranks, q_hat, w_hat[total:2 * total])

@@ -225,13 +225,24 @@ def test_the_product_fits_in_the_room_it_is_given(artifacts, calib_file):
     walker.start(ids)
     works = walker.enter(0)
     q, k = (w for w in works if w.name.endswith(("query", "key")))
-    for room in (600, 2000, 10 ** 6):
+    from svdq.pipeline.forms import realize
+
+    grids = set()
+    for room in (150, 300, 600, 2000, 10 ** 6):
         got = products.fit_block(works, heads(walker.model), {q.name: room, k.name: room},
                                  settings)
         if not got:
             continue
         stored = [got[q.name][0], got[k.name][0]]
         assert sum(s.nbytes() for s in stored) <= 2 * room
+        grids.add((stored[0].weight.bits, stored[0].weight.grid))
+        for work, form in zip((q, k), stored):  # the module computes the stored rows
+            module = realize(work, form, settings)[2]
+            x = torch.randn(3, work.w.shape[1])
+            with torch.no_grad():
+                expected = x @ form.dequantize().T + (0 if form.bias is None else form.bias)
+                torch.testing.assert_close(module(x), expected, rtol=1e-4, atol=1e-4)
+    assert len(grids) > 1  # tight rooms take the integer grid's few bits, ample ones more
     # with room for every row the rank-2 heads are served to 8-bit rounding noise
     assert got[q.name][1]["attention_product"]["score_error"] < 0.05
 
