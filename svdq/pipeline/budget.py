@@ -12,7 +12,7 @@ never cost calibration loss), and a judge (the calibration loss of each plan, ru
 picks among them.
 
 The allocation needs numbers only; building a plan needs each layer's statistics again. So a
-budget runs in two passes over the blocks (`pipeline.compress`): the first keeps each layer's
+budget runs in two passes over the blocks (`pipeline.two_pass`): the first keeps each layer's
 option table, the second rebuilds the candidate plans' layers block by block, runs each plan's
 own stream through the block, and keeps their tensors until the judge has spoken.
 """

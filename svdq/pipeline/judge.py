@@ -70,9 +70,9 @@ def losses(model: nn.Module, finals: dict[str, Stream], ids: torch.Tensor, causa
 def judge_of(source: Source, works: list[LayerWork], ids: torch.Tensor,
              settings: Settings) -> Callable[[list[Stored]], float]:
     """The calibration loss of `source.model` (whole in memory) with a plan's layers swapped
-    in, each layer as stored (`pipeline.compress.realize`); the source's own stream is the
+    in, each layer as stored (`pipeline.forms.realize`); the source's own stream is the
     encoders' reference, computed once here."""
-    from svdq.pipeline.compress import realize
+    from svdq.pipeline.forms import realize
 
     model = source.model
     device = next(model.parameters()).device
