@@ -22,6 +22,7 @@ from svdq.models.blocks import capture, run_block, tail
 from svdq.models.layers import blocks_of, head_of
 from svdq.models.load import Source
 from svdq.models.streams import Stream
+from svdq.pipeline.forms import realize
 from svdq.pipeline.walk import LayerWork, swapped
 
 
@@ -72,8 +73,6 @@ def judge_of(source: Source, works: list[LayerWork], ids: torch.Tensor,
     """The calibration loss of `source.model` (whole in memory) with a plan's layers swapped
     in, each layer as stored (`pipeline.forms.realize`); the source's own stream is the
     encoders' reference, computed once here."""
-    from svdq.pipeline.forms import realize
-
     model = source.model
     device = next(model.parameters()).device
     _, blocks = blocks_of(model)
