@@ -38,17 +38,25 @@ def plan_block(works: list[LayerWork], settings: Settings, n_heads: int,
     """The forms of the block's query and key layers (fused: the c_attn layer) where the
     product pays, with what the manifest notes; `choose_form(work, settings)` makes a layer's
     own eps-mode form. Layers not returned are chosen as usual."""
-    by_name = {w.name: w for w in works}
     out: dict[str, tuple[Stored, dict]] = {}
+    for qw, kw in pairs(works):
+        out.update(_pair(qw, kw, settings, n_heads, choose_form))
     for work in works:
-        for q, k in PAIRS:
-            if work.name.endswith("." + q):
-                key = by_name.get(work.name[: -len(q)] + k)
-                if key is not None:
-                    out.update(_pair(work, key, settings, n_heads, choose_form))
         if work.name.endswith("." + FUSED):
             out.update(_fused(work, settings, n_heads, choose_form))
     return out
+
+
+def pairs(works: list[LayerWork]) -> list[tuple[LayerWork, LayerWork]]:
+    """The block's (query, key) layers that are both targets, as `PAIRS` names them."""
+    by_name = {w.name: w for w in works}
+    found = []
+    for qw in works:
+        for q, k in PAIRS:
+            kw = by_name.get(qw.name[: -len(q)] + k) if qw.name.endswith("." + q) else None
+            if kw is not None:
+                found.append((qw, kw))
+    return found
 
 
 def _pair(qw: LayerWork, kw: LayerWork, settings: Settings, n_heads: int, choose_form
@@ -101,7 +109,6 @@ def fit_block(works: list[LayerWork], n_heads: int, room: dict[str, int], settin
     grids of BUDGET_BITS; pairs where nothing fits are not returned (they keep that plan's
     forms). GPT-2's fused c_attn likewise, its value rows quantized beside the new ones and
     its error the larger of the scores' and the values'."""
-    by_name = {w.name: w for w in works}
     out: dict[str, tuple[Stored, dict]] = {}
     for work in works:
         if work.name.endswith("." + FUSED) and work.name in room:
@@ -112,23 +119,22 @@ def fit_block(works: list[LayerWork], n_heads: int, room: dict[str, int], settin
             made = [_fused_stored(work, products, f, settings.block_size) for f in made if f]
             if made:
                 out[work.name] = min(made, key=lambda m: m[0].error)
-    for qw in works:
-        for q, k in PAIRS:
-            kw = by_name.get(qw.name[: -len(q)] + k) if qw.name.endswith("." + q) else None
-            if kw is None or qw.name not in room or kw.name not in room:
-                continue
-            limit = room[qw.name] + room[kw.name]
-            products = head_products(qw.w, qw.bias, kw.w, n_heads, qw.stats)
-            def fits(f: ProductForm) -> bool:
-                stored = _stored_pair(qw, kw, f, products.d).values()
-                return sum(x.nbytes() for x in stored) <= limit
+    for qw, kw in pairs(works):
+        if qw.name not in room or kw.name not in room:
+            continue
+        limit = room[qw.name] + room[kw.name]
+        products = head_products(qw.w, qw.bias, kw.w, n_heads, qw.stats)
 
-            tried = [largest_product(products, fits, bits, settings.block_size, grid)
-                     for bits, grid in BUDGET_BITS]
-            tried = [f for f in tried if f is not None]
-            if tried:
-                form = min(tried, key=lambda f: f.error)
-                out.update(_noted(qw, kw, form, _stored_pair(qw, kw, form, products.d)))
+        def fits(f: ProductForm) -> bool:
+            stored = _stored_pair(qw, kw, f, products.d).values()
+            return sum(x.nbytes() for x in stored) <= limit
+
+        tried = [largest_product(products, fits, bits, settings.block_size, grid)
+                 for bits, grid in BUDGET_BITS]
+        tried = [f for f in tried if f is not None]
+        if tried:
+            form = min(tried, key=lambda f: f.error)
+            out.update(_noted(qw, kw, form, _stored_pair(qw, kw, form, products.d)))
     return out
 
 
