@@ -119,6 +119,9 @@ def main() -> None:
     parser.add_argument("--ranks", default="32,64")
     parser.add_argument("--max-tokens", type=int, default=32768)
     parser.add_argument("--work", type=Path, default=None)
+    parser.add_argument("--anchors-only", action="store_true",
+                        help="stop after the GPTQ and GPTQ + EoRA rows (kept in WORK/anchors.json); "
+                        "svdq's rows are then single compresses at those bytes")
     args = parser.parse_args()
 
     from safetensors.torch import save_file
@@ -150,6 +153,9 @@ def main() -> None:
     else:
         rows, budgets = anchor_rows(args, source, settings, ids, shapes, folder, work, ppl)
         anchors.write_text(json.dumps({"key": key, "rows": rows, "budgets": budgets}, indent=1))
+    if args.anchors_only:
+        print(json.dumps({"fp16_bytes": fp16, "rows": rows}, indent=1))
+        return
     ratios = ",".join(f"{b / fp16:.8f}" for b in budgets)
     swept = work / "sweep"
     cmd = ["svdq", "sweep", str(path), "--eps", "", "--bits", "4,8", "--method", "whiten",
