@@ -4,7 +4,7 @@ own NF4 and int8 modules on the same layers.
 
     python benchmarks/runtime_speed.py ARTIFACT [--ctx 1024] [--new-tokens 128] [--repeats 3]
         [--variants stored,dequantized,source-fp32,source-bf16,bnb-nf4,bnb-int8]
-        [--out benchmarks/results] [--tag NAME]
+        [--device cpu|cuda] [--dtype float32|bfloat16|float16] [--out benchmarks/results] [--tag NAME]
 
 Each variant runs in its own child process (so memory figures are its own): it loads the
 model, returns freed memory to the system, and records the unique bytes of its parameters
@@ -16,7 +16,11 @@ asset's. `stored` is `svdq.load` (codes, scales and factors in memory, de-quanti
 rows per forward), `dequantized` is `svdq.load(dequantize=True)`, `source-*` is the source as
 `svdq eval --baseline` loads it, `bnb-*` that source with every target layer of the artifact
 replaced by `bitsandbytes.nn.Linear4bit` (NF4, blocks of 64, float32 compute) or
-`Linear8bitLt` (int8 rows). Writes `runtime_speed[_TAG].md` and `.json`.
+`Linear8bitLt` (int8 rows). `--dtype` runs the artifact's variants (`svdq.load(dtype=…)`) and
+the bnb modules' compute in that dtype (the `source-*` variants keep theirs). `--device cuda`
+runs every variant on the GPU (on a GPU `stored` uses bitsandbytes' kernels for the NF4 and
+8-bit codes) and adds its allocated and peak GPU memory; times are synchronized. Writes
+`runtime_speed[_TAG].md` and `.json`.
 """
 from __future__ import annotations
 
@@ -54,7 +58,7 @@ def _storage_bytes(model) -> int:
     return total
 
 
-def _bnb(model, names: list[str], kind: str):
+def _bnb(model, names: list[str], kind: str, dtype: torch.dtype, device: str):
     import bitsandbytes as bnb
 
     from svdq.models.layers import set_module
@@ -67,32 +71,37 @@ def _bnb(model, names: list[str], kind: str):
         bias = old.bias is not None
         if kind == "nf4":
             new = bnb.nn.Linear4bit(w.shape[1], w.shape[0], bias=bias, quant_type="nf4",
-                                    compute_dtype=torch.float32)
+                                    compute_dtype=dtype)
             new.weight = bnb.nn.Params4bit(w, requires_grad=False, quant_type="nf4", blocksize=64)
         else:
             new = bnb.nn.Linear8bitLt(w.shape[1], w.shape[0], bias=bias, has_fp16_weights=False)
             new.weight = bnb.nn.Int8Params(w, requires_grad=False, has_fp16_weights=False)
         if bias:
-            new.bias = torch.nn.Parameter(old.bias.detach().float(), requires_grad=False)
-        set_module(model, name, new.to("cpu"))
+            new.bias = torch.nn.Parameter(old.bias.detach().to(dtype), requires_grad=False)
+        set_module(model, name, new.to(device))  # on a GPU, .to() is where bnb quantizes
     return model
 
 
-def load_variant(folder: Path, variant: str):
+def load_variant(folder: Path, variant: str, device: str, dtype: torch.dtype):
     import svdq
     from svdq import artifact, evaluate as ev
 
-    if variant == "stored":
-        return svdq.load(folder)
-    if variant == "dequantized":
-        return svdq.load(folder, dequantize=True)
+    if variant in ("stored", "dequantized"):
+        return svdq.load(folder, device=device, dequantize=variant == "dequantized", dtype=dtype)
     manifest = artifact.read(folder)
     model = ev.load_baseline(manifest).model.float().eval()
     if variant == "source-bf16":
-        return model.to(torch.bfloat16)
+        return model.to(device=device, dtype=torch.bfloat16)
     if variant.startswith("bnb-"):
-        return _bnb(model, [p["name"] for p in manifest["layers"]], variant.removeprefix("bnb-"))
-    return model
+        model = model.to(dtype)
+        model = _bnb(model, [p["name"] for p in manifest["layers"]], variant.removeprefix("bnb-"),
+                     dtype, device)
+    return model.to(device)
+
+
+def _sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
 
 
 def worker(args) -> None:
@@ -104,28 +113,39 @@ def worker(args) -> None:
     from svdq import assets
     from svdq import evaluate as ev
 
-    model = load_variant(args.artifact, args.worker).eval()
+    device, dtype = args.device, getattr(torch, args.dtype)
+    model = load_variant(args.artifact, args.worker, device, dtype).eval()
     gc.collect()
     ctypes.CDLL("libc.so.6").malloc_trim(0)
     loaded = {"storage_bytes": _storage_bytes(model), "rss_after_load": _status("VmRSS")}
+    if device == "cuda":
+        loaded["gpu_allocated_after_load"] = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
     tok = transformers.AutoTokenizer.from_pretrained(args.artifact)
-    ids = ev.tokenize(tok, assets.fetch("wiki").read_text(), args.ctx)[None]
+    text = args.text.read_text() if args.text else assets.fetch("wiki").read_text()
+    ids = ev.tokenize(tok, text, args.ctx)[None].to(device)
     timings = []
     with torch.no_grad():
         model(ids[:, :64], use_cache=False)  # warm-up
         for _ in range(args.repeats):
+            _sync(device)
             t = time.perf_counter()
             model(ids, use_cache=False)
+            _sync(device)
             timings.append(time.perf_counter() - t)
         prompt = ids[:, :16]
         model.generate(prompt, max_new_tokens=4, min_new_tokens=4, do_sample=False)
         decode = []
         for _ in range(args.repeats):
+            _sync(device)
             t = time.perf_counter()
             out = model.generate(prompt, max_new_tokens=args.new_tokens,
                                  min_new_tokens=args.new_tokens, do_sample=False)
+            _sync(device)
             decode.append(time.perf_counter() - t)
             assert out.shape[1] == 16 + args.new_tokens
+    if device == "cuda":
+        loaded["gpu_peak"] = torch.cuda.max_memory_allocated()
     print(json.dumps({**loaded, "prefill_tokens_per_s": ids.shape[1] / statistics.median(timings),
                       "decode_tokens_per_s": args.new_tokens / statistics.median(decode),
                       "peak_rss": _status("VmHWM"), "threads": torch.get_num_threads()}))
@@ -140,6 +160,9 @@ def main() -> None:
     parser.add_argument("--variants", default=",".join(VARIANTS))
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
     parser.add_argument("--tag", default="")
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    parser.add_argument("--text", type=Path, default=None, help="text to tokenize (default: the wiki asset)")
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
@@ -153,7 +176,8 @@ def main() -> None:
         if variant not in VARIANTS:
             sys.exit(f"unknown variant {variant!r}; use {', '.join(VARIANTS)}")
         cmd = [sys.executable, __file__, str(args.artifact), "--worker", variant, "--ctx",
-               str(args.ctx), "--new-tokens", str(args.new_tokens), "--repeats", str(args.repeats)]
+               str(args.ctx), "--new-tokens", str(args.new_tokens), "--repeats", str(args.repeats),
+               "--device", args.device, "--dtype", args.dtype] + (["--text", str(args.text)] if args.text else [])
         run = subprocess.run(cmd, capture_output=True, text=True,
                              env={**os.environ, "HF_HUB_OFFLINE": "1"})
         if run.returncode != 0:
@@ -167,7 +191,10 @@ def main() -> None:
     report = {"command": command, "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, "
               f"torch {torch.__version__}", "load_average": os.getloadavg()[0],
               "artifact_tensor_bytes": file_bytes, "source": manifest["source"]["id"],
-              "ctx": args.ctx, "new_tokens": args.new_tokens, "rows": rows}
+              "ctx": args.ctx, "new_tokens": args.new_tokens, "device": args.device,
+              "dtype": args.dtype, "rows": rows}
+    if args.device == "cuda":
+        report["gpu"] = torch.cuda.get_device_name()
     name = "runtime_speed" + (f"_{args.tag}" if args.tag else "")
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / f"{name}.json").write_text(json.dumps(report, indent=1))
@@ -175,13 +202,20 @@ def main() -> None:
              f"Produced by `{command}` ({report['machine']}, {rows[0]['threads']} threads, "
              f"load average {report['load_average']:.2f} at the end).", "",
              f"Artifact tensors on disk: {file_bytes:,} bytes. Prefill: one forward of {args.ctx} "
-             f"tokens; decode: {args.new_tokens} new tokens, greedy, KV cache, batch 1.", "",
-             "| variant | tensor bytes in memory | × file | RSS after load MB | peak RSS MB | "
-             "prefill tok/s | decode tok/s |", "|---|---|---|---|---|---|---|"]
+             f"tokens; decode: {args.new_tokens} new tokens, greedy, KV cache, batch 1. "
+             f"Device {args.device}{' (' + report['gpu'] + ')' if args.device == 'cuda' else ''}, "
+             f"dtype {args.dtype}.", ""]
+    gpu = args.device == "cuda"
+    head = ["variant", "tensor bytes in memory", "× file", "RSS after load MB", "peak RSS MB",
+            *(["GPU after load MB", "GPU peak MB"] if gpu else []), "prefill tok/s", "decode tok/s"]
+    lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
-        lines.append(f"| {r['variant']} | {r['storage_bytes']:,} | {r['storage_bytes'] / file_bytes:.2f} | "
-                     f"{r['rss_after_load'] / 1e6:,.0f} | {r['peak_rss'] / 1e6:,.0f} | "
-                     f"{r['prefill_tokens_per_s']:,.0f} | {r['decode_tokens_per_s']:.1f} |")
+        cells = [r["variant"], f"{r['storage_bytes']:,}", f"{r['storage_bytes'] / file_bytes:.2f}",
+                 f"{r['rss_after_load'] / 1e6:,.0f}", f"{r['peak_rss'] / 1e6:,.0f}",
+                 *([f"{r['gpu_allocated_after_load'] / 1e6:,.0f}", f"{r['gpu_peak'] / 1e6:,.0f}"]
+                   if gpu else []),
+                 f"{r['prefill_tokens_per_s']:,.0f}", f"{r['decode_tokens_per_s']:.1f}"]
+        lines.append("| " + " | ".join(cells) + " |")
     (args.out / f"{name}.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 

@@ -402,7 +402,71 @@ class Packed(nn.Module):
         return dequantize(codes, absmax, book, (r1 - r0, cols), self.block, b)
 
     def full(self) -> torch.Tensor:
+        kernels = self._kernels()
+        if kernels is not None:
+            return kernels.dequantize(self, torch.float32)
         return self.rows(0, self.shape[0])  # the de-quantizers band their temporaries themselves
+
+    def _kernels(self):
+        """bitsandbytes' CUDA kernels where they read this tensor as stored (a `bnb` grid, codes
+        on a GPU, a block size they take, the package importable), else None."""
+        if self.grid != "bnb" or self.codes.device.type != "cuda" or self.block not in BNB_BLOCKS:
+            return None
+        return _BnbKernels.get()
+
+    def matmul(self, x: torch.Tensor) -> torch.Tensor:
+        """x @ Wᵀ: with bitsandbytes' 4-bit matmul (NF4) or its blockwise de-quantizer (8-bit)
+        on a GPU, else a band of rows de-quantized at a time."""
+        kernels = self._kernels()
+        if kernels is not None:
+            return kernels.matmul(self, x)
+        n = self.shape[0]
+        y = x.new_empty(*x.shape[:-1], n)
+        for r in range(0, n, self.band):
+            r1 = min(r + self.band, n)
+            y[..., r:r1] = x @ self.rows(r, r1).to(x.dtype).T
+        return y
+
+
+BNB_BLOCKS = (64, 128, 256, 512, 1024, 2048, 4096)  # what bitsandbytes' CUDA kernels take
+
+
+class _BnbKernels:
+    """bitsandbytes' CUDA kernels on svdq's `bnb` grid, which is bitsandbytes' own layout (NF4
+    codes two per byte, first element in the high nibble; 8-bit codes on the dynamic map;
+    float32 absmax per block): no conversion. Imported on first use, optional."""
+    _module = None
+
+    @classmethod
+    def get(cls):
+        if cls._module is None:
+            try:
+                import bitsandbytes
+                import bitsandbytes.functional  # noqa: F401
+                cls._module = bitsandbytes
+            except Exception:  # not installed, or built without CUDA: the torch path
+                cls._module = False
+        return cls() if cls._module else None
+
+    @staticmethod
+    def _state(w: Packed, dtype: torch.dtype):
+        book = w.books.get_buffer(str(w.bits))
+        return _BnbKernels._module.functional.QuantState(
+            absmax=w.absmax, shape=torch.Size(w.shape), code=book, blocksize=w.block,
+            quant_type="nf4", dtype=dtype)
+
+    def dequantize(self, w: Packed, dtype: torch.dtype) -> torch.Tensor:
+        functional = self._module.functional
+        if w.bits == 4:
+            return functional.dequantize_4bit(w.codes, self._state(w, dtype))
+        book = w.books.get_buffer("8")
+        out = functional.dequantize_blockwise(w.codes, absmax=w.absmax, code=book, blocksize=w.block)
+        return out.reshape(w.shape).to(dtype)
+
+    def matmul(self, w: Packed, x: torch.Tensor) -> torch.Tensor:
+        if w.bits == 4:
+            return self._module.matmul_4bit(x, w.codes, self._state(w, x.dtype))
+        return x @ self.dequantize(w, x.dtype).T
 
 
 class StoredLinear(nn.Module):
@@ -468,11 +532,7 @@ class StoredLinear(nn.Module):
         if self.kind != "lowrank":
             w = self._dense()
             if isinstance(w, Packed):
-                n = w.shape[0]
-                y = x.new_empty(*x.shape[:-1], n)
-                for r in range(0, n, w.band):
-                    r1 = min(r + w.band, n)
-                    y[..., r:r1] = x @ w.rows(r, r1).to(x.dtype).T
+                y = w.matmul(x)
             else:
                 y = x @ w.to(x.dtype).T
             y = _spread(y, self.index, self.out_features)

@@ -116,3 +116,39 @@ def test_a_streamed_compress_gives_the_gpu_memory_back(models, calib_file, tmp_p
     compressed(models, calib_file, tmp_path, "budget", "cuda")
     torch.cuda.synchronize()
     assert torch.cuda.memory_allocated() - before < 2 ** 20  # nothing held on after it
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_bitsandbytes_kernels_run_the_stored_codes(bits, models, calib_file, tmp_path):
+    """On a GPU a kept layer's NF4 and 8-bit codes go to bitsandbytes' kernels as stored; they
+    compute what the torch de-quantizer computes."""
+    pytest.importorskip("bitsandbytes")
+    out = tmp_path / f"b{bits}"
+    r = run("compress", models["llama"], "-o", out, "--calib", calib_file, *FAST,
+            "--eps", "0.2", "--bits", bits, "--residual")
+    assert r.exit_code == 0, r.output
+    model = runtime.load(out, device="cuda")
+    packed = [m for m in model.modules() if isinstance(m, runtime.Packed) and m.grid == "bnb"]
+    assert packed
+    for w in packed:
+        assert w._kernels() is not None
+        ref = w.rows(0, w.shape[0])  # the torch path, banded
+        assert torch.equal(w.full(), ref)
+        for dtype, tol in ((torch.float32, 1e-5), (torch.float16, 2e-3), (torch.bfloat16, 2e-2)):
+            for tokens in (1, 9):  # a decode step (gemv) and a prefill
+                x = torch.randn(tokens, w.shape[1], device="cuda", dtype=dtype)
+                y = w.matmul(x).float()
+                expect = x.float() @ ref.T
+                assert (y - expect).norm() <= tol * expect.norm() + 1e-6, (dtype, tokens)
+    calls = []
+    real = runtime._BnbKernels.matmul
+    runtime._BnbKernels.matmul = lambda self, w, x: calls.append(w) or real(self, w, x)
+    try:
+        ids = torch.randint(3, 60, (1, 12), generator=torch.Generator().manual_seed(0))
+        with torch.no_grad():
+            on_gpu = model(input_ids=ids.cuda()).logits.cpu()
+            on_cpu = runtime.load(out)(input_ids=ids).logits
+    finally:
+        runtime._BnbKernels.matmul = real
+    assert calls  # the forward went through the kernels
+    assert (on_gpu - on_cpu).norm() <= 1e-3 * on_cpu.norm()
