@@ -141,7 +141,9 @@ def int_params(w: torch.Tensor, bits: int, group: int, weights: torch.Tensor | N
         best = None
         for k in range(shrinks if shrinks > 1 else 1):
             p = 1.0 - 0.25 * k / max(shrinks - 1, 1)
-            scale = ((hi - lo) * p / top).clamp_min(1e-8).half().float()
+            # an all-zero group (a padding row) would round its float16 scale to 0: the least
+            # float16 above 0 instead (its codes are then the zero point, exactly 0 back)
+            scale = ((hi - lo) * p / top).half().float().clamp_min(2 ** -24)
             zero = torch.round(-lo * p / scale).clamp(0, top)
             q = torch.clamp(torch.round(wp / scale[..., None]) + zero[..., None], 0, top)
             err = ((q - zero[..., None]) * scale[..., None] - wp).pow(2)

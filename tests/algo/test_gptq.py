@@ -156,3 +156,18 @@ def test_dequantize_int_is_code_minus_zero_times_scale_per_column(bits):
                                      group, bits)
         assert torch.equal(got, expected), (out_f, in_f, group)
         assert torch.equal(runtime.unpack(quant.pack(q, bits), q.numel(), bits), q)
+
+
+def test_an_all_zero_group_comes_back_zero_on_the_integer_grid():
+    """A group of zeros (an embedding's padding row, a pruned block) once rounded its float16
+    scale to 0 and came back NaN; its codes are now the zero point, exactly 0 again."""
+    w = torch.randn(4, 128, generator=torch.Generator().manual_seed(0))
+    w[1], w[2, :64] = 0, 0
+    x = torch.randn(256, 128, generator=torch.Generator().manual_seed(1))
+    for bits in (2, 3, 4, 8):
+        rounded, fed_back = quant.quantize(w, bits, 64, grid="int"), gptq(w, x.T @ x, bits, 64)
+        for d in (rounded.dequantize(), fed_back.dequantize()):
+            assert torch.isfinite(d).all() and not d[1].any(), bits
+            assert (d[3] - w[3]).norm() < 0.6 * w[3].norm()
+        # GPTQ may move the rest of its row's error into a zero group; rounding keeps it 0
+        assert not rounded.dequantize()[2, :64].any()
