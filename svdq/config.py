@@ -41,6 +41,10 @@ class Settings:
     # adds the term where it saves bytes at eps, a budget offers it among the options
     attention_product: bool = False  # queries and keys stored as their product per head (eps
     # mode: where it saves bytes; a budget: one more candidate plan, judged)
+    embed_bits: int = 0  # the input embedding (and heads tied to it) stored at 4 or 8 bits on
+    # the integer grid, groups of block_size along each row; 0: left as it is
+    budget_scope: str = "targets"  # what --ratio/--size count: the target layers, or "all":
+    # every tensor of the checkpoint as the artifact stores it
     _version: int = field(default=SETTINGS_VERSION, repr=False)
 
     def __post_init__(self) -> None:
@@ -89,6 +93,13 @@ class Settings:
         if self.attention_product and self.bits == 16:
             raise SvdqError("--attention-product takes quantized weights (--bits 2–8): drop "
                             "--bits 16 or --attention-product")
+        if self.embed_bits not in (0, 4, 8):
+            raise SvdqError(f"--embed-bits must be 4 or 8 (0: leave the embedding as it is), got "
+                            f"{self.embed_bits}")
+        if self.budget_scope not in ("targets", "all"):
+            raise SvdqError(f"--budget-scope must be targets or all, got {self.budget_scope!r}")
+        if self.budget_scope == "all" and not self.budgeted:
+            raise SvdqError("--budget-scope all says what --ratio/--size count: give one of them")
         if self.budgeted and self.sequential:
             raise SvdqError("--sequential cannot be combined with --ratio/--size (the budget is "
                             "shared out once every layer is measured); drop one")

@@ -44,6 +44,7 @@ class LayerPlan:
     grid: str = "bnb"  # the weight's grid (dense, residual): bnb, or int (uniform integer)
     sparse_nnz: int = 0  # entries of a sparse term (--sparse; format 7), 0: none
     rows: list | None = None  # a dense layer storing these output rows only ([start, length] runs; format 8)
+    lookup: list | None = None  # an embedding stored quantized, the heads tied to it (format 9)
     notes: dict = field(default_factory=dict, compare=True)
 
     def __post_init__(self) -> None:
@@ -83,6 +84,8 @@ class LayerPlan:
             entry["sparse_nnz"] = self.sparse_nnz
         if self.rows is not None:  # absent: every row stored, as before format 8
             entry["rows"] = [list(r) for r in self.rows]
+        if self.lookup is not None:  # absent: a linear layer, as before format 9
+            entry["lookup"] = list(self.lookup)
         return {**entry, **self.notes}
 
     @classmethod

@@ -67,10 +67,12 @@ from pathlib import Path
 import torch
 from torch import nn
 
-FORMAT_VERSION = 8  # 2: the residual kind, 3: the manifest checksum, 4: the integer grid,
+FORMAT_VERSION = 9  # 2: the residual kind, 3: the manifest checksum, 4: the integer grid,
 # 5: quantized weights under NAME.svdq.weight and an empty NAME.weight marker, 6: `stored_dtype`,
-# 7: sparse terms (written only where a layer has one), 8: layers storing some output rows
-READS = (1, 2, 3, 4, 5, 6, 7, 8)
+# 7: sparse terms (written only where a layer has one), 8: layers storing some output rows,
+# 9: an embedding stored quantized (plan `lookup`; written only then)
+READS = (1, 2, 3, 4, 5, 6, 7, 8, 9)
+ROWS_FORMAT = 8  # what an artifact with `rows` layers and no quantized embedding is written as
 SPARSE_FORMAT = 7  # what an artifact with a sparse term and no `rows` layer is written as
 STORED_DTYPE_FORMAT = 6  # what an artifact with `stored_dtype` and no sparse term is written as
 PLAIN_FORMAT = 5  # what an artifact without `stored_dtype` is written as: svdq releases that
@@ -362,6 +364,18 @@ def _check_conv(layer: dict, conv: dict | None) -> None:
                             "compress the model again")
 
 
+def _codes_at(packed: torch.Tensor, k: torch.Tensor, bits: int, high_first: bool) -> torch.Tensor:
+    """The `bits`-bit values (2, 4, 8) at flat positions `k` of a packed code stream, int64:
+    value j of a byte in its bits [j·bits, (j + 1)·bits) (svdq's integer stream), or from the
+    high end (`high_first`: bitsandbytes' NF4, first element in the high nibble)."""
+    if bits == 8:
+        return packed[k].long()
+    per = 8 // bits
+    slot = k % per
+    shift = (per - 1 - slot) * bits if high_first else slot * bits
+    return (packed[k // per].long() >> shift) & ((1 << bits) - 1)
+
+
 class Packed(nn.Module):
     """A quantized tensor (rows, cols) kept as stored — codes with absmax per block (`bnb`,
     a codebook shared by the model) or packed integer codes with per-group scales and zeros
@@ -406,6 +420,32 @@ class Packed(nn.Module):
         if kernels is not None:
             return kernels.dequantize(self, torch.float32)
         return self.rows(0, self.shape[0])  # the de-quantizers band their temporaries themselves
+
+    def lookup(self, index: torch.Tensor) -> torch.Tensor:
+        """Rows `index` (any shape) de-quantized, float32, shape (*index.shape, cols): what an
+        embedding looks up. 2, 4 and 8 bits (values never straddle a byte); about `TILE`
+        elements at a time."""
+        (_, cols), b = self.shape, self.bits
+        flat = index.reshape(-1).long()
+        out = torch.empty(flat.numel(), cols, dtype=torch.float32, device=self.codes.device)
+        col = torch.arange(cols, device=self.codes.device)
+        step = max(1, TILE // cols)
+        for i in range(0, flat.numel(), step):
+            r = flat[i:i + step, None]
+            k = r * cols + col
+            if self.grid == "int":
+                groups = -(-cols // self.block)
+                zeros = _codes_at(self.zeros, r * groups + torch.arange(groups, device=r.device),
+                                  b, high_first=False)
+                scales = self.scales.view(-1, groups)[r[:, 0]].float()
+                g = col // self.block
+                out[i:i + step] = (_codes_at(self.codes, k, b, high_first=False) - zeros[:, g]) \
+                    * scales[:, g]
+            else:
+                book = self.books.get_buffer(str(b))
+                out[i:i + step] = book[_codes_at(self.codes, k, b, high_first=True)] \
+                    * self.absmax[k // self.block]
+        return out.view(*index.shape, cols)
 
     def _kernels(self):
         """bitsandbytes' CUDA kernels where they read this tensor as stored (a `bnb` grid, codes
@@ -605,6 +645,54 @@ class StoredLinear(nn.Module):
                 f"kind={self.kind}, rank={self.rank}")
 
 
+class StoredEmbedding(StoredLinear):
+    """An embedding stored quantized (plan `lookup`, format 9): the rows the tokens look up are
+    de-quantized, the rest stay codes; a scaled embedding's `embed_scale` (Gemma) still
+    applies. Heads tied to it (`TiedHead`) multiply by the same codes."""
+
+    def __init__(self, layer: dict, dtype: torch.dtype, books: nn.Module | None,
+                 version: int, original: nn.Module):
+        super().__init__(layer, dtype, books, version)
+        self.padding_idx = getattr(original, "padding_idx", None)
+        scale = getattr(original, "embed_scale", None)
+        self.embed_scale = scale if isinstance(scale, torch.Tensor) else None  # not state
+        # the output dtype, following the model's .to(dtype); not state
+        self.register_buffer("like", torch.empty(0, dtype=dtype), persistent=False)
+        object.__setattr__(self, "original", original)  # its class, for `dequantized`
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        y = self._dense().lookup(ids).to(self.like.dtype)
+        return y if self.embed_scale is None else y * self.embed_scale.to(y.device, y.dtype)
+
+    def dequantized(self, dtype: torch.dtype) -> nn.Module:
+        """The model's own embedding module again, its weight de-quantized in `dtype`."""
+        module = self.original
+        module.weight = nn.Parameter(self.dense_weight().to(dtype), requires_grad=False)
+        return module
+
+
+class TiedHead(nn.Module):
+    """A head whose weight is a quantized embedding's (tied): logits = x Wᵀ through the same
+    codes, a band of vocabulary rows at a time. Holds no tensors of its own."""
+
+    def __init__(self, embedding: StoredEmbedding):
+        super().__init__()
+        object.__setattr__(self, "embedding", embedding)  # not a child: its tensors are stored once
+        self.out_features, self.in_features = embedding.out_features, embedding.in_features
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.embedding._dense().matmul(x)
+
+    def tied_to(self, embedding: nn.Module) -> nn.Linear:
+        """A linear head sharing the (de-quantized) `embedding`'s weight parameter."""
+        head = nn.Linear(self.in_features, self.out_features, bias=False, device="meta")
+        head.weight = embedding.weight
+        return head
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, tied"
+
+
 def _take(tensors: dict, key: str, used: set, shape: tuple[int, ...] | None = None,
           dtype: torch.dtype | None = None, numel: int | None = None) -> torch.Tensor:
     """Stored tensor `key`, checked against the shape, dtype or size the manifest implies."""
@@ -678,6 +766,12 @@ def _check_layer(layer) -> None:
                 or rows[-1][0] + rows[-1][1] > layer["out_features"]:
             raise ArtifactError(f"the manifest's entry for {layer['name']!r} has invalid rows: "
                                 "the artifact is inconsistent; compress the model again")
+    lookup = layer.get("lookup")
+    if lookup is not None and (not isinstance(lookup, list) or kind != "dense"
+                               or not all(isinstance(h, str) for h in lookup)
+                               or bits not in (2, 4, 8) or nnz or rows is not None):
+        raise ArtifactError(f"the manifest's entry for {layer['name']!r} has an invalid lookup: "
+                            "the artifact is inconsistent; compress the model again")
     if kind != "dense":
         whole("rank")
         if layer.get("factor_bits", bits) not in (4, 8, 16) or (kind == "residual" and bits is None):
@@ -955,13 +1049,48 @@ def swap_in(model: nn.Module, layers: list, dtype: torch.dtype, version: int) ->
         model.svdq.codebook = shared
     for layer in layers:
         _check_layer(layer)
-        if layer["kind"] != "dense" or layer["bits"] is not None:
+        if layer.get("lookup") is not None:
+            _swap_embedding(model, layer, dtype, shared, version)
+        elif layer["kind"] != "dense" or layer["bits"] is not None:
             try:
                 conv = conv_of(model.get_submodule(layer["name"]))
             except AttributeError:
                 raise ArtifactError(f"the model has no layer {layer['name']!r}: the artifact "
                                     "is inconsistent; compress the model again") from None
             set_module(model, layer["name"], StoredLinear(layer, dtype, shared, version, conv))
+
+
+def _swap_embedding(model: nn.Module, layer: dict, dtype: torch.dtype, books: nn.Module,
+                    version: int) -> None:
+    """An embedding stored quantized and the heads tied to it (plan `lookup`)."""
+    try:
+        original = model.get_submodule(layer["name"])
+        heads = [model.get_submodule(h) for h in layer["lookup"]]
+    except AttributeError:
+        raise ArtifactError(f"the model has no embedding {layer['name']!r} or no head of "
+                            f"{layer['lookup']}: the artifact is inconsistent; compress the model "
+                            "again") from None
+    if not isinstance(original, nn.Embedding) or any(
+            not isinstance(h, nn.Linear) or h.weight.shape != original.weight.shape for h in heads):
+        raise ArtifactError(f"{layer['name']!r} is not an embedding with heads of its shape: "
+                            "the artifact is inconsistent; compress the model again")
+    embedding = StoredEmbedding(layer, dtype, books, version, original)
+    set_module(model, layer["name"], embedding)
+    for head in layer["lookup"]:
+        set_module(model, head, TiedHead(embedding))
+
+
+def dequantize_layers(model: nn.Module, dtype: torch.dtype) -> None:
+    """Every kept layer of `model` expanded in place into float modules of `dtype` (a tied
+    head then shares its de-quantized embedding's weight again)."""
+    done = {}
+    for name, module in list(model.named_modules()):
+        if isinstance(module, StoredLinear):
+            done[id(module)] = module.dequantized(dtype)
+            set_module(model, name, done[id(module)])
+    for name, module in list(model.named_modules()):
+        if isinstance(module, TiedHead):
+            set_module(model, name, module.tied_to(done[id(module.embedding)]))
 
 
 def _assemble(folder: Path, manifest: dict, tensors: dict, transformers,
@@ -997,15 +1126,16 @@ def _assemble(folder: Path, manifest: dict, tensors: dict, transformers,
         raise ArtifactError(f"the tensor files hold {len(unused)} tensors the manifest does not explain "
                             f"(first: {unused[0]!r}); the artifact is inconsistent")
     model.load_state_dict(state, strict=True, assign=True)
+    for module in model.modules():
+        if isinstance(module, StoredEmbedding):  # looked-up rows come out in the run's dtype
+            module.like = module.like.to(run_dtype)
     with_param = dict(model.named_parameters(remove_duplicate=False))
     for key, source in manifest.get("aliases", {}).items():  # tied weights: one parameter again
         owner, _, leaf = key.rpartition(".")
         if key in with_param and source in with_param:
             setattr(model.get_submodule(owner), leaf, with_param[source])
     if dequantize:
-        for name, module in list(model.named_modules()):
-            if isinstance(module, StoredLinear):
-                set_module(model, name, module.dequantized(run_dtype))
+        dequantize_layers(model, run_dtype)
         if hasattr(model, "svdq"):
             del model.svdq
     return model

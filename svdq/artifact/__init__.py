@@ -144,7 +144,8 @@ class Pending:
         tmp, tensor_bytes = self.tmp, self.tensors.total_bytes
         dtype = next(result.model.parameters()).dtype
         # format 6 only where it says something 5 cannot (`stored_dtype`)
-        version = (runtime.FORMAT_VERSION if any(p.get("rows") for p in result.layers)
+        version = (runtime.FORMAT_VERSION if any(p.get("lookup") is not None for p in result.layers)
+                   else runtime.ROWS_FORMAT if any(p.get("rows") for p in result.layers)
                    else runtime.SPARSE_FORMAT if any(p.get("sparse_nnz") for p in result.layers)
                    else runtime.PLAIN_FORMAT if self.tensors.cast is None
                    else runtime.STORED_DTYPE_FORMAT)

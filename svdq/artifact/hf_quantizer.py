@@ -19,7 +19,7 @@ from svdq import runtime
 QUANT_METHOD = "svdq"
 # what a StoredLinear is built from: the rest of a plan entry (errors, bytes) stays in svdq.json
 PLAN_FIELDS = ("name", "kind", "bits", "factor_bits", "rank", "block_size", "grid",
-               "out_features", "in_features", "bias", "sparse_nnz", "rows")
+               "out_features", "in_features", "bias", "sparse_nnz", "rows", "lookup")
 
 
 def quantization_config(layers: list[dict], version: int = runtime.FORMAT_VERSION) -> dict:
@@ -31,6 +31,17 @@ def quantization_config(layers: list[dict], version: int = runtime.FORMAT_VERSIO
 
 def _stored_names(model) -> list[str]:
     return [n for n, m in model.named_modules() if isinstance(m, runtime.StoredLinear)]
+
+
+def _untie(model, layers: list) -> None:
+    """A quantized embedding's tied heads multiply by its codes (`runtime.TiedHead`): take them
+    out of transformers' weight tying, which would assign the embedding's marker to them."""
+    taken = {n for p in layers if p.get("lookup") is not None for n in (p["name"], *p["lookup"])}
+    tied = getattr(model, "all_tied_weights_keys", None)
+    if taken and isinstance(tied, dict):
+        for target, source in list(tied.items()):
+            if target.rpartition(".")[0] in taken or source.rpartition(".")[0] in taken:
+                tied.pop(target)
 
 
 def register() -> None:
@@ -73,6 +84,7 @@ def register() -> None:
                                 self.quantization_config.format_version)
             except runtime.ArtifactError as e:
                 raise ValueError(str(e)) from None
+            _untie(model, self.quantization_config.layers)
             if checkpoint_files:  # strict before any reading: svdq's tensors, all and only
                 from safetensors import safe_open
 
@@ -93,7 +105,7 @@ def register() -> None:
         def _process_model_after_weight_loading(self, model, **kwargs):
             for name in _stored_names(model):
                 module = model.get_submodule(name)
-                for key, t in [*module.named_parameters(), *module.named_buffers()]:
+                for key, t in module.state_dict(keep_vars=True).items():
                     if not getattr(t, "_is_hf_initialized", False):
                         raise ValueError(f"{name}.{key} was not read from the svdq artifact; "
                                          "compress the model again")

@@ -71,6 +71,13 @@ def compress(
                                            "at a lower rank; eps bounds the error of the "
                                            "scores) where that stores fewer bytes. Models "
                                            "without rotary embeddings, eps mode."),
+    embed_bits: int = typer.Option(0, help="Store the token embedding (and a head tied to "
+                                   "it, which stays tied) at 4 or 8 bits: integer grid, groups "
+                                   "of --block-size along each row, looked up de-quantized. "
+                                   "0: leave it as it is."),
+    budget_scope: str = typer.Option("targets", help="What --ratio/--size count: targets (the "
+                                     "target layers) or all (the whole checkpoint as stored: "
+                                     "the layers get what the other tensors leave)."),
     offload_activations: bool = typer.Option(False, help="Keep the calibration activations in "
                                              "files beside the output instead of memory (also "
                                              "done by itself when they are large)."),
@@ -105,6 +112,7 @@ def compress(
                             sequential=sequential, refit=refit, budget_ratio=ratio,
                             residual=residual, offload_activations=offload_activations,
                             sparse=sparse, attention_product=attention_product,
+                            embed_bits=embed_bits, budget_scope=budget_scope,
                             budget_bytes=None if size is None else parse_size(size))
         shard_bytes = parse_size(shard_size, "--shard-size")
         artifact.check_output(output, overwrite)

@@ -10,6 +10,7 @@ weights when the source streams from its files.
 """
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 from typing import Callable
 
@@ -21,7 +22,7 @@ from svdq.models.attention import heads
 from svdq.models.layers import set_module
 from svdq.models.load import Source
 from svdq.models.streams import Scratch
-from svdq.pipeline import budget as budgets, product as products, two_pass
+from svdq.pipeline import budget as budgets, embedding as embeddings, product as products, two_pass
 from svdq.pipeline.forms import choose_form, codebooks, realize, refitted  # noqa: F401 (re-exported)
 from svdq.pipeline.inputs import calibration_ids
 from svdq.pipeline.walk import Clock, Progress, Walker, one_input_at_a_time
@@ -78,6 +79,10 @@ def compress(source: Source, settings: Settings, progress: Progress | None = Non
     clock, calibration = Clock(), {}
     out = _Out(source, sink)
     average = None
+    taken = embeddings.planned_names(source.model, settings)  # refuses a model without one
+    if settings.budget_scope == "all":  # the layers get what the rest of the checkpoint leaves
+        settings = replace(settings, budget_ratio=None, budget_bytes=embeddings.layers_budget(
+            source.model, settings, source.stored_dtype))
     if settings.budgeted:  # before minutes of calibration
         average = budgets.check_request(source.model, settings)
     if settings.attention_product:
@@ -97,9 +102,15 @@ def compress(source: Source, settings: Settings, progress: Progress | None = Non
         finally:
             walker.close()
     out(codebooks(plans))
+    if taken:
+        report("embedding", 0, 1)
+        plan, tensors = embeddings.quantize_embedding(source.model, settings, source.stored_dtype)
+        out({k: t.cpu() for k, t in tensors.items()})
+        plans.append(plan)
+        clock.lap("embedding")
     return Result(source.model, [p.to_json() for p in plans], out.kept, calibration, params,
                   dict(clock.spent), budget=budget, released=source.released,
-                  planned={p.name for p in plans}, device=_device(gpu))
+                  planned={p.name for p in plans} | taken, device=_device(gpu))
 
 
 def _device(device: torch.device) -> dict:

@@ -229,9 +229,12 @@ def prepare(model: nn.Module, manifest: dict, factors: bool = False) -> dict[str
     layers excepted: `stored_tensors` gives those)."""
     plan = {p["name"]: p for p in manifest["layers"]}
     for name, module in list(model.named_modules()):
+        if isinstance(module, runtime.StoredEmbedding):
+            continue  # a quantized embedding stays as stored, frozen: its codes are its form
         if isinstance(module, runtime.StoredLinear):
             runtime.set_module(model, name, TunedLinear(module, plan[name], factors))
-    if hasattr(model, "svdq"):
+    if hasattr(model, "svdq") and not any(isinstance(m, runtime.StoredEmbedding)
+                                          for m in model.modules()):
         del model.svdq  # the codebooks: the tuned layers hold float values
     float32(model)
     for p in model.parameters():
