@@ -37,11 +37,14 @@ sys.path.insert(0, str(HERE.parent))
 
 
 def plain_folder(model: str):
-    """(the model's plain safetensors folder, its svdq Source loaded whole)."""
+    """(the model's file or folder, its plain safetensors folder, its svdq Source loaded
+    whole)."""
     from svdq import assets
     from svdq.models import gguf, load
 
     path = assets.fetch(model)
+    if path.is_dir():  # MiniLM: a plain folder already
+        return path, path, load.load_source(str(path))
     streamed = load.load_source(str(path), stream=True)
     folder = gguf.cached(path, streamed.sha256)
     return path, folder, load.load_source(str(path))
@@ -70,10 +73,16 @@ def eora(model, lc_model, works: dict, rank: int) -> int:
     return extra
 
 
+def auto(args):
+    """The transformers class that loads the model and llm-compressor's output of it."""
+    import transformers
+
+    return transformers.AutoModel if args.model == "minilm" else transformers.AutoModelForCausalLM
+
+
 def anchor_rows(args, source, settings, ids, shapes, folder: Path, work: Path, ppl):
     """The source's perplexity, then per bits:group setting llm-compressor's GPTQ (run once,
     kept under `work`) and GPTQ + EoRA at each rank; and the byte counts svdq must meet."""
-    import transformers
 
     from svdq.algo.quant import weight_bytes
     from svdq.pipeline.walk import Clock, analyse
@@ -95,14 +104,14 @@ def anchor_rows(args, source, settings, ids, shapes, folder: Path, work: Path, p
                             "--group", str(group)], check=True,
                            env={**os.environ, "HF_HUB_OFFLINE": "1"})
         run = json.loads((out / "run.json").read_text())
-        lc = transformers.AutoModelForCausalLM.from_pretrained(out / "model", dtype=torch.float32).eval()
+        lc = auto(args).from_pretrained(out / "model", dtype=torch.float32).eval()
         size = sum(weight_bytes(o, i, bits, group, "int") for o, i in shapes.values())
         rows.append({"method": f"GPTQ w{bits} g{group} (llm-compressor)", "bytes": size,
                      "compress_s": run["oneshot_s"], **ppl(lc)})
         print(rows[-1], flush=True)
         budgets.append(size)
         for rank in map(int, args.ranks.split(",")):
-            model = transformers.AutoModelForCausalLM.from_pretrained(out / "model", dtype=torch.float32).eval()
+            model = auto(args).from_pretrained(out / "model", dtype=torch.float32).eval()
             extra = eora(model, lc, works, rank)
             rows.append({"method": f"GPTQ w{bits} g{group} + EoRA r{rank}", "bytes": size + extra,
                          **ppl(model)})
@@ -113,7 +122,7 @@ def anchor_rows(args, source, settings, ids, shapes, folder: Path, work: Path, p
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("model", choices=["smollm2", "gemma3"])
+    parser.add_argument("model", choices=["smollm2", "gemma3", "minilm"])
     parser.add_argument("--lc-python", required=True)
     parser.add_argument("--settings", default="4:64,3:64,2:64,4:128,3:128")
     parser.add_argument("--ranks", default="32,64")
@@ -134,16 +143,23 @@ def main() -> None:
 
     work = args.work or assets.cache_dir() / f"gptq-bench-{args.model}"
     work.mkdir(parents=True, exist_ok=True)
-    calib, evaluation, _ = split_text(assets.cache_dir() / "bench-text")
+    calib, evaluation, sentences = split_text(assets.cache_dir() / "bench-text")
     path, folder, source = plain_folder(args.model)
-    settings = Settings(calib=str(calib), budget_ratio=0.3)  # compress's calibration defaults
+    # compress's calibration defaults; MiniLM's sentences in 128 tokens, as benchmarks/sweep.py
+    settings = Settings(calib=str(calib), budget_ratio=0.3,
+                        calib_len=128 if args.model == "minilm" else 512)
     ids = calibration_ids(source, settings, lambda *a: None, {})
     save_file({"ids": ids.contiguous()}, str(work / "ids.safetensors"))
     shapes = target_shapes(source.model)
     fp16 = sum(2 * o * i for o, i in shapes.values())
-    perplexity, _ = evaluator(source, (evaluation.read_text(), str(evaluation)), None, 512, 512,
-                              args.max_tokens, 1)
-    ppl = lambda m: {"ppl": perplexity(m)["quality"]}  # noqa: E731
+    if args.model == "minilm":  # cosine similarity of sentence embeddings to the source's
+        lines = [x for x in sentences.read_text().splitlines() if x.strip()]
+        similarity, _ = evaluator(source, None, lines, None, None, args.max_tokens, 32)
+        ppl = lambda m: {"similarity": similarity(m)["quality"]}  # noqa: E731
+    else:
+        perplexity, _ = evaluator(source, (evaluation.read_text(), str(evaluation)), None, 512,
+                                  512, args.max_tokens, 1)
+        ppl = lambda m: {"ppl": perplexity(m)["quality"]}  # noqa: E731
     # the anchors (GPTQ, GPTQ + EoRA) are kept: a rerun with the same arguments redoes svdq only
     anchors = work / "anchors.json"
     key = {"settings": args.settings, "ranks": args.ranks, "max_tokens": args.max_tokens}

@@ -8,7 +8,9 @@ MODEL_DIR: a plain Hugging Face folder (safetensors, tokenizer). IDS.safetensors
 the calibration token ids (samples × length) svdq uses, so both tools see the same tokens.
 Scheme: integer, asymmetric, group strategy, act-order "static" (llm-compressor's "weight":
 columns by descending Hessian diagonal, groups kept in the original layout), dampening 0.01,
-block 128, its default min-max observer; every Linear but lm_head; the sequential pipeline.
+block 128, its default min-max observer; every Linear but lm_head (and an encoder's pooler,
+which sentence embeddings do not use and svdq does not target); the sequential pipeline.
+MODEL_DIR may hold a causal LM or an encoder (BERT: AutoModel, its layers as the blocks).
 
 OUT_DIR gets `model/` — the model with each quantized Linear's weight replaced by what GPTQ
 stored, de-quantized (a plain folder any tool loads, for evaluation) — and `run.json` (wall
@@ -52,14 +54,17 @@ def main() -> None:
     from llmcompressor import oneshot
     from llmcompressor.modifiers.gptq import GPTQModifier
 
-    model = transformers.AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32)
+    config = transformers.AutoConfig.from_pretrained(args.model)
+    causal = any("CausalLM" in a for a in config.architectures or [])
+    auto = transformers.AutoModelForCausalLM if causal else transformers.AutoModel  # encoders
+    model = auto.from_pretrained(args.model, dtype=torch.float32)
     tokenizer = transformers.AutoTokenizer.from_pretrained(args.model)
     if args.layers:
         model.model.layers = model.model.layers[: args.layers]
         model.config.num_hidden_layers = args.layers
     names = {m: n for n, m in model.named_modules()}
     originals = {n: m.weight.detach().clone() for n, m in model.named_modules()
-                 if isinstance(m, torch.nn.Linear) and n != "lm_head"}
+                 if isinstance(m, torch.nn.Linear) and n != "lm_head" and "pooler" not in n}
     hessians = {}
     if args.record_hessians:  # what GPTQ is handed, recorded without changing it
         real = gptq_base.prepare_batch
@@ -76,15 +81,19 @@ def main() -> None:
     weights = QuantizationArgs(num_bits=args.bits, type="int", symmetric=False, strategy="group",
                                group_size=args.group)
     recipe = GPTQModifier(config_groups={"g": QuantizationScheme(targets=["Linear"], weights=weights)},
-                          ignore=["lm_head"], actorder="static", dampening_frac=0.01, block_size=128)
+                          ignore=["lm_head", "re:.*pooler.*"], actorder="static",
+                          dampening_frac=0.01, block_size=128)
+    # the blocks GPTQ walks one at a time: a causal LM's decoder layers (found by
+    # llm-compressor itself), an encoder's layers (BERT's, named here)
+    blocks = None if causal else [type(model.encoder.layer[0]).__name__]
     start = time.perf_counter()
     oneshot(model=model, tokenizer=tokenizer, dataset=data, recipe=recipe,
             num_calibration_samples=ids.shape[0], max_seq_length=ids.shape[1],
-            shuffle_calibration_samples=False, pipeline="sequential")
+            shuffle_calibration_samples=False, pipeline="sequential", sequential_targets=blocks)
     wall = time.perf_counter() - start
     args.out.mkdir(parents=True, exist_ok=True)
     # a plain model: each quantized weight as stored, de-quantized; nothing else changed
-    plain = transformers.AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32)
+    plain = auto.from_pretrained(args.model, dtype=torch.float32)
     if args.layers:
         plain.model.layers = plain.model.layers[: args.layers]
         plain.config.num_hidden_layers = args.layers
