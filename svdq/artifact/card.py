@@ -15,10 +15,13 @@ from pathlib import Path
 CARD = "README.md"
 EVALS = "svdq_eval.json"
 _KINDS = (("lowrank", "low-rank"), ("residual", "dense + low-rank correction"),
-          ("dense", "quantized dense"), ("keep", "kept"))
+          ("dense", "quantized dense"), ("keep", "kept"),
+          ("embedding", "token embedding (looked up; a tied head shares it)"))
 
 
 def _kind(p: dict) -> str:
+    if p.get("lookup") is not None:
+        return "embedding"
     return "keep" if p["kind"] == "dense" and p["bits"] is None else p["kind"]
 
 

@@ -234,6 +234,8 @@ def _kind(p: dict, dtype: str) -> str:
         return f"residual {bits}+{p['factor_bits']}"
     if p.get("rows"):
         return f"q·k product {bits}"
+    if p.get("lookup") is not None:
+        return f"embedding {bits}" + (" (tied head)" if p["lookup"] else "")
     return f"dense {bits or dtype}"
 
 

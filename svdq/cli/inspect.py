@@ -80,7 +80,8 @@ def _inspect_table(path: Path, manifest: dict, key: Optional[str], top: int, as_
                          no_wrap=col != "layer", min_width=12 if col == "layer" else None)
     for p in rows:
         table.add_row(str(p["name"]), f"{p['out_features']}×{p['in_features']}",
-                      ("q·k product" if p.get("rows") else
+                      ("q·k product" if p.get("rows") else "embedding"
+                       + (" (tied head)" if p["lookup"] else "") if p.get("lookup") is not None else
                        {"lowrank": "low-rank", "residual": "dense+low-rank"}.get(p["kind"], "dense"))
                       + (f"+{p['sparse_nnz']} exact" if p.get("sparse_nnz") else ""),
                       _rank(p), str(p["k_break"]),

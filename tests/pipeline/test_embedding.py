@@ -54,6 +54,7 @@ def test_the_embedding_is_stored_quantized_and_every_loader_agrees(arch, artifac
                      ["architectures"][0]).from_pretrained(models[arch]).eval()
     emb = source.get_input_embeddings()
     assert manifest["format_version"] == 9 and entry["grid"] == "int"
+    assert "token embedding" in (folder / "README.md").read_text()  # the model card says so
     assert entry["lookup"] == ([] if arch == "bert" else ["lm_head"])
     rows, cols = emb.weight.shape
     assert entry["bytes"] == sum(runtime.int_bytes(rows, cols, entry["bits"], 64))
