@@ -82,7 +82,7 @@ def targets(model: nn.Module, include: tuple[str, ...] = (), exclude: tuple[str,
     for name in outside:
         if name in tied:
             raise SvdqError(f"--include matches {name}, whose weight is tied to {tied[name]}; "
-                            "svdq cannot compress one without the other: exclude it")
+                            "exclude it and quantize both with --embed-bits 4|8")
     chosen = [n for n in inside + outside if not any(fnmatch(n, p) for p in exclude)]
     if not chosen:
         raise SvdqError(f"no layer of {type(model).__name__} is left to compress; loosen "

@@ -189,7 +189,7 @@ class Walker:
         if early:
             raise SvdqError(f"--include matches {early[0]}, which runs before the blocks (an "
                             "embedding or stem); svdq compresses the blocks' layers and the "
-                            "head's after them")
+                            "head's after them, and the token embedding with --embed-bits 4|8")
         self.outside(False)
         for h in captured.hidden:
             self.main.append(h)
