@@ -2,8 +2,14 @@
 EoRA-style low-rank correction of its error, at equal bytes, on one calibration and one
 held-out evaluation text.
 
-    python benchmarks/gptq/compare.py smollm2 --lc-python /path/to/llmcompressor-venv/bin/python
+    python benchmarks/gptq/compare.py smollm2|gemma3|minilm --lc-python LC-VENV/bin/python
         [--settings 4:64,3:64,2:64] [--ranks 32,64] [--max-tokens 32768] [--work DIR]
+        [--anchors-only]
+
+MiniLM (an encoder) is scored by the cosine similarity of its sentence embeddings to the
+source's on the held-out sentences, calibrated on 32 × 128 tokens; the language models by
+perplexity. `--anchors-only` stops after the GPTQ and EoRA rows (svdq's rows are then single
+`svdq compress --size` runs, as RESULTS.md records them).
 
 1. The calibration ids svdq uses (32 × 512 tokens of the first 80% of the offline Wikipedia
    text, seed 0) are saved and handed to llm-compressor (`llmcompressor_run.py`, in its own
