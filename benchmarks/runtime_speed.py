@@ -52,7 +52,8 @@ def _storage_bytes(model) -> int:
     seen, total = set(), 0
     for t in [*model.parameters(), *model.buffers()]:
         ptr = t.untyped_storage().data_ptr()
-        if ptr not in seen:
+        # an empty storage (svdq's weight markers) may carry the address of a real one
+        if t.untyped_storage().nbytes() and ptr not in seen:
             seen.add(ptr)
             total += t.untyped_storage().nbytes()
     return total
@@ -89,14 +90,17 @@ def load_variant(folder: Path, variant: str, device: str, dtype: torch.dtype):
     if variant in ("stored", "dequantized"):
         return svdq.load(folder, device=device, dequantize=variant == "dequantized", dtype=dtype)
     manifest = artifact.read(folder)
-    model = ev.load_baseline(manifest).model.float().eval()
+    # through nn.Module: transformers refuses .float()/.to(dtype) on a model it de-quantized
+    # from a GGUF file (it flags it as quantized)
+    model = torch.nn.Module.float(ev.load_baseline(manifest).model).eval()
     if variant == "source-bf16":
-        return model.to(device=device, dtype=torch.bfloat16)
+        return torch.nn.Module.to(model, device=device, dtype=torch.bfloat16)
     if variant.startswith("bnb-"):
-        model = model.to(dtype)
-        model = _bnb(model, [p["name"] for p in manifest["layers"]], variant.removeprefix("bnb-"),
+        model = torch.nn.Module.to(model, dtype)
+        model = _bnb(model, [p["name"] for p in manifest["layers"] if p.get("lookup") is None],
+                     variant.removeprefix("bnb-"),
                      dtype, device)
-    return model.to(device)
+    return torch.nn.Module.to(model, device)
 
 
 def _sync(device: str) -> None:
@@ -187,6 +191,12 @@ def main() -> None:
         print(f"{variant}: {r['storage_bytes'] / 1e6:.1f} MB in tensors, prefill "
               f"{r['prefill_tokens_per_s']:.0f} tok/s, decode {r['decode_tokens_per_s']:.1f} tok/s",
               flush=True)
+        table = write(args, manifest, file_bytes, rows)  # after every row: a failure keeps them
+    print(table)
+
+
+def write(args, manifest: dict, file_bytes: int, rows: list[dict]) -> str:
+    """Write the rows so far as runtime_speed[_TAG].json and .md; returns the table."""
     command = "python benchmarks/runtime_speed.py " + shlex.join(sys.argv[1:])
     report = {"command": command, "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, "
               f"torch {torch.__version__}", "load_average": os.getloadavg()[0],
@@ -217,7 +227,7 @@ def main() -> None:
                  f"{r['prefill_tokens_per_s']:,.0f}", f"{r['decode_tokens_per_s']:.1f}"]
         lines.append("| " + " | ".join(cells) + " |")
     (args.out / f"{name}.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":

@@ -123,7 +123,8 @@ def test_loaded_in_bfloat16_it_holds_about_the_file(pair):
     model = svdq.load(pair["auto"], dtype="bfloat16")
     seen, held = set(), 0
     for name, t in [*model.named_parameters(), *model.named_buffers()]:
-        if t.untyped_storage().data_ptr() not in seen and "rotary" not in name:
+        if t.untyped_storage().nbytes() and t.untyped_storage().data_ptr() not in seen \
+                and "rotary" not in name:  # an empty marker may share a real storage's address
             seen.add(t.untyped_storage().data_ptr())
             held += t.untyped_storage().nbytes()
         if t.is_floating_point() and not runtime.svdq_key(name) and "rotary" not in name:

@@ -78,7 +78,8 @@ def test_resident_bytes_are_the_stored_bytes(artifacts):
 
     def resident(model) -> int:
         storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes()
-                    for t in [*model.parameters(), *model.buffers()]}
+                    for t in [*model.parameters(), *model.buffers()]
+                    if t.untyped_storage().nbytes()}  # an empty marker may share an address
         return sum(storages.values())
     assert abs(resident(svdq.load(folder)) - stored) <= 0.1 * stored
     assert resident(svdq.load(folder, dequantize=True)) > 1.1 * stored
