@@ -416,9 +416,9 @@ class Packed(nn.Module):
         return dequantize(codes, absmax, book, (r1 - r0, cols), self.block, b)
 
     def full(self) -> torch.Tensor:
-        kernels = self._kernels()
-        if kernels is not None:
-            return kernels.dequantize(self, torch.float32)
+        bnb = self._kernels()
+        if bnb is not None:
+            return _bnb_dequantize(bnb, self, torch.float32)
         return self.rows(0, self.shape[0])  # the de-quantizers band their temporaries themselves
 
     def lookup(self, index: torch.Tensor) -> torch.Tensor:
@@ -448,7 +448,7 @@ class Packed(nn.Module):
         return out.view(*index.shape, cols)
 
     def _kernels(self):
-        """bitsandbytes' kernels where they read this tensor as stored (a `bnb` grid, a block
+        """bitsandbytes (`_bnb`) where its kernels read this tensor as stored (a `bnb` grid, a block
         size they take, the package importable; on a GPU, or on the CPU where every row is
         whole blocks: its CPU 4-bit de-quantizer disagrees otherwise, e.g. at 96 × 160 in
         blocks of 64), else None."""
@@ -456,15 +456,16 @@ class Packed(nn.Module):
         if self.grid != "bnb" or self.block not in BNB_BLOCKS or not (
                 device == "cuda" or (device == "cpu" and self.shape[1] % self.block == 0)):
             return None
-        return _BnbKernels.get()
+        return _bnb()
 
     def matmul(self, x: torch.Tensor) -> torch.Tensor:
         """x @ Wᵀ: with bitsandbytes' 4-bit matmul (NF4) or its blockwise de-quantizer (8-bit)
-        where `_kernels` allows (exact; on the CPU 10× faster for one token, 1.4× for 512),
+        where `_kernels` allows (exact; on one CPU thread 3–5× faster for one token, 1.2× for
+        512: benchmarks/results/dequant_speed.md),
         else a band of rows de-quantized at a time."""
-        kernels = self._kernels()
-        if kernels is not None:
-            return kernels.matmul(self, x)
+        bnb = self._kernels()
+        if bnb is not None:
+            return _bnb_matmul(bnb, self, x)
         n = self.shape[0]
         y = x.new_empty(*x.shape[:-1], n)
         for r in range(0, n, self.band):
@@ -473,45 +474,43 @@ class Packed(nn.Module):
         return y
 
 
-BNB_BLOCKS = (64, 128, 256, 512, 1024, 2048, 4096)  # what bitsandbytes' CUDA kernels take
+BNB_BLOCKS = (64, 128, 256, 512, 1024, 2048, 4096)  # the block sizes bitsandbytes' kernels take
+_BNB: list = []  # bitsandbytes once imported, or None where it cannot be
 
 
-class _BnbKernels:
-    """bitsandbytes' kernels (CUDA, and its CPU backend) on svdq's `bnb` grid, which is bitsandbytes' own layout (NF4
-    codes two per byte, first element in the high nibble; 8-bit codes on the dynamic map;
-    float32 absmax per block): no conversion. Imported on first use, optional."""
-    _module = None
+def _bnb():
+    """bitsandbytes, whose layout svdq's `bnb` grid is (NF4 codes two per byte, first element in
+    the high nibble; 8-bit codes on the dynamic map; float32 absmax per block): its kernels read
+    the stored codes without conversion. Imported on first use; None where it is not installed
+    (the standalone loader needs nothing beyond torch, transformers and safetensors)."""
+    if not _BNB:
+        try:
+            import bitsandbytes
+            import bitsandbytes.functional  # noqa: F401
+            _BNB.append(bitsandbytes)
+        except Exception:  # not installed, or broken: the torch path
+            _BNB.append(None)
+    return _BNB[0]
 
-    @classmethod
-    def get(cls):
-        if cls._module is None:
-            try:
-                import bitsandbytes
-                import bitsandbytes.functional  # noqa: F401
-                cls._module = bitsandbytes
-            except Exception:  # not installed, or built without CUDA: the torch path
-                cls._module = False
-        return cls() if cls._module else None
 
-    @staticmethod
-    def _state(w: Packed, dtype: torch.dtype):
-        book = w.books.get_buffer(str(w.bits))
-        return _BnbKernels._module.functional.QuantState(
-            absmax=w.absmax, shape=torch.Size(w.shape), code=book, blocksize=w.block,
-            quant_type="nf4", dtype=dtype)
+def _bnb_state(bnb, w: Packed, dtype: torch.dtype):
+    return bnb.functional.QuantState(absmax=w.absmax, shape=torch.Size(w.shape),
+                                     code=w.books.get_buffer(str(w.bits)), blocksize=w.block,
+                                     quant_type="nf4", dtype=dtype)
 
-    def dequantize(self, w: Packed, dtype: torch.dtype) -> torch.Tensor:
-        functional = self._module.functional
-        if w.bits == 4:
-            return functional.dequantize_4bit(w.codes, self._state(w, dtype))
-        book = w.books.get_buffer("8")
-        out = functional.dequantize_blockwise(w.codes, absmax=w.absmax, code=book, blocksize=w.block)
-        return out.reshape(w.shape).to(dtype)
 
-    def matmul(self, w: Packed, x: torch.Tensor) -> torch.Tensor:
-        if w.bits == 4:
-            return self._module.matmul_4bit(x, w.codes, self._state(w, x.dtype))
-        return x @ self.dequantize(w, x.dtype).T
+def _bnb_dequantize(bnb, w: Packed, dtype: torch.dtype) -> torch.Tensor:
+    if w.bits == 4:
+        return bnb.functional.dequantize_4bit(w.codes, _bnb_state(bnb, w, dtype))
+    out = bnb.functional.dequantize_blockwise(w.codes, absmax=w.absmax, blocksize=w.block,
+                                              code=w.books.get_buffer("8"))
+    return out.reshape(w.shape).to(dtype)
+
+
+def _bnb_matmul(bnb, w: Packed, x: torch.Tensor) -> torch.Tensor:
+    if w.bits == 4:
+        return bnb.matmul_4bit(x, w.codes, _bnb_state(bnb, w, x.dtype))
+    return x @ _bnb_dequantize(bnb, w, x.dtype).T
 
 
 class StoredLinear(nn.Module):

@@ -61,6 +61,15 @@ def _check_plot(plot: Path) -> None:
         raise SvdqError(f"--plot {plot}: the folder {plot.parent} does not exist; create it first")
 
 
+def _form(p: dict) -> str:
+    """A plan entry's stored form, for the table's kind column."""
+    if p.get("rows"):
+        return "q·k product"
+    if p.get("lookup") is not None:
+        return "embedding" + (" (tied head)" if p["lookup"] else "")
+    return {"lowrank": "low-rank", "residual": "dense+low-rank"}.get(p["kind"], "dense")
+
+
 def _inspect_table(path: Path, manifest: dict, key: Optional[str], top: int, as_json: bool) -> None:
     rows = [dict(p, ratio=p["bytes"] / p["fp16_bytes"]) for p in manifest["layers"]]
     if key:
@@ -80,10 +89,7 @@ def _inspect_table(path: Path, manifest: dict, key: Optional[str], top: int, as_
                          no_wrap=col != "layer", min_width=12 if col == "layer" else None)
     for p in rows:
         table.add_row(str(p["name"]), f"{p['out_features']}×{p['in_features']}",
-                      ("q·k product" if p.get("rows") else "embedding"
-                       + (" (tied head)" if p["lookup"] else "") if p.get("lookup") is not None else
-                       {"lowrank": "low-rank", "residual": "dense+low-rank"}.get(p["kind"], "dense"))
-                      + (f"+{p['sparse_nnz']} exact" if p.get("sparse_nnz") else ""),
+                      _form(p) + (f"+{p['sparse_nnz']} exact" if p.get("sparse_nnz") else ""),
                       _rank(p), str(p["k_break"]),
                       (f"int{p['bits']}" if p.get("grid") == "int"
                        else str(p["bits"] or manifest["dtype"])), f"{p['bytes']:,}",

@@ -47,7 +47,7 @@ def tied_heads(model: nn.Module, emb: nn.Embedding) -> list[str]:
         head = None
     tied = getattr(model.config, "tie_word_embeddings", False)
     return [n for n, m in model.named_modules()
-            if m is not None and isinstance(m, nn.Linear) and m.weight.shape == emb.weight.shape
+            if isinstance(m, nn.Linear) and m.weight.shape == emb.weight.shape
             and (m.weight is emb.weight or (tied and m is head))]
 
 

@@ -233,8 +233,7 @@ def prepare(model: nn.Module, manifest: dict, factors: bool = False) -> dict[str
             continue  # a quantized embedding stays as stored, frozen: its codes are its form
         if isinstance(module, runtime.StoredLinear):
             runtime.set_module(model, name, TunedLinear(module, plan[name], factors))
-    if hasattr(model, "svdq") and not any(isinstance(m, runtime.StoredEmbedding)
-                                          for m in model.modules()):
+    if hasattr(model, "svdq"):
         del model.svdq  # the codebooks: the tuned layers hold float values
     float32(model)
     for p in model.parameters():

@@ -9,11 +9,9 @@ import pytest
 import torch
 import transformers
 from safetensors.torch import load_file
-from torch import nn
 from typer.testing import CliRunner
 
 from svdq import runtime
-from svdq.algo import quant
 from svdq.cli import app
 from conftest import FAST, compress_all, make_vision_model, one_line_error
 
@@ -78,24 +76,6 @@ def test_the_embedding_is_stored_quantized_and_every_loader_agrees(arch, artifac
                   transformers.AutoModel.from_pretrained(folder) if arch == "bert"
                   else transformers.AutoModelForCausalLM.from_pretrained(folder)):
         assert torch.allclose(outputs(other.eval(), arch), reference, atol=1e-5)
-
-
-def test_a_packed_table_looks_up_the_rows_it_holds():
-    """`Packed.lookup` equals the whole table de-quantized, on both grids and every width it
-    takes (the integer grid with a partial last group)."""
-    w = torch.randn(37, 80, generator=torch.Generator().manual_seed(1))
-    books = nn.Module()
-    for b in (4, 8):
-        books.register_buffer(str(b), quant.codebook(b))
-    ids = torch.tensor([[0, 36, 5], [5, 17, 2]])
-    for grid, bits in (("int", 2), ("int", 4), ("int", 8), ("bnb", 4), ("bnb", 8)):
-        q = quant.quantize(w, bits, 32, grid=grid)
-        packed = runtime.Packed(tuple(w.shape), bits, 32, grid, books)
-        for key, t in q.tensors("t").items():
-            setattr(packed, key.rpartition(".")[2], t.reshape(getattr(packed, key.rpartition(".")[2]).shape))
-        full = packed.full()
-        assert torch.equal(full, q.dequantize())
-        assert torch.equal(packed.lookup(ids), full[ids]), (grid, bits)
 
 
 def test_a_quantized_embedding_shrinks_the_file_and_finetune_keeps_it(artifacts, models,
