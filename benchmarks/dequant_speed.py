@@ -1,5 +1,8 @@
 """Benchmark: integer-grid de-quantization (what a layer kept as stored runs every forward)
-and torch's CPU int4 kernel, against a float32 matmul, on one thread.
+and torch's CPU int4 kernel, against a float32 matmul, on one thread; then the bitsandbytes
+grids (NF4, blockwise 8-bit) kept as stored, through svdq's own de-quantizer and through
+bitsandbytes' CPU kernels (what `runtime.Packed` uses where every row is whole blocks), with
+a check of both against the quantizer, on rows of whole blocks and on rows that are not.
 
     python benchmarks/dequant_speed.py [--repeats 5]
 
@@ -64,6 +67,35 @@ def main() -> None:
             k = timed(lambda: torch.ops.aten._weight_int4pack_mm_for_cpu(xd, packed, group, szd),
                       max(1, args.repeats // (5 if dt == torch.float32 else 1)))
             line += f", int4 kernel {str(dt).removeprefix('torch.')} {k:.2f} ms"
+        print(line)
+    bnb_grids(args.repeats, gen)
+
+
+def bnb_grids(repeats: int, gen: torch.Generator) -> None:
+    from torch import nn
+
+    from svdq import runtime
+    from svdq.algo import quant
+
+    books = nn.Module()
+    for b in (4, 8):
+        books.register_buffer(str(b), quant.codebook(b))
+    for bits, shape in [(4, (1536, 576)), (8, (1536, 576)), (4, (96, 160))]:
+        w = torch.randn(*shape, generator=gen)
+        q = quant.quantize(w, bits, 64)
+        p = runtime.Packed(shape, bits, 64, "bnb", books)
+        p.codes, p.absmax = q.data, q.absmax
+        bnb = runtime._bnb()
+        exact = torch.equal(runtime._bnb_dequantize(bnb, p, torch.float32), q.dequantize())
+        line = f"bnb {bits}-bit {shape[0]}×{shape[1]} blocks of 64: bitsandbytes equals the quantizer: {exact}"
+        if p._kernels() is None:
+            print(line + " (Packed keeps svdq's own de-quantizer here)")
+            continue
+        for tokens in (1, 512):
+            x = torch.randn(tokens, shape[1], generator=gen)
+            own = timed(lambda: x @ p.rows(0, shape[0]).T, repeats)
+            kernel = timed(lambda: runtime._bnb_matmul(bnb, p, x), repeats)
+            line += f"; {tokens} tokens: svdq de-quantize + matmul {own:.2f} ms, bitsandbytes {kernel:.2f} ms"
         print(line)
 
 
