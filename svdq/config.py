@@ -100,9 +100,6 @@ class Settings:
             raise SvdqError(f"--budget-scope must be targets or all, got {self.budget_scope!r}")
         if self.budget_scope == "all" and not self.budgeted:
             raise SvdqError("--budget-scope all says what --ratio/--size count: give one of them")
-        if self.budgeted and self.sequential:
-            raise SvdqError("--sequential cannot be combined with --ratio/--size (the budget is "
-                            "shared out once every layer is measured); drop one")
 
     @property
     def budgeted(self) -> bool:

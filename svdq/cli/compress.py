@@ -51,7 +51,8 @@ def compress(
     dtype: str = typer.Option("auto", help="auto (the checkpoint's), float32, float16 or bfloat16."),
     seed: int = typer.Option(0, help="Seed for sampling calibration text; runs are reproducible."),
     sequential: bool = typer.Option(False, help="Calibrate each block on the outputs of the "
-                                    "blocks already compressed (one more forward per block)."),
+                                    "blocks already compressed (one more forward per block); "
+                                    "with --ratio/--size each candidate plan on its own."),
     refit: bool = typer.Option(False, help="Refit each low-rank U in closed form (least squares) "
                                "against the source layer's outputs; with --sequential, on the "
                                "source model's own inputs (one more forward per block)."),

@@ -65,32 +65,38 @@ def walk(walker: Walker, ids: torch.Tensor, settings: Settings, out: "_Out",
     plans: dict[str, list[LayerPlan]] = {label: [] for label in labels}
     errors: dict[str, list[float]] = {label: [] for label in labels}
     walker.start(ids, variants=tuple(labels) if judged else ())  # pass 2: build, run, judge
+    # --sequential: each candidate's layers are built on its own stream's statistics (what its
+    # compressed blocks so far produce), as llm-compressor's sequential GPTQ calibrates
+    own = settings.sequential and judged
     n = 0
     for i in range(blocks + 1):
         swaps: dict[str, dict[str, nn.Module]] = {label: {} for label in labels}
-        works = walker.enter(i) if i < blocks else walker.enter_head()
-        paired = {} if product is None or i == blocks else products.fit_block(
-            works, heads(walker.model), _room(works, index, measured, found[0][1]), settings)
-        for work in one_input_at_a_time(works):
-            where = f"block {i + 1}" if i < blocks else "head"
-            walker.report(f"blocks: {where}: plans of {work.name.rpartition('.')[2]}",
-                          i, blocks)
-            picks = {label: chosen[n] for label, chosen in found}
-            special = {product: paired.pop(work.name)} if work.name in paired else {}
-            each = _layer_of_each(work, {k: v for k, v in picks.items() if k not in special},
-                                  measured.options[n], settings, walker.source.stored_dtype)
-            for label, (stored, notes) in special.items():
-                plan, tensors, module = realize(work, stored, settings,
-                                                walker.source.stored_dtype)
-                each[label] = (plan.noted(**notes), tensors, module, stored.error)
-            for label, (plan, tensors, module, error) in each.items():
-                plans[label].append(plan.noted(sensitivity=weights[n]))
-                errors[label].append(error)
-                _put(stores[label], tensors)
-                if module is not None:
-                    swaps[label][work.name] = module
-            n += 1
-            walker.clock.lap("plans")
+        where = f"block {i + 1}" if i < blocks else "head"
+        for members in ([[label] for label in labels] if own else [labels]):
+            mine = members[0] if own else None
+            works = walker.enter(i, mine) if i < blocks else walker.enter_head(mine)
+            paired = {} if product not in members or i == blocks else products.fit_block(
+                works, heads(walker.model), _room(works, index, measured, found[0][1]), settings)
+            for j, work in enumerate(one_input_at_a_time(works)):
+                walker.report(f"blocks: {where}: plans of {work.name.rpartition('.')[2]}"
+                              + (f" ({mine})" if own else ""), i, blocks)
+                picks = {label: chosen[n + j] for label, chosen in found if label in members}
+                special = {product: paired.pop(work.name)} if work.name in paired else {}
+                each = _layer_of_each(work, {k: v for k, v in picks.items() if k not in special},
+                                      measured.options[n + j], settings,
+                                      walker.source.stored_dtype)
+                for label, (stored, notes) in special.items():
+                    plan, tensors, module = realize(work, stored, settings,
+                                                    walker.source.stored_dtype)
+                    each[label] = (plan.noted(**notes), tensors, module, stored.error)
+                for label, (plan, tensors, module, error) in each.items():
+                    plans[label].append(plan.noted(sensitivity=weights[n + j]))
+                    errors[label].append(error)
+                    _put(stores[label], tensors)
+                    if module is not None:
+                        swaps[label][work.name] = module
+                walker.clock.lap("plans")
+        n += len(works)
         if not judged:  # the one plan is the model's now
             for name, module in swaps[labels[0]].items():
                 set_module(walker.model, name, module)

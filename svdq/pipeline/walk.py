@@ -110,6 +110,10 @@ class Walker:
         self.paired: Stream | None = None  # --sequential --refit: the source's own stream
         self.variants: dict[str, Stream] = {}
         self.parked: set[str] | None = None  # what `outside(False)` sent to meta
+        self._loaded: int | None = None  # the block whose weights were read last
+        self._entered: dict[str, nn.Module] = {}  # its target layers as `enter` found them
+        self._outputs: Stream | None = None  # the main stream past it, once computed
+        self._paired_outputs: Stream | None = None
 
     # ------------------------------------------------------------------ blocks in and out
     def layers_of(self, i: int) -> dict[str, nn.Module]:
@@ -126,6 +130,7 @@ class Walker:
     def unload(self, i: int, keep: dict[str, torch.Tensor] | None = None) -> None:
         """Block i back to `meta` (streamed sources); `keep` first gets a copy of what it holds
         outside its target layers (norms, ...), which the artifact stores as they are."""
+        self._loaded = None
         if self.streamed and keep is None:
             self.blocks[i].to("meta")
         elif self.streamed:
@@ -194,19 +199,38 @@ class Walker:
         for h in captured.hidden:
             self.main.append(h)
         self.kwargs = captured.kwargs
-        self.paired = self.main.copy() if sequential and refit else None
+        # a judged --sequential budget pairs each candidate with the main stream (the source's)
+        self.paired = self.main.copy() if sequential and refit and not variants else None
         self.variants = {label: self.main.copy() for label in variants}
         self.clock.lap("calibration images" if ids.is_floating_point() else "calibration text")
 
-    def enter(self, i: int) -> list[LayerWork]:
+    def enter(self, i: int, label: str | None = None) -> list[LayerWork]:
         """Read block i, run the main stream through it gathering its layers' statistics, and
-        return their work, in model order."""
+        return their work, in model order. With `label` the statistics come from that
+        variant's stream instead (a `--sequential` budget: each candidate plan calibrated on
+        its own compressed blocks; the block's own layers are in the model, the outputs are
+        dropped and `leave` carries the streams on); `--refit` pairs it with the main stream,
+        which is then the source's own. The block is read once however often it is entered."""
         stage = lambda what: self.report(f"blocks: block {i + 1}: {what}", i, len(self.blocks))  # noqa: E731
-        if self.streamed:
+        if self.streamed and self._loaded != i:
             stage("reading its weights")
             self.load(i)
-        stage("forward and statistics")
+        self._loaded = i
+        stage("forward and statistics" + (f" ({label})" if label else ""))
         block, mine = self.blocks[i], self.layers_of(i)
+        self._entered = mine
+        if label is not None:
+            source = self.main if self.settings.refit else None
+            with Collector(mine, paired=source is not None) as collector:
+                for j, h in enumerate(self.variants[label]):
+                    kw = self.kwargs[i][j]
+                    if source is not None:
+                        with collector.source():
+                            model_blocks.run_block(block, source[j], kw)
+                    model_blocks.run_block(block, h, kw)
+            self._outputs = self._paired_outputs = None
+            self.clock.lap("forward and statistics")
+            return self._works(mine, collector.stats)
         outputs, paired = self.main.like(), None if self.paired is None else self.paired.like()
         with Collector(mine, paired=paired is not None) as collector:
             for j, h in enumerate(self.main):
@@ -233,10 +257,11 @@ class Walker:
                                    self.settings.method))
         return works
 
-    def enter_head(self) -> list[LayerWork]:
+    def enter_head(self, label: str | None = None) -> list[LayerWork]:
         """The head's target layers (`--include`d, after the blocks) with their statistics,
         gathered by running the main stream — the last block's outputs — through the
-        model's own head one sample at a time; none where no head layer is a target."""
+        model's own head one sample at a time (`label`: that variant's stream instead); none
+        where no head layer is a target."""
         if not self.head:
             return []
         self.report("head: forward and statistics", len(self.blocks), len(self.blocks))
@@ -245,7 +270,7 @@ class Walker:
         row = 0
         with Collector(mine) as collector, model_blocks.tail(self.model) as cell, \
                 torch.no_grad():
-            for h in self.main:
+            for h in (self.main if label is None else self.variants[label]):
                 for k in range(h.shape[0]):
                     cell["value"] = h[k: k + 1]
                     self.model(**model_blocks.inputs(self.ids[row: row + 1].to(h.device)))
@@ -259,8 +284,10 @@ class Walker:
         runs again, through the layers swapped into the model since `enter`; each variant runs
         with its own layers (`variants[label]`: {name: module}) swapped in for its forward."""
         block = self.blocks[i]
-        if self.settings.sequential:
-            self._outputs.drop()
+        changed = any(self.model.get_submodule(n) is not m for n, m in self._entered.items())
+        if self._outputs is None or (self.settings.sequential and changed):
+            if self._outputs is not None:
+                self._outputs.drop()
             self._outputs = self.main.like()
             for j, h in enumerate(self.main):
                 self._outputs.append(model_blocks.run_block(block, h, self.kwargs[i][j]))
@@ -277,6 +304,7 @@ class Walker:
         if self.paired is not None:
             self.paired.drop()
             self.paired = self._paired_outputs
+        self._outputs = self._paired_outputs = None
         self.unload(i, keep)
         self.report(f"blocks: {'done' if i + 1 == len(self.blocks) else f'block {i + 2}'}",
                     i + 1, len(self.blocks))

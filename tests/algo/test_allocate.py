@@ -236,8 +236,6 @@ def test_budget_settings_are_validated():
             Settings(budget_ratio=bad)
     with pytest.raises(SvdqError, match="not both"):
         Settings(budget_ratio=0.3, budget_bytes=1000)
-    with pytest.raises(SvdqError, match="--sequential"):
-        Settings(budget_ratio=0.3, sequential=True)
     s = Settings(budget_ratio=0.3)
     assert s.budgeted and Settings.from_dict(s.to_dict()) == s
     assert not Settings().budgeted
@@ -299,8 +297,7 @@ def test_cli_size_summary_and_manifest(models, calib_file, tmp_path):
     (["--size", "abc"], "--size takes a number"),
     (["--size", "1B"], "smallest these 14 layers can be stored in"),
     (["--eps", "0.1", "--ratio", "0.3"], "give one of them"),
-    (["--ratio", "0.3", "--sequential"], "--sequential cannot"),
-], ids=["ratio0", "size-abc", "size-1B", "eps-and-ratio", "sequential"])
+], ids=["ratio0", "size-abc", "size-1B", "eps-and-ratio"])
 def test_cli_bad_budget_is_a_one_line_error_and_writes_nothing(models, calib_file, tmp_path,
                                                                args, message):
     parent = tmp_path / "parent"

@@ -64,3 +64,87 @@ def test_sweep_refuses_sequential(models, calib_file):
     with pytest.raises(SvdqError, match="sequential"):
         sweep.run(source, Settings(sequential=True, calib=str(calib_file)), [0.1], [8],
                   lambda m: {"quality": 0.0}, sweep.Metric("perplexity", True))
+
+
+# ---------------------------------------------------------------- budgets (--ratio/--size)
+Q1 = "model.layers.1.self_attn.q_proj"
+
+
+def budget_grams(models, calib_file, monkeypatch, sequential: bool, **extra):
+    """Compress on a budget; keep, per candidate plan, the Gram each layer was built on and
+    the modules its block 0 became."""
+    from svdq.pipeline import two_pass
+
+    source = hf.load_source(str(models["llama"]))
+    settings = Settings(budget_ratio=0.3, calib=str(calib_file), calib_samples=4, calib_len=32,
+                        batch_size=4, sequential=sequential, **extra)
+    grams, block0, real = {}, {}, two_pass._layer_of_each
+
+    def spy(work, picks, *args, **kwargs):
+        each = real(work, picks, *args, **kwargs)
+        for label, (_, _, module, _) in each.items():
+            grams[label, work.name] = work.stats.gram.clone()
+            if work.name.startswith("model.layers.0.") and module is not None:
+                block0.setdefault(label, {})[work.name] = module
+        return each
+    monkeypatch.setattr(two_pass, "_layer_of_each", spy)
+    result = pipeline.compress(source, settings)
+    labels = {label for label, _ in grams}
+    assert len(labels) > 1, "the budget judged one plan: nothing here tells the streams apart"
+    return source, settings, grams, block0, labels, result
+
+
+def test_sequential_budget_builds_each_plan_on_its_own_stream(models, calib_file, monkeypatch):
+    source, settings, grams, block0, labels, result = budget_grams(models, calib_file,
+                                                                   monkeypatch, True)
+    original = hf.load_source(str(models["llama"]))
+    plain = block1_gram(original.model, original.tokenizer, calib_file, settings)
+    for label in labels:  # block 1 of each plan saw what that plan's block 0 produces
+        from svdq.pipeline.walk import swapped
+
+        with swapped(original.model, block0[label]):
+            own = block1_gram(original.model, original.tokenizer, calib_file, settings)
+        assert torch.allclose(grams[label, Q1], own, rtol=1e-5, atol=1e-5), label
+        assert not torch.allclose(grams[label, Q1], plain, rtol=1e-3, atol=1e-3), label
+        # block 0 has no compressed blocks before it: the source's inputs
+        first = grams[label, "model.layers.0.self_attn.q_proj"]
+        assert torch.allclose(first, grams[next(iter(labels)), "model.layers.0.self_attn.q_proj"])
+    # the model holds the winner; its block 1 saw the winner's block 0
+    winner = block1_gram(source.model, source.tokenizer, calib_file, settings)
+    assert torch.allclose(grams[result.budget["plan"], Q1], winner, rtol=1e-5, atol=1e-5)
+    assert sum(p["bytes"] for p in result.layers) <= result.budget["requested_bytes"]
+
+
+def test_budget_without_sequential_builds_every_plan_on_the_source_stream(models, calib_file,
+                                                                          monkeypatch):
+    _, settings, grams, _, labels, _ = budget_grams(models, calib_file, monkeypatch, False)
+    original = hf.load_source(str(models["llama"]))
+    plain = block1_gram(original.model, original.tokenizer, calib_file, settings)
+    for label in labels:
+        assert torch.allclose(grams[label, Q1], plain, rtol=1e-5, atol=1e-5), label
+
+
+@pytest.mark.parametrize("extra", [[], ["--refit"]], ids=["sequential", "sequential-refit"])
+def test_cli_sequential_budget_streams_and_loads(models, calib_file, tmp_path, extra):
+    """The CLI streams the source block by block (each block read once per pass however many
+    plans calibrate on it); the artifact meets the budget and loads strictly."""
+    import json
+
+    from typer.testing import CliRunner
+
+    import svdq
+    from svdq.cli import app
+
+    out = tmp_path / "out"
+    r = CliRunner().invoke(app, ["compress", str(models["llama"]), "-o", str(out), "--ratio", "0.3",
+                                 "--sequential", *extra, "--calib", str(calib_file),
+                                 "--calib-samples", "4", "--calib-len", "32", "--batch-size", "4"])
+    assert r.exit_code == 0, r.output
+    manifest = json.loads((out / "svdq.json").read_text())
+    assert manifest["settings"]["_data"]["sequential"] is True
+    assert manifest["totals"]["target_bytes"] <= manifest["budget"]["requested_bytes"]
+    assert len(manifest["budget"]["candidates"]) > 1
+    ids = torch.tensor([[1, 5, 9, 3, 7, 2]])
+    with torch.no_grad():
+        logits = svdq.load(out)(input_ids=ids).logits
+    assert torch.isfinite(logits).all()
