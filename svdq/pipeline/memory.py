@@ -4,7 +4,7 @@ At hidden h, intermediate m, s = --calib-samples × --calib-len tokens: a block'
 source dtype and its largest layer in float32 with its factors while it is searched; the float64
 Grams, 8·in² bytes per distinct layer input (q, k and v share one; gate and up another); each
 calibration stream s·h·(dtype bytes) — two in eps mode (a block's inputs and outputs), four with
-`--sequential --refit`, and in a budget's second pass one more per candidate plan (up to four)
+`--sequential --refit`, and in a budget's second pass one more per candidate plan (up to five)
 — unless the streams go to files (`walk.offloaded`); attention scores of one batch; what the
 tensor writer holds before it writes.
 """
@@ -33,7 +33,7 @@ def estimate(source: Source, settings: Settings) -> dict[str, int]:
     heads = getattr(config, "num_attention_heads", None) or getattr(config, "n_head", 1)
     stream = settings.calib_samples * settings.calib_len * hidden * next(model.parameters()).element_size()
     largest = max((o * i for o, i in shapes), default=0)
-    candidates = len(ERROR_CAPS) + 1 if settings.budgeted else 0
+    candidates = len(ERROR_CAPS) + 2 if settings.budgeted else 0
     streams = 2 + 2 * (settings.sequential and settings.refit) + candidates + (candidates > 0)
     parts = {
         "model outside the blocks" if source.weights is not None else "model":

@@ -10,6 +10,7 @@ import torch
 from svdq.algo.stored import keep
 from svdq.config import Settings
 from svdq.models import load as hf
+from svdq.algo.allocate import total
 from svdq.pipeline import budget
 from svdq.pipeline.compress import realize
 from svdq.pipeline.judge import judge_of
@@ -35,20 +36,45 @@ def test_candidates_cover_each_cap_and_plain_quantization(models, calib_file):
     found = budget.candidates(measured, limit, settings.block_size)
     labels = [label for label, _ in found]
     assert labels[0] == "error cap 0.1"
-    assert labels[-1] == "8-bit in blocks of 64, no correction"  # 0.53 × fp16 fits in 0.6
+    assert "8-bit in blocks of 64, no correction" in labels  # 0.53 × fp16 fits in 0.6
     assert not any(label.startswith("4-bit") for label in labels)  # 8 bits fit: less exact
     tight = budget.candidates(measured, math.floor(0.27 * measured.fp16), settings.block_size)
     # NF4 in blocks of 64 (4.5 bits) and int4 in groups of 64 (4.31 bits, and more on layers
     # 160 wide: their last group is short) do not fit; of what does, int4 in 128 has most bytes
-    assert tight[-1][0] == "int4 in groups of 128, no correction"
+    assert "int4 in groups of 128, no correction" in [label for label, _ in tight]
     assert len({tuple(plan) for _, plan in found}) == len(found)  # no duplicates
     for label, plan in found:
         opts = [measured.options[n][i] for n, i in enumerate(plan)]
         assert sum(o.bytes for o in opts) <= limit, label
         if label.startswith("error cap"):
             assert max(o.error for o in opts) <= float(label.split()[-1])
+        elif label.startswith("bases of"):  # see the test below
+            assert all(o.kind == "keep" or o.bits >= int(label.split()[2]) for o in opts)
         else:  # one form for every layer, no correction
             assert len({(o.kind, o.bits, o.block) for o in opts}) == 1 and opts[0].rank == 0
+
+
+@pytest.mark.parametrize("ratio", [0.27, 0.3, 0.6])
+def test_floored_plan_moves_the_uniform_bytes_without_lowering_any_base(models, calib_file,
+                                                                      ratio):
+    """The plan that keeps every weight at the uniform quantization's bits: never below them,
+    within the budget, never worse than the uniform plan by the estimate, and better where
+    the budget leaves room for it."""
+    source, settings, ids, works, measured = analysed(models, calib_file, ratio=0.6)
+    limit = math.floor(ratio * measured.fp16)
+    found = budget.candidates(measured, limit, settings.block_size)
+    label, plain = next((lb, p) for lb, p in found if lb.endswith("no correction"))
+    bits = measured.options[0][plain[0]].bits
+    (floor_label, plan), = budget.floored(measured.options, limit, bits, plain)
+    assert floor_label == f"bases of {bits} bits or more, sensitivity-weighted"
+    opts = [measured.options[n][i] for n, i in enumerate(plan)]
+    assert all(o.kind == "keep" or (o.kind in ("dense", "residual") and o.bits >= bits)
+               for o in opts)
+    size, cost = total(measured.options, plan)
+    plain_size, plain_cost = total(measured.options, plain)
+    assert size <= limit and cost <= plain_cost
+    if limit - plain_size > 0.05 * plain_size:  # room to spend: it is spent
+        assert cost < plain_cost and size > plain_size
 
 
 def test_the_judge_decides_and_without_one_the_estimate_does(models, calib_file):
