@@ -78,8 +78,9 @@ def test_fisher_with_uniform_weights_is_plain_svd(weighted_layer):
         f = factorize("fisher", w.float(), LayerStats(stats.gram, stats.total, stats.tokens,
                                                       row_fisher=fisher))
         assert torch.allclose(f.s, plain.s, rtol=1e-5)
+        # float32 factors of entries up to ≈3 through two LAPACK paths: 3e-5 apart on some CPUs
         assert torch.allclose((f.u[:, :5] * f.s[:5]) @ f.vt[:5],
-                              (plain.u[:, :5] * plain.s[:5]) @ plain.vt[:5], atol=1e-5)
+                              (plain.u[:, :5] * plain.s[:5]) @ plain.vt[:5], atol=1e-4)
 
 
 def test_fisher_keeps_a_dead_row_finite():
