@@ -138,7 +138,7 @@ def floored(options: list[list[Option]], budget: int, bits: int,
     and corrections — rather than bits taken from the layers the estimate calls insensitive.
     On MiniLM at GPTQ w4 g64's bytes, calibrated on the source's inputs: calibration loss
     0.0181 against 0.0194 for uniform int4 g64 and 0.0243 for the plan capped at error 0.1,
-    which stores some attention projections at 3 bits (benchmarks/RESULTS.md)."""
+    which stores four layers at 3 bits (benchmarks/gptq/candidates.py)."""
     idx = [[i for i, o in enumerate(opts) if o.kind == "keep"
             or (o.kind in ("dense", "residual") and (o.bits or 16) >= bits)] for opts in options]
     sub = [[options[n][i] for i in ii] for n, ii in enumerate(idx)]
