@@ -64,10 +64,12 @@ def walk(walker: Walker, ids: torch.Tensor, settings: Settings, out: "_Out",
     stores = {label: out.store(scratch / f"candidate-{k}") for k, label in enumerate(labels)}
     plans: dict[str, list[LayerPlan]] = {label: [] for label in labels}
     errors: dict[str, list[float]] = {label: [] for label in labels}
-    walker.start(ids, variants=tuple(labels) if judged else ())  # pass 2: build, run, judge
     # --sequential: each candidate's layers are built on its own stream's statistics (what its
-    # compressed blocks so far produce), as llm-compressor's sequential GPTQ calibrates
+    # compressed blocks so far produce), as llm-compressor's sequential GPTQ calibrates; the
+    # main stream is then read only as the encoders' reference and --refit's source side
     own = settings.sequential and judged
+    walker.start(ids, variants=tuple(labels) if judged else (),  # pass 2: build, run, judge
+                 main=not own or settings.refit or not walker.source.is_causal)
     n = 0
     for i in range(blocks + 1):
         swaps: dict[str, dict[str, nn.Module]] = {label: {} for label in labels}

@@ -175,8 +175,11 @@ class Walker:
                                lambda: self.new_stream(offload))
         self.clock.lap("gradients")
 
-    def start(self, ids: torch.Tensor, variants: tuple[str, ...] = ()) -> None:
-        """Capture the first block's inputs: the main stream, and a copy per variant."""
+    def start(self, ids: torch.Tensor, variants: tuple[str, ...] = (), main: bool = True) -> None:
+        """Capture the first block's inputs: the main stream, and a copy per variant. Without
+        `main` the main stream is dropped once the variants have their copies (a judged
+        `--sequential` budget of a causal LM without `--refit`: nothing reads it, and carrying
+        it would cost a forward per block)."""
         torch.manual_seed(self.settings.seed)
         sequential, refit = self.settings.sequential, self.settings.refit
         offload = self._offload(1 + len(variants) + (sequential and refit))
@@ -202,6 +205,9 @@ class Walker:
         # a judged --sequential budget pairs each candidate with the main stream (the source's)
         self.paired = self.main.copy() if sequential and refit and not variants else None
         self.variants = {label: self.main.copy() for label in variants}
+        if not main:
+            self.main.drop()
+            self.main = None
         self.clock.lap("calibration images" if ids.is_floating_point() else "calibration text")
 
     def enter(self, i: int, label: str | None = None) -> list[LayerWork]:
@@ -285,7 +291,8 @@ class Walker:
         with its own layers (`variants[label]`: {name: module}) swapped in for its forward."""
         block = self.blocks[i]
         changed = any(self.model.get_submodule(n) is not m for n, m in self._entered.items())
-        if self._outputs is None or (self.settings.sequential and changed):
+        if self.main is not None and (self._outputs is None
+                                      or (self.settings.sequential and changed)):
             if self._outputs is not None:
                 self._outputs.drop()
             self._outputs = self.main.like()
@@ -299,8 +306,9 @@ class Walker:
                     out.append(model_blocks.run_block(block, h, self.kwargs[i][j]))
             self.variants[label].drop()
             self.variants[label] = out
-        self.main.drop()
-        self.main = self._outputs
+        if self.main is not None:
+            self.main.drop()
+            self.main = self._outputs
         if self.paired is not None:
             self.paired.drop()
             self.paired = self._paired_outputs

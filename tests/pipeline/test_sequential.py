@@ -124,27 +124,41 @@ def test_budget_without_sequential_builds_every_plan_on_the_source_stream(models
         assert torch.allclose(grams[label, Q1], plain, rtol=1e-5, atol=1e-5), label
 
 
-@pytest.mark.parametrize("extra", [[], ["--refit"]], ids=["sequential", "sequential-refit"])
-def test_cli_sequential_budget_streams_and_loads(models, calib_file, tmp_path, extra):
+@pytest.mark.parametrize("arch,extra", [("llama", []), ("llama", ["--refit"]), ("bert", [])],
+                         ids=["sequential", "sequential-refit", "encoder"])
+def test_cli_sequential_budget_streams_and_loads(models, calib_file, tmp_path, monkeypatch,
+                                                 arch, extra):
     """The CLI streams the source block by block (each block read once per pass however many
-    plans calibrate on it); the artifact meets the budget and loads strictly."""
+    plans calibrate on it); the artifact meets the budget and loads strictly. The main (source)
+    stream is carried only where something reads it: an encoder's judge, --refit's pairing."""
     import json
 
     from typer.testing import CliRunner
 
     import svdq
     from svdq.cli import app
+    from svdq.pipeline.walk import Walker
 
+    kept, start = [], Walker.start
+
+    def spy(self, ids, variants=(), main=True):
+        start(self, ids, variants, main)
+        if variants:
+            kept.append(self.main is not None)
+    monkeypatch.setattr(Walker, "start", spy)
     out = tmp_path / "out"
-    r = CliRunner().invoke(app, ["compress", str(models["llama"]), "-o", str(out), "--ratio", "0.3",
+    r = CliRunner().invoke(app, ["compress", str(models[arch]), "-o", str(out), "--ratio", "0.3",
                                  "--sequential", *extra, "--calib", str(calib_file),
                                  "--calib-samples", "4", "--calib-len", "32", "--batch-size", "4"])
     assert r.exit_code == 0, r.output
+    assert kept == [arch == "bert" or bool(extra)]
     manifest = json.loads((out / "svdq.json").read_text())
     assert manifest["settings"]["_data"]["sequential"] is True
     assert manifest["totals"]["target_bytes"] <= manifest["budget"]["requested_bytes"]
     assert len(manifest["budget"]["candidates"]) > 1
     ids = torch.tensor([[1, 5, 9, 3, 7, 2]])
     with torch.no_grad():
-        logits = svdq.load(out)(input_ids=ids).logits
-    assert torch.isfinite(logits).all()
+        model = svdq.load(out)
+        result = model(input_ids=ids)
+    states = result.logits if arch != "bert" else result.last_hidden_state
+    assert torch.isfinite(states).all()
