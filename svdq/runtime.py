@@ -399,6 +399,19 @@ class Packed(nn.Module):
         object.__setattr__(self, "books", books)  # shared, not this module's: stored once
         # rows per band: whole bytes of codes and zeros, whole blocks of absmax
         self.band = 8 * block * max(1, TILE // (8 * block * shape[1]))
+        # 0: `codes` in svdq's layout; n: in torch's int4 CPU layout, blocks of n rows
+        # (`_int4_kernel`); the state dict always gives svdq's
+        self.layout = 0
+        self._register_state_dict_hook(_svdq_layout)
+        self._register_load_state_dict_pre_hook(_layout_reset, with_module=True)
+
+    def svdq_codes(self) -> torch.Tensor:
+        """The codes in the artifact's layout, whatever layout this module holds them in."""
+        if not self.layout:
+            return self.codes
+        rows, cols = self.shape
+        c = _from_int4pack(self.codes, rows, cols, self.layout)
+        return (c[:, 0::2] | (c[:, 1::2] << 4)).reshape(-1)
 
     def rows(self, r0: int, r1: int) -> torch.Tensor:
         """Rows r0 … r1 − 1 de-quantized, float32; r0 a multiple of `band`."""
@@ -406,6 +419,9 @@ class Packed(nn.Module):
         if self.grid == "int":
             groups = -(-cols // self.block)
             codes = self.codes[r0 * cols * b // 8: -(-r1 * cols * b // 8)]
+            if self.layout:  # whole blocks of the layout, a partial one only at the end
+                c = _from_int4pack(codes, r1 - r0, cols, self.layout)
+                codes = (c[:, 0::2] | (c[:, 1::2] << 4)).reshape(-1)
             zeros = self.zeros[r0 * groups * b // 8: -(-r1 * groups * b // 8)]
             scales = self.scales.view(-1, groups)[r0:r1]
             return dequantize_int(codes, scales, zeros, (r1 - r0, cols), self.block, b)
@@ -458,14 +474,34 @@ class Packed(nn.Module):
             return None
         return _bnb()
 
+    def _int4_kernel(self) -> bool:
+        """Whether torch's int4 CPU matmul takes this tensor: 4-bit integer codes on the CPU
+        in groups it supports, whole groups per row, a multiple of 16 rows (`_int4_rows`). The first time, the codes move into that layout, in place: the same
+        bytes, no second copy."""
+        if self.layout:
+            return True
+        (rows, cols), n = self.shape, _int4_rows()
+        if (self.grid != "int" or self.bits != 4 or self.codes.device.type != "cpu" or not n
+                or self.block not in INT4_GROUPS or cols % self.block or rows % 16):
+            return False
+        c = _unpack_bytes(self.codes, rows * cols, 4).view(rows, cols)
+        self._buffers["codes"] = _to_int4pack(c, n)
+        self.layout = n
+        return True
+
     def matmul(self, x: torch.Tensor) -> torch.Tensor:
-        """x @ Wᵀ: with bitsandbytes' 4-bit matmul (NF4) or its blockwise de-quantizer (8-bit)
+        """x @ Wᵀ: in bfloat16 on the CPU, 4-bit integer codes through torch's int4 kernel
+        (`_int4_kernel`; about 70× faster than de-quantizing for one token, and faster at
+        every length measured; in float32 that kernel is slower than de-quantizing:
+        benchmarks/results/int4_kernel_speed.md); with bitsandbytes' 4-bit matmul (NF4) or its blockwise de-quantizer (8-bit)
         where `_kernels` allows (exact; on one CPU thread 3–5× faster for one token, 1.2× for
         512: benchmarks/results/dequant_speed.md),
         else a band of rows de-quantized at a time."""
         bnb = self._kernels()
         if bnb is not None:
             return _bnb_matmul(bnb, self, x)
+        if x.dtype == torch.bfloat16 and self._int4_kernel():
+            return _int4_matmul(self, x)
         n = self.shape[0]
         y = x.new_empty(*x.shape[:-1], n)
         for r in range(0, n, self.band):
@@ -475,6 +511,87 @@ class Packed(nn.Module):
 
 
 BNB_BLOCKS = (64, 128, 256, 512, 1024, 2048, 4096)  # the block sizes bitsandbytes' kernels take
+INT4_GROUPS = (32, 64, 128, 256)  # the group sizes torch's int4 CPU kernel takes
+_INT4: list = []  # rows per block of that kernel's layout once probed; 0 where unusable
+
+
+def _from_int4pack(packed: torch.Tensor, rows: int, cols: int, n: int) -> torch.Tensor:
+    """Codes (rows, cols), uint8, from torch's int4 CPU layout: each block of `n` rows
+    stored column by column, byte j of a column holding row j (low nibble) and row j + n/2;
+    a last, partial block (a multiple of 16 rows) holds rows 2j and 2j + 1 in byte j."""
+    full = rows // n * n
+    q = packed[: full * cols // 2].reshape(rows // n, cols, n // 2)
+    head = torch.cat((q & 15, q >> 4), 2).transpose(1, 2).reshape(full, cols)
+    if full == rows:
+        return head
+    t = packed[full * cols // 2: rows * cols // 2].reshape(cols, (rows - full) // 2)
+    tail = torch.stack((t & 15, t >> 4), 2).reshape(cols, rows - full).T
+    return torch.cat((head, tail))
+
+
+def _to_int4pack(codes: torch.Tensor, n: int) -> torch.Tensor:
+    """The inverse of `_from_int4pack`, flat."""
+    rows, cols = codes.shape
+    full = rows // n * n
+    c = codes[:full].reshape(rows // n, n, cols).transpose(1, 2)
+    t = codes[full:].T
+    return torch.cat(((c[..., : n // 2] | (c[..., n // 2:] << 4)).reshape(-1),
+                      (t[:, 0::2] | (t[:, 1::2] << 4)).reshape(-1)))
+
+
+def _int4_rows() -> int:
+    """Rows per block of torch's int4 CPU layout (64 with AVX-512, 32 with AVX2), found
+    once by packing a probe with torch's own converter and checking both the layout read back
+    and the kernel's product; 0 where this torch lacks the ops or lays codes out otherwise."""
+    if not _INT4:
+        found = 0
+        try:
+            gen = torch.Generator().manual_seed(0)
+            probe = torch.randint(0, 16, (144, 64), dtype=torch.int32, generator=gen)
+            packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(probe, 2).reshape(-1)
+            for n in (64, 32):  # 144 rows: whole blocks and a partial one of 16
+                if torch.equal(_from_int4pack(packed, 144, 64, n).int(), probe):
+                    scales = torch.rand(144, 2, generator=gen) / 8 + 0.01
+                    zeros = torch.randint(0, 16, (144, 2), generator=gen).float()
+                    x = torch.randn(3, 64, generator=gen).bfloat16()
+                    w = (probe - zeros.repeat_interleave(32, 1)) * scales.repeat_interleave(32, 1)
+                    y = torch.ops.aten._weight_int4pack_mm_for_cpu(
+                        x, packed.view(144, 32), 32, _scales_and_zeros(scales, zeros))
+                    ref = x.float() @ w.T
+                    if float((y.float() - ref).abs().max()) <= 0.05 * float(ref.abs().max()):
+                        found = n
+                    break
+        except (AttributeError, RuntimeError, NotImplementedError):
+            found = 0
+        _INT4.append(found)
+    return _INT4[0]
+
+
+def _scales_and_zeros(scales: torch.Tensor, zeros: torch.Tensor) -> torch.Tensor:
+    """What torch's int4 kernel takes per group, (groups, rows, 2) bfloat16: the scale and
+    (8 − zero) · scale — it computes (code − 8) · scale + that, = (code − zero) · scale."""
+    return torch.stack((scales.T, ((8 - zeros) * scales).T), 2).bfloat16().contiguous()
+
+
+def _int4_matmul(w: "Packed", x: torch.Tensor) -> torch.Tensor:
+    rows, cols = w.shape
+    groups = cols // w.block
+    zeros = _unpack_bytes(w.zeros, rows * groups, 4).view(rows, groups).float()
+    sz = _scales_and_zeros(w.scales.float().view(rows, groups), zeros)
+    y = torch.ops.aten._weight_int4pack_mm_for_cpu(x.reshape(-1, cols).contiguous(),
+                                                   w.codes.view(rows, cols // 2), w.block, sz)
+    return y.view(*x.shape[:-1], rows)
+
+
+def _svdq_layout(module: "Packed", state: dict, prefix: str, local_metadata) -> None:
+    """State-dict hook: the codes as the artifact stores them, whatever layout runs."""
+    if module.layout:
+        state[prefix + "codes"] = module.svdq_codes()
+
+
+def _layout_reset(module: "Packed", *args, **kwargs) -> None:
+    """Codes loaded into the module come in the artifact's layout."""
+    module.layout = 0
 _BNB: list = []  # bitsandbytes once imported, or None where it cannot be
 
 

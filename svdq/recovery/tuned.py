@@ -85,7 +85,7 @@ class Scaled(nn.Module):
         self.grid, self.shape, self.block = packed.grid, tuple(packed.shape), packed.block
         if packed.grid == "int":
             ones = torch.ones_like(packed.scales)
-            base = runtime.dequantize_int(packed.codes, ones, packed.zeros, self.shape,
+            base = runtime.dequantize_int(packed.svdq_codes(), ones, packed.zeros, self.shape,
                                           packed.block, packed.bits)
             scale, self.dtype = packed.scales.float().reshape(self.shape[0], -1), torch.float16
         else:

@@ -58,3 +58,48 @@ def test_a_packed_table_looks_up_the_rows_it_holds():
         full = p.full()
         assert torch.equal(full, values)
         assert torch.equal(p.lookup(ids), full[ids]), (grid, bits)
+
+
+int4 = pytest.mark.skipif(not runtime._int4_rows(),
+                          reason="this torch has no int4 CPU kernel with a known layout")
+
+
+@int4
+@pytest.mark.parametrize("shape,group", [((1040, 256), 64), ((96, 128), 32), ((64, 512), 128)])
+def test_int4_codes_run_through_torch_kernel_in_bfloat16(shape, group):
+    """4-bit integer codes multiply bfloat16 activations through torch's int4 CPU kernel
+    (whole blocks of its layout and a partial one: 1040 = 16 × 64 + 16), within bfloat16's
+    rounding of the de-quantized product; the codes then sit in the kernel's layout, and
+    still give the same float32 product, de-quantized tensor and state dict, bit for bit."""
+    w = torch.randn(*shape, generator=torch.Generator().manual_seed(group))
+    p, values = packed(w, 4, "int", block=group)
+    stored = {k: v.clone() for k, v in p.state_dict().items()}
+    x = torch.randn(2, 7, shape[1], generator=torch.Generator().manual_seed(1))
+    before = p.matmul(x)
+    y = p.matmul(x.bfloat16())
+    assert p.layout == runtime._int4_rows()  # moved into the kernel's layout, in place
+    assert p.codes.numel() == stored["codes"].numel()  # the same bytes: no second copy
+    assert y.dtype == torch.bfloat16 and y.shape == before.shape
+    assert (y.float() - before).norm() <= 1e-2 * before.norm()
+    assert torch.equal(p.matmul(x), before)  # float32: de-quantized from the new layout
+    assert torch.equal(p.full(), values)
+    for key, t in p.state_dict().items():
+        assert torch.equal(t, stored[key]), key
+    p.load_state_dict(stored)  # codes loaded back come in the artifact's layout
+    assert p.layout == 0 and torch.equal(p.full(), values)
+
+
+@int4
+def test_int4_kernel_is_only_used_where_it_applies():
+    """Float32 activations, a partial group per row, rows not a multiple of 16, and other
+    widths keep svdq's de-quantizer (and the codes their layout)."""
+    cases = [((64, 256), 4, 64, torch.float32), ((64, 160), 4, 64, torch.bfloat16),
+             ((72, 256), 4, 64, torch.bfloat16), ((64, 256), 3, 64, torch.bfloat16),
+             ((64, 256), 8, 64, torch.bfloat16)]
+    for shape, bits, group, dtype in cases:
+        p, values = packed(torch.randn(*shape, generator=torch.Generator().manual_seed(0)),
+                           bits, "int", block=group)
+        x = torch.randn(3, shape[1]).to(dtype)
+        y = p.matmul(x)
+        assert p.layout == 0, (shape, bits, dtype)
+        assert (y.float() - x.float() @ values.T).norm() <= 1e-2 * (x.float() @ values.T).norm()
