@@ -3,7 +3,7 @@ stored, de-quantized, against its source in float32 and bfloat16 and against bit
 own NF4 and int8 modules on the same layers.
 
     python benchmarks/runtime_speed.py ARTIFACT [--ctx 1024] [--new-tokens 128] [--repeats 3]
-        [--variants stored,dequantized,source-fp32,source-bf16,bnb-nf4,bnb-int8]
+        [--variants stored,stored-no-int4,dequantized,source-fp32,source-bf16,bnb-nf4,bnb-int8]
         [--device cpu|cuda] [--dtype float32|bfloat16|float16] [--out benchmarks/results] [--tag NAME]
 
 Each variant runs in its own child process (so memory figures are its own): it loads the
@@ -13,7 +13,9 @@ and buffers and its resident set (VmRSS) after loading; then prefill tokens/s (o
 tokens/s (greedy `generate` of exactly `--new-tokens` after a 16-token prompt, batch 1, with
 the KV cache; the median of `--repeats`), and its peak RSS (VmHWM). The text is the wiki
 asset's. `stored` is `svdq.load` (codes, scales and factors in memory, de-quantized a band of
-rows per forward), `dequantized` is `svdq.load(dequantize=True)`, `source-*` is the source as
+rows per forward, or through a kernel that reads them: bitsandbytes' for NF4 and 8-bit codes,
+torch's int4 CPU kernel for 4-bit integer codes in bfloat16), `stored-no-int4` the same
+without torch's int4 kernel, `dequantized` is `svdq.load(dequantize=True)`, `source-*` is the source as
 `svdq eval --baseline` loads it, `bnb-*` that source with every target layer of the artifact
 replaced by `bitsandbytes.nn.Linear4bit` (NF4, blocks of 64, float32 compute) or
 `Linear8bitLt` (int8 rows). `--dtype` runs the artifact's variants (`svdq.load(dtype=…)`) and
@@ -37,7 +39,8 @@ from pathlib import Path
 
 import torch
 
-VARIANTS = ("stored", "dequantized", "source-fp32", "source-bf16", "bnb-nf4", "bnb-int8")
+VARIANTS = ("stored", "stored-no-int4", "dequantized", "source-fp32", "source-bf16", "bnb-nf4",
+            "bnb-int8")
 
 
 def _status(field: str) -> int:
@@ -87,6 +90,11 @@ def load_variant(folder: Path, variant: str, device: str, dtype: torch.dtype):
     import svdq
     from svdq import artifact, evaluate as ev
 
+    if variant == "stored-no-int4":  # as `stored`, torch's int4 CPU kernel left unused
+        from svdq import runtime
+
+        runtime._INT4[:] = [0]
+        variant = "stored"
     if variant in ("stored", "dequantized"):
         return svdq.load(folder, device=device, dequantize=variant == "dequantized", dtype=dtype)
     manifest = artifact.read(folder)

@@ -419,11 +419,13 @@ class Packed(nn.Module):
         if self.grid == "int":
             groups = -(-cols // self.block)
             codes = self.codes[r0 * cols * b // 8: -(-r1 * cols * b // 8)]
-            if self.layout:  # whole blocks of the layout, a partial one only at the end
-                c = _from_int4pack(codes, r1 - r0, cols, self.layout)
-                codes = (c[:, 0::2] | (c[:, 1::2] << 4)).reshape(-1)
             zeros = self.zeros[r0 * groups * b // 8: -(-r1 * groups * b // 8)]
             scales = self.scales.view(-1, groups)[r0:r1]
+            if self.layout:  # whole blocks of the layout (a partial one only at the end)
+                z = _unpack_bytes(zeros, (r1 - r0) * groups, 4).view(-1, groups, 1).float()
+                w = _from_int4pack(codes, r1 - r0, cols, self.layout).float()
+                return w.view(-1, groups, self.block).sub_(z).mul_(
+                    scales.float()[..., None]).view(r1 - r0, cols)
             return dequantize_int(codes, scales, zeros, (r1 - r0, cols), self.block, b)
         lo, hi = r0 * cols, r1 * cols
         codes = self.codes[lo: hi] if b == 8 else self.codes[lo // 2: -(-hi // 2)]
@@ -490,17 +492,17 @@ class Packed(nn.Module):
         return True
 
     def matmul(self, x: torch.Tensor) -> torch.Tensor:
-        """x @ Wᵀ: in bfloat16 on the CPU, 4-bit integer codes through torch's int4 kernel
-        (`_int4_kernel`; about 70× faster than de-quantizing for one token, and faster at
-        every length measured; in float32 that kernel is slower than de-quantizing:
-        benchmarks/results/int4_kernel_speed.md); with bitsandbytes' 4-bit matmul (NF4) or its blockwise de-quantizer (8-bit)
+        """x @ Wᵀ: in bfloat16 on the CPU, up to `INT4_TOKENS` tokens, 4-bit integer codes
+        through torch's int4 kernel (`_int4_kernel`; 25× faster than de-quantizing for one
+        token; in float32 that kernel is slower than de-quantizing); with bitsandbytes' 4-bit matmul (NF4) or its blockwise de-quantizer (8-bit)
         where `_kernels` allows (exact; on one CPU thread 3–5× faster for one token, 1.2× for
         512: benchmarks/results/dequant_speed.md),
         else a band of rows de-quantized at a time."""
         bnb = self._kernels()
         if bnb is not None:
             return _bnb_matmul(bnb, self, x)
-        if x.dtype == torch.bfloat16 and self._int4_kernel():
+        if x.dtype == torch.bfloat16 and x.numel() <= INT4_TOKENS * x.shape[-1] \
+                and self._int4_kernel():
             return _int4_matmul(self, x)
         n = self.shape[0]
         y = x.new_empty(*x.shape[:-1], n)
@@ -512,6 +514,9 @@ class Packed(nn.Module):
 
 BNB_BLOCKS = (64, 128, 256, 512, 1024, 2048, 4096)  # the block sizes bitsandbytes' kernels take
 INT4_GROUPS = (32, 64, 128, 256)  # the group sizes torch's int4 CPU kernel takes
+# the most tokens a forward sends through it: beyond about 128, de-quantizing a band and
+# multiplying in bfloat16 is faster (at 1024 tokens 5 ms against 24 for a 1536 × 576 layer)
+INT4_TOKENS = 128
 _INT4: list = []  # rows per block of that kernel's layout once probed; 0 where unusable
 
 

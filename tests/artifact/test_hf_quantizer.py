@@ -122,3 +122,24 @@ def test_from_pretrained_takes_device_map_and_low_cpu_mem_usage(artifacts, kwarg
     ours = svdq.load(folder)
     ids = ids_for(ours)
     torch.testing.assert_close(out_of(theirs, ids), out_of(ours, ids), rtol=0, atol=0)
+
+
+@pytest.mark.skipif(not runtime._int4_rows(), reason="no int4 CPU kernel in this torch")
+def test_int4_layers_in_bfloat16_run_through_torch_kernel(models, calib_file, tmp_path):
+    """An artifact of 4-bit integer layers, loaded in bfloat16 by either loader, multiplies
+    through torch's int4 kernel (its codes move into the kernel's layout) and gives the float32
+    model's logits within bfloat16's rounding; its state dict stays the artifact's."""
+    folder = compress_all(models, calib_file, tmp_path, {"llama": [
+        "--eps", "0.5", "--residual", "--bits", "4", "--grid", "int", "--block-size", "32"]})["llama"]
+    reference = svdq.load(folder)
+    ids = ids_for(reference)
+    want = out_of(reference, ids)
+    for model in (svdq.load(folder, dtype="bfloat16"),
+                  transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.bfloat16)):
+        packed = [m for m in model.modules() if isinstance(m, runtime.Packed) and m.grid == "int"]
+        assert packed and all(m.layout == 0 for m in packed)
+        got = out_of(model.eval(), ids).float()
+        assert all(m.layout == runtime._int4_rows() for m in packed)  # the kernel ran
+        assert (got - want).abs().max() < 0.05 * want.abs().max()
+        a, b = reference.state_dict(), model.state_dict()
+        assert all(torch.equal(a[k], b[k]) for k in a if "svdq" in k)
