@@ -21,7 +21,7 @@ import torch
 from svdq.algo.factorize import LayerStats
 from svdq.config import Settings
 from svdq.pipeline.options import measure_layer
-from svdq.pipeline.walk import LayerWork
+from svdq.pipeline.work import LayerWork
 
 
 def status(field: str) -> int:

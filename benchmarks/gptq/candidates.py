@@ -39,7 +39,8 @@ def main() -> None:
     from svdq.pipeline.inputs import calibration_ids
     from svdq.pipeline.judge import judge_of
     from svdq.pipeline.options import measure
-    from svdq.pipeline.walk import Clock, analyse
+    from svdq.pipeline.walk import analyse
+    from svdq.pipeline.work import Clock
     from sweep import split_text
 
     calib, _, _ = split_text(assets.cache_dir() / "bench-text")

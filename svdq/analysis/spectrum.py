@@ -27,7 +27,8 @@ from svdq.analysis import attention
 from svdq.config import Settings
 from svdq.models.load import Source
 from svdq.pipeline.inputs import calibration_ids
-from svdq.pipeline.walk import Clock, Walker
+from svdq.pipeline.walk import Walker
+from svdq.pipeline.work import Clock
 
 KINDS = ("weight", "whitened", "asvd", "quant_error_4bit")
 HEAD_KINDS = ("B", "B_whitened", "W_Q_head", "W_K_head")

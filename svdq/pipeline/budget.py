@@ -34,7 +34,7 @@ from svdq.errors import SvdqError
 from svdq.models.layers import fp16_bytes, targets
 from svdq.pipeline.options import (Measured, UNIFORM_EPS, plus_sparse,  # noqa: F401 - UNIFORM_EPS
                                    stored_of)  # re-exported
-from svdq.pipeline.walk import LayerWork
+from svdq.pipeline.work import LayerWork
 
 # Sensitivity × error² estimates a layer's damage only while the error is small: forms whose
 # relative error exceeds a cap are left out whenever the budget can be met without them

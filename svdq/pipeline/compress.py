@@ -25,7 +25,8 @@ from svdq.models.streams import Scratch
 from svdq.pipeline import budget as budgets, embedding as embeddings, product as products, two_pass
 from svdq.pipeline.forms import choose_form, codebooks, realize, refitted  # noqa: F401 (re-exported)
 from svdq.pipeline.inputs import calibration_ids
-from svdq.pipeline.walk import Clock, Progress, Walker, one_input_at_a_time
+from svdq.pipeline.walk import Walker
+from svdq.pipeline.work import Clock, Progress, one_input_at_a_time
 from svdq.plan import LayerPlan, Result
 
 

@@ -16,7 +16,7 @@ from svdq.algo.search import choose, choose_residual, refined_sparse
 from svdq.algo.sparse import sparse_count
 from svdq.algo.stored import Stored
 from svdq.config import Settings
-from svdq.pipeline.walk import LayerWork
+from svdq.pipeline.work import LayerWork
 from svdq.plan import LayerPlan, tensors_of
 
 

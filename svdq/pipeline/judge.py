@@ -23,7 +23,7 @@ from svdq.models.layers import blocks_of, head_of
 from svdq.models.load import Source
 from svdq.models.streams import Stream
 from svdq.pipeline.forms import realize
-from svdq.pipeline.walk import LayerWork, swapped
+from svdq.pipeline.work import LayerWork, swapped
 
 
 def _rows(stream: Stream, ids: torch.Tensor):

@@ -16,7 +16,7 @@ from svdq.models.layers import blocks_of, targets, weight_of
 from svdq.models.load import Source
 from svdq.pipeline.budget import ERROR_CAPS
 from svdq.pipeline.compress import CANDIDATE_FLUSH
-from svdq.pipeline.walk import offloaded
+from svdq.pipeline.work import offloaded
 
 
 def estimate(source: Source, settings: Settings) -> dict[str, int]:

@@ -35,7 +35,7 @@ from svdq.algo.search import factor_bits, refined_sparse
 from svdq.algo.sparse import csr_bytes, sparse_count, with_sparse
 from svdq.algo.stored import Stored, keep
 from svdq.config import Settings
-from svdq.pipeline.walk import LayerWork
+from svdq.pipeline.work import LayerWork
 
 UNIFORM_EPS = (0.02, 0.05, 0.1, 0.2, 0.3)  # the per-layer eps settings the result must beat
 # The weights a low-rank correction is offered on, (bits, block size as a multiple of

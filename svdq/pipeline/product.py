@@ -22,7 +22,7 @@ from svdq.algo.stored import Stored
 from svdq.models.attention import FUSED, PAIRS, why_not
 from svdq.config import Settings
 from svdq.errors import SvdqError
-from svdq.pipeline.walk import LayerWork
+from svdq.pipeline.work import LayerWork
 from svdq.runtime import runs_index
 
 

@@ -32,7 +32,8 @@ from svdq.pipeline.compress import choose_form, realize
 from svdq.pipeline.judge import judge_of
 from svdq.pipeline.options import RESIDUAL_BASES, measure
 from svdq.pipeline.inputs import calibration_ids
-from svdq.pipeline.walk import Clock, LayerWork, Progress, analyse
+from svdq.pipeline.walk import analyse
+from svdq.pipeline.work import Clock, LayerWork, Progress
 from svdq.sweep.results import pareto, plot, write  # noqa: F401 - the results' API
 
 Evaluate = Callable[[nn.Module], dict]  # model -> {"quality": float, ...}

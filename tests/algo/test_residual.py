@@ -226,7 +226,7 @@ def test_plan_records_the_block_size_of_each_layer(models, calib_file, tmp_path)
     """A budget may store a 4-bit weight in larger blocks; its plan entry says so and the
     artifact loads it with that block size."""
     from svdq.pipeline.compress import realize
-    from svdq.pipeline.walk import LayerWork
+    from svdq.pipeline.work import LayerWork
 
     source = hf.load_source(str(models["llama"]))
     name = "model.layers.0.mlp.down_proj"

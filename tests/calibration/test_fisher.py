@@ -19,7 +19,8 @@ from svdq.models import layers as surgery
 from svdq.models import load as hf
 from svdq.pipeline.compress import compress
 from svdq.pipeline.inputs import calibration_ids
-from svdq.pipeline.walk import Clock, analyse
+from svdq.pipeline.walk import analyse
+from svdq.pipeline.work import Clock
 
 from conftest import make_text
 

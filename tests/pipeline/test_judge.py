@@ -16,7 +16,8 @@ from svdq.pipeline.compress import realize
 from svdq.pipeline.judge import judge_of
 from svdq.pipeline.options import measure
 from svdq.pipeline.inputs import calibration_ids
-from svdq.pipeline.walk import Clock, analyse, swapped
+from svdq.pipeline.walk import analyse
+from svdq.pipeline.work import Clock, swapped
 
 CALIB = dict(calib_samples=4, calib_len=32, batch_size=4)
 

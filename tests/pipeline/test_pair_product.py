@@ -215,7 +215,8 @@ def test_the_product_fits_in_the_room_it_is_given(artifacts, calib_file):
     from svdq.models.attention import heads
     from svdq.pipeline import product as products
     from svdq.pipeline.inputs import calibration_ids
-    from svdq.pipeline.walk import Clock, Walker
+    from svdq.pipeline.walk import Walker
+    from svdq.pipeline.work import Clock
 
     source = hf.load_source(str(artifacts["bert"]))
     settings = Settings(eps=0.1, calib=str(calib_file), calib_samples=4, calib_len=32,

@@ -100,7 +100,7 @@ def test_sequential_budget_builds_each_plan_on_its_own_stream(models, calib_file
     original = hf.load_source(str(models["llama"]))
     plain = block1_gram(original.model, original.tokenizer, calib_file, settings)
     for label in labels:  # block 1 of each plan saw what that plan's block 0 produces
-        from svdq.pipeline.walk import swapped
+        from svdq.pipeline.work import swapped
 
         with swapped(original.model, block0[label]):
             own = block1_gram(original.model, original.tokenizer, calib_file, settings)
