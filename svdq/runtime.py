@@ -457,8 +457,9 @@ class Packed(nn.Module):
                                   b, high_first=False)
                 scales = self.scales.view(-1, groups)[r[:, 0]].float()
                 g = col // self.block
-                out[i:i + step] = (_codes_at(self.codes, k, b, high_first=False) - zeros[:, g]) \
-                    * scales[:, g]
+                codes = _int4pack_at(self.codes, r, col, self.shape[0], cols, self.layout) \
+                    if self.layout else _codes_at(self.codes, k, b, high_first=False)
+                out[i:i + step] = (codes - zeros[:, g]) * scales[:, g]
             else:
                 book = self.books.get_buffer(str(b))
                 out[i:i + step] = book[_codes_at(self.codes, k, b, high_first=True)] \
@@ -532,6 +533,20 @@ def _from_int4pack(packed: torch.Tensor, rows: int, cols: int, n: int) -> torch.
     t = packed[full * cols // 2: rows * cols // 2].reshape(cols, (rows - full) // 2)
     tail = torch.stack((t & 15, t >> 4), 2).reshape(cols, rows - full).T
     return torch.cat((head, tail))
+
+
+def _int4pack_at(packed: torch.Tensor, r: torch.Tensor, c: torch.Tensor, rows: int, cols: int,
+                 n: int) -> torch.Tensor:
+    """The codes at rows `r` (a column) and columns `c` (a row) of an (rows, cols) tensor in
+    torch's int4 CPU layout (`_from_int4pack`), int64: what a table's lookup reads."""
+    full = rows // n * n
+    inner, tail = r % n, (rows - full) // 2
+    in_block = (r // n) * (cols * n // 2) + c * (n // 2) + inner % (n // 2)
+    in_tail = full * cols // 2 + c * max(tail, 1) + (r - full) // 2
+    head = r < full
+    byte = packed[torch.where(head, in_block, in_tail)].long()
+    high = torch.where(head, inner >= n // 2, (r - full) % 2 == 1)
+    return torch.where(high, byte >> 4, byte & 15)
 
 
 def _to_int4pack(codes: torch.Tensor, n: int) -> torch.Tensor:

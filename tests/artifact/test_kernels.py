@@ -106,3 +106,18 @@ def test_int4_kernel_is_only_used_where_it_applies():
         y = p.matmul(x)
         assert p.layout == 0, (shape, bits, dtype)
         assert (y.float() - x.float() @ values.T).norm() <= 1e-2 * (x.float() @ values.T).norm()
+
+
+@int4
+def test_a_table_in_the_int4_layout_still_looks_up_its_rows():
+    """A 4-bit embedding whose tied head ran through the int4 kernel (its codes now in the
+    kernel's layout, a partial block at the end) looks up the same rows as before."""
+    w = torch.randn(1040, 128, generator=torch.Generator().manual_seed(3))
+    p, values = packed(w, 4, "int", block=64)
+    ids = torch.tensor([[0, 1039, 31, 32], [63, 64, 1024, 1033]])
+    before = p.lookup(ids)
+    p.matmul(torch.randn(1, 128).bfloat16())
+    assert p.layout
+    assert torch.equal(p.lookup(ids), before) and torch.equal(before, values[ids])
+    every = torch.arange(1040)
+    assert torch.equal(p.lookup(every), values)
