@@ -479,12 +479,14 @@ class Packed(nn.Module):
 
     def _int4_kernel(self) -> bool:
         """Whether torch's int4 CPU matmul takes this tensor: 4-bit integer codes on the CPU
-        in groups it supports, whole groups per row, a multiple of 16 rows (`_int4_rows`). The first time, the codes move into that layout, in place: the same
-        bytes, no second copy."""
+        in groups it supports, whole groups per row, a multiple of 16 rows (`_int4_rows`).
+        The first time, the codes move into that layout, in place: the same bytes, no second
+        copy."""
+        on_cpu = self.codes.device.type == "cpu"
         if self.layout:
-            return True
+            return on_cpu
         (rows, cols), n = self.shape, _int4_rows()
-        if (self.grid != "int" or self.bits != 4 or self.codes.device.type != "cpu" or not n
+        if (self.grid != "int" or self.bits != 4 or not on_cpu or not n
                 or self.block not in INT4_GROUPS or cols % self.block or rows % 16):
             return False
         c = _unpack_bytes(self.codes, rows * cols, 4).view(rows, cols)
@@ -495,10 +497,10 @@ class Packed(nn.Module):
     def matmul(self, x: torch.Tensor) -> torch.Tensor:
         """x @ Wᵀ: in bfloat16 on the CPU, up to `INT4_TOKENS` tokens, 4-bit integer codes
         through torch's int4 kernel (`_int4_kernel`; 25× faster than de-quantizing for one
-        token; in float32 that kernel is slower than de-quantizing); with bitsandbytes' 4-bit matmul (NF4) or its blockwise de-quantizer (8-bit)
-        where `_kernels` allows (exact; on one CPU thread 3–5× faster for one token, 1.2× for
-        512: benchmarks/results/dequant_speed.md),
-        else a band of rows de-quantized at a time."""
+        token; in float32 that kernel is slower than de-quantizing); with bitsandbytes' 4-bit
+        matmul (NF4) or its blockwise de-quantizer (8-bit) where `_kernels` allows (exact;
+        on one CPU thread 3–5× faster for one token, 1.2× for 512:
+        benchmarks/results/dequant_speed.md), else a band of rows de-quantized at a time."""
         bnb = self._kernels()
         if bnb is not None:
             return _bnb_matmul(bnb, self, x)
@@ -612,6 +614,8 @@ def _svdq_layout(module: "Packed", state: dict, prefix: str, local_metadata) -> 
 def _layout_reset(module: "Packed", *args, **kwargs) -> None:
     """Codes loaded into the module come in the artifact's layout."""
     module.layout = 0
+
+
 _BNB: list = []  # bitsandbytes once imported, or None where it cannot be
 
 
