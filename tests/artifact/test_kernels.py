@@ -3,6 +3,8 @@ bitsandbytes' kernels where it is installed (its layout is svdq's `bnb` grid) an
 the torch de-quantizer computes; lookups read exactly the rows asked for."""
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 from torch import nn
@@ -88,6 +90,7 @@ def test_int4_codes_run_through_torch_kernel_in_bfloat16(shape, group):
         <= 1e-2 * (long @ values.T).norm()  # more than INT4_TOKENS: a band de-quantized
     for key, t in p.state_dict().items():
         assert torch.equal(t, stored[key]), key
+    assert not copy.deepcopy(p).to("meta")._int4_kernel()  # moved off the CPU: not the kernel
     p.load_state_dict(stored)  # codes loaded back come in the artifact's layout
     assert p.layout == 0 and torch.equal(p.full(), values)
 
