@@ -1,5 +1,5 @@
 """Benchmark: integer-grid de-quantization (what a layer kept as stored runs every forward)
-and torch's CPU int4 kernel, against a float32 matmul, on one thread; then the bitsandbytes
+and torch's CPU int4 kernel against de-quantizing and multiplying, on one thread; then the bitsandbytes
 grids (NF4, blockwise 8-bit) kept as stored, through svdq's own de-quantizer and through
 bitsandbytes' CPU kernels (what `runtime.Packed` uses where every row is whole blocks), with
 a check of both against the quantizer, on rows of whole blocks and on rows that are not.
@@ -7,7 +7,7 @@ a check of both against the quantizer, on rows of whole blocks and on rows that 
     python benchmarks/dequant_speed.py [--repeats 5]
 
 Shapes are SmolLM2's MLP weights (1536 × 576 and 576 × 1536); x is 512 tokens (prefill) or
-one (decode). Every de-quantized weight is checked against (code − zero) · scale per column.
+one (decode), 1 to 1024 for the int4 kernel. Every de-quantized weight is checked against (code − zero) · scale per column.
 Run it from another checkout (`PYTHONPATH=OTHER python benchmarks/dequant_speed.py`) to time
 that checkout's de-quantizer.
 """
@@ -51,24 +51,46 @@ def main() -> None:
         assert torch.equal(got, ref)
         ms = timed(lambda: runtime.dequantize_int(codes, s, zeros, (out_f, in_f), group, bits), args.repeats)
         print(f"int{bits} group {group} {out_f}×{in_f}: de-quantize {ms:.2f} ms")
-    out_f, in_f, group = 1536, 576, 64
-    w = torch.randn(out_f, in_f, generator=gen) * 0.02
-    q = torch.randint(0, 16, (out_f, in_f), dtype=torch.int32, generator=gen)
-    scale = torch.rand(out_f, in_f // group, generator=gen) * 0.01
-    zero = torch.randint(0, 16, (out_f, in_f // group), generator=gen).float()
-    packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 1)
-    sz = torch.stack([scale.T, ((8 - zero) * scale).T], dim=-1).contiguous()
-    for tokens in (512, 1):
-        x = torch.randn(tokens, in_f, generator=gen)
-        dense = timed(lambda: x @ w.T, args.repeats)
-        line = f"{tokens} tokens through {out_f}×{in_f}: float32 matmul {dense:.2f} ms"
-        for dt in (torch.bfloat16, torch.float32):
-            xd, szd = x.to(dt), sz.to(dt)
-            k = timed(lambda: torch.ops.aten._weight_int4pack_mm_for_cpu(xd, packed, group, szd),
-                      max(1, args.repeats // (5 if dt == torch.float32 else 1)))
-            line += f", int4 kernel {str(dt).removeprefix('torch.')} {k:.2f} ms"
-        print(line)
+    int4_kernel(args.repeats, gen)
     bnb_grids(args.repeats, gen)
+
+
+def int4_kernel(repeats: int, gen: torch.Generator) -> None:
+    """A 4-bit integer layer kept as stored (`runtime.Packed`): torch's int4 kernel against
+    the band de-quantizer and a matmul, in bfloat16 at each token count (where `INT4_TOKENS`
+    comes from) and in float32 at a few; the kernel's product checked against the other."""
+    from svdq import runtime
+    from svdq.algo import quant
+
+    if not runtime._int4_rows():
+        print("int4 kernel: not usable with this torch")
+        return
+    for out_f, in_f in [(1536, 576), (576, 1536)]:
+        w = torch.randn(out_f, in_f, generator=gen) * 0.02
+        q = quant.quantize(w, 4, 64, "int")
+        p = runtime.Packed((out_f, in_f), 4, 64, "int", None)
+        p.load_state_dict({"codes": q.codes, "scales": q.scales.view(out_f, -1),
+                           "zeros": q.zeros}, assign=True)
+        assert p._int4_kernel()  # codes in the kernel's layout from here on
+        zeros = runtime._unpack_bytes(p.zeros, out_f * in_f // 64, 4).view(out_f, -1).float()
+        sz32 = runtime._scales_and_zeros(p.scales.float(), zeros).float()  # Packed never does this
+        for dt, counts in ((torch.bfloat16, (1, 16, 32, 64, 96, 128, 256, 1024)),
+                           (torch.float32, (1, 16))):
+            line = f"int4 g64 {out_f}×{in_f} {str(dt).removeprefix('torch.')}:"
+            for tokens in counts:
+                x = torch.randn(tokens, in_f, generator=gen).to(dt)
+                ref = x.float() @ p.rows(0, out_f).T
+
+                def kernel_mm(x=x):
+                    if x.dtype == torch.bfloat16:
+                        return runtime._int4_matmul(p, x)
+                    return torch.ops.aten._weight_int4pack_mm_for_cpu(
+                        x, p.codes.view(out_f, in_f // 2), 64, sz32)
+                assert (kernel_mm().float() - ref).norm() <= 1e-2 * ref.norm()
+                kernel = timed(kernel_mm, repeats)
+                band = timed(lambda: x @ p.rows(0, out_f).to(dt).T, repeats)
+                line += f" {tokens} tokens kernel {kernel:.2f} / de-quantize {band:.2f} ms;"
+            print(line.rstrip(";"))
 
 
 def bnb_grids(repeats: int, gen: torch.Generator) -> None:

@@ -496,7 +496,7 @@ class Packed(nn.Module):
 
     def matmul(self, x: torch.Tensor) -> torch.Tensor:
         """x @ Wᵀ: in bfloat16 on the CPU, up to `INT4_TOKENS` tokens, 4-bit integer codes
-        through torch's int4 kernel (`_int4_kernel`; 25× faster than de-quantizing for one
+        through torch's int4 kernel (`_int4_kernel`; 13× faster than de-quantizing for one
         token; in float32 that kernel is slower than de-quantizing); with bitsandbytes' 4-bit
         matmul (NF4) or its blockwise de-quantizer (8-bit) where `_kernels` allows (exact;
         on one CPU thread 3–5× faster for one token, 1.2× for 512:
@@ -517,9 +517,10 @@ class Packed(nn.Module):
 
 BNB_BLOCKS = (64, 128, 256, 512, 1024, 2048, 4096)  # the block sizes bitsandbytes' kernels take
 INT4_GROUPS = (32, 64, 128, 256)  # the group sizes torch's int4 CPU kernel takes
-# the most tokens a forward sends through it: beyond about 128, de-quantizing a band and
-# multiplying in bfloat16 is faster (at 1024 tokens 5 ms against 24 for a 1536 × 576 layer)
-INT4_TOKENS = 128
+# the most tokens a forward sends through it: beyond 64 to 96, de-quantizing a band and
+# multiplying in bfloat16 is faster (a 1536 × 576 layer, one thread: 64 tokens 1.37 against
+# 1.57 ms, 96 tokens 2.10 against 1.65; benchmarks/dequant_speed.py)
+INT4_TOKENS = 64
 _INT4: list = []  # rows per block of that kernel's layout once probed; 0 where unusable
 
 
