@@ -30,23 +30,11 @@ def main() -> None:
     parser.add_argument("--max-tokens", type=int, default=16384)
     args = parser.parse_args()
 
-    from compare import plain_folder
-    from svdq import assets
+    from score import scorer
     from svdq.algo.quant import quantize, weight_bytes
     from svdq.models.layers import targets
-    from svdq.sweep import evaluator
-    from sweep import split_text
 
-    _, evaluation, sentences = split_text(assets.cache_dir() / "bench-text")
-    _, _, source = plain_folder(args.model)
-    if args.model == "minilm":
-        lines = [x for x in sentences.read_text().splitlines() if x.strip()]
-        score, _ = evaluator(source, None, lines, None, None, args.max_tokens, 32)
-        metric = "similarity"
-    else:
-        score, _ = evaluator(source, (evaluation.read_text(), str(evaluation)), None, 512, 512,
-                             args.max_tokens, 1)
-        metric = "ppl"
+    score, metric, source = scorer(args.model, args.max_tokens)  # before any layer is rounded
     model, stored = source.model, 0
     with torch.no_grad():
         for name in targets(model):
@@ -58,7 +46,7 @@ def main() -> None:
             stored += weight_bytes(*w.shape, args.bits, 64, "bnb")
     label = "NF4" if args.bits == 4 else "8-bit"
     print(json.dumps({"model": args.model, "form": f"bitsandbytes {label}, blocks of 64",
-                      "target_bytes": stored, metric: score(model)["quality"]}))
+                      "target_bytes": stored, metric: score(model)}))
 
 
 if __name__ == "__main__":

@@ -20,6 +20,25 @@ sys.path.insert(0, str(HERE.parent))
 sys.path.insert(0, str(HERE))
 
 
+def scorer(model: str, max_tokens: int):
+    """(score, metric name, the source) for `model`, as the anchors are scored: `score(m)` is
+    m's similarity (MiniLM) or perplexity on the held-out part of the bench text."""
+    from compare import plain_folder
+    from svdq import assets
+    from svdq.sweep import evaluator
+    from sweep import split_text
+
+    _, evaluation, sentences = split_text(assets.cache_dir() / "bench-text")
+    _, _, source = plain_folder(model)
+    if model == "minilm":
+        lines = [x for x in sentences.read_text().splitlines() if x.strip()]
+        score, _ = evaluator(source, None, lines, None, None, max_tokens, 32)
+        return (lambda m: score(m)["quality"]), "similarity", source
+    score, _ = evaluator(source, (evaluation.read_text(), str(evaluation)), None, 512, 512,
+                         max_tokens, 1)
+    return (lambda m: score(m)["quality"]), "ppl", source
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("artifact", type=Path)
@@ -28,25 +47,12 @@ def main() -> None:
     args = parser.parse_args()
 
     import svdq
-    from compare import plain_folder
-    from svdq import assets
-    from svdq.sweep import evaluator
-    from sweep import split_text
 
-    _, evaluation, sentences = split_text(assets.cache_dir() / "bench-text")
-    _, _, source = plain_folder(args.model)
-    if args.model == "minilm":
-        lines = [x for x in sentences.read_text().splitlines() if x.strip()]
-        score, _ = evaluator(source, None, lines, None, None, args.max_tokens, 32)
-        metric = "similarity"
-    else:
-        score, _ = evaluator(source, (evaluation.read_text(), str(evaluation)), None, 512, 512,
-                             args.max_tokens, 1)
-        metric = "ppl"
+    score, metric, _ = scorer(args.model, args.max_tokens)
     model = svdq.load(args.artifact, dequantize=True)
     manifest = json.loads((args.artifact / "svdq.json").read_text())
     budget = manifest.get("budget") or {}
-    print(json.dumps({"artifact": str(args.artifact), metric: score(model)["quality"],
+    print(json.dumps({"artifact": str(args.artifact), metric: score(model),
                       "target_bytes": manifest["totals"]["target_bytes"],
                       "plan": budget.get("plan"),
                       "candidates": budget.get("candidates"),
