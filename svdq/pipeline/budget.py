@@ -124,6 +124,7 @@ def candidates(measured: Measured, budget: int, block_size: int) -> list[tuple[s
         found.append((f"{name} in {'groups' if grid == 'int' else 'blocks'} of {block}, "
                       "no correction", plan))
         found += floored(options, budget, bits, plan)
+        found += even(options, budget, bits, block_size)
     unique: dict[tuple[int, ...], str] = {}
     for label, plan in found:
         unique.setdefault(tuple(plan), label)
@@ -149,6 +150,38 @@ def floored(options: list[list[Option]], budget: int, bits: int,
         return []
     return [(f"bases of {bits} bits or more, sensitivity-weighted",
              [ii[j] for ii, j in zip(idx, picks)])]
+
+
+def even(options: list[list[Option]], budget: int, bits: int,
+         block_size: int) -> list[tuple[str, list[int]]]:
+    """EoRA's recipe as a candidate: one base at `bits` on every layer, each corrected at the
+    same rank — the largest that fits (a layer whose ranks stop below it takes its largest).
+    One such plan per base at `bits` every layer offers; the best estimate is kept. Where the
+    sensitivity weights misjudge (Gemma-3-270M at GPTQ w4 g64 + EoRA r32's bytes: a third of
+    the bytes went to 8-bit layers, perplexity 56.49 against GPTQ + EoRA's 55.59), this plan
+    spends the bytes as EoRA does, and the judge compares."""
+    def form(o: Option) -> tuple:
+        return (o.bits, o.block or block_size, o.grid)
+    keys = {form(o) for o in options[0] if o.kind == "residual" and o.bits == bits}
+    best = None  # (estimate, label, plan)
+    for key in sorted(keys):
+        alone = [[i for i, o in enumerate(opts) if o.kind == "dense" and not o.sparse
+                  and form(o) == key] for opts in options]
+        ranked = [{o.rank: i for i, o in enumerate(opts) if o.kind == "residual"
+                   and not o.sparse and form(o) == key} for opts in options]
+        if not all(alone):
+            continue
+        for r in sorted({k for rk in ranked for k in rk}, reverse=True):
+            plan = [rk[max(k for k in rk if k <= r)] if any(k <= r for k in rk) else a[0]
+                    for rk, a in zip(ranked, alone)]
+            size, cost = total(options, plan)
+            if size <= budget:
+                bits_, block, grid = key
+                name = f"int{bits_} in groups" if grid == "int" else f"{bits_}-bit in blocks"
+                if best is None or cost < best[0]:
+                    best = (cost, f"{name} of {block}, rank {r} correction on every layer", plan)
+                break
+    return [] if best is None else [best[1:]]
 
 
 def check_fits(found: list, measured: Measured, budget: int) -> None:

@@ -181,6 +181,8 @@ def layer_options(w: torch.Tensor, bias: torch.Tensor | None, factors: Factors,
             variant(options[-1], key, lambda: stored_residual(w, res, stats, ref, 0, 0))
         kb = res.k_break(out_f, in_f)
         ks = grid(kb)
+        if closed and ranks is None:  # closed forms cost nothing per rank: powers of two too,
+            ks = sorted(set(ks) | {2 ** j for j in range(3, 13) if 2 ** j <= kb})  # (`even`)
         if closed and ks:
             e2 = float(res.factors.s.double().pow(2).sum())
             top = measured(("residual", bits, ks[-1], block, base_grid),

@@ -51,6 +51,8 @@ def test_candidates_cover_each_cap_and_plain_quantization(models, calib_file):
             assert max(o.error for o in opts) <= float(label.split()[-1])
         elif label.startswith("bases of"):  # see the test below
             assert all(o.kind == "keep" or o.bits >= int(label.split()[2]) for o in opts)
+        elif label.endswith("correction on every layer"):  # see the tests below
+            assert all(o.kind == "residual" for o in opts)
         else:  # one form for every layer, no correction
             assert len({(o.kind, o.bits, o.block) for o in opts}) == 1 and opts[0].rank == 0
 
@@ -76,6 +78,34 @@ def test_floored_plan_moves_the_uniform_bytes_without_lowering_any_base(models, 
     assert size <= limit and cost <= plain_cost
     if limit - plain_size > 0.05 * plain_size:  # room to spend: it is spent
         assert cost < plain_cost and size > plain_size
+
+
+@pytest.mark.parametrize("ratio", [0.3, 0.6])
+def test_even_plan_corrects_every_layer_of_one_base_at_the_largest_rank_that_fits(
+        models, calib_file, ratio):
+    """EoRA's recipe: the same base on every layer, each corrected at one rank (a layer whose
+    ranks stop below it at its largest), the largest rank the budget allows."""
+    source, settings, ids, works, measured = analysed(models, calib_file, ratio=0.6)
+    limit = math.floor(ratio * measured.fp16)
+    found = dict(budget.candidates(measured, limit, settings.block_size))
+    plain = next(p for lb, p in found.items() if lb.endswith("no correction"))
+    bits = measured.options[0][plain[0]].bits
+    (label, plan), = budget.even(measured.options, limit, bits, settings.block_size)
+    assert label in found and found[label] == plan
+    opts = [measured.options[n][i] for n, i in enumerate(plan)]
+    assert all(o.kind == "residual" and o.bits == bits for o in opts), label
+    assert len({(o.block, o.grid) for o in opts}) == 1
+    rank = int(label.split("rank ")[1].split()[0])
+    for o, layer in zip(opts, measured.options):
+        below = [x.rank for x in layer if x.kind == "residual" and (x.block, x.grid, x.bits)
+                 == (o.block, o.grid, o.bits) and not x.sparse and x.rank <= rank]
+        assert o.rank == max(below)
+    assert rank in {o.rank for o in opts} and total(measured.options, plan)[0] <= limit
+    more = [min((i for i, x in enumerate(layer) if x.kind == "residual" and not x.sparse
+                 and (x.block, x.grid, x.bits) == (o.block, o.grid, o.bits) and x.rank > o.rank),
+                key=lambda i: layer[i].rank, default=i0)
+            for o, layer, i0 in zip(opts, measured.options, plan)]
+    assert total(measured.options, more)[0] > limit  # one step up every layer does not fit
 
 
 def test_the_judge_decides_and_without_one_the_estimate_does(models, calib_file):
