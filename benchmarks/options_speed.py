@@ -1,15 +1,16 @@
 """Benchmark: what a budget's option measurement costs per layer, in time and memory.
 
     python benchmarks/options_speed.py [--shapes 2048x5632,5632x2048,2048x2048,256x2048]
-                                       [--ratio 0.3] [--bits 4]
+                                       [--ratio 0.3] [--bits 4] [--sparse 0.005]
 
 For each (out × in) shape — by default the seven layers of one TinyLlama-1.1B block: q and o
 2048 × 2048, k and v 256 × 2048, gate and up 5632 × 2048, down 2048 × 5632 (each listed once;
 count q/o, k/v and gate/up twice) — a bf16 layer with random weights and the Gram of 8,192
 random inputs whose channels' scales rise from 0.1 to 3 is measured as `svdq compress
---ratio R` measures it in its first pass (`pipeline.options.measure_layer`, whitened factors,
+--ratio R` measures it in its first pass (`pipeline.measured.measure_layer`, whitened factors,
 GPTQ bases). Prints seconds and the RSS high-water mark above the start (VmHWM, reset per
 layer: Linux only). Random weights make the spectra flat, so this measures cost, not quality.
+With `--sparse` the options include the sparse variants `--ratio R --sparse S` measures.
 """
 from __future__ import annotations
 
@@ -20,7 +21,7 @@ import torch
 
 from svdq.algo.factorize import LayerStats
 from svdq.config import Settings
-from svdq.pipeline.options import measure_layer
+from svdq.pipeline.measured import measure_layer
 from svdq.pipeline.work import LayerWork
 
 
@@ -52,8 +53,10 @@ def main() -> None:
     ap.add_argument("--shapes", default="2048x5632,5632x2048,2048x2048,256x2048")
     ap.add_argument("--ratio", type=float, default=0.3)
     ap.add_argument("--bits", type=int, default=4)
+    ap.add_argument("--sparse", type=float, default=0.0)
     args = ap.parse_args()
-    settings = Settings(bits=args.bits, budget_ratio=args.ratio, method="whiten")
+    settings = Settings(bits=args.bits, budget_ratio=args.ratio, method="whiten",
+                        sparse=args.sparse)
     per_weight = 16 * args.ratio
     for shape in args.shapes.split(","):
         out_f, in_f = map(int, shape.split("x"))

@@ -32,8 +32,8 @@ from svdq.algo.stored import Stored
 from svdq.config import Settings
 from svdq.errors import SvdqError
 from svdq.models.layers import fp16_bytes, targets
-from svdq.pipeline.options import (Measured, UNIFORM_EPS, plus_sparse,  # noqa: F401 - UNIFORM_EPS
-                                   stored_of)  # re-exported
+from svdq.pipeline.measured import Measured
+from svdq.pipeline.options import plus_sparse, stored_of
 from svdq.pipeline.work import LayerWork
 
 # Sensitivity × error² estimates a layer's damage only while the error is small: forms whose

@@ -1,41 +1,40 @@
-"""A budget's per-layer options: every stored form worth considering, with its exact bytes
-and its error as stored — measured one layer at a time, keeping numbers, not tensors.
+"""A layer's option table for budgets: every stored form worth considering, with its exact
+bytes and its error as stored — measured one layer at a time, keeping numbers, not tensors
+(`pipeline.measured` runs it on every layer and weighs the errors by sensitivity).
 
-Per layer (`measure_layer`): kept as is; per bit width of `--bits`, 4 and 8: low rank at a
+Per layer (`layer_options`): kept as is; per bit width of `--bits`, 4 and 8: low rank at a
 grid of ranks up to the break-even rank; per quantized base (`bases`: the bitsandbytes grids
 at 4 and 8 bits in blocks of `--block-size` and 4× that, the integer grid at 2, 3, 4 and 8
 bits in groups of `--block-size` and 2× that; by GPTQ with `--gptq`): the weight quantized
-there alone, and plus a correction of its error at a grid of ranks; and the choices a uniform
-`--eps` of `UNIFORM_EPS` would make. Each option's weight is the layer's loss sensitivity
-(`sensitivities`), once every layer is measured.
+there alone, and plus a correction of its error at a grid of ranks; with `--sparse`, some of
+these also with a sparse term. `stored_of` builds an option's stored layer again.
 
 With whitened factors (`--method whiten`, the budgets' default) nothing is built per rank:
 the factorization's singular values give every rank's error before quantization in closed
 form (the tail of σ²; a quantized base alone: all of its error's σ²), and the quantization
-of the factors adds noise in proportion to the energy kept, measured once per bit width or base at its largest rank (`_closed`). So a layer
-costs one quantization and one SVD per base, whatever the number of ranks; pass 2 builds the
-chosen forms exactly and the manifest records their exact errors.
+of the factors adds noise in proportion to the energy kept, measured once per bit width or
+base at its largest rank (`_closed`). So a layer costs one quantization and one SVD per base,
+whatever the number of ranks; pass 2 builds the chosen forms exactly and the manifest records
+their exact errors.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from typing import Callable, Sequence
 
 import torch
 
-from svdq import runtime
 from svdq.algo.allocate import Option
 from svdq.algo.dense import stored_dense
-from svdq.algo.error import output_norm2, reference
-from svdq.algo.factorize import Factors, LayerStats
+from svdq.algo.error import reference
+from svdq.algo.factorize import Factors, LayerStats, factorize
 from svdq.algo.lowrank import break_even_rank, k_break_of, lowrank_bytes, stored_lowrank
 from svdq.algo.quant import weight_bytes
 from svdq.algo.residual import Residual, residual_bytes, residual_of, stored_residual
-from svdq.algo.search import factor_bits, refined_sparse
-from svdq.algo.sparse import csr_bytes, sparse_count, with_sparse
+from svdq.algo.search import refined_sparse
+from svdq.algo.sparse import best_entries, csr_bytes, with_sparse
 from svdq.algo.stored import Stored, keep
 from svdq.config import Settings
-from svdq.pipeline.work import LayerWork
 
 UNIFORM_EPS = (0.02, 0.05, 0.1, 0.2, 0.3)  # the per-layer eps settings the result must beat
 # The weights a low-rank correction is offered on, (bits, block size as a multiple of
@@ -138,9 +137,27 @@ def layer_options(w: torch.Tensor, bias: torch.Tensor | None, factors: Factors,
     options = [Option((w.numel() * elsize) + bias_bytes, 0.0, "keep", 0, None, weight)]
     extra = csr_bytes(out_f, in_f, sparse)
 
-    def variant(option: Option, key, make) -> None:  # the form plus a sparse term
-        err = measured((*key, "sparse", sparse), lambda: plus_sparse(w, make(), stats, ref, sparse,
-                                                                     method, gptq))
+    fitted: dict = {}  # per family of forms: (W − S, the family refit to it), made once
+
+    def refit_of(family: str, top: Callable[[], Stored], refit: Callable) -> tuple:
+        if family not in fitted:
+            wf = w.float()
+            target = wf - best_entries(wf - top().dequantize(), stats.gram, sparse)
+            fitted[family] = (target, refit(target))
+        return fitted[family]
+
+    def variant(option: Option, key, make, family: str, top, refit) -> None:
+        """The form plus a sparse term: the better of the term on the form as it is and on the
+        form rebuilt from its family's refit to W − S (`make(target, refit or None)`). A base
+        and its corrections are one family: one quantization and SVD, S what its largest
+        sparse form leaves (a GPTQ base per variant made budgets with `--sparse` 5.8× slower
+        on MiniLM). The build of a chosen variant refits it on its own term (`plus_sparse`)."""
+        def both() -> Stored:
+            plain = with_sparse(w, make(w, None), stats, ref, sparse)
+            target, again = refit_of(family, top, refit)
+            return min(plain, with_sparse(w, make(target, again), stats, ref, sparse),
+                       key=lambda s: s.error)
+        err = measured((*key, "sparse", sparse), both)
         if err < option.error:
             options.append(replace(option, bytes=option.bytes + extra, error=err, sparse=sparse))
     based = {(k[0], k[1], (*k, "bnb")[2]) for k in residuals or {}}
@@ -163,9 +180,11 @@ def layer_options(w: torch.Tensor, bias: torch.Tensor | None, factors: Factors,
         for k in ks:
             options.append(Option(lowrank_bytes(out_f, in_f, k, bits, block_size) + bias_bytes,
                                   errs[k], "lowrank", k, bits, weight))
-            if sparse and k in sparse_ranks(ks):
-                variant(options[-1], ("lowrank", bits, k), lambda k=k: stored_lowrank(
-                    w, factors, stats, ref, k, bits, block_size, kb))
+            if sparse and k in sparse_ranks(ks):  # a family of its own: the spikes a rank
+                make = (lambda t, f, k=k, bits=bits, kb=kb:  # leaves depend on the rank
+                        stored_lowrank(t, f or factors, stats, ref, k, bits, block_size, kb))
+                variant(options[-1], ("lowrank", bits, k), make, f"lowrank {bits} {k}",
+                        lambda make=make: make(w, None), lambda t: factorize(method, t, stats))
     for key, res in (residuals or {}).items():
         bits, block, base_grid = (*key, "bnb")[:3]
         res = res() if callable(res) else res
@@ -177,12 +196,18 @@ def layer_options(w: torch.Tensor, bias: torch.Tensor | None, factors: Factors,
             err = measured(key, lambda: stored_residual(w, res, stats, ref, 0, 0))
         options.append(Option(weight_bytes(out_f, in_f, bits, block, base_grid) + bias_bytes,
                               err, "dense", 0, bits, weight, tag, base_grid))
-        if sparse:
-            variant(options[-1], key, lambda: stored_residual(w, res, stats, ref, 0, 0))
         kb = res.k_break(out_f, in_f)
         ks = grid(kb)
         if closed and ranks is None:  # closed forms cost nothing per rank: powers of two too,
             ks = sorted(set(ks) | {2 ** j for j in range(3, 13) if 2 ** j <= kb})  # (`even`)
+        family = (f"base {bits} {block} {base_grid}",
+                  lambda res=res, k=max(sparse_ranks(ks), default=0), kb=kb:
+                  stored_residual(w, res, stats, ref, k, kb),
+                  lambda t, bits=bits, block=block, g=base_grid:
+                  residual_of(t, stats, bits, block, method, g, gptq))
+        if sparse:
+            variant(options[-1], key, lambda t, r, res=res: stored_residual(t, r or res, stats,
+                                                                            ref, 0, 0), *family)
         if closed and ks:
             e2 = float(res.factors.s.double().pow(2).sum())
             top = measured(("residual", bits, ks[-1], block, base_grid),
@@ -197,7 +222,8 @@ def layer_options(w: torch.Tensor, bias: torch.Tensor | None, factors: Factors,
                                   base_grid))
             if sparse and k in sparse_ranks(ks):
                 variant(options[-1], ("residual", bits, k, block, base_grid),
-                        lambda k=k: stored_residual(w, res, stats, ref, k, kb))
+                        lambda t, r, k=k, res=res, kb=kb: stored_residual(t, r or res, stats,
+                                                                          ref, k, kb), *family)
     return options
 
 
@@ -243,100 +269,3 @@ def _stored_of(option: Option, w: torch.Tensor, bias: torch.Tensor | None,
         return stored_dense(w, stats, ref, option.bits, block_size,
                             break_even_rank(*w.shape, option.bits, block_size), "bnb", gptq)
     return keep(k_break)
-
-
-@dataclass
-class LayerOptions:
-    """One layer's options, the option each uniform eps picks, its raw sensitivity (None
-    without gradient statistics) and its float16 bytes."""
-
-    options: list[Option]
-    uniform: dict[float, int]
-    sensitivity: float | None
-    fp16: int
-
-
-def raw_sensitivity(work: LayerWork) -> float | None:
-    """How much loss a relative output error of the layer costs, to first order: the mean
-    squared loss gradient of its outputs times their energy; None without gradients."""
-    if work.stats.grad2 is None:
-        return None
-    return (work.stats.grad2 / (work.stats.tokens * work.w.shape[0])
-            * output_norm2(work.w, work.bias, work.stats))
-
-
-def sensitivities(raw: list[float | None]) -> list[float]:
-    """The layers' sensitivities scaled to average 1; all 1 where any is missing."""
-    if any(r is None for r in raw):
-        return [1.0] * len(raw)
-    mean = sum(raw) / len(raw) or 1.0
-    return [r / mean for r in raw]
-
-
-def _uniform(options: list[Option], bits: int, eps: float) -> int:
-    """What a uniform `--eps` picks on this table: the smallest low-rank option at `bits`
-    meeting eps, else the weight at `bits` in the run's blocks if it does, else kept."""
-    low = [i for i, o in enumerate(options) if o.kind == "lowrank" and o.bits == factor_bits(bits)
-           and o.error <= eps and not o.sparse]
-    if low:
-        return min(low, key=lambda i: options[i].rank)
-    dense = [i for i, o in enumerate(options) if o.kind == "dense" and o.bits == bits
-             and o.block is None and o.error <= eps and not o.sparse]
-    return dense[0] if dense else 0
-
-
-def bits_choices(settings: Settings) -> tuple[int, ...]:
-    return tuple(dict.fromkeys((factor_bits(settings.bits), 4, 8)))
-
-
-def measure_layer(work: LayerWork, settings: Settings,
-                  average: tuple[float, float] | None = None,
-                  stored_dtype: torch.dtype | None = None) -> LayerOptions:
-    """Every option of one layer, corrected forms included (the allocator decides where a
-    correction pays), and what each uniform eps would choose; nothing of their tensors.
-    `average`: the bits per weight of the budgets asked for (`bases`); `stored_dtype`: what a
-    kept weight and a bias are stored in where it is not the model's dtype."""
-    residuals = {(b, block, g): (lambda b=b, block=block, g=g: residual_of(
-                     work.w, work.stats, b, block, settings.method, g, settings.gptq))
-                 for b, block, g in bases(settings, average)}
-    # --sparse: linear layers only (the loaders apply a sparse term to matrices, not kernels)
-    nnz = 0 if runtime.conv_of(work.module) else sparse_count(*work.w.shape, settings.sparse)
-    opts = layer_options(work.w, work.bias, work.factors, work.stats, bits_choices(settings),
-                         settings.block_size,
-                         elsize=(stored_dtype or work.module.weight.dtype).itemsize,
-                         residuals=residuals, closed=settings.method == "whiten",
-                         gptq=settings.gptq, sparse=nnz, method=settings.method)
-    uniform = {eps: _uniform(opts, settings.bits, eps) for eps in UNIFORM_EPS}
-    fp16 = 2 * (work.w.numel() + (0 if work.bias is None else work.bias.numel()))
-    return LayerOptions(opts, uniform, raw_sensitivity(work), fp16)
-
-
-@dataclass
-class Measured:
-    """Every layer's options, weighted, and the uniform-eps allocations: what any budget needs."""
-
-    options: list[list[Option]]
-    uniform: dict[float, list[int]]
-    bits_choices: tuple[int, ...]
-    fp16: int
-
-    @classmethod
-    def of(cls, layers: list[LayerOptions], settings: Settings) -> "Measured":
-        """Options weighted by each layer's sensitivity scaled to average 1 (all 1 where
-        a layer has no gradient statistics)."""
-        weights = sensitivities([lo.sensitivity for lo in layers])
-        options = [[replace(o, weight=wt) for o in lo.options] for lo, wt in zip(layers, weights)]
-        uniform = {eps: [lo.uniform[eps] for lo in layers] for eps in UNIFORM_EPS}
-        return cls(options, uniform, bits_choices(settings), sum(lo.fp16 for lo in layers))
-
-
-def measure(works: list[LayerWork], settings: Settings,
-            report: Callable[[str, int, int], None],
-            average: tuple[float, float] | None = None) -> Measured:
-    """`measure_layer` for layers already walked (sweep, tests)."""
-    layers = []
-    for n, work in enumerate(works):
-        report("budget: options per layer", n, len(works))
-        layers.append(measure_layer(work, settings, average))
-    report("budget: options per layer", len(works), len(works))
-    return Measured.of(layers, settings)

@@ -23,7 +23,7 @@ from svdq.models.layers import set_module
 from svdq.pipeline import budget as budgets, product as products
 from svdq.pipeline.forms import codebooks, realize, refitted
 from svdq.pipeline.judge import losses
-from svdq.pipeline.options import Measured, measure_layer
+from svdq.pipeline.measured import Measured, measure_layer
 from svdq.pipeline.walk import Walker
 from svdq.pipeline.work import LayerWork, one_input_at_a_time
 from svdq.plan import LayerPlan

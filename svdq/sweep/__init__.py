@@ -30,7 +30,8 @@ from svdq.models.load import Source
 from svdq.pipeline import budget
 from svdq.pipeline.compress import choose_form, realize
 from svdq.pipeline.judge import judge_of
-from svdq.pipeline.options import RESIDUAL_BASES, measure
+from svdq.pipeline.measured import measure
+from svdq.pipeline.options import RESIDUAL_BASES
 from svdq.pipeline.inputs import calibration_ids
 from svdq.pipeline.walk import analyse
 from svdq.pipeline.work import Clock, LayerWork, Progress

@@ -17,7 +17,7 @@ from svdq.algo.factorize import LayerStats, factorize
 from svdq.cli import app
 from svdq.config import Settings
 from svdq.models import load as hf
-from svdq.pipeline import budget, options
+from svdq.pipeline import budget, measured
 from svdq.pipeline.compress import compress
 from svdq.pipeline.options import layer_options, rank_grid, stored_of
 
@@ -163,14 +163,14 @@ def test_sensitivities_scale_error_to_loss_and_average_one():
             self.stats = LayerStats(x.T @ x, x.sum(0), 50, grad2=grad2)
 
     works = [Work(4, 1.0, 1.0), Work(6, 3.0, 1.0), Work(4, 1.0, 2.0)]
-    weights = options.sensitivities([options.raw_sensitivity(w) for w in works])
+    weights = measured.sensitivities([measured.raw_sensitivity(w) for w in works])
     assert sum(weights) == pytest.approx(3.0)
     raw = [w.stats.grad2 / (50 * w.w.shape[0]) * error.output_norm2(w.w, None, w.stats)
            for w in works]
     assert [a / b for a, b in zip(weights, raw)] == pytest.approx([weights[0] / raw[0]] * 3)
     assert weights[2] == pytest.approx(4 * weights[0])  # doubled weights: 4× the output energy
     works[1].stats.grad2 = None  # without gradients every layer weighs the same
-    assert options.sensitivities([options.raw_sensitivity(w) for w in works]) == [1.0, 1.0, 1.0]
+    assert measured.sensitivities([measured.raw_sensitivity(w) for w in works]) == [1.0, 1.0, 1.0]
 
 
 # ----------------------------------------------------------------------------- end to end

@@ -14,7 +14,7 @@ from svdq.algo.allocate import total
 from svdq.pipeline import budget
 from svdq.pipeline.compress import realize
 from svdq.pipeline.judge import judge_of
-from svdq.pipeline.options import measure
+from svdq.pipeline.measured import measure
 from svdq.pipeline.inputs import calibration_ids
 from svdq.pipeline.walk import analyse
 from svdq.pipeline.work import Clock, swapped

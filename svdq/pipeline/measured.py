@@ -1,0 +1,117 @@
+"""A budget's option tables for a whole model: each layer's table (`pipeline.options`), the
+choices each uniform `--eps` would make on it, and the layers' loss sensitivities, which weight
+every option's error² so that one budget can be shared out across layers (`Measured`).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from typing import Callable
+
+import torch
+
+from svdq import runtime
+from svdq.algo.allocate import Option
+from svdq.algo.error import output_norm2
+from svdq.algo.residual import residual_of
+from svdq.algo.search import factor_bits
+from svdq.algo.sparse import sparse_count
+from svdq.config import Settings
+from svdq.pipeline.options import UNIFORM_EPS, bases, layer_options
+from svdq.pipeline.work import LayerWork
+
+
+@dataclass
+class LayerOptions:
+    """One layer's options, the option each uniform eps picks, its raw sensitivity (None
+    without gradient statistics) and its float16 bytes."""
+
+    options: list[Option]
+    uniform: dict[float, int]
+    sensitivity: float | None
+    fp16: int
+
+
+def raw_sensitivity(work: LayerWork) -> float | None:
+    """How much loss a relative output error of the layer costs, to first order: the mean
+    squared loss gradient of its outputs times their energy; None without gradients."""
+    if work.stats.grad2 is None:
+        return None
+    return (work.stats.grad2 / (work.stats.tokens * work.w.shape[0])
+            * output_norm2(work.w, work.bias, work.stats))
+
+
+def sensitivities(raw: list[float | None]) -> list[float]:
+    """The layers' sensitivities scaled to average 1; all 1 where any is missing."""
+    if any(r is None for r in raw):
+        return [1.0] * len(raw)
+    mean = sum(raw) / len(raw) or 1.0
+    return [r / mean for r in raw]
+
+
+def _uniform(options: list[Option], bits: int, eps: float) -> int:
+    """What a uniform `--eps` picks on this table: the smallest low-rank option at `bits`
+    meeting eps, else the weight at `bits` in the run's blocks if it does, else kept."""
+    low = [i for i, o in enumerate(options) if o.kind == "lowrank" and o.bits == factor_bits(bits)
+           and o.error <= eps and not o.sparse]
+    if low:
+        return min(low, key=lambda i: options[i].rank)
+    dense = [i for i, o in enumerate(options) if o.kind == "dense" and o.bits == bits
+             and o.block is None and o.error <= eps and not o.sparse]
+    return dense[0] if dense else 0
+
+
+def bits_choices(settings: Settings) -> tuple[int, ...]:
+    return tuple(dict.fromkeys((factor_bits(settings.bits), 4, 8)))
+
+
+def measure_layer(work: LayerWork, settings: Settings,
+                  average: tuple[float, float] | None = None,
+                  stored_dtype: torch.dtype | None = None) -> LayerOptions:
+    """Every option of one layer, corrected forms included (the allocator decides where a
+    correction pays), and what each uniform eps would choose; nothing of their tensors.
+    `average`: the bits per weight of the budgets asked for (`bases`); `stored_dtype`: what a
+    kept weight and a bias are stored in where it is not the model's dtype."""
+    residuals = {(b, block, g): (lambda b=b, block=block, g=g: residual_of(
+                     work.w, work.stats, b, block, settings.method, g, settings.gptq))
+                 for b, block, g in bases(settings, average)}
+    # --sparse: linear layers only (the loaders apply a sparse term to matrices, not kernels)
+    nnz = 0 if runtime.conv_of(work.module) else sparse_count(*work.w.shape, settings.sparse)
+    opts = layer_options(work.w, work.bias, work.factors, work.stats, bits_choices(settings),
+                         settings.block_size,
+                         elsize=(stored_dtype or work.module.weight.dtype).itemsize,
+                         residuals=residuals, closed=settings.method == "whiten",
+                         gptq=settings.gptq, sparse=nnz, method=settings.method)
+    uniform = {eps: _uniform(opts, settings.bits, eps) for eps in UNIFORM_EPS}
+    fp16 = 2 * (work.w.numel() + (0 if work.bias is None else work.bias.numel()))
+    return LayerOptions(opts, uniform, raw_sensitivity(work), fp16)
+
+
+@dataclass
+class Measured:
+    """Every layer's options, weighted, and the uniform-eps allocations: what any budget needs."""
+
+    options: list[list[Option]]
+    uniform: dict[float, list[int]]
+    bits_choices: tuple[int, ...]
+    fp16: int
+
+    @classmethod
+    def of(cls, layers: list[LayerOptions], settings: Settings) -> "Measured":
+        """Options weighted by each layer's sensitivity scaled to average 1 (all 1 where
+        a layer has no gradient statistics)."""
+        weights = sensitivities([lo.sensitivity for lo in layers])
+        options = [[replace(o, weight=wt) for o in lo.options] for lo, wt in zip(layers, weights)]
+        uniform = {eps: [lo.uniform[eps] for lo in layers] for eps in UNIFORM_EPS}
+        return cls(options, uniform, bits_choices(settings), sum(lo.fp16 for lo in layers))
+
+
+def measure(works: list[LayerWork], settings: Settings,
+            report: Callable[[str, int, int], None],
+            average: tuple[float, float] | None = None) -> Measured:
+    """`measure_layer` for layers already walked (sweep, tests)."""
+    layers = []
+    for n, work in enumerate(works):
+        report("budget: options per layer", n, len(works))
+        layers.append(measure_layer(work, settings, average))
+    report("budget: options per layer", len(works), len(works))
+    return Measured.of(layers, settings)
