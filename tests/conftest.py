@@ -4,6 +4,7 @@ Nothing here touches the network: HF_HUB_OFFLINE is set before transformers is i
 """
 from __future__ import annotations
 
+import json
 import os
 
 os.environ["HF_HUB_OFFLINE"] = "1"
@@ -15,6 +16,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import transformers
 
 WORDS = ("the of and to in a is that for it as was with be by on not he this are or his from "
          "at which but have an they you were her she there one all we their can has been if "
@@ -224,3 +226,28 @@ def as_format(folder: Path, version: int, checksum: bool = True) -> dict:
         manifest["manifest_sha256"] = runtime.manifest_digest(manifest)
     (folder / runtime.MANIFEST).write_text(json.dumps(manifest))
     return manifest
+
+
+@pytest.fixture(scope="session")
+def spiky(tmp_path_factory) -> dict:
+    """Tiny GPT-2 and Llama whose block layers are rank 3 plus 1% large spikes: where a
+    sparse term pays (truncation alone spends a rank on each spike)."""
+    from svdq.models.layers import targets, weight_of
+
+    root, out = tmp_path_factory.mktemp("spiky"), {}
+    for arch in ("gpt2", "llama"):
+        folder = make_model(arch, root / arch)
+        model = getattr(transformers, json.loads((folder / "config.json").read_text())
+                        ["architectures"][0]).from_pretrained(folder)
+        g = torch.Generator().manual_seed(0)
+        with torch.no_grad():
+            for name in targets(model):
+                m = model.get_submodule(name)
+                o, i = weight_of(m).shape
+                w = torch.randn(o, 3, generator=g) @ torch.randn(3, i, generator=g) / i ** 0.5
+                spikes = torch.randperm(o * i, generator=g)[: o * i // 100]
+                w.view(-1)[spikes] += 3 * torch.randn(len(spikes), generator=g).sign()
+                m.weight.copy_(w.T if m.weight.shape != w.shape else w)
+        model.save_pretrained(folder)
+        out[arch] = folder
+    return out

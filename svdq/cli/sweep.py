@@ -49,6 +49,9 @@ def sweep(
     ratio: str = typer.Option("", help="Comma-separated byte budgets (× fp16 of the target "
                               "layers), one global allocation per method each (as compress "
                               "--ratio), e.g. 0.28,0.35,0.5."),
+    sparse: float = typer.Option(0.0, help="Share of a linear layer's entries it may also keep "
+                                 "exactly, as for compress (budgets: sparse variants among the "
+                                 "options), e.g. 0.005."),
     calib: str = typer.Option("auto", help="wikitext, self, a text file, or a folder of images "
                               "(as for compress)."),
     calib_samples: int = typer.Option(32, help="Calibration sequences."),
@@ -101,7 +104,7 @@ def sweep(
                             method=methods[0] if methods else "", include=tuple(include), exclude=tuple(exclude),
                             calib=calib, calib_samples=calib_samples, calib_len=calib_len,
                             seed=seed, device=device, grid=sw.grid_for(bits_list[0], grid),
-                            gptq=gptq)
+                            gptq=gptq, sparse=sparse)
         if output.exists() and (not output.is_dir() or (any(output.iterdir()) and not overwrite)):
             raise SvdqError(f"{output} exists and is not an empty folder; pass --overwrite or "
                             "choose another -o")

@@ -236,6 +236,7 @@ def run(source: Source, settings: Settings, eps_list: list[float], bits_list: li
             "method": label, "bits": bits, "eps": eps, "ratio": ratio, "target_bytes": nbytes,
             "target_ratio_fp16": nbytes / fp16_bytes, "quality": result["quality"],
             "lowrank_layers": kinds.count("lowrank"), "residual_layers": kinds.count("residual"),
+            "sparse_layers": sum(bool(p.get("sparse_nnz")) for p in plans or []),
             "layers": len(works), "mean_layer_error": None if plans is None else
             sum(p["error"] for p in plans) / len(plans),
             "build_s": round(build_s, 2), "eval_s": round(result.get("seconds", 0.0), 2),

@@ -25,32 +25,6 @@ def run(*args):
     return CliRunner().invoke(app, [str(a) for a in args])
 
 
-@pytest.fixture(scope="module")
-def spiky(tmp_path_factory) -> dict:
-    """Tiny GPT-2 and Llama whose block layers are rank 3 plus 1% large spikes: where a
-    sparse term pays (truncation alone spends a rank on each spike)."""
-    from conftest import make_model
-    from svdq.models.layers import targets, weight_of
-
-    root, out = tmp_path_factory.mktemp("spiky"), {}
-    for arch in ("gpt2", "llama"):
-        folder = make_model(arch, root / arch)
-        model = getattr(transformers, json.loads((folder / "config.json").read_text())
-                        ["architectures"][0]).from_pretrained(folder)
-        g = torch.Generator().manual_seed(0)
-        with torch.no_grad():
-            for name in targets(model):
-                m = model.get_submodule(name)
-                o, i = weight_of(m).shape
-                w = torch.randn(o, 3, generator=g) @ torch.randn(3, i, generator=g) / i ** 0.5
-                spikes = torch.randperm(o * i, generator=g)[: o * i // 100]
-                w.view(-1)[spikes] += 3 * torch.randn(len(spikes), generator=g).sign()
-                m.weight.copy_(w.T if m.weight.shape != w.shape else w)
-        model.save_pretrained(folder)
-        out[arch] = folder
-    return out
-
-
 @pytest.mark.parametrize("arch,extra", [("llama", {}), ("gpt2", {}),
                                         ("llama", {"residual": True, "bits": 4})])
 def test_sparse_term_round_trips_through_every_loader(spiky, calib_file, tmp_path, arch, extra):

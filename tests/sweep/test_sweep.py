@@ -12,6 +12,7 @@ import csv
 import json
 import math
 import re
+from dataclasses import replace
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -359,6 +360,38 @@ def test_residual_and_budget_rows_match_compress(models, calib_file, tmp_path):
         if r["ratio"] is not None:
             assert r["target_bytes"] <= r["ratio"] * results["target_fp16_bytes"]
     assert row_of(rows, "whiten+residual", 4, 0.05)["residual_layers"] > 0
+
+
+def test_rows_with_sparse_terms_match_compress(spiky, calib_file, tmp_path):
+    """`sweep --sparse S` rows, eps and budget, are what `compress --sparse S` builds at the
+    same settings, sparse terms included, and the rows count the layers that have one."""
+    source = hf.load_source(str(spiky["llama"]))
+    settings = Settings(eps=0.05, bits=8, method="svd", calib=str(calib_file), sparse=0.01,
+                        **CALIB)
+    measure, metric = sweep.evaluator(source, (EVAL_TEXT, "eval"), None, CTX, None, 0, 1)
+    plans: list[list[dict]] = []
+    real_variant = sweep._variant
+
+    def recording(model, works, choices, settings_):
+        variant, layer_plans = real_variant(model, works, choices, settings_)
+        plans.append(layer_plans)
+        return variant, layer_plans
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(sweep, "_variant", recording)
+        rows = sweep.run(source, settings, [0.05], [8], measure, metric, methods=["svd"],
+                         ratios=[0.3])["rows"]
+    by_row = {(r["eps"], r["ratio"]): (r, p) for r, p in zip(rows[1:], plans)}
+    fields = ("name", "kind", "rank", "bits", "block_size", "bytes", "sparse_nnz")
+    for key, knob in (((0.05, None), {}), ((None, 0.3), dict(budget_ratio=0.3))):
+        row, plan = by_row[key]
+        fresh = hf.load_source(str(spiky["llama"]))
+        s = replace(settings, **knob)
+        manifest = artifact.save(tmp_path / str(key), fresh, compress(fresh, s), s)
+        assert [tuple(p.get(f) for f in fields) for p in plan] == \
+               [tuple(p.get(f) for f in fields) for p in manifest["layers"]], key
+        assert row["sparse_layers"] == sum(bool(p.get("sparse_nnz")) for p in plan)
+    assert by_row[0.05, None][0]["sparse_layers"] > 0
 
 
 BAD = {
