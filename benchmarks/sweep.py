@@ -44,14 +44,15 @@ def summary(results: dict) -> str:
     """The results as a markdown table, one row per variant in the order they ran."""
     metric = results["metric"]
     lines = [f"| method | bits | eps / budget | bytes vs fp16 | {metric} | low-rank layers | "
-             "corrected layers | frontier |", "|---|---|---|---|---|---|---|---|"]
+             "corrected layers | sparse layers | frontier |", "|---|---|---|---|---|---|---|---|---|"]
     for r in results["rows"]:
         knob = (format(r["eps"], "g") if r["eps"] is not None
                 else f"≤ {r['ratio']:g}" if r.get("ratio") is not None else "-")
         lines.append(f"| {r['method']} | {r['bits'] or '-'} | {knob} | "
                      f"{r['target_ratio_fp16']:.3f} | {r['quality']:.4f} | "
                      f"{r['lowrank_layers']}/{r['layers']} | "
-                     f"{r.get('residual_layers', 0)}/{r['layers']} | {'★' if r['pareto'] else ''} |")
+                     f"{r.get('residual_layers', 0)}/{r['layers']} | "
+                     f"{r.get('sparse_layers', 0)}/{r['layers']} | {'★' if r['pareto'] else ''} |")
     stages = ", ".join(f"{k} {v} s" for k, v in results["analysis_stages_s"].items())
     evals = sum(r["eval_s"] for r in results["rows"])
     lines += ["", f"Analysis once for all settings: {results['analysis_s']} s ({stages}); "
@@ -68,6 +69,7 @@ def main() -> None:
     parser.add_argument("--residual", action="store_true",
                         help="also the quantized weights with low-rank corrections")
     parser.add_argument("--ratio", default="", help="global byte budgets, e.g. 0.28,0.4")
+    parser.add_argument("--sparse", default="", help="sparse term share, e.g. 0.005")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
 
@@ -75,6 +77,7 @@ def main() -> None:
     out = args.out or HERE / "results" / f"sweep_{args.model}"
     common = ["--eps", args.eps, "--bits", args.bits, "--method", args.method,
               *(["--residual"] if args.residual else []), "--ratio", args.ratio,
+              *(["--sparse", args.sparse] if args.sparse else []),
               "--calib", str(calib), "-o", str(out), "--overwrite"]
     if args.model == "smollm2":
         cmd = ["svdq", "sweep", str(assets.fetch("smollm2")), *common, "--ppl", str(evaluation),
@@ -93,6 +96,7 @@ def main() -> None:
         f"python benchmarks/sweep.py {args.model} --eps {shlex.quote(args.eps)} --bits {args.bits} "
         f"--method {args.method}{' --residual' if args.residual else ''}"
         f"{' --ratio ' + args.ratio if args.ratio else ''}"
+        f"{' --sparse ' + args.sparse if args.sparse else ''}"
         f"{' --out ' + str(args.out) if args.out else ''}\n# which ran:\n{shown}\n# wall time: {wall:.0f} s on "
         f"{os.cpu_count()} CPUs\n")
     results = json.loads((out / "results.json").read_text())
