@@ -142,14 +142,19 @@ def best_entries(delta: torch.Tensor, gram: torch.Tensor, k: int) -> torch.Tenso
     dg = delta.double() @ g  # (out, in)
     diag = g.diagonal().clamp_min(1e-12)
     score = dg ** 2 / diag
-    top = torch.topk(score.reshape(-1), min(k, score.numel())).indices
-    rows, cols = top // delta.shape[1], top % delta.shape[1]
-    for r in rows.unique().tolist():
-        j = cols[rows == r]
-        sub = g[j][:, j]
-        damp = 1e-9 * float(sub.diagonal().mean()) * torch.eye(len(j), dtype=sub.dtype,
-                                                                device=sub.device)
-        out[r, j] = torch.linalg.solve(sub + damp, dg[r, j]).float()
+    top = torch.topk(score.reshape(-1), min(k, score.numel())).indices.sort().values
+    rows, cols = top // delta.shape[1], top % delta.shape[1]  # row by row, columns ascending
+    counts = torch.bincount(rows, minlength=delta.shape[0])
+    starts = torch.cumsum(counts, 0) - counts
+    for n in counts.unique().tolist():  # the rows with n entries, solved as one batch
+        if n == 0:
+            continue
+        r = (counts == n).nonzero().squeeze(1)
+        j = cols[starts[r, None] + torch.arange(n, device=r.device)]  # (rows, n)
+        sub = g[j[:, :, None], j[:, None, :]]
+        damp = 1e-9 * sub.diagonal(dim1=1, dim2=2).mean(1)
+        sub = sub + damp[:, None, None] * torch.eye(n, dtype=sub.dtype, device=sub.device)
+        out[r[:, None], j] = torch.linalg.solve(sub, dg[r[:, None], j]).float()
     return out
 
 
