@@ -155,11 +155,12 @@ def floored(options: list[list[Option]], budget: int, bits: int,
 def even(options: list[list[Option]], budget: int, bits: int,
          block_size: int) -> list[tuple[str, list[int]]]:
     """EoRA's recipe as a candidate: one base at `bits` on every layer, each corrected at the
-    same rank — the largest that fits (a layer whose ranks stop below it takes its largest).
-    One such plan per base at `bits` every layer offers; the best estimate is kept. Where the
-    sensitivity weights misjudge (Gemma-3-270M at GPTQ w4 g64 + EoRA r32's bytes: a third of
-    the bytes went to 8-bit layers, perplexity 56.49 against GPTQ + EoRA's 55.59), this plan
-    spends the bytes as EoRA does, and the judge compares."""
+    same rank — the largest that fits (a layer whose ranks stop below it takes its largest
+    below) — then what that leaves spent one rank step at a time on the layers of lowest rank
+    (`_fill`). One such plan per base at `bits` every layer offers; the best estimate is kept.
+    Where the sensitivity weights misjudge (Gemma-3-270M at GPTQ w4 g64 + EoRA r32's bytes: a
+    third of the bytes went to 8-bit layers, perplexity 56.49 against GPTQ + EoRA's 55.59),
+    this plan spends the bytes as EoRA does, and the judge compares."""
     def form(o: Option) -> tuple:
         return (o.bits, o.block or block_size, o.grid)
     keys = {form(o) for o in options[0] if o.kind == "residual" and o.bits == bits}
@@ -174,14 +175,35 @@ def even(options: list[list[Option]], budget: int, bits: int,
         for r in sorted({k for rk in ranked for k in rk}, reverse=True):
             plan = [rk[max(k for k in rk if k <= r)] if any(k <= r for k in rk) else a[0]
                     for rk, a in zip(ranked, alone)]
-            size, cost = total(options, plan)
-            if size <= budget:
-                bits_, block, grid = key
-                name = f"int{bits_} in groups" if grid == "int" else f"{bits_}-bit in blocks"
+            if total(options, plan)[0] <= budget:
+                plan = _fill(options, plan, ranked, budget)
+                cost = total(options, plan)[1]
+                ranks = [options[n][i].rank for n, i in enumerate(plan)]
+                b, block, grid = key
+                name = f"int{b} in groups" if grid == "int" else f"{b}-bit in blocks"
                 if best is None or cost < best[0]:
-                    best = (cost, f"{name} of {block}, rank {r} correction on every layer", plan)
+                    best = (cost, f"{name} of {block}, a correction of rank {min(ranks)}–"
+                                  f"{max(ranks)} on every layer", plan)
                 break
     return [] if best is None else [best[1:]]
+
+
+def _fill(options: list[list[Option]], plan: list[int], ranked: list[dict[int, int]],
+          budget: int) -> list[int]:
+    """`plan` with one layer at a time moved to the next rank of its grid, the layer of lowest
+    rank first (then the cheapest step), while the budget allows."""
+    plan, size = list(plan), total(options, plan)[0]
+    while True:
+        steps = []
+        for n, rk in enumerate(ranked):
+            now = options[n][plan[n]]
+            up = min((k for k in rk if k > now.rank), default=None)
+            if up is not None and size + options[n][rk[up]].bytes - now.bytes <= budget:
+                steps.append((now.rank, options[n][rk[up]].bytes - now.bytes, n, rk[up]))
+        if not steps:
+            return plan
+        _, extra, n, i = min(steps)
+        plan[n], size = i, size + extra
 
 
 def check_fits(found: list, measured: Measured, budget: int) -> None:
