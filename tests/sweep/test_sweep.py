@@ -315,13 +315,8 @@ def test_cli_similarity_on_bert(models, calib_file, tmp_path):
         assert row_of(rows, how, bits, None)["target_bytes"] == expected_bytes(model, how), how
 
 
-def test_residual_and_budget_rows_match_compress(models, calib_file, tmp_path):
-    """`--residual` and `--ratio` rows are the models `compress --residual` / `--ratio` build:
-    the same per-layer plans and bytes; the budget rows fit their budgets, and the baseline
-    in larger blocks is there to compare against."""
-    source = hf.load_source(str(models["llama"]))
-    settings = Settings(eps=0.05, bits=4, method="whiten", calib=str(calib_file), **CALIB)
-    measure, metric = sweep.evaluator(source, (EVAL_TEXT, "eval"), None, CTX, None, 0, 1)
+def run_recording(*args, **kwargs) -> tuple[dict, list[list[dict]]]:
+    """`sweep.run`, and the per-layer plans of every variant it built, in order."""
     plans: list[list[dict]] = []
     real_variant = sweep._variant
 
@@ -332,8 +327,18 @@ def test_residual_and_budget_rows_match_compress(models, calib_file, tmp_path):
 
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(sweep, "_variant", recording)
-        results = sweep.run(source, settings, [0.05], [4], measure, metric, residual=True,
-                            ratios=[0.3, 0.45])
+        return sweep.run(*args, **kwargs), plans
+
+
+def test_residual_and_budget_rows_match_compress(models, calib_file, tmp_path):
+    """`--residual` and `--ratio` rows are the models `compress --residual` / `--ratio` build:
+    the same per-layer plans and bytes; the budget rows fit their budgets, and the baseline
+    in larger blocks is there to compare against."""
+    source = hf.load_source(str(models["llama"]))
+    settings = Settings(eps=0.05, bits=4, method="whiten", calib=str(calib_file), **CALIB)
+    measure, metric = sweep.evaluator(source, (EVAL_TEXT, "eval"), None, CTX, None, 0, 1)
+    results, plans = run_recording(source, settings, [0.05], [4], measure, metric,
+                                   residual=True, ratios=[0.3, 0.45])
     rows = results["rows"]
     by_row = {(r["method"], r["bits"], r["eps"], r["ratio"]): p for r, p in zip(rows[1:], plans)}
     assert set(by_row) == {("fp16", 16, None, None), ("bnb-nf4", 4, None, None),
@@ -369,18 +374,9 @@ def test_rows_with_sparse_terms_match_compress(spiky, calib_file, tmp_path):
     settings = Settings(eps=0.05, bits=8, method="svd", calib=str(calib_file), sparse=0.01,
                         **CALIB)
     measure, metric = sweep.evaluator(source, (EVAL_TEXT, "eval"), None, CTX, None, 0, 1)
-    plans: list[list[dict]] = []
-    real_variant = sweep._variant
-
-    def recording(model, works, choices, settings_):
-        variant, layer_plans = real_variant(model, works, choices, settings_)
-        plans.append(layer_plans)
-        return variant, layer_plans
-
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(sweep, "_variant", recording)
-        rows = sweep.run(source, settings, [0.05], [8], measure, metric, methods=["svd"],
-                         ratios=[0.3])["rows"]
+    results, plans = run_recording(source, settings, [0.05], [8], measure, metric,
+                                   methods=["svd"], ratios=[0.3])
+    rows = results["rows"]
     by_row = {(r["eps"], r["ratio"]): (r, p) for r, p in zip(rows[1:], plans)}
     fields = ("name", "kind", "rank", "bits", "block_size", "bytes", "sparse_nnz")
     for key, knob in (((0.05, None), {}), ((None, 0.3), dict(budget_ratio=0.3))):
