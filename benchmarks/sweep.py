@@ -70,6 +70,8 @@ def main() -> None:
                         help="also the quantized weights with low-rank corrections")
     parser.add_argument("--ratio", default="", help="global byte budgets, e.g. 0.28,0.4")
     parser.add_argument("--sparse", default="", help="sparse term share, e.g. 0.005")
+    parser.add_argument("--no-baselines", action="store_true",
+                        help="the source and the settings alone (the baselines of another run)")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
 
@@ -78,6 +80,7 @@ def main() -> None:
     common = ["--eps", args.eps, "--bits", args.bits, "--method", args.method,
               *(["--residual"] if args.residual else []), "--ratio", args.ratio,
               *(["--sparse", args.sparse] if args.sparse else []),
+              *(["--no-baselines"] if args.no_baselines else []),
               "--calib", str(calib), "-o", str(out), "--overwrite"]
     if args.model == "smollm2":
         cmd = ["svdq", "sweep", str(assets.fetch("smollm2")), *common, "--ppl", str(evaluation),
@@ -97,6 +100,7 @@ def main() -> None:
         f"--method {args.method}{' --residual' if args.residual else ''}"
         f"{' --ratio ' + args.ratio if args.ratio else ''}"
         f"{' --sparse ' + args.sparse if args.sparse else ''}"
+        f"{' --no-baselines' if args.no_baselines else ''}"
         f"{' --out ' + str(args.out) if args.out else ''}\n# which ran:\n{shown}\n# wall time: {wall:.0f} s on "
         f"{os.cpu_count()} CPUs\n")
     results = json.loads((out / "results.json").read_text())

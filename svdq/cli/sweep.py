@@ -52,6 +52,10 @@ def sweep(
     sparse: float = typer.Option(0.0, help="Share of a linear layer's entries it may also keep "
                                  "exactly, as for compress (budgets: sparse variants among the "
                                  "options), e.g. 0.005."),
+    with_baselines: bool = typer.Option(True, "--baselines/--no-baselines",
+                                        help="Also the quantization-only baselines (GPTQ, "
+                                        "bitsandbytes, float16); --no-baselines: the source "
+                                        "and the settings asked for alone."),
     calib: str = typer.Option("auto", help="wikitext, self, a text file, or a folder of images "
                               "(as for compress)."),
     calib_samples: int = typer.Option(32, help="Calibration sequences."),
@@ -125,7 +129,7 @@ def sweep(
         bar, progress = progress_bar()
         with bar:
             results = sw.run(source, settings, eps_list, bits_list, measure, metric, progress,
-                             methods, residual, ratios, grid)
+                             methods, residual, ratios, grid, with_baselines)
         results["evaluation"] = {"text": text[1] if text else similarity or str(accuracy),
                                  "max_tokens": max_tokens,
                                  "ctx": ctx, "stride": stride, "lines": len(lines or [])}

@@ -147,8 +147,10 @@ def evaluator(source: Source, text: tuple[str, str] | None, lines: list[str] | N
 def run(source: Source, settings: Settings, eps_list: list[float], bits_list: list[int],
         evaluate: Evaluate, metric: Metric, progress: Progress | None = None,
         methods: list[str] | None = None, residual: bool = False,
-        ratios: list[float] | None = None, grid: str = "auto") -> dict:
-    """Analyse once, then evaluate baselines and every (method, bits, eps) setting.
+        ratios: list[float] | None = None, grid: str = "auto", with_baselines: bool = True
+        ) -> dict:
+    """Analyse once, then evaluate baselines (unless not `with_baselines`: the source alone)
+    and every (method, bits, eps) setting.
 
     `methods` defaults to `settings.method`; the calibration statistics serve them all, and
     each method factorizes each layer once. `residual` adds, per method, bits and eps, the
@@ -180,8 +182,9 @@ def run(source: Source, settings: Settings, eps_list: list[float], bits_list: li
                      Callable[[], list[Stored]] | None]] = [
         ("source", None, None, None, None),
         ("fp16", 16, None, None, lambda: [_dense(w, 16, settings.block_size) for w in works]),
-    ]
-    for label, b, block, g, gptq in baselines(bits_list, settings, bool(ratios), grid):
+    ][:2 if with_baselines else 1]
+    for label, b, block, g, gptq in (baselines(bits_list, settings, bool(ratios), grid)
+                                     if with_baselines else []):
         jobs.append((label, b, None, None, lambda b=b, k=block, g=g, q=gptq:
                      [_dense(w, b, k, g, q) for w in works]))
     for method in methods:

@@ -369,14 +369,16 @@ def test_residual_and_budget_rows_match_compress(models, calib_file, tmp_path):
 
 def test_rows_with_sparse_terms_match_compress(spiky, calib_file, tmp_path):
     """`sweep --sparse S` rows, eps and budget, are what `compress --sparse S` builds at the
-    same settings, sparse terms included, and the rows count the layers that have one."""
+    same settings, sparse terms included, and the rows count the layers that have one; with
+    `--no-baselines` the source is the only other row."""
     source = hf.load_source(str(spiky["llama"]))
     settings = Settings(eps=0.05, bits=8, method="svd", calib=str(calib_file), sparse=0.01,
                         **CALIB)
     measure, metric = sweep.evaluator(source, (EVAL_TEXT, "eval"), None, CTX, None, 0, 1)
     results, plans = run_recording(source, settings, [0.05], [8], measure, metric,
-                                   methods=["svd"], ratios=[0.3])
+                                   methods=["svd"], ratios=[0.3], with_baselines=False)
     rows = results["rows"]
+    assert [r["method"] for r in rows] == ["source", "svd", "svd budget"]  # no baselines
     by_row = {(r["eps"], r["ratio"]): (r, p) for r, p in zip(rows[1:], plans)}
     fields = ("name", "kind", "rank", "bits", "block_size", "bytes", "sparse_nnz")
     for key, knob in (((0.05, None), {}), ((None, 0.3), dict(budget_ratio=0.3))):
