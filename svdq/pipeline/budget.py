@@ -7,7 +7,7 @@ settings that fits. A layer's weight is its loss sensitivity (`calibration.gradi
 mean squared loss gradient of its outputs times its output energy, so weight · error²
 estimates the loss damage of its output error. That estimate is first-order: `candidates`
 are the plans allocated under each error cap and the most exact plain quantization that fits
-(with `--sparse`, also the best estimate's allocation without sparse terms, so more options
+(with `--sparse`, also every plan a run without sparse terms would judge, so more options
 never cost calibration loss), and a judge (the calibration loss of each plan, run end to end)
 picks among them.
 
@@ -77,7 +77,9 @@ def candidates(measured: Measured, budget: int, block_size: int) -> list[tuple[s
     estimate first: the sensitivity-optimal one under each of `ERROR_CAPS` the budget allows
     (without any cap if it allows none), then the most exact uniform quantization without
     correction that fits (every layer at the most bits, then the smallest blocks, the budget
-    allows). Duplicates are dropped; none: nothing fits (`check_fits` says so)."""
+    allows), the floored and even plans; with sparse variants among the options, then every
+    plan the same options without them give. Duplicates are dropped; none: nothing fits
+    (`check_fits` says so)."""
     options = measured.options
     found: list[tuple[str, list[int]]] = []
     for cap in ERROR_CAPS:
@@ -95,18 +97,17 @@ def candidates(measured: Measured, budget: int, block_size: int) -> list[tuple[s
             found.append(("no error cap", allocate(options, budget, list(measured.uniform.values()))))
         except ValueError:
             return []
-    if any(o.sparse for opts in options for o in opts) and found:  # and the same without them
-        label = found[0][0]
-        cap = next((c for c in ERROR_CAPS if label == f"error cap {c:g}"), math.inf)
-        plain_idx = [[i for i, o in enumerate(opts) if not o.sparse and o.error <= cap]
-                     for opts in options]
-        sub = [[options[n][i] for i in idx] for n, idx in enumerate(plain_idx)]
-        try:
-            picks = allocate(sub, budget, [])
-            found.append((f"{label}, no sparse terms",
-                          [plain_idx[n][j] for n, j in enumerate(picks)]))
-        except ValueError:
-            pass
+    if any(o.sparse for opts in options for o in opts):  # and all a run without them judges
+        keep = [[i for i, o in enumerate(opts) if not o.sparse] for opts in options]
+        where = [{i: j for j, i in enumerate(idx)} for idx in keep]
+        plain = replace(measured, options=[[opts[i] for i in idx]
+                                           for opts, idx in zip(options, keep)],
+                        uniform={eps: [where[n][i] for n, i in enumerate(c)]
+                                 for eps, c in measured.uniform.items()})
+        without = [(f"{label}, no sparse terms", [keep[n][j] for n, j in enumerate(plan)])
+                   for label, plan in candidates(plain, budget, block_size)]
+    else:
+        without = []
     forms = {(o.bits, o.block or block_size, o.grid) for o in options[0]
              if o.kind == "dense" and not o.sparse}
     plain = []
@@ -126,7 +127,7 @@ def candidates(measured: Measured, budget: int, block_size: int) -> list[tuple[s
         found += floored(options, budget, bits, plan)
         found += even(options, budget, bits, block_size)
     unique: dict[tuple[int, ...], str] = {}
-    for label, plan in found:
+    for label, plan in found + without:
         unique.setdefault(tuple(plan), label)
     return [(label, list(plan)) for plan, label in unique.items()]
 
