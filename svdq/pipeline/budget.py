@@ -100,12 +100,12 @@ def candidates(measured: Measured, budget: int, block_size: int) -> list[tuple[s
     if any(o.sparse for opts in options for o in opts):  # and all a run without them judges
         keep = [[i for i, o in enumerate(opts) if not o.sparse] for opts in options]
         where = [{i: j for j, i in enumerate(idx)} for idx in keep]
-        plain = replace(measured, options=[[opts[i] for i in idx]
-                                           for opts, idx in zip(options, keep)],
-                        uniform={eps: [where[n][i] for n, i in enumerate(c)]
-                                 for eps, c in measured.uniform.items()})
+        sparse_free = replace(measured, options=[[opts[i] for i in idx]
+                                                 for opts, idx in zip(options, keep)],
+                              uniform={eps: [where[n][i] for n, i in enumerate(c)]
+                                       for eps, c in measured.uniform.items()})
         without = [(f"{label}, no sparse terms", [keep[n][j] for n, j in enumerate(plan)])
-                   for label, plan in candidates(plain, budget, block_size)]
+                   for label, plan in candidates(sparse_free, budget, block_size)]
     else:
         without = []
     forms = {(o.bits, o.block or block_size, o.grid) for o in options[0]

@@ -150,11 +150,13 @@ def layer_options(w: torch.Tensor, bias: torch.Tensor | None, factors: Factors,
         """The form plus a sparse term: the better of the term on the form as it is and on the
         form rebuilt from its family's refit to W − S (`make(target, refit or None)`). A base
         and its corrections are one family: one quantization and SVD, S what its largest
-        sparse form leaves (a GPTQ base per variant made budgets with `--sparse` 5.8× slower
-        on MiniLM). The build of a chosen variant refits it on its own term (`plus_sparse`)."""
+        sparse form (`top()`) leaves (a GPTQ base per variant made budgets with `--sparse`
+        5.8× slower on MiniLM); `top` None: the form is a family of its own. The build of a
+        chosen variant refits it on its own term (`plus_sparse`)."""
         def both() -> Stored:
-            plain = with_sparse(w, make(w, None), stats, ref, sparse)
-            target, again = refit_of(family, top, refit)
+            form = make(w, None)
+            plain = with_sparse(w, form, stats, ref, sparse)
+            target, again = refit_of(family, top or (lambda: form), refit)
             return min(plain, with_sparse(w, make(target, again), stats, ref, sparse),
                        key=lambda s: s.error)
         err = measured((*key, "sparse", sparse), both)
@@ -183,8 +185,8 @@ def layer_options(w: torch.Tensor, bias: torch.Tensor | None, factors: Factors,
             if sparse and k in sparse_ranks(ks):  # a family of its own: the spikes a rank
                 make = (lambda t, f, k=k, bits=bits, kb=kb:  # leaves depend on the rank
                         stored_lowrank(t, f or factors, stats, ref, k, bits, block_size, kb))
-                variant(options[-1], ("lowrank", bits, k), make, f"lowrank {bits} {k}",
-                        lambda make=make: make(w, None), lambda t: factorize(method, t, stats))
+                variant(options[-1], ("lowrank", bits, k), make, f"lowrank {bits} {k}", None,
+                        lambda t: factorize(method, t, stats))
     for key, res in (residuals or {}).items():
         bits, block, base_grid = (*key, "bnb")[:3]
         res = res() if callable(res) else res
