@@ -59,6 +59,7 @@ class Options:
 
 
 LOSSES = {"causal": "kl_next_token", "encoder": "1-cos_pooled", "images": "kl_class"}
+ENCODER_LEN = 128  # longer encoder sequences get a warning (RESULTS.md, Recovery: MiniLM)
 
 
 def distill_loss(student: nn.Module, teacher: nn.Module, ids: torch.Tensor, causal: bool
@@ -226,6 +227,11 @@ def finetune(path: str | Path, out: Path, opt: Options = Options(), overwrite: b
     if opt.checkpointing:
         _checkpoint_blocks(student)
     causal = bool(getattr(teacher, "can_generate", lambda: False)())
+    if warn and not images and not causal and opt.seq_len > ENCODER_LEN:
+        warn(f"an encoder distils on the pooled embedding of each whole sequence, so at "
+             f"{opt.seq_len} tokens it is tuned for texts that long (on MiniLM, 256-token "
+             "sequences lowered the similarity of sentences); train at about the length of the "
+             "texts it embeds (finetune --seq-len, compress --calib-len; 32 for sentences)")
     if images:
         processor = transformers.AutoImageProcessor.from_pretrained(str(path))
         train_ids, val_ids, text = data.pictures(processor, opt.calib, opt.samples,

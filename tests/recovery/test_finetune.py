@@ -190,3 +190,19 @@ def test_train_factors_requantizes_them_on_their_grid(artifacts, calib_file, tmp
     codes = [k for k in old if k.endswith((".svdq.u.codes", ".svdq.v.codes"))]
     assert codes and any(not torch.equal(old[k], new[k]) for k in codes)
     svdq.load(tmp_path / "ft")
+
+
+def test_an_encoder_trained_on_long_sequences_gets_a_warning(artifacts, calib_file, tmp_path,
+                                                             monkeypatch):
+    """An encoder's loss pools whole sequences: sequences longer than ENCODER_LEN tune it for
+    long texts (MiniLM's sentence similarity fell), which the user hears; a causal LM's loss
+    is per token and gets none."""
+    opt = ft.Options(steps=1, seq_len=32, eval_every=1, calib=str(calib_file))
+    heard = {}
+    for arch, limit in (("bert", 128), ("bert", 16), ("llama", 16)):
+        monkeypatch.setattr(ft, "ENCODER_LEN", limit)
+        warnings: list[str] = []
+        ft.finetune(artifacts[arch], tmp_path / f"{arch}{limit}", opt, warn=warnings.append)
+        heard[arch, limit] = [w for w in warnings if "pooled embedding" in w]
+    assert heard["bert", 128] == [] and heard["llama", 16] == []
+    assert len(heard["bert", 16]) == 1 and "--seq-len" in heard["bert", 16][0]
