@@ -2,7 +2,7 @@
 
     python benchmarks/recovery.py smollm2 --ratio 0.281 --steps 200
            [--schedules single,progressive,layerwise] [--stages 4] [--groups 3]
-           [--no-plain] [--lr 1e-4] [--out benchmarks/results] [--tag NAME]
+           [--no-plain] [--lr 1e-4] [--out benchmarks/results] [--tag NAME] [--resume]
 
 For each schedule, `svdq compress` at `--ratio` without fine-tuning (unless `--no-plain`) and
 with `--steps` fine-tuning steps in all, shared out over the schedule's stages (single: all
@@ -10,13 +10,16 @@ after its one compression; progressive: steps / stages after each; layerwise: st
 groups), then `svdq eval` of each artifact on held-out text: SmolLM2 perplexity on the bench
 text's eval split (ctx 1024, 16,384 tokens), MiniLM cosine similarity to the source on its
 sentences. Calibration and fine-tuning text: the split's calib part. Every run is a child
-process; its wall time is recorded. Writes `recovery_MODEL_rRATIO[_TAG].md` and `.json`.
+process; its wall time is recorded. Writes `recovery_MODEL_rRATIO[_TAG].md` and `.json`
+after every row (a SmolLM2 table takes hours); `--resume` keeps the rows of an earlier run of
+the same command and runs only the missing ones. Each artifact is removed once scored.
 """
 from __future__ import annotations
 
 import argparse
 import json
 import platform
+import shutil
 import shlex
 import subprocess
 import sys
@@ -51,7 +54,26 @@ def main() -> None:
     parser.add_argument("--no-plain", action="store_true")
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
     parser.add_argument("--tag", default="")
+    parser.add_argument("--resume", action="store_true",
+                        help="keep the rows an earlier run of this command recorded")
     args = parser.parse_args()
+    tag = f"recovery_{args.model}_r{args.ratio}" + (f"_{args.tag}" if args.tag else "")
+    args.out.mkdir(parents=True, exist_ok=True)
+    command = shlex.join(["python", "benchmarks/recovery.py",
+                          *(a for a in sys.argv[1:] if a != "--resume")])
+    record = {"command": command, "machine": platform.platform(), "rows": []}
+    if args.resume and (args.out / f"{tag}.json").exists():
+        earlier = json.loads((args.out / f"{tag}.json").read_text())
+        if earlier["command"] != command:
+            raise SystemExit(f"--resume: {tag}.json was made by `{earlier['command']}`, "
+                             "not this command; run it without --resume or with its arguments")
+        record["rows"] = earlier["rows"]
+    done = {r["variant"] for r in record["rows"]}
+
+    def save(row: dict) -> None:
+        record["rows"].append(row)
+        (args.out / f"{tag}.json").write_text(json.dumps(record, indent=1))
+        (args.out / f"{tag}.md").write_text(render(record, args.model))
 
     calib, evaluation, sentences = split_text(assets.cache_dir() / "bench-text")
     model = str(assets.fetch(args.model))
@@ -60,13 +82,14 @@ def main() -> None:
     else:
         score = ["--similarity", str(sentences)]
     work = Path(tempfile.mkdtemp(prefix="svdq-recovery-"))
-    rows = []
-    if args.model == "smollm2":  # (an encoder's similarity to itself is 1)
+    if args.model == "smollm2" and "source" not in done:  # (an encoder's similarity is 1)
         base, seconds = run(["svdq", "eval", model, *score, "--json"])
-        rows.append({"variant": "source", "eval": base, "seconds": round(seconds, 1)})
+        save({"variant": "source", "eval": base, "seconds": round(seconds, 1)})
     for sched in args.schedules.split(","):
         n = {"single": 1, "progressive": args.stages, "layerwise": args.groups}[sched]
         for steps in ([] if args.no_plain else [0]) + [args.steps]:
+            if f"{sched}, {steps} steps" in done:
+                continue
             out = work / f"{sched}-{steps}"
             cmd = ["svdq", "compress", model, "--ratio", str(args.ratio), "--calib", str(calib),
                    "-o", str(out), "--json", "--schedule", sched, "--stages", str(args.stages),
@@ -74,17 +97,14 @@ def main() -> None:
                    "--finetune-lr", args.lr]
             made, seconds = run(cmd)
             scored, _ = run(["svdq", "eval", str(out), *score, "--json"])
-            rows.append({"variant": f"{sched}, {steps} steps", "command": shlex.join(cmd),
-                         "seconds": round(seconds, 1), "bytes": made["totals"]["artifact_tensor_bytes"],
-                         "ratio_fp16": made["totals"]["checkpoint_ratio_fp16"],
-                         "target_ratio_fp16": made["totals"]["target_ratio_fp16"],
-                         "schedule": made.get("schedule"), "eval": scored})
-            print(json.dumps(rows[-1]["eval"]), rows[-1]["variant"], rows[-1]["seconds"], flush=True)
-    tag = f"recovery_{args.model}_r{args.ratio}" + (f"_{args.tag}" if args.tag else "")
-    args.out.mkdir(parents=True, exist_ok=True)
-    record = {"command": shlex.join(sys.argv), "machine": platform.platform(), "rows": rows}
-    (args.out / f"{tag}.json").write_text(json.dumps(record, indent=1))
-    (args.out / f"{tag}.md").write_text(render(record, args.model))
+            shutil.rmtree(out)
+            save({"variant": f"{sched}, {steps} steps", "command": shlex.join(cmd),
+                  "seconds": round(seconds, 1), "bytes": made["totals"]["artifact_tensor_bytes"],
+                  "ratio_fp16": made["totals"]["checkpoint_ratio_fp16"],
+                  "target_ratio_fp16": made["totals"]["target_ratio_fp16"],
+                  "schedule": made.get("schedule"), "eval": scored})
+            print(json.dumps(scored), f"{sched}, {steps} steps", round(seconds, 1), flush=True)
+    shutil.rmtree(work, ignore_errors=True)
     print(render(record, args.model))
 
 
