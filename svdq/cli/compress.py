@@ -95,6 +95,9 @@ def compress(
                                        "steps by distillation from MODEL on the calibration "
                                        "text (as `svdq finetune`); 0: none."),
     finetune_lr: float = typer.Option(1e-4, help="Peak learning rate of that fine-tuning."),
+    finetune_seq_len: int = typer.Option(None, help="Tokens per sequence of that fine-tuning "
+                                         "(as `svdq finetune --seq-len`; default 256, an "
+                                         "encoder 128)."),
     as_json: bool = typer.Option(False, "--json", help="Print a JSON summary instead of tables."),
 ) -> None:
     """Compress MODEL into an artifact folder."""
@@ -126,8 +129,7 @@ def compress(
             if finetune_steps < 0:
                 raise SvdqError(f"--finetune-steps must be 0 or more, got {finetune_steps}")
             opt = ft.Options(steps=finetune_steps, lr=finetune_lr, calib=calib, seed=seed,
-                             seq_len=min(256, calib_len)) \
-                if finetune_steps else None
+                             seq_len=finetune_seq_len) if finetune_steps else None
             if opt is not None:
                 opt.check()
             with outdir.locked(output):

@@ -20,7 +20,9 @@ def finetune(
     steps: int = typer.Option(200, help="Optimizer steps at most."),
     lr: float = typer.Option(1e-4, help="Peak learning rate (AdamW; warm-up, then linear decay)."),
     batch_size: int = typer.Option(4, help="Sequences per step."),
-    seq_len: int = typer.Option(256, help="Tokens per sequence."),
+    seq_len: int = typer.Option(None, help="Tokens per sequence (default 256; an encoder "
+                                "128, since it is tuned for texts as long as these: 32 for "
+                                "sentences)."),
     samples: int = typer.Option(512, help="Training sequences at most."),
     val_samples: int = typer.Option(8, help="Held-out sequences for the validation loss."),
     eval_every: int = typer.Option(25, help="Steps between validation losses."),

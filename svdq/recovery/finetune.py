@@ -15,7 +15,7 @@ import json
 import math
 import shutil
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Callable
 
@@ -36,7 +36,7 @@ class Options:
     steps: int = 200
     lr: float = 1e-4
     batch_size: int = 4
-    seq_len: int = 256
+    seq_len: int | None = None  # None: SEQ_LEN, an encoder ENCODER_LEN (within its context)
     samples: int = 512  # training sequences at most (the text may hold fewer)
     val_samples: int = 8
     eval_every: int = 25
@@ -49,7 +49,7 @@ class Options:
 
     def check(self) -> None:
         for name in ("steps", "batch_size", "seq_len", "samples", "val_samples", "eval_every"):
-            if getattr(self, name) < 1:
+            if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise SvdqError(f"--{name.replace('_', '-')} must be at least 1, got "
                                 f"{getattr(self, name)}")
         if self.patience < 1:
@@ -59,7 +59,11 @@ class Options:
 
 
 LOSSES = {"causal": "kl_next_token", "encoder": "1-cos_pooled", "images": "kl_class"}
-ENCODER_LEN = 128  # longer encoder sequences get a warning (RESULTS.md, Recovery: MiniLM)
+SEQ_LEN = 256  # tokens per training sequence by default
+# An encoder's loss pools whole sequences, so it is tuned for texts as long as its training
+# sequences: on MiniLM 256 tokens lowered sentence similarity, 128 did not (RESULTS.md,
+# Recovery: MiniLM). Its default, and longer ones asked for get a warning.
+ENCODER_LEN = 128
 
 
 def distill_loss(student: nn.Module, teacher: nn.Module, ids: torch.Tensor, causal: bool
@@ -216,6 +220,11 @@ def finetune(path: str | Path, out: Path, opt: Options = Options(), overwrite: b
             raise SvdqError(str(e).replace("drop --baseline", "fine-tuning distils from it")) from None
     teacher = teacher.to(device).eval()
     context = None if images else max_context(teacher)
+    causal = bool(getattr(teacher, "can_generate", lambda: False)())
+    asked = opt.seq_len
+    if asked is None:
+        default = SEQ_LEN if images or causal else ENCODER_LEN
+        opt = replace(opt, seq_len=default if context is None else min(default, context))
     if context is not None and opt.seq_len > context:
         raise SvdqError(f"--seq-len {opt.seq_len} is longer than the model's {context} positions; "
                         f"give --seq-len {context} or less")
@@ -226,8 +235,7 @@ def finetune(path: str | Path, out: Path, opt: Options = Options(), overwrite: b
     student.to(device).eval()  # eval: no dropout; the gradients flow all the same
     if opt.checkpointing:
         _checkpoint_blocks(student)
-    causal = bool(getattr(teacher, "can_generate", lambda: False)())
-    if warn and not images and not causal and opt.seq_len > ENCODER_LEN:
+    if warn and not images and not causal and asked is not None and asked > ENCODER_LEN:
         warn(f"an encoder distils on the pooled embedding of each whole sequence, so at "
              f"{opt.seq_len} tokens it is tuned for texts that long (on MiniLM, 256-token "
              "sequences lowered the similarity of sentences); train at about the length of the "

@@ -206,3 +206,19 @@ def test_an_encoder_trained_on_long_sequences_gets_a_warning(artifacts, calib_fi
         heard[arch, limit] = [w for w in warnings if "pooled embedding" in w]
     assert heard["bert", 128] == [] and heard["llama", 16] == []
     assert len(heard["bert", 16]) == 1 and "--seq-len" in heard["bert", 16][0]
+
+
+def test_the_default_length_suits_the_kind_of_model(artifacts, calib_file, tmp_path, monkeypatch):
+    """Without --seq-len a causal LM trains on SEQ_LEN-token sequences and an encoder on
+    ENCODER_LEN-token ones (no warning: the user asked for nothing longer), each within its
+    context; the manifest records the length used."""
+    monkeypatch.setattr(ft, "SEQ_LEN", 24)
+    monkeypatch.setattr(ft, "ENCODER_LEN", 16)
+    opt = ft.Options(steps=1, eval_every=1, calib=str(calib_file))
+    used = {}
+    for arch in ("bert", "llama"):
+        warnings: list[str] = []
+        record = ft.finetune(artifacts[arch], tmp_path / arch, opt, warn=warnings.append)
+        used[arch] = record["options"]["seq_len"], record["text"]["length"]
+        assert not [w for w in warnings if "pooled embedding" in w]
+    assert used == {"bert": (16, 16), "llama": (24, 24)}

@@ -58,6 +58,8 @@ def test_every_schedule_ends_at_the_requested_budget(models, calib_file, tmp_pat
     stages = manifest["schedule"]["stages"]
     assert len(stages) == (1 if how[0] == "--finetune-steps" else 2)
     assert len(manifest["recovery"]) == 1 and all("val_loss_after" in s for s in stages)
+    context = json.loads((Path(models["gpt2"]) / "config.json").read_text())["n_positions"]
+    assert manifest["recovery"][0]["options"]["seq_len"] == min(256, context)  # a causal LM's
     svdq.load(tmp_path / "out")
     card = (tmp_path / "out" / "README.md").read_text()
     assert "schedule" in card and "fine-tuned" in card
@@ -85,6 +87,9 @@ def test_bad_schedules_get_one_line(models, calib_file, tmp_path):
              ("--schedule", "layerwise", "--include", "*.mlp.*"): "--exclude",
              ("--finetune-steps", "-1"): "--finetune-steps",
              ("--finetune-steps", "3", "--finetune-lr", "0"): "--lr",
+             ("--finetune-steps", "3", "--finetune-seq-len", "0"): "--seq-len",
+             ("--finetune-steps", "3", "--finetune-seq-len", "100000", "--ratio", "0.3"):
+                 "--finetune-seq-len 100000",
              ("--schedule", "layerwise", "--groups", "9", "--eps", "0.3"): "more than"}
     for extra, word in cases.items():
         assert word in one_line_error(compress(m, tmp_path / "o", calib_file, *extra)), extra
