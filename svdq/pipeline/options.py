@@ -156,7 +156,11 @@ def layer_options(w: torch.Tensor, bias: torch.Tensor | None, factors: Factors,
         def both() -> Stored:
             form = make(w, None)
             plain = with_sparse(w, form, stats, ref, sparse)
-            target, again = refit_of(family, top or (lambda: form), refit)
+            if top is None:  # the family is this form alone: its S is the one just chosen
+                target = w.float() - plain.sparse.dense()
+                again = refit(target)
+            else:
+                target, again = refit_of(family, top, refit)
             return min(plain, with_sparse(w, make(target, again), stats, ref, sparse),
                        key=lambda s: s.error)
         err = measured((*key, "sparse", sparse), both)
