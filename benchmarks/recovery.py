@@ -12,7 +12,7 @@ text's eval split (ctx 1024, 16,384 tokens), MiniLM cosine similarity to the sou
 sentences. Calibration and fine-tuning text: the split's calib part. Every run is a child
 process; its wall time is recorded. Writes `recovery_MODEL_rRATIO[_TAG].md` and `.json`
 after every row (a SmolLM2 table takes hours); `--resume` keeps the rows of an earlier run of
-the same command and runs only the missing ones. Each artifact is removed once scored.
+the same command (wherever its `--out` was) and runs only the missing ones. Each artifact is removed once scored.
 """
 from __future__ import annotations
 
@@ -64,7 +64,7 @@ def main() -> None:
     record = {"command": command, "machine": platform.platform(), "rows": []}
     if args.resume and (args.out / f"{tag}.json").exists():
         earlier = json.loads((args.out / f"{tag}.json").read_text())
-        if earlier["command"] != command:
+        if _without_out(earlier["command"]) != _without_out(command):
             raise SystemExit(f"--resume: {tag}.json was made by `{earlier['command']}`, "
                              "not this command; run it without --resume or with its arguments")
         record["rows"] = earlier["rows"]
@@ -106,6 +106,16 @@ def main() -> None:
             print(json.dumps(scored), f"{sched}, {steps} steps", round(seconds, 1), flush=True)
     shutil.rmtree(work, ignore_errors=True)
     print(render(record, args.model))
+
+
+def _without_out(command: str) -> str:
+    """A recorded command but for where it wrote (a resumed run may write elsewhere)."""
+    words = shlex.split(command)
+    for i, w in enumerate(words):
+        if w == "--out" and i + 1 < len(words):
+            del words[i: i + 2]
+            break
+    return shlex.join(words)
 
 
 def _metric(row: dict, model: str) -> str:
