@@ -11,8 +11,9 @@ groups), then `svdq eval` of each artifact on held-out text: SmolLM2 perplexity 
 text's eval split (ctx 1024, 16,384 tokens), MiniLM cosine similarity to the source on its
 sentences. Calibration and fine-tuning text: the split's calib part. Every run is a child
 process; its wall time is recorded. Writes `recovery_MODEL_rRATIO[_TAG].md` and `.json`
-after every row (a SmolLM2 table takes hours); `--resume` keeps the rows of an earlier run of
-the same command (wherever its `--out` was) and runs only the missing ones. Each artifact is removed once scored.
+after every row (a SmolLM2 table takes hours); `--resume` keeps the rows of an earlier run
+of the same command (wherever its `--out` was) and runs only the missing ones. Each artifact
+is removed once scored.
 """
 from __future__ import annotations
 
