@@ -66,6 +66,13 @@ SEQ_LEN = 256  # tokens per training sequence by default
 ENCODER_LEN = 128
 
 
+def check_length(seq_len: int, context: int | None, flag: str = "--seq-len") -> None:
+    """Refuse training sequences longer than the model's positions (`context`, None: no limit)."""
+    if context is not None and seq_len > context:
+        raise SvdqError(f"{flag} {seq_len} is longer than the model's {context} positions; "
+                        f"give {flag} {context} or less")
+
+
 def distill_loss(student: nn.Module, teacher: nn.Module, ids: torch.Tensor, causal: bool
                  ) -> torch.Tensor:
     """Mean per-token KL(teacher ‖ student) of the next-token distributions, for an encoder
@@ -225,9 +232,7 @@ def finetune(path: str | Path, out: Path, opt: Options = Options(), overwrite: b
     if asked is None:
         default = SEQ_LEN if images or causal else ENCODER_LEN
         opt = replace(opt, seq_len=default if context is None else min(default, context))
-    if context is not None and opt.seq_len > context:
-        raise SvdqError(f"--seq-len {opt.seq_len} is longer than the model's {context} positions; "
-                        f"give --seq-len {context} or less")
+    check_length(opt.seq_len, context)
     student = runtime.load(path, dtype="float32", verify=False)
     stored = runtime.load_tensors(path, manifest)
     plain = {k: (p, stored[k].dtype) for k, p in tuned.prepare(student, manifest, opt.train_factors).items()
@@ -239,7 +244,8 @@ def finetune(path: str | Path, out: Path, opt: Options = Options(), overwrite: b
         warn(f"an encoder distils on the pooled embedding of each whole sequence, so at "
              f"{opt.seq_len} tokens it is tuned for texts that long (on MiniLM, 256-token "
              "sequences lowered the similarity of sentences); train at about the length of the "
-             "texts it embeds (finetune --seq-len, compress --calib-len; 32 for sentences)")
+             "texts it embeds (finetune --seq-len, compress --finetune-seq-len; 32 for "
+             "sentences)")
     if images:
         processor = transformers.AutoImageProcessor.from_pretrained(str(path))
         train_ids, val_ids, text = data.pictures(processor, opt.calib, opt.samples,

@@ -88,10 +88,7 @@ def run(model: str, output: Path, settings: Settings, schedule: str, n: int, opt
     if tune and opt.seq_len is not None:  # refused now, not after the first stage's minutes
         from svdq.evaluate import max_context
 
-        context = max_context(original.model)
-        if context is not None and opt.seq_len > context:
-            raise SvdqError(f"--finetune-seq-len {opt.seq_len} is longer than the model's "
-                            f"{context} positions; give {context} or less")
+        finetune.check_length(opt.seq_len, max_context(original.model), "--finetune-seq-len")
     prefix, blocks = blocks_of(original.model)
     dtype = next(original.model.parameters()).dtype
     stages = stage_settings(settings, schedule, n, (prefix, len(blocks)))
