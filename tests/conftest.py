@@ -170,6 +170,33 @@ def calib_file(tmp_path_factory) -> Path:
     return path
 
 
+def planted(arch: str, folder, rank: int = 2):
+    """A tiny model whose heads' queries and keys have `rank` rows' worth each (so W_Q,hᵀ W_K,h
+    has rank ≤ `rank`), biases random."""
+    make_model(arch, folder)
+    model = getattr(transformers, {"bert": "BertModel", "gpt2": "GPT2LMHeadModel"}[arch]
+                    ).from_pretrained(folder)
+    g = torch.Generator().manual_seed(1)
+    n, heads = model.config.hidden_size, model.config.num_attention_heads
+    d = n // heads
+
+    def low():
+        return torch.cat([torch.randn(d, rank, generator=g) @ torch.randn(rank, n, generator=g)
+                          / n ** 0.5 for _ in range(heads)])
+    with torch.no_grad():
+        for block in (model.encoder.layer if arch == "bert" else model.transformer.h):
+            if arch == "bert":
+                for lin in (block.attention.self.query, block.attention.self.key):
+                    lin.weight.copy_(low())
+                    lin.bias.normal_(0, 0.3, generator=g)
+            else:
+                block.attn.c_attn.weight[:, :n] = low().T
+                block.attn.c_attn.weight[:, n:2 * n] = low().T
+                block.attn.c_attn.bias.normal_(0, 0.3, generator=g)
+    model.save_pretrained(folder)
+    return folder
+
+
 FAST = ["--calib-samples", "4", "--calib-len", "32", "--batch-size", "4"]
 
 

@@ -207,12 +207,6 @@ def finetune(path: str | Path, out: Path, opt: Options = Options(), overwrite: b
     opt.check()
     path, out = locate(path), Path(out)
     manifest = read(path)
-    if any(p.get("sparse_nnz") for p in manifest["layers"]):
-        raise SvdqError("svdq finetune does not train artifacts with sparse terms (--sparse) "
-                        "yet; use the artifact as it is")
-    if any(p.get("rows") for p in manifest["layers"]):
-        raise SvdqError("svdq finetune does not train artifacts with attention-product layers "
-                        "(--attention-product) yet; use the artifact as it is")
     images = manifest.get("calibration", {}).get("kind") == "images"
     outdir.apart(path, out, "the fine-tuned artifact")
     outdir.check(out, overwrite)

@@ -5,7 +5,9 @@ point, so nothing is re-quantized and the bytes cannot change: the scales of eve
 tensor (`Scaled`: the integer grid's float16 scale per group, bnb's float32 absmax per block —
 of the dense weight and of the factors; the codes stay), Σ, and the bias. Scales and Σ train
 as log-multipliers, so one learning rate is one relative step for all of them. A 16-bit
-dense weight or 16-bit factors stay frozen.
+dense weight or 16-bit factors stay frozen. A sparse term's values (float16, `--sparse`) train
+themselves, its positions stay; a layer storing some output rows (`--attention-product`) keeps
+the others at zero.
 
 With `factors` (`svdq finetune --train-factors`) the factors Uᵀ, Vᵀ train themselves instead,
 in float32 through the grid they are stored on (`fake_quant`: the nearest code per block, the
@@ -120,9 +122,37 @@ class Scaled(nn.Module):
         return {key + name: self.scale().detach().to(self.dtype).contiguous()}
 
 
+class SparseTerm(nn.Module):
+    """A stored sparse term whose values train and whose positions stay: applied as the
+    stored layer applies it (x Sᵀ by `torch.sparse.mm`, which passes gradients to the values);
+    `values` in the order the artifact stores them (rows, then columns as written)."""
+
+    def __init__(self, stored: nn.Module, shape: tuple[int, int]):
+        super().__init__()
+        rows = stored.rows.long()
+        r = torch.repeat_interleave(torch.arange(shape[0], device=rows.device), rows.diff())
+        c = stored.cols.long() % (1 << 16) if stored.cols.dtype == torch.int16 else stored.cols.long()
+        order = (r * shape[1] + c).argsort()  # stored order → the coalesced (sorted) order
+        self.register_buffer("order", order)
+        self.register_buffer("indices", torch.stack([r, c])[:, order])
+        self.shape, self.dtype = shape, stored.values.dtype
+        self.values = nn.Parameter(stored.values.float().clone())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        s = torch.sparse_coo_tensor(self.indices, self.values[self.order], self.shape,
+                                    is_coalesced=True, check_invariants=False)
+        flat = x.reshape(-1, x.shape[-1]).float()
+        return torch.sparse.mm(s, flat.T).T.reshape(*x.shape[:-1], self.shape[0])
+
+    @torch.no_grad()
+    def settle(self) -> None:
+        self.values.copy_(self.values.to(self.dtype).float())
+
+
 class TunedLinear(nn.Module):
     """A stored layer being fine-tuned. Trainable: the scales of its quantized parts (dense
-    weight and factors; codes stay), Σ (as a log-multiplier, like the scales) and the bias.
+    weight and factors; codes stay), Σ (as a log-multiplier, like the scales), the values of
+    a sparse term and the bias.
     A 16-bit dense part stays frozen. With `factors` the factors U, V themselves train
     instead of their scales, in float through `fake_quant`, re-quantized at the end."""
 
@@ -149,6 +179,9 @@ class TunedLinear(nn.Module):
                     self.register_buffer(name, layer.factor(name).clone())
             self.register_buffer("s0", layer.svdq.s.detach().float().clone())
             self.log_s = nn.Parameter(torch.zeros_like(self.s0))
+        self.index = layer.index  # the output rows a `rows` layer's dense part stores, or None
+        self.sparse = SparseTerm(layer.svdq.sparse, (self.out_features, self.in_features)) \
+            if layer.nnz else None
         self.bias = None if layer.bias is None else nn.Parameter(layer.bias.detach().float().clone())
         self.bias_dtype = None if layer.bias is None else layer.bias.dtype
 
@@ -169,11 +202,15 @@ class TunedLinear(nn.Module):
                 z = conv(x, v, self.conv) * (self.s0 * self.log_s.exp())[:, None, None]
                 y = conv(z, u.T, None) if y is None else y + conv(z, u.T, None)
             return y if self.bias is None else y + self.bias[:, None, None]
-        y = None if self.dense is None else x @ self._value(self.dense).T
+        y = None
+        if self.dense is not None:
+            y = runtime._spread(x @ self._value(self.dense).T, self.index, self.out_features)  # noqa: SLF001
         if self.rank:
             u, v = self._value(self.u), self._value(self.v)
             low = ((x @ v.T) * (self.s0 * self.log_s.exp())) @ u
             y = low if y is None else y + low
+        if self.sparse is not None:
+            y = y + self.sparse(x)
         return y if self.bias is None else y + self.bias
 
     @torch.no_grad()
@@ -188,6 +225,8 @@ class TunedLinear(nn.Module):
         if self.rank:
             self.s0.mul_(self.log_s.exp())
             self.log_s.zero_()
+        if self.sparse is not None:
+            self.sparse.settle()
         if self.bias is not None:
             self.bias.copy_(self.bias.to(self.bias_dtype).float())
         self.qat = False
@@ -208,6 +247,8 @@ class TunedLinear(nn.Module):
                 elif isinstance(part, nn.Parameter):
                     out.update(stored_factor(part, self.fbits, self.block).tensors(key[name]))
             out[key["s"]] = (self.s0 * self.log_s.exp()).float().contiguous()
+        if self.sparse is not None:
+            out[key["sparse"] + ".values"] = self.sparse.values.detach().to(self.sparse.dtype)
         if self.bias is not None:
             out[key["bias"]] = self.bias.detach().to(self.bias_dtype).contiguous()
         return out

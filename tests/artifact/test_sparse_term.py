@@ -107,9 +107,9 @@ def test_sparse_refusals(models, spiky, calib_file, tmp_path):
     r = run("compress", spiky["llama"], "-o", tmp_path / "a", "--calib", calib_file, *FAST,
             "--eps", "0.05", "--sparse", "0.01")
     assert r.exit_code == 0, r.output
-    err = one_line_error(run("finetune", tmp_path / "a", "-o", tmp_path / "ft", "--calib",
-                             calib_file, "--steps", "1"))
-    assert "sparse terms" in err
+    r = run("finetune", tmp_path / "a", "-o", tmp_path / "ft", "--calib", calib_file,
+            "--steps", "1")  # fine-tuning takes it (tests/recovery)
+    assert r.exit_code == 0, r.output
     # a damaged sparse term (a column index out of range) is refused, not a crash
     manifest = json.loads((tmp_path / "a" / runtime.MANIFEST).read_text())
     assert manifest["format_version"] == runtime.SPARSE_FORMAT == 7 and 7 in runtime.READS

@@ -18,7 +18,7 @@ from svdq import runtime
 from svdq.cli import app
 from svdq.evaluate import load_baseline
 from svdq.recovery import data, finetune as ft
-from conftest import compress_all, make_model, make_text, one_line_error
+from conftest import compress_all, make_model, make_text, one_line_error, planted
 
 FAST = ["--calib-samples", "4", "--calib-len", "32", "--batch-size", "4"]
 CASES = {"gpt2": ["--eps", "0.6", "--bits", "4"],  # low-rank Conv1D layers, NF4 factors
@@ -47,36 +47,65 @@ def files(folder: Path) -> dict[str, bytes]:
     return {f.name: f.read_bytes() for f in sorted(folder.iterdir()) if f.is_file()}
 
 
+def assert_kept(artifact: Path, ft: Path, record: dict) -> None:
+    """`ft`, fine-tuned from `artifact`, keeps its keys, dtypes, plan and format, records the
+    run, ends no worse on the held-out loss, and loads with both loaders, which agree."""
+    old, new = stored(artifact), stored(ft)
+    assert old.keys() == new.keys()
+    for k in old:
+        assert (old[k].shape, old[k].dtype) == (new[k].shape, new[k].dtype), k
+    m_old = json.loads((artifact / runtime.MANIFEST).read_text())
+    m_new = json.loads((ft / runtime.MANIFEST).read_text())
+    assert m_new["layers"] == m_old["layers"] and m_new["totals"] == m_old["totals"]
+    assert m_new["format_version"] == m_old["format_version"]
+    assert m_new["recovery"] == [record] and record["steps_run"] >= 1
+    assert "fine-tuned" in (ft / "README.md").read_text()
+    # the held-out loss never ends above where it started: the best state is kept
+    assert record["val_loss_after"] <= record["val_loss_before"] * 1.001
+    # both loaders, strictly; they agree
+    ours = svdq.load(ft)
+    spec = importlib.util.spec_from_file_location(f"loader_{ft.name}", ft / "svdq_loader.py")
+    loader = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(loader)
+    theirs = loader.load(ft)
+    ids = torch.randint(3, 40, (2, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        a, b = ours(input_ids=ids), theirs(input_ids=ids)
+    key = "logits" if hasattr(a, "logits") else "last_hidden_state"
+    torch.testing.assert_close(getattr(a, key), getattr(b, key))
+
+
 @pytest.mark.parametrize("arch", sorted(CASES))
 def test_finetune_keeps_the_stored_form_and_bytes(artifacts, calib_file, arch, tmp_path):
     before = files(artifacts[arch])
     r = tune(artifacts[arch], tmp_path / "ft", calib_file, "--json")
     assert r.exit_code == 0, r.output
     assert files(artifacts[arch]) == before  # the input is only read
+    assert_kept(artifacts[arch], tmp_path / "ft", json.loads(r.stdout))
+
+
+@pytest.mark.parametrize("form", ["sparse", "product"])
+def test_sparse_terms_and_attention_products_train_too(models, calib_file, tmp_path, form):
+    """A sparse term's values train (its positions stay); a layer storing some output rows
+    keeps the others at zero — the fine-tuned artifact loads strictly with both loaders."""
+    src = planted("gpt2", tmp_path / "src") if form == "product" else models["gpt2"]
+    extra = ["--eps", "0.05", "--attention-product"] if form == "product" else \
+        ["--eps", "0.6", "--bits", "4", "--sparse", "0.05"]
+    art = compress_all({"gpt2": src}, calib_file, tmp_path / form, {"gpt2": extra})["gpt2"]
+    layers = json.loads((art / runtime.MANIFEST).read_text())["layers"]
+    assert any(p.get({"sparse": "sparse_nnz", "product": "rows"}[form]) for p in layers)
+    r = tune(art, tmp_path / "ft", calib_file, "--json")
+    assert r.exit_code == 0, r.output
     record = json.loads(r.stdout)
-    old, new = stored(artifacts[arch]), stored(tmp_path / "ft")
-    assert old.keys() == new.keys()
+    assert_kept(art, tmp_path / "ft", record)
+    old, new = stored(art), stored(tmp_path / "ft")
     for k in old:
-        assert (old[k].shape, old[k].dtype) == (new[k].shape, new[k].dtype), k
-    m_old = json.loads((artifacts[arch] / runtime.MANIFEST).read_text())
-    m_new = json.loads((tmp_path / "ft" / runtime.MANIFEST).read_text())
-    assert m_new["layers"] == m_old["layers"] and m_new["totals"] == m_old["totals"]
-    assert m_new["format_version"] == m_old["format_version"]
-    assert m_new["recovery"] == [record] and record["steps_run"] >= 1
-    assert "fine-tuned" in (tmp_path / "ft" / "README.md").read_text()
-    # the held-out loss never ends above where it started: the best state is kept
-    assert record["val_loss_after"] <= record["val_loss_before"] * 1.001
-    # both loaders, strictly; they agree
-    ours = svdq.load(tmp_path / "ft")
-    spec = importlib.util.spec_from_file_location("loader_ft", tmp_path / "ft" / "svdq_loader.py")
-    loader = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(loader)
-    theirs = loader.load(tmp_path / "ft")
-    ids = torch.randint(3, 40, (2, 12), generator=torch.Generator().manual_seed(0))
-    with torch.no_grad():
-        a, b = ours(input_ids=ids), theirs(input_ids=ids)
-    key = "logits" if hasattr(a, "logits") else "last_hidden_state"
-    torch.testing.assert_close(getattr(a, key), getattr(b, key))
+        if k.endswith((".codes", ".zeros", ".cols", ".rows")):
+            assert torch.equal(old[k], new[k]), k
+    if form == "sparse":  # (the planted product is near lossless: nothing to win there)
+        assert record["val_loss_after"] < 0.99 * record["val_loss_before"], record
+        values = [k for k in old if k.endswith(".sparse.values")]
+        assert values and any(not torch.equal(old[k], new[k]) for k in values)
 
 
 @pytest.mark.parametrize("arch", ["gpt2", "llama"])

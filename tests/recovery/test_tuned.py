@@ -9,6 +9,7 @@ import svdq
 from svdq import runtime
 from svdq.algo import quant
 from svdq.recovery import tuned
+from conftest import compress_all, planted
 
 
 @pytest.mark.parametrize("bits", [4, 8, 16])
@@ -35,17 +36,17 @@ def test_storing_a_stored_factor_again_changes_nothing(bits):
     assert torch.equal(once, again)
 
 
-def test_tuned_layers_compute_the_stored_layers_and_train_what_the_form_allows(tmp_path,
+FORMS = {"budget": ("llama", ["--ratio", "0.3"]),
+         "sparse": ("gpt2", ["--eps", "0.6", "--bits", "4", "--sparse", "0.05"]),
+         "product": ("planted", ["--eps", "0.05", "--bits", "8", "--attention-product"])}
+
+
+@pytest.mark.parametrize("form", sorted(FORMS))
+def test_tuned_layers_compute_the_stored_layers_and_train_what_the_form_allows(tmp_path, form,
                                                                                 models, calib_file):
-    from typer.testing import CliRunner
-
-    from svdq.cli import app
-
-    out = tmp_path / "a"
-    r = CliRunner().invoke(app, ["compress", str(models["llama"]), "-o", str(out), "--calib",
-                                 str(calib_file), "--calib-samples", "4", "--calib-len", "32",
-                                 "--ratio", "0.3"])
-    assert r.exit_code == 0, r.output
+    arch, extra = FORMS[form]
+    src = planted("gpt2", tmp_path / "src") if arch == "planted" else models[arch]
+    out = compress_all({"m": src}, calib_file, tmp_path, {"m": extra})["m"]
     manifest = svdq.artifact.read(out)
     model = runtime.load(out, dtype="float32")
     ids = torch.randint(3, 40, (1, 10), generator=torch.Generator().manual_seed(1))
@@ -57,7 +58,8 @@ def test_tuned_layers_compute_the_stored_layers_and_train_what_the_form_allows(t
     with torch.no_grad():
         torch.testing.assert_close(model(input_ids=ids).logits, want, rtol=1e-5, atol=1e-5)
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
-    assert any(n.endswith("norm.weight") for n in plain) and set(plain) <= trainable
+    norms = [n for n, m in model.named_modules() if tuned.is_norm(m)]
+    assert any(f"{n}.weight" in plain for n in norms) and set(plain) <= trainable
     for m in layers:  # the scales of quantized parts train, their codes (`base`) never
         for part in (m.dense, *((m.u, m.v) if m.rank else ())):
             if isinstance(part, tuned.Scaled):
@@ -65,8 +67,17 @@ def test_tuned_layers_compute_the_stored_layers_and_train_what_the_form_allows(t
             elif part is not None:
                 assert not part.requires_grad  # 16-bit: frozen
         assert not m.rank or m.log_s.requires_grad
-    assert any(isinstance(m.dense, tuned.Scaled) for m in layers)
+    assert any(isinstance(p, tuned.Scaled) for m in layers
+               for p in (m.dense, *((m.u, m.v) if m.rank else ())))
     assert not any("embed" in n for n in trainable)
+    # gradients reach what trains in each form: a sparse term's values, a rows layer's scales
+    model(input_ids=ids).logits.square().sum().backward()
+    if form == "sparse":
+        sparse = [m.sparse for m in layers if m.sparse is not None]
+        assert sparse and all(s.values.grad.abs().sum() > 0 for s in sparse)
+    if form == "product":
+        rows = [m for m in layers if m.index is not None]
+        assert rows and all(m.dense.delta.grad.abs().sum() > 0 for m in rows)
 
 
 def test_float32_takes_models_transformers_flags_as_quantized():
