@@ -661,6 +661,8 @@ class StoredLinear(nn.Module):
     ((x Vᵀ) · Σ) Uᵀ, a residual layer as Q x + U(Σ(Vᵀ x)); its tensors under the artifact's keys
     (`weight` the format-5 marker, `svdq.weight`, `svdq.u`, `svdq.v`, `svdq.s`, `bias`)."""
 
+    svdq_layer = True  # a target layer to svdq.models.layers.blocks_of
+
     def __init__(self, layer: dict, dtype: torch.dtype, books: nn.Module | None,
                  version: int = FORMAT_VERSION, conv: dict | None = None):
         super().__init__()

@@ -55,11 +55,13 @@ def weight_of(module: nn.Module) -> torch.Tensor:
 def blocks_of(model: nn.Module) -> tuple[str, nn.ModuleList]:
     """The model's list of blocks: the ModuleList that holds the most target layers (a
     transformer's layers, not the experts or sub-layers inside one; a CNN's stages), the
-    longest among equals."""
+    longest among equals. Layers already stored by svdq (`svdq_layer`: a loaded or a
+    fine-tuned artifact's) count as targets."""
     best, key = None, (0, 0)
     for name, module in model.named_modules():
         if isinstance(module, nn.ModuleList):
-            held = (sum(is_target(m) for m in module.modules()), len(module))
+            held = (sum(is_target(m) or getattr(m, "svdq_layer", False) for m in module.modules()),
+                    len(module))
             if held[0] and held > key:
                 best, key = (name, module), held
     if best is None:

@@ -27,6 +27,7 @@ from svdq.artifact import SHARD_BYTES, card, locate, move_into_place, outdir, re
 from svdq.artifact.writer import INDEX
 from svdq.errors import SvdqError
 from svdq.recovery import data, tuned
+from svdq.recovery.losses import distill_loss
 
 Progress = Callable[[str, int, int], None]
 
@@ -71,37 +72,6 @@ def check_length(seq_len: int, context: int | None, flag: str = "--seq-len") -> 
     if context is not None and seq_len > context:
         raise SvdqError(f"{flag} {seq_len} is longer than the model's {context} positions; "
                         f"give {flag} {context} or less")
-
-
-def distill_loss(student: nn.Module, teacher: nn.Module, ids: torch.Tensor, causal: bool
-                 ) -> torch.Tensor:
-    """Mean per-token KL(teacher ‖ student) of the next-token distributions, for an encoder
-    the mean 1 − cosine of the mean-pooled last hidden states, and for images (`ids` float
-    pixels) the mean KL(teacher ‖ student) of the class distributions."""
-    if ids.is_floating_point():
-        with torch.no_grad():
-            t = teacher(pixel_values=ids).logits.float().log_softmax(-1)
-        s = student(pixel_values=ids).logits.float().log_softmax(-1)
-        return nn.functional.kl_div(s, t, log_target=True, reduction="batchmean")
-    mask = torch.ones_like(ids)
-    kw = {"input_ids": ids, "attention_mask": mask}
-    if causal:
-        with torch.no_grad():
-            t = teacher(**kw, use_cache=False).logits.float()
-        s = student(**kw, use_cache=False).logits.float()
-        t, s = t.flatten(0, 1).log_softmax(-1), s.flatten(0, 1).log_softmax(-1)
-        return nn.functional.kl_div(s, t, log_target=True, reduction="batchmean")
-    with torch.no_grad():
-        t = _pooled(teacher(**kw, output_hidden_states=True))
-    s = _pooled(student(**kw, output_hidden_states=True))
-    return (1 - nn.functional.cosine_similarity(s, t, dim=-1)).mean().float()
-
-
-def _pooled(out) -> torch.Tensor:
-    """Mean-pooled last hidden states in float64: 1 − cos of close embeddings is ~1e-5,
-    where float32's rounding would be a percent of it."""
-    h = getattr(out, "last_hidden_state", None)
-    return (out.hidden_states[-1] if h is None else h).double().mean(1)
 
 
 def _checkpoint_blocks(model: nn.Module) -> None:
@@ -151,11 +121,10 @@ def train(student: nn.Module, teacher: nn.Module, plain: dict, train_ids: torch.
         if len(order) < opt.batch_size:
             order = torch.cat([order, torch.randperm(len(train_ids), generator=gen)])
         pick, order = order[: opt.batch_size], order[opt.batch_size:]
-        with torch.autocast(train_ids.device.type, torch.bfloat16, enabled=opt.bf16):
-            loss = distill_loss(student, teacher, train_ids[pick], causal)
+        loss = distill_loss(student, teacher, train_ids[pick], causal, backward=True,
+                            bf16=opt.bf16)
         if not torch.isfinite(loss):
             raise SvdqError(f"the loss became {float(loss)} at step {step}; lower --lr")
-        loss.backward()
         nn.utils.clip_grad_norm_(params, 1.0)
         optim.step()
         sched.step()

@@ -156,6 +156,8 @@ class TunedLinear(nn.Module):
     A 16-bit dense part stays frozen. With `factors` the factors U, V themselves train
     instead of their scales, in float through `fake_quant`, re-quantized at the end."""
 
+    svdq_layer = True  # a target layer to `models.layers.blocks_of`
+
     def __init__(self, layer: runtime.StoredLinear, entry: dict, factors: bool = False):
         super().__init__()
         self.entry, self.kind, self.rank = entry, layer.kind, layer.rank
