@@ -111,7 +111,7 @@ def gram_root(gram: torch.Tensor, rel_damp: float = ROOT_DAMP) -> tuple[torch.Te
         del damped
         if int(info) == 0:
             return root, None
-    values, vectors = torch.linalg.eigh(g)
+    values, vectors = eigh(g)
     values = values.clamp_min(rel_damp * scale).sqrt()
     return vectors * values, (vectors / values).T
 
@@ -156,8 +156,30 @@ def whitened_svd(w: torch.Tensor, stats: LayerStats) -> Factors:
 def _eigen(m: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Eigenvectors (columns) and the square roots of the eigenvalues of the symmetric PSD
     `m`, largest first (rounding's negative eigenvalues at 0)."""
-    values, vectors = torch.linalg.eigh(m)
+    values, vectors = eigh(m)
     return vectors.flip(1), values.flip(0).clamp_min(0).sqrt()
+
+
+def eigh(m: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """`torch.linalg.eigh` of the symmetric PSD `m` (eigenvalues ascending, eigenvectors as
+    columns), which does not give up where LAPACK's does. Its divide and conquer fails now and
+    then on matrices of low rank with many equal eigenvalues (PyTorch issue 145801 on the
+    CPU); a progressive schedule's second stage met it on SmolLM2, where the error of a weight
+    quantized a second time is mostly zero. Then: the same matrix shifted by δI (the same
+    eigenvectors, eigenvalues δ higher), and failing that its SVD (a PSD matrix's singular
+    vectors and values are its eigenvectors and eigenvalues)."""
+    try:
+        return torch.linalg.eigh(m)
+    except torch.linalg.LinAlgError:
+        pass
+    delta = 1e-9 * (float(m.diagonal().abs().max()) or 1.0)
+    try:
+        values, vectors = torch.linalg.eigh(m + delta * torch.eye(len(m), dtype=m.dtype,
+                                                                  device=m.device))
+        return values - delta, vectors
+    except torch.linalg.LinAlgError:
+        u, values, _ = torch.linalg.svd(m)
+        return values.flip(0), u.flip(1)
 
 
 ASVD_ALPHA = 0.5

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 
 import torch
 
-from svdq.algo.factorize import LayerStats
+from svdq.algo.factorize import LayerStats, eigh
 from svdq.algo.quant import quantize
 
 FLOOR = 1e-12  # eigenvalues of C_q, C_k below FLOOR × the largest are directions the data never reach
@@ -44,7 +44,7 @@ def bordered_gram(stats: LayerStats) -> torch.Tensor:
 def _root(c: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(R⁻ᵀ, R) for a square root R of the symmetric c (Rᵀ R = c): R = Λ^½ Eᵀ, R⁻ᵀ = Λ^-½ Eᵀ
     (a pseudo-inverse: directions with no energy get zero rows)."""
-    values, vectors = torch.linalg.eigh(c)
+    values, vectors = eigh(c)
     keep = values > FLOOR * values[-1].clamp_min(FLOOR)
     inv = torch.where(keep, values.clamp_min(FLOOR).rsqrt(), torch.zeros_like(values))
     return inv[:, None] * vectors.T, values.clamp_min(0).sqrt()[:, None] * vectors.T

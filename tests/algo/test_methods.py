@@ -107,3 +107,36 @@ def test_asvd_needs_abs_statistics(layer):
     w, _, x, stats = layer
     with pytest.raises(ValueError, match="mean \\|x\\|"):
         factorize("asvd", w.float(), LayerStats(stats.gram, stats.total, stats.tokens))
+
+
+@pytest.mark.parametrize("fails", [1, 2])
+def test_an_eigendecomposition_lapack_gives_up_on_is_made_another_way(layer, monkeypatch, fails):
+    """Where LAPACK's eigh fails (PyTorch issue 145801), the shifted matrix's (one failure) or
+    the SVD's (two) give the same eigenvalues and an eigenbasis of the same matrix, and the
+    whitened factorization built on them is the same."""
+    from svdq.algo import factorize as fz
+
+    w, b, _, stats = layer
+    m = (w @ stats.gram.double() @ w.T)
+    want_values, _ = torch.linalg.eigh(m)
+    want = factorize("whiten", w, stats)
+    real, calls = torch.linalg.eigh, []
+
+    def flaky(a):
+        calls.append(1)
+        if len(calls) % 3 <= fails and len(calls) % 3 != 0:
+            raise torch.linalg.LinAlgError("linalg.eigh: The algorithm failed to converge")
+        return real(a)
+
+    monkeypatch.setattr(torch.linalg, "eigh", flaky)
+    values, vectors = fz.eigh(m)
+    torch.testing.assert_close(values, want_values, rtol=1e-9, atol=1e-9 * float(values[-1]))
+    torch.testing.assert_close(vectors @ torch.diag(values) @ vectors.T, m,
+                               rtol=1e-9, atol=1e-9 * float(values[-1]))
+    calls.clear()
+    got = factorize("whiten", w, stats)
+    assert calls  # the factorization went through the flaky eigh
+    torch.testing.assert_close(got.s, want.s, rtol=1e-5, atol=1e-6)
+    k = 10
+    torch.testing.assert_close(unquantized_error(w, b, stats, got, k),
+                               unquantized_error(w, b, stats, want, k), rtol=1e-4, atol=1e-7)
