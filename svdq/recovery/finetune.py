@@ -1,13 +1,14 @@
 """`svdq finetune`: win back by distillation from the source model what compression lost.
 
 The student is the artifact as stored (`tuned.prepare`: the scales of its quantized parts, Σ,
-sparse terms' values, biases and norms train; codes stay); the teacher is the artifact's
-source model. The loss (`losses.distill_loss`) is the KL divergence of the next-token
-distributions (causal LMs), 1 − cosine of the mean-pooled last hidden states (encoders) or
-the KL divergence of the class distributions (image classifiers), on sequences of the
-training text or on training images; the loss on held-out data is measured every `eval_every` steps, the best state kept, and training
-stops early when it has not improved `patience` times in a row. The result is a new
-artifact with the same plan, tensor keys, dtypes and bytes; its manifest records the recovery.
+sparse terms' values, biases and norms train; codes stay); the teacher is the artifact's source
+model. The loss (`losses.distill_loss`) is the KL divergence of the next-token distributions
+(causal LMs), 1 − cosine of the mean-pooled last hidden states (encoders) or the KL divergence
+of the class distributions (image classifiers), on sequences of the training text or on
+training images; the loss on held-out data is measured every `eval_every` steps, the best state
+kept, and training stops early when it has not improved `patience` times in a row. The result
+is a new artifact with the same plan, tensor keys, dtypes and bytes; its manifest records the
+recovery.
 """
 from __future__ import annotations
 

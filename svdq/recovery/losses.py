@@ -1,14 +1,14 @@
 """The distillation losses of `svdq finetune`, and their backward pass.
 
-A causal LM's loss is the KL divergence of the next-token distributions, and its logits are
-the big tensors of a step: batch × length × vocabulary floats for teacher and student, their
-log-softmaxes and the gradient (Gemma 3's 262k words at 4 × 256 tokens: 1 GB each, a 10 GB
-peak). So the logits are made a chunk of positions at a time, as the calibration's losses
-make them (`calibration.loss`, in chunks 4× larger here): both models run their blocks once, then their own heads
-(final norm, output layer, softcaps; `models.blocks.tail`) on the last block's outputs for
-`logits_to_keep` positions; each chunk's KL is backpropagated into the student's last hidden
-states before the next chunk is made, and those gradients then go through the blocks once.
-Models whose forward takes no `logits_to_keep` get the whole logits at once.
+A causal LM's loss is the KL divergence of the next-token distributions, and its logits are the
+big tensors of a step: batch × length × vocabulary floats for teacher and student, their log-
+softmaxes and the gradient (Gemma 3's 262k words at 4 × 256 tokens: 1 GB each, a 10 GB peak).
+So the logits are made a chunk of positions at a time, as the calibration's losses make them
+(`calibration.loss`, in chunks 4× larger here): both models run their blocks once, then their
+own heads (final norm, output layer, softcaps; `models.blocks.tail`) on the last block's
+outputs for `logits_to_keep` positions; each chunk's KL is backpropagated into the student's
+last hidden states before the next chunk is made, and those gradients then go through the
+blocks once. Models whose forward takes no `logits_to_keep` get the whole logits at once.
 """
 from __future__ import annotations
 
@@ -52,7 +52,8 @@ def last_hidden(model: nn.Module, kw: dict) -> torch.Tensor:
     return got[0]
 
 
-def head_logits(model: nn.Module, hidden: torch.Tensor, kw: dict, keep: torch.Tensor) -> torch.Tensor:
+def head_logits(model: nn.Module, hidden: torch.Tensor, kw: dict,
+                keep: torch.Tensor) -> torch.Tensor:
     """`model`'s logits (float32) at positions `keep` from its last block's outputs `hidden`."""
     with blocks.tail(model) as cell:
         cell["value"] = hidden

@@ -131,7 +131,8 @@ class SparseTerm(nn.Module):
         super().__init__()
         rows = stored.rows.long()
         r = torch.repeat_interleave(torch.arange(shape[0], device=rows.device), rows.diff())
-        c = stored.cols.long() % (1 << 16) if stored.cols.dtype == torch.int16 else stored.cols.long()
+        c = stored.cols.long()
+        c = c % (1 << 16) if stored.cols.dtype == torch.int16 else c  # int16: read unsigned
         order = (r * shape[1] + c).argsort()  # stored order → the coalesced (sorted) order
         self.register_buffer("order", order)
         self.register_buffer("indices", torch.stack([r, c])[:, order])
@@ -182,8 +183,8 @@ class TunedLinear(nn.Module):
             self.register_buffer("s0", layer.svdq.s.detach().float().clone())
             self.log_s = nn.Parameter(torch.zeros_like(self.s0))
         self.index = layer.index  # the output rows a `rows` layer's dense part stores, or None
-        self.sparse = SparseTerm(layer.svdq.sparse, (self.out_features, self.in_features)) \
-            if layer.nnz else None
+        shape = (self.out_features, self.in_features)
+        self.sparse = SparseTerm(layer.svdq.sparse, shape) if layer.nnz else None
         self.bias = None if layer.bias is None else nn.Parameter(layer.bias.detach().float().clone())
         self.bias_dtype = None if layer.bias is None else layer.bias.dtype
 
@@ -206,7 +207,8 @@ class TunedLinear(nn.Module):
             return y if self.bias is None else y + self.bias[:, None, None]
         y = None
         if self.dense is not None:
-            y = runtime._spread(x @ self._value(self.dense).T, self.index, self.out_features)  # noqa: SLF001
+            y = x @ self._value(self.dense).T
+            y = runtime._spread(y, self.index, self.out_features)  # noqa: SLF001
         if self.rank:
             u, v = self._value(self.u), self._value(self.v)
             low = ((x @ v.T) * (self.s0 * self.log_s.exp())) @ u
