@@ -102,13 +102,18 @@ def sparse_parts(out_f: int, in_f: int, nnz: int) -> dict[str, tuple[tuple[int, 
             "rows": ((out_f + 1,), torch.int32)}
 
 
+def sparse_coordinates(cols: torch.Tensor, rows: torch.Tensor, out_f: int) -> torch.Tensor:
+    """The (row, column) of each stored value of a CSR sparse term, in stored order: (2, nnz)."""
+    counts = (rows[1:] - rows[:-1]).long()
+    r = torch.repeat_interleave(torch.arange(out_f, device=rows.device), counts)
+    c = cols.long() % (1 << 16) if cols.dtype == torch.int16 else cols.long()  # int16: unsigned
+    return torch.stack([r, c])
+
+
 def sparse_matrix(values: torch.Tensor, cols: torch.Tensor, rows: torch.Tensor,
                   shape: tuple[int, int]) -> torch.Tensor:
     """A sparse term as a torch sparse COO matrix (float32)."""
-    counts = (rows[1:] - rows[:-1]).long()
-    r = torch.repeat_interleave(torch.arange(shape[0], device=rows.device), counts)
-    c = cols.long() % (1 << 16) if cols.dtype == torch.int16 else cols.long()
-    return torch.sparse_coo_tensor(torch.stack([r, c]), values.float(), shape,
+    return torch.sparse_coo_tensor(sparse_coordinates(cols, rows, shape[0]), values.float(), shape,
                                    check_invariants=True).coalesce()  # indices in range
 
 

@@ -18,7 +18,7 @@ from torch import nn
 LOGIT_BYTES = 64 * 2 ** 20  # float32 logits made at once, at most
 
 
-def _keeps_logits(model: nn.Module) -> bool:
+def keeps_logits(model: nn.Module) -> bool:
     return "logits_to_keep" in inspect.signature(model.forward).parameters
 
 
@@ -31,7 +31,7 @@ def token_loss(model: nn.Module, cell: dict, hidden: torch.Tensor, ids: torch.Te
     by chunk, so only one chunk's logits exist at a time."""
     n = ids.shape[1] - 1
     vocab = model.get_output_embeddings().weight.shape[0] if model.get_output_embeddings() is not None else 1
-    step = max(1, LOGIT_BYTES // (4 * vocab)) if _keeps_logits(model) else n
+    step = max(1, LOGIT_BYTES // (4 * vocab)) if keeps_logits(model) else n
     mask = torch.ones_like(ids)
     total = 0.0
     for start in range(0, n, step):

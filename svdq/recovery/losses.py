@@ -17,7 +17,7 @@ import contextlib
 import torch
 from torch import nn
 
-from svdq.calibration.loss import _keeps_logits
+from svdq.calibration.loss import keeps_logits
 from svdq.models import blocks
 from svdq.models.layers import blocks_of
 
@@ -67,7 +67,7 @@ def causal_kl(student: nn.Module, teacher: nn.Module, ids: torch.Tensor, backwar
     logits exist at once."""
     kw = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "use_cache": False}
     vocab = teacher.get_output_embeddings()
-    if not (_keeps_logits(student) and _keeps_logits(teacher) and vocab is not None):
+    if not (keeps_logits(student) and keeps_logits(teacher) and vocab is not None):
         with autocast:
             with torch.no_grad():
                 t = teacher(**kw).logits.float().flatten(0, 1).log_softmax(-1)

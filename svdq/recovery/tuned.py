@@ -129,13 +129,10 @@ class SparseTerm(nn.Module):
 
     def __init__(self, stored: nn.Module, shape: tuple[int, int]):
         super().__init__()
-        rows = stored.rows.long()
-        r = torch.repeat_interleave(torch.arange(shape[0], device=rows.device), rows.diff())
-        c = stored.cols.long()
-        c = c % (1 << 16) if stored.cols.dtype == torch.int16 else c  # int16: read unsigned
-        order = (r * shape[1] + c).argsort()  # stored order → the coalesced (sorted) order
+        at = runtime.sparse_coordinates(stored.cols, stored.rows, shape[0])
+        order = (at[0] * shape[1] + at[1]).argsort()  # stored order → the coalesced (sorted) one
         self.register_buffer("order", order)
-        self.register_buffer("indices", torch.stack([r, c])[:, order])
+        self.register_buffer("indices", at[:, order])
         self.shape, self.dtype = shape, stored.values.dtype
         self.values = nn.Parameter(stored.values.float().clone())
 

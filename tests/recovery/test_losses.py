@@ -45,7 +45,7 @@ def test_chunked_kl_and_its_gradients_equal_the_whole_logits(arch, checkpointing
     monkeypatch.setattr(losses, "LOGIT_BYTES", 4 * 50 * 3 * 2)  # 2 positions a chunk: 6 chunks
     chunked = losses.distill_loss(student, teacher, ids, True, backward=True)
     got = grads(student)
-    monkeypatch.setattr(losses, "_keeps_logits", lambda model: False)
+    monkeypatch.setattr(losses, "keeps_logits", lambda model: False)
     whole = losses.distill_loss(student, teacher, ids, True, backward=True)
     want = grads(student)
     assert float(whole) > 1e-3
