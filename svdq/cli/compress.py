@@ -98,6 +98,8 @@ def compress(
     finetune_seq_len: int = typer.Option(None, help="Tokens per sequence of that fine-tuning "
                                          "(as `svdq finetune --seq-len`; default 256, an "
                                          "encoder 128)."),
+    finetune_codes: bool = typer.Option(False, help="Train the codes too in that fine-tuning "
+                                        "(as `svdq finetune --train-codes`)."),
     as_json: bool = typer.Option(False, "--json", help="Print a JSON summary instead of tables."),
 ) -> None:
     """Compress MODEL into an artifact folder."""
@@ -121,6 +123,8 @@ def compress(
         shard_bytes = parse_size(shard_size, "--shard-size")
         artifact.check_output(output, overwrite)
         _preflight(model, settings)
+        if finetune_codes and not finetune_steps:
+            raise SvdqError("--finetune-codes trains in the fine-tuning; give --finetune-steps")
         staged = schedule != "single" or finetune_steps != 0
         if staged:
             from svdq.recovery import finetune as ft, schedule as sched
@@ -129,7 +133,8 @@ def compress(
             if finetune_steps < 0:
                 raise SvdqError(f"--finetune-steps must be 0 or more, got {finetune_steps}")
             opt = ft.Options(steps=finetune_steps, lr=finetune_lr, calib=calib, seed=seed,
-                             seq_len=finetune_seq_len) if finetune_steps else None
+                             seq_len=finetune_seq_len, train_codes=finetune_codes) \
+                if finetune_steps else None
             if opt is not None:
                 opt.check()
             with outdir.locked(output):

@@ -217,7 +217,7 @@ def open_source(folder: Path, dtype: str, model_class: type, config, tokenizer):
 
 def _checkpoint_dtype(config, weights: Weights) -> torch.dtype:
     """`--dtype auto`: the config's dtype, else that of the checkpoint's first float tensor."""
-    named = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
+    named = getattr(config, "dtype", None)  # (transformers 5 reads a config's torch_dtype into it)
     if isinstance(named, torch.dtype):
         return named
     if isinstance(named, str) and isinstance(getattr(torch, named, None), torch.dtype):

@@ -15,6 +15,10 @@ gradient passed straight through), and `stored_tensors` quantizes them again at 
 and block size. Measured on SmolLM2 (benchmarks/RESULTS.md) that raised the held-out loss at
 every learning rate that moved anything, which is why it is not the default.
 
+With `codes` (`svdq finetune --train-codes`) every quantized tensor — dense weight and
+factors — trains its values as well as its scales (`coded.Coded`) and is stored on the codes
+it ends on.
+
 Everywhere else only the norms' weights and biases and the biases of linear layers train.
 """
 from __future__ import annotations
@@ -24,6 +28,7 @@ from torch import nn
 
 from svdq import runtime
 from svdq.algo import quant
+from svdq.recovery.coded import Coded
 
 _BOOKS: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
 
@@ -156,7 +161,8 @@ class TunedLinear(nn.Module):
 
     svdq_layer = True  # a target layer to `models.layers.blocks_of`
 
-    def __init__(self, layer: runtime.StoredLinear, entry: dict, factors: bool = False):
+    def __init__(self, layer: runtime.StoredLinear, entry: dict, factors: bool = False,
+                 codes: bool = False):
         super().__init__()
         self.entry, self.kind, self.rank = entry, layer.kind, layer.rank
         self.in_features, self.out_features = layer.in_features, layer.out_features
@@ -165,7 +171,7 @@ class TunedLinear(nn.Module):
         self.block, self.train_factors, self.qat = entry["block_size"], factors, True
         w = layer._dense() if layer.kind != "lowrank" else None
         if isinstance(w, runtime.Packed):
-            self.dense = Scaled(w)
+            self.dense = Coded(w) if codes else Scaled(w)
         else:  # none, or a 16-bit weight: frozen
             self.register_buffer("dense", None if w is None else w.float())
         if self.rank:
@@ -174,7 +180,7 @@ class TunedLinear(nn.Module):
                 if factors:
                     setattr(self, name, nn.Parameter(layer.factor(name).clone()))
                 elif isinstance(f, runtime.Packed):
-                    setattr(self, name, Scaled(f))
+                    setattr(self, name, Coded(f) if codes else Scaled(f))
                 else:  # 16-bit factors: frozen
                     self.register_buffer(name, layer.factor(name).clone())
             self.register_buffer("s0", layer.svdq.s.detach().float().clone())
@@ -186,7 +192,7 @@ class TunedLinear(nn.Module):
         self.bias_dtype = None if layer.bias is None else layer.bias.dtype
 
     def _value(self, part) -> torch.Tensor:
-        if isinstance(part, Scaled):
+        if isinstance(part, (Scaled, Coded)):
             return part.value()
         if isinstance(part, nn.Parameter) and self.qat:
             return fake_quant(part, self.fbits, self.block)
@@ -219,7 +225,7 @@ class TunedLinear(nn.Module):
         """Round the trained values to what `stored_tensors` writes, and stop fake-quantizing:
         the module then computes exactly what the fine-tuned artifact loads as."""
         for part in (self.dense, *((self.u, self.v) if self.rank else ())):
-            if isinstance(part, Scaled):
+            if isinstance(part, (Scaled, Coded)):
                 part.settle()
             elif isinstance(part, nn.Parameter):
                 part.copy_(stored_factor(part, self.fbits, self.block).dequantize())
@@ -238,12 +244,12 @@ class TunedLinear(nn.Module):
         `settle` first)."""
         key = runtime.keys(self.entry["name"], version)
         out = {}
-        if isinstance(self.dense, Scaled):
+        if isinstance(self.dense, (Scaled, Coded)):
             out.update(self.dense.tensors(key["weight"]))  # (a 16-bit weight is never Scaled)
         if self.rank:
             for name in ("u", "v"):
                 part = getattr(self, name)
-                if isinstance(part, Scaled):
+                if isinstance(part, (Scaled, Coded)):
                     out.update(part.tensors(key[name]))
                 elif isinstance(part, nn.Parameter):
                     out.update(stored_factor(part, self.fbits, self.block).tensors(key[name]))
@@ -265,7 +271,8 @@ def is_norm(module: nn.Module) -> bool:
     return "norm" in type(module).__name__.lower()
 
 
-def prepare(model: nn.Module, manifest: dict, factors: bool = False) -> dict[str, nn.Parameter]:
+def prepare(model: nn.Module, manifest: dict, factors: bool = False,
+            codes: bool = False) -> dict[str, nn.Parameter]:
     """Swap every StoredLinear of `model` for a TunedLinear, freeze everything else but norms
     and biases; returns the trainable parameters by their artifact key (tensors of the tuned
     layers excepted: `stored_tensors` gives those)."""
@@ -274,7 +281,7 @@ def prepare(model: nn.Module, manifest: dict, factors: bool = False) -> dict[str
         if isinstance(module, runtime.StoredEmbedding):
             continue  # a quantized embedding stays as stored, frozen: its codes are its form
         if isinstance(module, runtime.StoredLinear):
-            runtime.set_module(model, name, TunedLinear(module, plan[name], factors))
+            runtime.set_module(model, name, TunedLinear(module, plan[name], factors, codes))
     if hasattr(model, "svdq"):
         del model.svdq  # the codebooks: the tuned layers hold float values
     float32(model)

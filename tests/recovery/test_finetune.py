@@ -221,6 +221,29 @@ def test_train_factors_requantizes_them_on_their_grid(artifacts, calib_file, tmp
     svdq.load(tmp_path / "ft")
 
 
+@pytest.mark.parametrize("arch,lr", [("gpt2", "1e-3"), ("llama", "1e-4")])
+def test_train_codes_stores_new_codes_in_the_same_form(artifacts, calib_file, arch, lr, tmp_path):
+    """NF4 factors (gpt2), int3 bases with 8-bit corrections (llama): the codes train and the
+    artifact keeps its keys, dtypes, bytes and zero points, and loads with both loaders."""
+    r = tune(artifacts[arch], tmp_path / "ft", calib_file, "--json", "--train-codes",
+             "--codes-lr", lr)
+    assert r.exit_code == 0, r.output
+    record = json.loads(r.stdout)
+    assert record["val_loss_after"] < record["val_loss_before"]
+    assert record["options"]["train_codes"] and record["options"]["codes_lr"] == float(lr)
+    assert_kept(artifacts[arch], tmp_path / "ft", record)
+    old, new = stored(artifacts[arch]), stored(tmp_path / "ft")
+    codes = [k for k in old if k.endswith(".codes")]
+    assert codes and any(not torch.equal(old[k], new[k]) for k in codes)
+    assert all(torch.equal(old[k], new[k]) for k in old if k.endswith(".zeros"))
+
+
+def test_train_codes_and_train_factors_are_one_or_the_other(artifacts, calib_file, tmp_path):
+    r = tune(artifacts["gpt2"], tmp_path / "ft", calib_file, "--train-codes", "--train-factors")
+    assert r.exit_code == 1 and "--train-factors" in one_line_error(r)
+    assert not (tmp_path / "ft").exists()
+
+
 def test_an_encoder_trained_on_long_sequences_gets_a_warning(artifacts, calib_file, tmp_path,
                                                              monkeypatch):
     """An encoder's loss pools whole sequences: sequences longer than ENCODER_LEN tune it for

@@ -9,6 +9,7 @@ import svdq
 from svdq import runtime
 from svdq.algo import quant
 from svdq.recovery import tuned
+from svdq.recovery.coded import Coded
 from conftest import compress_all, planted
 
 
@@ -114,3 +115,50 @@ def test_scaled_is_the_stored_tensor_and_writes_its_scales_back(grid, bits):
     assert t.dtype == old.dtype and t.numel() == old.numel()
     torch.testing.assert_close(t.float().reshape(-1), old.float().reshape(-1) * 1.01 ** 1.0,
                                rtol=2e-3, atol=0)
+
+
+def _packed(w: torch.Tensor, bits: int, grid: str, block: int = 32):
+    """`w` quantized and held as the loaders hold it (a `runtime.Packed`), and the quantized."""
+    q = quant.quantize(w, bits, block, grid)
+    packed = runtime.Packed(tuple(w.shape), bits, block, grid,
+                            runtime.codebooks([4, 8]) if grid == "bnb" else None)
+    if packed.books is not None:
+        for b in (4, 8):
+            packed.books.register_buffer(str(b), quant.codebook(b))
+    for name, t in q.tensors("").items():
+        packed.register_buffer(name.lstrip("."), t if name != ".scales" else t.reshape(w.shape[0], -1))
+    return packed, q
+
+
+@pytest.mark.parametrize("grid,bits", [("int", 2), ("int", 3), ("int", 4), ("int", 8),
+                                       ("bnb", 4), ("bnb", 8)])
+def test_coded_trains_codes_and_scales_and_stores_exactly_what_it_computes(grid, bits):
+    w = torch.randn(24, 100, generator=torch.Generator().manual_seed(4))
+    packed, q = _packed(w, bits, grid)
+    c = Coded(packed)
+    assert torch.equal(c.value(), q.dequantize())  # the stored tensor until it trains
+    assert set(c.tensors("w")) == set(q.tensors("w"))
+    for key, t in c.tensors("w").items():  # the same codes and scales back, bit for bit
+        assert torch.equal(t.reshape(-1), q.tensors("w")[key].reshape(-1)), key
+    c.value().mul(torch.randn(24, 100)).sum().backward()  # gradients reach values and scales
+    assert c.latent.grad.abs().sum() > 0 and c.delta.grad.abs().sum() > 0
+    with torch.no_grad():  # train: move the values by up to a grid step, and the scales
+        c.latent.add_(torch.randn(24, 100, generator=torch.Generator().manual_seed(5))
+                      * q.dequantize().abs().mean() * 0.3)
+        c.delta.add_(0.02)
+    c.settle()
+    stored = c.tensors("w")
+    again, _ = _packed(w, bits, grid)
+    for key, t in stored.items():  # same keys, dtypes and sizes: the bytes cannot change
+        old = q.tensors("w")[key]
+        assert t.dtype == old.dtype and t.numel() == old.numel()
+        name = key.split(".", 1)[1]
+        again.register_buffer(name, t if name != "scales" else t.reshape(24, -1))
+    codes_changed = not torch.equal(stored["w" + runtime.CODES], q.tensors("w")["w" + runtime.CODES])
+    assert codes_changed
+    if grid == "int":  # the zero points stay
+        assert torch.equal(stored["w" + runtime.ZEROS], q.zeros)
+    want = runtime.dequantize_int(again.codes, again.scales, again.zeros, (24, 100), 32, bits) \
+        if grid == "int" else runtime.dequantize(again.codes, again.absmax, quant.codebook(bits),
+                                                 (24, 100), 32, bits)
+    assert torch.equal(c.value(), want)  # what it computes is what loads

@@ -1,0 +1,102 @@
+"""Quantization-aware fine-tuning of stored codes (`svdq finetune --train-codes`).
+
+`Scaled` trains a quantized tensor's scales and keeps its codes. `Coded` trains the values
+themselves, as quantization-aware training does (EfficientQAT's end-to-end stage trains the
+scales alone; its block stage trains weights and scales together, as here): a float32
+latent copy starts at the stored values, and each forward rounds it to the nearest point of
+the tensor's own grid under the current scales — the integer grid's per-group scale and zero
+point, or bitsandbytes' codebook times a per-block absmax — passing the gradient straight
+through the rounding (it stops where a value lies beyond the grid's ends); the scales train
+as in `Scaled`. The zero points stay. `settle` rounds the scales to their stored precision
+and the latent values to the codes they round to, so the module then computes exactly what
+`tensors` writes: the same keys, shapes, dtypes and bytes, other codes.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from svdq import runtime
+from svdq.algo import quant
+
+
+class Coded(nn.Module):
+    def __init__(self, packed: runtime.Packed):
+        super().__init__()
+        self.grid, self.shape, self.block, self.bits = (packed.grid, tuple(packed.shape),
+                                                       packed.block, packed.bits)
+        rows, cols = self.shape if len(self.shape) == 2 else (1, self.shape[0])
+        if packed.grid == "int":
+            groups = -(-cols // packed.block)
+            zeros = runtime.unpack(packed.zeros, rows * groups, packed.bits).view(rows, groups)
+            self.register_buffer("zero", zeros.float())
+            scale, self.dtype = packed.scales.float().reshape(rows, groups), torch.float16
+            start = runtime.dequantize_int(packed.svdq_codes(), packed.scales, packed.zeros,
+                                           self.shape, packed.block, packed.bits)
+        else:
+            book = packed.books.get_buffer(str(packed.bits)).float()
+            values, order = book.sort()
+            self.register_buffer("values", values)
+            self.register_buffer("mids", (values[1:] + values[:-1]) / 2)
+            self.register_buffer("order", order.to(torch.uint8))
+            scale, self.dtype = packed.absmax.float().reshape(-1), torch.float32
+            start = runtime.dequantize(packed.codes, packed.absmax, book, self.shape,
+                                       packed.block, packed.bits)
+        self.latent = nn.Parameter(start.float().clone())
+        self.register_buffer("scale0", scale.clone())
+        self.delta = nn.Parameter(torch.zeros_like(scale))  # log-multiplier, as Scaled's
+
+    def scale(self) -> torch.Tensor:
+        return self.scale0 * self.delta.exp()
+
+    def _each(self, s: torch.Tensor) -> torch.Tensor:
+        """A per-group or per-block `s` expanded to one value per element of the tensor."""
+        if self.grid == "int":
+            return s.repeat_interleave(self.block, dim=1)[:, :self.shape[-1]].reshape(self.shape)
+        n = self.latent.numel()
+        return s.repeat_interleave(self.block)[:n].view(self.shape)
+
+    def _nearest(self, x: torch.Tensor) -> torch.Tensor:
+        """The grid point nearest each `x` (in units of the scale), as an index: the code on
+        the integer grid, the position in the sorted codebook on bitsandbytes'."""
+        if self.grid == "int":
+            z = self._each(self.zero)
+            return torch.clamp(torch.round(x) + z, 0, (1 << self.bits) - 1)
+        return torch.bucketize(x.clamp(self.values[0], self.values[-1]), self.mids)
+
+    def value(self) -> torch.Tensor:
+        """The grid point nearest each latent value times its scale. The scales' gradient is
+        that of `Scaled` (the codes held), so with the latent values still the two train
+        alike; the latent values' is the identity (straight through the rounding), zero
+        where a value lies beyond the grid's ends."""
+        s = self._each(self.scale())
+        x = self.latent.detach() / s.detach()
+        idx = self._nearest(x)
+        if self.grid == "int":
+            z = self._each(self.zero)
+            grid, inside = idx - z, (x + z >= 0) & (x + z <= (1 << self.bits) - 1)
+        else:
+            grid, inside = self.values[idx], (x >= self.values[0]) & (x <= self.values[-1])
+        return grid * s + (self.latent - self.latent.detach()) * inside
+
+    @torch.no_grad()
+    def settle(self) -> None:
+        """The scales as stored, the latent values on the codes they round to."""
+        self.scale0.copy_(self.scale().to(self.dtype).float())
+        self.delta.zero_()
+        self.latent.copy_(self.value())
+
+    @torch.no_grad()
+    def tensors(self, key: str) -> dict[str, torch.Tensor]:
+        """The codes and scales under `key`, as the artifact stores them (call `settle` first)."""
+        s = self.scale().to(self.dtype)
+        idx = self._nearest(self.latent / self._each(s.float()))
+        if self.grid == "int":
+            rows = self.shape[0] if len(self.shape) == 2 else 1
+            return quant.int_quantized(idx.long().view(rows, -1), s, self.zero.long(), self.bits,
+                                       self.block).tensors(key)
+        codes = self.order[idx].reshape(-1)
+        if self.bits == 4:  # two codes a byte, the first element in the high nibble
+            codes = nn.functional.pad(codes, (0, codes.numel() % 2)).view(-1, 2)
+            codes = (codes[:, 0] << 4) | codes[:, 1]
+        return {key + runtime.CODES: codes.contiguous(), key + runtime.ABSMAX: s.contiguous()}
