@@ -37,8 +37,7 @@ def finetune(
                                      "(straight-through the rounding) with its scales, and is "
                                      "stored on the codes it ends on; same bytes."),
     codes_lr: float = typer.Option(None, help="Peak learning rate of the values --train-codes "
-                                   "trains (default 1e-3: a step must move them across a "
-                                   "grid point)."),
+                                   "trains, in steps of their grid (default 0.02)."),
     bf16: bool = typer.Option(False, help="Run the training steps' matrix products in bfloat16 "
                               "(autocast; the held-out losses stay float32): 20% faster a "
                               "step on SmolLM2 on a CPU with bfloat16 units."),

@@ -3,15 +3,18 @@
 `Scaled` trains a quantized tensor's scales and keeps its codes. `Coded` trains the values
 themselves, as quantization-aware training does (EfficientQAT's end-to-end stage trains the
 scales alone; its block stage trains weights and scales together, as here): a float32
-latent copy starts at the stored values, and each forward rounds it to the nearest point of
-the tensor's own grid under the current scales — the integer grid's per-group scale and zero
-point, or bitsandbytes' codebook times a per-block absmax — passing the gradient straight
-through the rounding (it stops where a value lies beyond the grid's ends); the scales train
-as in `Scaled`. The zero points stay. `settle` rounds the scales to their stored precision
+latent copy starts at the stored values, counted in grid steps of their scale, and each
+forward rounds it to the nearest point of the tensor's own grid — the integer grid's codes
+less the group's zero point, or bitsandbytes' codebook — times the current scales (per
+group, or the absmax per block), passing the gradient straight through the rounding (it
+stops where a value lies beyond the grid's ends); the scales train as in `Scaled`. The zero
+points stay. `settle` rounds the scales to their stored precision
 and the latent values to the codes they round to, so the module then computes exactly what
 `tensors` writes: the same keys, shapes, dtypes and bytes, other codes.
 """
 from __future__ import annotations
+
+import math
 
 import torch
 from torch import nn
@@ -42,9 +45,14 @@ class Coded(nn.Module):
             scale, self.dtype = packed.absmax.float().reshape(-1), torch.float32
             start = runtime.dequantize(packed.codes, packed.absmax, book, self.shape,
                                        packed.block, packed.bits)
-        self.latent = nn.Parameter(start.float().clone())
         self.register_buffer("scale0", scale.clone())
         self.delta = nn.Parameter(torch.zeros_like(scale))  # log-multiplier, as Scaled's
+        # the latent values count grid steps (the integer grid's 1, the codebook's mean gap),
+        # so one learning rate is one fraction of a step for every tensor, at any scale or width
+        self.step = 1.0 if packed.grid == "int" else float(
+            (self.values[-1] - self.values[0]) / (self.values.numel() - 1))
+        tiny = torch.finfo(torch.float32).tiny  # (an all-zero block's absmax is 0)
+        self.latent = nn.Parameter(start.float() / (self._each(scale).clamp_min(tiny) * self.step))
 
     def scale(self) -> torch.Tensor:
         return self.scale0 * self.delta.exp()
@@ -53,7 +61,7 @@ class Coded(nn.Module):
         """A per-group or per-block `s` expanded to one value per element of the tensor."""
         if self.grid == "int":
             return s.repeat_interleave(self.block, dim=1)[:, :self.shape[-1]].reshape(self.shape)
-        n = self.latent.numel()
+        n = math.prod(self.shape)
         return s.repeat_interleave(self.block)[:n].view(self.shape)
 
     def _nearest(self, x: torch.Tensor) -> torch.Tensor:
@@ -64,33 +72,39 @@ class Coded(nn.Module):
             return torch.clamp(torch.round(x) + z, 0, (1 << self.bits) - 1)
         return torch.bucketize(x.clamp(self.values[0], self.values[-1]), self.mids)
 
+    def _grid(self) -> torch.Tensor:
+        """Each value's nearest grid point, in units of the scale."""
+        x = self.latent.detach() * self.step
+        idx = self._nearest(x)
+        return idx - self._each(self.zero) if self.grid == "int" else self.values[idx]
+
     def value(self) -> torch.Tensor:
         """The grid point nearest each latent value times its scale. The scales' gradient is
         that of `Scaled` (the codes held), so with the latent values still the two train
         alike; the latent values' is the identity (straight through the rounding), zero
         where a value lies beyond the grid's ends."""
         s = self._each(self.scale())
-        x = self.latent.detach() / s.detach()
-        idx = self._nearest(x)
+        x = self.latent.detach() * self.step
         if self.grid == "int":
             z = self._each(self.zero)
-            grid, inside = idx - z, (x + z >= 0) & (x + z <= (1 << self.bits) - 1)
+            inside = (x + z > -0.5) & (x + z < (1 << self.bits) - 0.5)
         else:
-            grid, inside = self.values[idx], (x >= self.values[0]) & (x <= self.values[-1])
-        return grid * s + (self.latent - self.latent.detach()) * inside
+            inside = (x >= self.values[0]) & (x <= self.values[-1])
+        slope = s.detach() * self.step * inside
+        return self._grid() * s + (self.latent - self.latent.detach()) * slope
 
     @torch.no_grad()
     def settle(self) -> None:
-        """The scales as stored, the latent values on the codes they round to."""
+        """The scales as stored, the latent values on their grid points."""
         self.scale0.copy_(self.scale().to(self.dtype).float())
         self.delta.zero_()
-        self.latent.copy_(self.value())
+        self.latent.copy_(self._grid() / self.step)
 
     @torch.no_grad()
     def tensors(self, key: str) -> dict[str, torch.Tensor]:
         """The codes and scales under `key`, as the artifact stores them (call `settle` first)."""
         s = self.scale().to(self.dtype)
-        idx = self._nearest(self.latent / self._each(s.float()))
+        idx = self._nearest(self.latent * self.step)
         if self.grid == "int":
             rows = self.shape[0] if len(self.shape) == 2 else 1
             return quant.int_quantized(idx.long().view(rows, -1), s, self.zero.long(), self.bits,

@@ -140,11 +140,14 @@ def test_coded_trains_codes_and_scales_and_stores_exactly_what_it_computes(grid,
     assert set(c.tensors("w")) == set(q.tensors("w"))
     for key, t in c.tensors("w").items():  # the same codes and scales back, bit for bit
         assert torch.equal(t.reshape(-1), q.tensors("w")[key].reshape(-1)), key
-    c.value().mul(torch.randn(24, 100)).sum().backward()  # gradients reach values and scales
-    assert c.latent.grad.abs().sum() > 0 and c.delta.grad.abs().sum() > 0
-    with torch.no_grad():  # train: move the values by up to a grid step, and the scales
-        c.latent.add_(torch.randn(24, 100, generator=torch.Generator().manual_seed(5))
-                      * q.dequantize().abs().mean() * 0.3)
+    upstream = torch.randn(24, 100, generator=torch.Generator().manual_seed(6))
+    c.value().mul(upstream).sum().backward()  # gradients reach values and scales
+    assert c.latent.grad.abs().sum() > 0
+    scaled = tuned.Scaled(packed)  # the scales' gradient is Scaled's (the codes held)
+    scaled.value().mul(upstream).sum().backward()
+    torch.testing.assert_close(c.delta.grad, scaled.delta.grad)
+    with torch.no_grad():  # train: move the values (in grid steps) and the scales
+        c.latent.add_(torch.randn(24, 100, generator=torch.Generator().manual_seed(5)) * 0.5)
         c.delta.add_(0.02)
     c.settle()
     stored = c.tensors("w")
