@@ -23,6 +23,18 @@ from svdq import runtime
 from svdq.algo import quant
 
 
+_BOOKS: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+
+
+def book(bits: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The bitsandbytes code values of `bits` sorted, the midpoints between neighbours, and
+    each sorted value's code."""
+    if bits not in _BOOKS:
+        values, order = quant.codebook(bits).sort()
+        _BOOKS[bits] = values, (values[1:] + values[:-1]) / 2, order.to(torch.uint8)
+    return _BOOKS[bits]
+
+
 class Coded(nn.Module):
     def __init__(self, packed: runtime.Packed):
         super().__init__()
@@ -37,14 +49,13 @@ class Coded(nn.Module):
             start = runtime.dequantize_int(packed.svdq_codes(), packed.scales, packed.zeros,
                                            self.shape, packed.block, packed.bits)
         else:
-            book = packed.books.get_buffer(str(packed.bits)).float()
-            values, order = book.sort()
-            self.register_buffer("values", values)
-            self.register_buffer("mids", (values[1:] + values[:-1]) / 2)
-            self.register_buffer("order", order.to(torch.uint8))
+            values, mids, order = book(packed.bits)
+            self.register_buffer("values", values.clone())
+            self.register_buffer("mids", mids.clone())
+            self.register_buffer("order", order.clone())
             scale, self.dtype = packed.absmax.float().reshape(-1), torch.float32
-            start = runtime.dequantize(packed.codes, packed.absmax, book, self.shape,
-                                       packed.block, packed.bits)
+            start = runtime.dequantize(packed.codes, packed.absmax, packed.books.get_buffer(
+                str(packed.bits)), self.shape, packed.block, packed.bits)
         self.register_buffer("scale0", scale.clone())
         self.delta = nn.Parameter(torch.zeros_like(scale))  # log-multiplier, as Scaled's
         # the latent values count grid steps (the integer grid's 1, the codebook's mean gap),
@@ -72,9 +83,8 @@ class Coded(nn.Module):
             return torch.clamp(torch.round(x) + z, 0, (1 << self.bits) - 1)
         return torch.bucketize(x.clamp(self.values[0], self.values[-1]), self.mids)
 
-    def _grid(self) -> torch.Tensor:
-        """Each value's nearest grid point, in units of the scale."""
-        x = self.latent.detach() * self.step
+    def _grid(self, x: torch.Tensor) -> torch.Tensor:
+        """The grid point nearest each `x` (in units of the scale), in units of the scale."""
         idx = self._nearest(x)
         return idx - self._each(self.zero) if self.grid == "int" else self.values[idx]
 
@@ -85,20 +95,20 @@ class Coded(nn.Module):
         where a value lies beyond the grid's ends."""
         s = self._each(self.scale())
         x = self.latent.detach() * self.step
-        if self.grid == "int":
-            z = self._each(self.zero)
-            inside = (x + z > -0.5) & (x + z < (1 << self.bits) - 0.5)
+        grid = self._grid(x)
+        if self.grid == "int":  # beyond the ends: the code clamped, not the nearest
+            inside = (x - grid).abs() <= 0.5
         else:
             inside = (x >= self.values[0]) & (x <= self.values[-1])
         slope = s.detach() * self.step * inside
-        return self._grid() * s + (self.latent - self.latent.detach()) * slope
+        return grid * s + (self.latent - self.latent.detach()) * slope
 
     @torch.no_grad()
     def settle(self) -> None:
         """The scales as stored, the latent values on their grid points."""
         self.scale0.copy_(self.scale().to(self.dtype).float())
         self.delta.zero_()
-        self.latent.copy_(self._grid() / self.step)
+        self.latent.copy_(self._grid(self.latent * self.step) / self.step)
 
     @torch.no_grad()
     def tensors(self, key: str) -> dict[str, torch.Tensor]:

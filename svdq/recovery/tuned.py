@@ -28,19 +28,7 @@ from torch import nn
 
 from svdq import runtime
 from svdq.algo import quant
-from svdq.recovery.coded import Coded
-
-_BOOKS: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
-
-
-def _book(bits: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The code values of `bits` sorted, the midpoints between neighbours, and each sorted
-    value's code."""
-    if bits not in _BOOKS:
-        values, order = quant.codebook(bits).sort()
-        _BOOKS[bits] = values, (values[1:] + values[:-1]) / 2, order.to(torch.uint8)
-    return _BOOKS[bits]
-
+from svdq.recovery.coded import Coded, book
 
 @torch.no_grad()
 def grid_quant(t: torch.Tensor, bits: int, block: int) -> tuple[torch.Tensor, torch.Tensor,
@@ -51,7 +39,7 @@ def grid_quant(t: torch.Tensor, bits: int, block: int) -> tuple[torch.Tensor, to
     bitsandbytes' absmax for the symmetric NF4 codes; for the 8-bit codes (−0.993 … 1) it
     makes quantizing a de-quantized tensor again give the same codes, which bitsandbytes'
     max |x| does not (it rescales every block whose extreme is negative)."""
-    values, mids, order = _book(bits)
+    values, mids, order = book(bits)
     values, mids = values.to(t.device), mids.to(t.device)
     flat = t.detach().float().reshape(-1)
     blocks = nn.functional.pad(flat, (0, -flat.numel() % block)).view(-1, block)
