@@ -2,18 +2,19 @@
 
     python benchmarks/recovery.py smollm2 --ratio 0.281 --steps 200
            [--schedules single,progressive,layerwise] [--stages 4] [--groups 3]
-           [--no-plain] [--lr 1e-4] [--out benchmarks/results] [--tag NAME] [--resume]
+           [--no-plain] [--lr 1e-4] [--codes] [--out benchmarks/results] [--tag NAME]
+           [--resume]
 
 For each schedule, `svdq compress` at `--ratio` without fine-tuning (unless `--no-plain`) and
 with `--steps` fine-tuning steps in all, shared out over the schedule's stages (single: all
-after its one compression; progressive: steps / stages after each; layerwise: steps /
-groups), then `svdq eval` of each artifact on held-out text: SmolLM2 perplexity on the bench
-text's eval split (ctx 1024, 16,384 tokens), MiniLM cosine similarity to the source on its
-sentences. Calibration and fine-tuning text: the split's calib part. Every run is a child
-process; its wall time is recorded. Writes `recovery_MODEL_rRATIO[_TAG].md` and `.json`
-after every row (a SmolLM2 table takes hours); `--resume` keeps the rows of an earlier run
-of the same command (wherever its `--out` was) and runs only the missing ones. Each artifact
-is removed once scored.
+after its one compression; progressive: steps / stages after each; layerwise: steps / groups;
+with `--codes` the codes train too, `compress --finetune-codes`), then `svdq eval` of each
+artifact on held-out text: SmolLM2 perplexity on the bench text's eval split (ctx 1024, 16,384
+tokens), MiniLM cosine similarity to the source on its sentences. Calibration and fine-tuning
+text: the split's calib part. Every run is a child process; its wall time is recorded. Writes
+`recovery_MODEL_rRATIO[_TAG].md` and `.json` after every row (a SmolLM2 table takes hours);
+`--resume` keeps the rows of an earlier run of the same command (wherever its `--out` was) and
+runs only the missing ones. Each artifact is removed once scored.
 """
 from __future__ import annotations
 
@@ -53,6 +54,8 @@ def main() -> None:
     parser.add_argument("--stages", type=int, default=4)
     parser.add_argument("--groups", type=int, default=3)
     parser.add_argument("--no-plain", action="store_true")
+    parser.add_argument("--codes", action="store_true",
+                        help="fine-tune the codes too (compress --finetune-codes)")
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
     parser.add_argument("--tag", default="")
     parser.add_argument("--resume", action="store_true",
@@ -96,6 +99,7 @@ def main() -> None:
                    "-o", str(out), "--json", "--schedule", sched, "--stages", str(args.stages),
                    "--groups", str(args.groups), "--finetune-steps", str(steps // n),
                    "--finetune-lr", args.lr]
+            cmd += ["--finetune-codes"] if args.codes and steps else []
             made, seconds = run(cmd)
             scored, _ = run(["svdq", "eval", str(out), *score, "--json"])
             shutil.rmtree(out)

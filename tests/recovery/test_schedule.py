@@ -62,7 +62,7 @@ def test_every_schedule_ends_at_the_requested_budget(models, calib_file, tmp_pat
     assert manifest["recovery"][0]["options"]["seq_len"] == min(256, context)  # a causal LM's
     codes = "--finetune-codes" in how
     assert manifest["recovery"][0]["options"]["train_codes"] == codes
-    assert manifest["recovery"][0]["options"]["codes_lr"] == (0.02 if codes else None)
+    assert manifest["recovery"][0]["options"]["codes_lr"] == (ft.CODES_LR if codes else None)
     svdq.load(tmp_path / "out")
     card = (tmp_path / "out" / "README.md").read_text()
     assert "schedule" in card and "fine-tuned" in card
