@@ -12,9 +12,9 @@ with `--codes` the codes train too, `compress --finetune-codes`), then `svdq eva
 artifact on held-out text: SmolLM2 perplexity on the bench text's eval split (ctx 1024, 16,384
 tokens), MiniLM cosine similarity to the source on its sentences. Calibration and fine-tuning
 text: the split's calib part. Every run is a child process; its wall time is recorded. Writes
-`recovery_MODEL_rRATIO[_TAG].md` and `.json` after every row (a SmolLM2 table takes hours);
-`--resume` keeps the rows of an earlier run of the same command (wherever its `--out` was) and
-runs only the missing ones. Each artifact is removed once scored.
+`recovery_MODEL_rRATIO[_codes][_TAG].md` and `.json` after every row (a SmolLM2 table takes
+hours); `--resume` keeps the rows of an earlier run of the same command (wherever its `--out`
+was) and runs only the missing ones. Each artifact is removed once scored.
 """
 from __future__ import annotations
 
@@ -61,7 +61,8 @@ def main() -> None:
     parser.add_argument("--resume", action="store_true",
                         help="keep the rows an earlier run of this command recorded")
     args = parser.parse_args()
-    tag = f"recovery_{args.model}_r{args.ratio}" + (f"_{args.tag}" if args.tag else "")
+    tag = (f"recovery_{args.model}_r{args.ratio}" + ("_codes" if args.codes else "")
+           + (f"_{args.tag}" if args.tag else ""))  # (a codes table never overwrites a plain one)
     args.out.mkdir(parents=True, exist_ok=True)
     command = shlex.join(["python", "benchmarks/recovery.py",
                           *(a for a in sys.argv[1:] if a != "--resume")])

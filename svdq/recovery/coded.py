@@ -85,8 +85,10 @@ class Coded(nn.Module):
 
     def _grid(self, x: torch.Tensor) -> torch.Tensor:
         """The grid point nearest each `x` (in units of the scale), in units of the scale."""
-        idx = self._nearest(x)
-        return idx - self._each(self.zero) if self.grid == "int" else self.values[idx]
+        if self.grid == "int":  # the code clamped to the grid, less the zero point
+            z = self._each(self.zero)
+            return torch.clamp(torch.round(x), -z, (1 << self.bits) - 1 - z)
+        return self.values[self._nearest(x)]
 
     def value(self) -> torch.Tensor:
         """The grid point nearest each latent value times its scale. The scales' gradient is

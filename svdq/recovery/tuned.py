@@ -30,6 +30,7 @@ from svdq import runtime
 from svdq.algo import quant
 from svdq.recovery.coded import Coded, book
 
+
 @torch.no_grad()
 def grid_quant(t: torch.Tensor, bits: int, block: int) -> tuple[torch.Tensor, torch.Tensor,
                                                                  torch.Tensor]:
