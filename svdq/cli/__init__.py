@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import os
 import sys
+import time
 from typing import Callable, Iterator
 
 import typer
@@ -64,18 +65,34 @@ def user_errors(interrupted: str = "interrupted") -> Iterator[None]:
         fail(f"permission denied: {e.filename or e}; check the path's permissions")
 
 
+LOG_EVERY = 60.0  # seconds between progress lines when stderr is a file or a pipe
+
+
 def progress_bar() -> tuple[Progress, Callable[[str, int, int], None]]:
-    """A transient progress display on stderr and the (stage, done, total) callback feeding it."""
+    """A transient progress display on stderr and the (stage, done, total) callback feeding it.
+
+    Where stderr is not a terminal (a log file, a pipe, a scheduler) rich draws nothing, so a
+    long run would be silent for an hour: there the callback writes a plain line instead, at
+    most one every LOG_EVERY seconds and none in the first LOG_EVERY (a quick command, or one
+    that fails at once, keeps its output to its result or its one error line)."""
     bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                    TimeElapsedColumn(), console=err, transient=True)
     tasks: dict[str, int] = {}
+    start = time.monotonic()
+    next_line = [start + LOG_EVERY]
 
     def progress(stage: str, done: int, total: int) -> None:
         key, _, detail = stage.partition(": ")  # "blocks: block 3: q_proj": one bar, its stage
         if key not in tasks:
             tasks[key] = bar.add_task(key, total=total)
-        bar.update(tasks[key], completed=done, total=total,
-                   description=f"{key} · {detail}" if detail else key)
+        description = f"{key} · {detail}" if detail else key
+        bar.update(tasks[key], completed=done, total=total, description=description)
+        now = time.monotonic()
+        if not err.is_terminal and now >= next_line[0]:
+            next_line[0] = now + LOG_EVERY
+            minutes, seconds = divmod(int(now - start), 60)
+            err.print(f"svdq {minutes}:{seconds:02d} {description} {done}/{total}",
+                      markup=False, highlight=False)
     return bar, progress
 
 
