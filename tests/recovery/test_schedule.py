@@ -109,3 +109,10 @@ def test_ctrl_c_between_stages_leaves_nothing(models, calib_file, tmp_path, monk
                  "progressive", "--stages", "2", "--finetune-steps", "3")
     assert "interrupted" in one_line_error(r)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_finetune_help_states_the_codes_default_the_library_uses():
+    # the CLI keeps torch-heavy modules out of its start, so its help carries the number as text
+    text = " ".join(CliRunner().invoke(app, ["finetune", "--help"],
+                                       env={"COLUMNS": "200"}).stdout.split())
+    assert f"(default {ft.CODES_LR})" in text
