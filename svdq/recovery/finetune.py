@@ -146,7 +146,8 @@ def train(student: nn.Module, teacher: nn.Module, plain: dict, train_ids: torch.
         optim.zero_grad(set_to_none=True)
         losses.append(float(loss.detach()))
         if progress:
-            progress(f"fine-tuning: loss {losses[-1]:.4f}", step, opt.steps)
+            progress(f"fine-tuning: loss {losses[-1]:.4f}, held-out {curve[-1][1]:.4f} "
+                     f"(best {best:.4f})", step, opt.steps)
         if step % opt.eval_every and step != opt.steps:
             continue
         val = _val_loss(student, teacher, val_ids, opt.batch_size, causal)

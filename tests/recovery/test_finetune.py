@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -14,7 +15,7 @@ from safetensors import safe_open
 from typer.testing import CliRunner
 
 import svdq
-from svdq import runtime
+from svdq import cli, runtime
 from svdq.cli import app
 from svdq.evaluate import load_baseline
 from svdq.recovery import data, finetune as ft
@@ -137,6 +138,20 @@ def test_finetune_lowers_the_held_out_loss_and_records_what_is_stored(artifacts,
     student = svdq.load(tmp_path / "ft", dtype="float32")
     got = ft._val_loss(student, teacher, val, opt.batch_size, True)
     assert got == pytest.approx(record["val_loss_after"], rel=1e-3)
+
+
+def test_progress_shows_the_latest_held_out_loss(artifacts, calib_file, tmp_path, monkeypatch):
+    monkeypatch.setattr(cli, "LOG_EVERY", 0.0)  # a log line at every step (stderr not a tty)
+    r = tune(artifacts["gpt2"], tmp_path / "ft", calib_file, "--json", "--steps", "12",
+             "--eval-every", "5")
+    assert r.exit_code == 0, r.output
+    curve = dict(json.loads(r.stdout)["val_curve"])
+    shown = {int(m[1]): float(m[0]) for m in
+             re.findall(r"held-out (\S+) \(best \S+\) (\d+)/12", r.stderr)}
+    assert sorted(shown) == list(range(1, 13)), r.stderr
+    for step, val in shown.items():  # a step shows the held-out loss of the last validation
+        last = max(s for s in curve if s < step)
+        assert val == pytest.approx(curve[last], abs=6e-5), (step, curve)
 
 
 def test_checkpointing_computes_the_same(artifacts, calib_file, tmp_path):
