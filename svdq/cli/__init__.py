@@ -79,17 +79,18 @@ def progress_bar() -> tuple[Progress, Callable[[str, int, int], None]]:
                    TimeElapsedColumn(), console=err, transient=True)
     tasks: dict[str, int] = {}
     start = time.monotonic()
-    next_line = [start + LOG_EVERY]
+    next_line = start + LOG_EVERY
 
     def progress(stage: str, done: int, total: int) -> None:
+        nonlocal next_line
         key, _, detail = stage.partition(": ")  # "blocks: block 3: q_proj": one bar, its stage
         if key not in tasks:
             tasks[key] = bar.add_task(key, total=total)
         description = f"{key} · {detail}" if detail else key
         bar.update(tasks[key], completed=done, total=total, description=description)
         now = time.monotonic()
-        if not err.is_terminal and now >= next_line[0]:
-            next_line[0] = now + LOG_EVERY
+        if not err.is_terminal and now >= next_line:
+            next_line = now + LOG_EVERY
             minutes, seconds = divmod(int(now - start), 60)
             err.print(f"svdq {minutes}:{seconds:02d} {description} {done}/{total}",
                       markup=False, highlight=False)

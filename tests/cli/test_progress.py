@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import json
-import re
 
 from typer.testing import CliRunner
 
@@ -13,17 +12,21 @@ FAST = ["--calib-samples", "4", "--calib-len", "32", "--batch-size", "4"]
 
 
 def test_lines_go_to_stderr_at_most_once_a_period(capsys, monkeypatch):
-    monkeypatch.setattr(cli, "LOG_EVERY", 0.0)
+    now = [1000.0]  # a clock the test moves
+    monkeypatch.setattr(cli.time, "monotonic", lambda: now[0])
     bar, progress = progress_bar()
     with bar:
-        progress("fine-tuning: loss 0.1234", 3, 120)
-        progress("blocks: block 2: q_proj", 2, 30)
+        for t, stage, done in [(30, "fine-tuning: loss 0.5", 1),  # within the first minute
+                               (61, "fine-tuning: loss 0.1234", 3),
+                               (90, "fine-tuning: loss 0.2", 4),  # within a minute of the last
+                               (122, "blocks: block 2: q_proj", 2)]:
+            now[0] = 1000.0 + t
+            progress(stage, done, 120)
     captured = capsys.readouterr()
     assert captured.out == ""
     lines = captured.err.strip().splitlines()
-    assert len(lines) == 2, captured.err
-    assert re.fullmatch(r"svdq \d+:\d\d fine-tuning · loss 0\.1234 3/120", lines[0]), lines
-    assert lines[1].endswith("blocks · block 2: q_proj 2/30"), lines
+    assert lines == ["svdq 1:01 fine-tuning · loss 0.1234 3/120",
+                     "svdq 2:02 blocks · block 2: q_proj 2/120"], captured.err
 
 
 def test_a_quick_run_writes_no_progress_line(capsys):
