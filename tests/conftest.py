@@ -170,6 +170,15 @@ def calib_file(tmp_path_factory) -> Path:
     return path
 
 
+@pytest.fixture(scope="session")
+def built(models, calib_file, tmp_path_factory):
+    """built(arch, eps, bits) -> compressed.Built: each combination compressed and saved once a
+    session (tests/compressed.py), for the end-to-end and strict-loading tests."""
+    from compressed import Builder
+
+    return Builder(models, calib_file, tmp_path_factory.mktemp("artifacts"))
+
+
 def planted(arch: str, folder, rank: int = 2):
     """A tiny model whose heads' queries and keys have `rank` rows' worth each (so W_Q,hᵀ W_K,h
     has rank ≤ `rank`), biases random."""
