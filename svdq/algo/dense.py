@@ -11,8 +11,7 @@ import torch
 
 from svdq.algo.error import relative_error
 from svdq.algo.factorize import LayerStats
-from svdq.algo.gptq import gptq as gptq_quantize
-from svdq.algo.gptq import prepare
+from svdq.algo.gptq import gptq_many, prepare
 from svdq.algo.quant import IntQuantized, Quantized, quantize
 from svdq.algo.stored import Stored
 
@@ -20,16 +19,43 @@ from svdq.algo.stored import Stored
 def quantize_weight(w: torch.Tensor, stats: LayerStats, bits: int, block_size: int,
                     grid: str = "bnb", gptq: bool = False) -> Quantized | IntQuantized:
     """`w` (out, in) on `grid` at `bits`: by GPTQ against `stats.gram`, or by rounding (the
-    integer grid's scales then weigh columns by their input energy)."""
+    integer grid's scales then weigh columns by their input energy). What `prequantize` made
+    of this very `w` is handed out, not made again."""
     if gptq and bits != 16:
-        if "gptq" not in stats.cache:  # the same for every grid the layer is tried on
-            stats.cache["gptq"] = prepare(stats.gram.to(w.device))
-        # shrinking a group's range pays below 4 bits (layer losses 12% lower at 3 bits on
-        # SmolLM2's first blocks) and not above (as often worse as better at 4 bits)
-        return gptq_quantize(w, stats.gram, bits, block_size, grid, search=bits < 4,
-                             prepared=stats.cache["gptq"])
+        held = stats.cache.get("quantized")
+        if held is not None and held[0] is w and (bits, block_size, grid) in held[1]:
+            return held[1][(bits, block_size, grid)]
+        return _gptq(w, stats, [(bits, block_size, grid)])[0]
     energy = stats.gram.diagonal() if grid == "int" else None
     return quantize(w, bits, block_size, grid, energy)
+
+
+def prequantize(w: torch.Tensor, stats: LayerStats, grids: list[tuple[int, int, str]],
+                gptq: bool) -> None:
+    """With `gptq`, quantize `w` on all of `grids` ((bits, block size, grid)) in one GPTQ
+    column loop (`gptq.gptq_many`: the same codes as one at a time, several times faster) and
+    keep them in `stats.cache` for `quantize_weight`, replacing what it held before. Grids
+    share a loop while their copies stay under `STACK` weights, which bounds its memory."""
+    grids = [g for g in dict.fromkeys(grids) if g[0] != 16]
+    if not gptq or not grids:
+        return
+    per = max(1, STACK // w.numel())
+    done = {}
+    for i in range(0, len(grids), per):
+        done.update(zip(grids[i:i + per], _gptq(w, stats, grids[i:i + per])))
+    stats.cache["quantized"] = (w, done)
+
+
+STACK = 1 << 24  # weights side by side in one GPTQ loop (64 MB a float32 copy)
+
+
+def _gptq(w: torch.Tensor, stats: LayerStats, grids: list[tuple[int, int, str]]) -> list:
+    if "gptq" not in stats.cache:  # the same for every grid the layer is tried on
+        stats.cache["gptq"] = prepare(stats.gram.to(w.device))
+    # shrinking a group's range pays below 4 bits (layer losses 12% lower at 3 bits on
+    # SmolLM2's first blocks) and not above (as often worse as better at 4 bits)
+    return gptq_many(w, stats.gram, [(b, k, g, b < 4) for b, k, g in grids],
+                     prepared=stats.cache["gptq"])
 
 
 def stored_dense(w: torch.Tensor, stats: LayerStats, ref: float, bits: int, block_size: int,

@@ -11,6 +11,7 @@ import torch
 
 from svdq import runtime
 from svdq.algo.allocate import Option
+from svdq.algo.dense import prequantize
 from svdq.algo.error import output_norm2
 from svdq.algo.residual import residual_of
 from svdq.algo.search import factor_bits
@@ -71,16 +72,21 @@ def measure_layer(work: LayerWork, settings: Settings,
     correction pays), and what each uniform eps would choose; nothing of their tensors.
     `average`: the bits per weight of the budgets asked for (`bases`); `stored_dtype`: what a
     kept weight and a bias are stored in where it is not the model's dtype."""
+    grids = bases(settings, average)
     residuals = {(b, block, g): (lambda b=b, block=block, g=g: residual_of(
                      work.w, work.stats, b, block, settings.method, g, settings.gptq))
-                 for b, block, g in bases(settings, average)}
+                 for b, block, g in grids}
+    choices = bits_choices(settings)  # by GPTQ, every base and dense form in one column loop
+    prequantize(work.w, work.stats, grids + [(b, settings.block_size, "bnb") for b in choices],
+                settings.gptq)
     # --sparse: linear layers only (the loaders apply a sparse term to matrices, not kernels)
     nnz = 0 if runtime.conv_of(work.module) else sparse_count(*work.w.shape, settings.sparse)
-    opts = layer_options(work.w, work.bias, work.factors, work.stats, bits_choices(settings),
+    opts = layer_options(work.w, work.bias, work.factors, work.stats, choices,
                          settings.block_size,
                          elsize=(stored_dtype or work.module.weight.dtype).itemsize,
                          residuals=residuals, closed=settings.method == "whiten",
                          gptq=settings.gptq, sparse=nnz, method=settings.method)
+    work.stats.cache.pop("quantized", None)
     uniform = {eps: _uniform(opts, settings.bits, eps) for eps in UNIFORM_EPS}
     fp16 = 2 * (work.w.numel() + (0 if work.bias is None else work.bias.numel()))
     return LayerOptions(opts, uniform, raw_sensitivity(work), fp16)

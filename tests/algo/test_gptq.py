@@ -171,3 +171,29 @@ def test_an_all_zero_group_comes_back_zero_on_the_integer_grid():
             assert (d[3] - w[3]).norm() < 0.6 * w[3].norm()
         # GPTQ may move the rest of its row's error into a zero group; rounding keeps it 0
         assert not rounded.dequantize()[2, :64].any()
+
+
+def test_gptq_many_equals_each_grid_alone_and_prequantize_hands_them_out(monkeypatch):
+    """Several grids in one column loop give bit for bit the codes of one run per grid, in the
+    order asked; `prequantize` keeps them for `quantize_weight` of that very weight only, and
+    splits the grids into loops under its `STACK` limit without changing a code."""
+    from svdq.algo import dense
+    from svdq.algo.gptq import gptq_many
+
+    w, st = correlated(48, 192)
+    grids = [(4, 64, "int", False), (4, 256, "bnb", False), (3, 32, "int", True),
+             (8, 64, "bnb", False), (2, 64, "int", True), (4, 64, "bnb", False)]
+    alone = [gptq(w, st.gram, b, k, g, search=s) for b, k, g, s in grids]
+    together = gptq_many(w, st.gram, grids)
+    for a, t in zip(alone, together):
+        assert type(a) is type(t) and (a.bits, a.block_size) == (t.bits, t.block_size)
+        assert all(torch.equal(x, y) for x, y in zip(a.tensors("k").values(),
+                                                     t.tensors("k").values()))
+    monkeypatch.setattr(dense, "STACK", 2 * w.numel())  # two grids a loop: three loops
+    dense.prequantize(w, st, [g[:3] for g in grids], gptq=True)
+    held = st.cache["quantized"][1]
+    for (b, k, g, _), a in zip(grids, alone):
+        got = dense.quantize_weight(w, st, b, k, g, gptq=True)
+        assert got is held[(b, k, g)] and torch.equal(got.dequantize(), a.dequantize())
+    other = w.clone()  # equal values, another tensor: quantized afresh, not handed out
+    assert dense.quantize_weight(other, st, 4, 64, "int", gptq=True) is not held[(4, 64, "int")]
