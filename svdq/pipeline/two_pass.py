@@ -17,12 +17,14 @@ import torch
 from torch import nn
 
 from svdq import runtime
+from svdq.algo.dense import prequantize
 from svdq.config import Settings
 from svdq.models.attention import heads
 from svdq.models.layers import set_module
 from svdq.pipeline import budget as budgets, product as products
 from svdq.pipeline.forms import codebooks, realize, refitted
 from svdq.pipeline.judge import losses
+from svdq.pipeline.kept import Kept
 from svdq.pipeline.measured import Measured, measure_layer
 from svdq.pipeline.walk import Walker
 from svdq.pipeline.work import LayerWork, one_input_at_a_time
@@ -38,8 +40,11 @@ def walk(walker: Walker, ids: torch.Tensor, settings: Settings, out: "_Out",
     walker.start(ids)  # pass 1: each layer's options, numbers only
     layers, names = [], []
     blocks = len(walker.blocks)
+    kept = Kept(None if settings.sequential or settings.refit else scratch)
     for i in range(blocks + 1):  # the blocks, then the head's --include'd layers
-        for work in one_input_at_a_time(walker.enter(i) if i < blocks else walker.enter_head()):
+        works = walker.enter(i) if i < blocks else walker.enter_head()
+        kept.put(i, works)
+        for work in one_input_at_a_time(works):
             where = f"block {i + 1}" if i < blocks else "head"
             walker.report(f"blocks: {where}: options of {work.name.rpartition('.')[2]}",
                           i, blocks)
@@ -69,15 +74,17 @@ def walk(walker: Walker, ids: torch.Tensor, settings: Settings, out: "_Out",
     # compressed blocks so far produce), as llm-compressor's sequential GPTQ calibrates; the
     # main stream is then read only as the encoders' reference and --refit's source side
     own = settings.sequential and judged
+    causal = walker.source.is_causal  # its judge reads no main stream
     walker.start(ids, variants=tuple(labels) if judged else (),  # pass 2: build, run, judge
-                 main=not own or settings.refit or not walker.source.is_causal)
+                 main=not causal if kept.on else not own or settings.refit or not causal)
     n = 0
     for i in range(blocks + 1):
         swaps: dict[str, dict[str, nn.Module]] = {label: {} for label in labels}
         where = f"block {i + 1}" if i < blocks else "head"
         for members in ([[label] for label in labels] if own else [labels]):
             mine = members[0] if own else None
-            works = walker.enter(i, mine) if i < blocks else walker.enter_head(mine)
+            works = (walker.enter(i, mine, kept.get(i)) if i < blocks
+                     else walker.enter_head(mine, kept.get(i)))
             paired = {} if product not in members or i == blocks else products.fit_block(
                 works, heads(walker.model), _room(works, index, measured, found[0][1]), settings)
             for j, work in enumerate(one_input_at_a_time(works)):
@@ -159,6 +166,9 @@ def _layer_of_each(work: LayerWork, picks: dict[str, int], options: list,
     quantized base several of them correct is made once and freed after its last user."""
     residuals: dict = {}
     built: dict[int, tuple] = {}
+    prequantize(work.w, work.stats, [(o.bits, o.block or settings.block_size, o.grid)
+                                     for o in (options[i] for i in picks.values())
+                                     if o.kind in ("dense", "residual")], settings.gptq)
     order = sorted(picks, key=lambda lb: str(budgets.base_of(options[picks[lb]], settings)))
     for j, label in enumerate(order):
         idx = picks[label]
@@ -172,6 +182,7 @@ def _layer_of_each(work: LayerWork, picks: dict[str, int], options: list,
         base = budgets.base_of(options[idx], settings)
         if j + 1 == len(order) or budgets.base_of(options[picks[order[j + 1]]], settings) != base:
             residuals.pop(base, None)  # its last user is built: free its factors
+    work.stats.cache.pop("quantized", None)
     return {label: built[picks[label]] for label in picks}
 
 

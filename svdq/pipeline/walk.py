@@ -122,9 +122,9 @@ class Walker:
 
     def start(self, ids: torch.Tensor, variants: tuple[str, ...] = (), main: bool = True) -> None:
         """Capture the first block's inputs: the main stream, and a copy per variant. Without
-        `main` the main stream is dropped once the variants have their copies (a judged
-        `--sequential` budget of a causal LM without `--refit`: nothing reads it, and carrying
-        it would cost a forward per block)."""
+        `main` the main stream is dropped once the variants have their copies (a causal LM's
+        judged `--sequential` budget without `--refit`, or its pass 2 on pass 1's statistics:
+        nothing reads it, and carrying it would cost a forward per block)."""
         torch.manual_seed(self.settings.seed)
         sequential, refit = self.settings.sequential, self.settings.refit
         offload = self._offload(1 + len(variants) + (sequential and refit))
@@ -155,13 +155,16 @@ class Walker:
             self.main = None
         self.clock.lap("calibration images" if ids.is_floating_point() else "calibration text")
 
-    def enter(self, i: int, label: str | None = None) -> list[LayerWork]:
+    def enter(self, i: int, label: str | None = None,
+              stats: dict[str, LayerStats] | None = None) -> list[LayerWork]:
         """Read block i, run the main stream through it gathering its layers' statistics, and
         return their work, in model order. With `label` the statistics come from that
         variant's stream instead (a `--sequential` budget: each candidate plan calibrated on
         its own compressed blocks; the block's own layers are in the model, the outputs are
         dropped and `leave` carries the streams on); `--refit` pairs it with the main stream,
-        which is then the source's own. The block is read once however often it is entered."""
+        which is then the source's own. With `stats` (pass 1's, `pipeline.kept`) nothing is
+        gathered: the block runs only to carry the main stream on, if there is one. The block
+        is read once however often it is entered."""
         stage = lambda what: self.report(f"blocks: block {i + 1}: {what}", i, len(self.blocks))  # noqa: E731
         if self.streamed and self._loaded != i:
             stage("reading its weights")
@@ -182,6 +185,14 @@ class Walker:
             self._outputs = self._paired_outputs = None
             self.clock.lap("forward and statistics")
             return self._works(mine, collector.stats)
+        if stats is not None:
+            self._outputs, self._paired_outputs = None, None
+            if self.main is not None:
+                self._outputs = self.main.like()
+                for j, h in enumerate(self.main):
+                    self._outputs.append(model_blocks.run_block(block, h, self.kwargs[i][j]))
+            self.clock.lap("forward and statistics")
+            return self._works(mine, stats)
         outputs, paired = self.main.like(), None if self.paired is None else self.paired.like()
         with Collector(mine, paired=paired is not None) as collector:
             for j, h in enumerate(self.main):
@@ -208,16 +219,19 @@ class Walker:
                                    self.settings.method))
         return works
 
-    def enter_head(self, label: str | None = None) -> list[LayerWork]:
+    def enter_head(self, label: str | None = None,
+                   stats: dict[str, LayerStats] | None = None) -> list[LayerWork]:
         """The head's target layers (`--include`d, after the blocks) with their statistics,
         gathered by running the main stream — the last block's outputs — through the
-        model's own head one sample at a time (`label`: that variant's stream instead); none
-        where no head layer is a target."""
+        model's own head one sample at a time (`label`: that variant's stream instead;
+        `stats`: pass 1's, nothing run); none where no head layer is a target."""
         if not self.head:
             return []
         self.report("head: forward and statistics", len(self.blocks), len(self.blocks))
         self.outside(True)
         mine = {n: self.model.get_submodule(n) for n in self.head}
+        if stats is not None:
+            return self._works(mine, stats)
         row = 0
         with Collector(mine) as collector, model_blocks.tail(self.model) as cell, \
                 torch.no_grad():

@@ -1,0 +1,71 @@
+"""A budget's statistics kept from pass 1 for pass 2 (`pipeline.two_pass`).
+
+Without `--sequential` (and `--refit`) a layer's statistics come from the source model's own
+stream in both passes, so pass 1 writes each block's Grams to the scratch folder and pass 2
+reads them back instead of running the block once more to gather them; a causal LM's pass 2
+then carries no main stream at all, only the candidates' (an encoder's still carries it: it
+is the judge's reference). On SmolLM2 that is one forward of 30 blocks and its statistics
+saved, for 0.8 GB written and read once. Past `LIMIT` bytes of Grams (a 7B model's come to
+tens of GB) nothing is kept and pass 2 gathers them again, as before.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from svdq.algo.factorize import LayerStats
+from svdq.pipeline.work import LayerWork
+
+LIMIT = 4 * 2 ** 30  # bytes of float64 Grams kept at most
+
+
+class Kept:
+    """Each block's statistics as pass 1 gathered them, in files under `folder` (None: keep
+    nothing). `get(i)` hands them back once; None where nothing is kept."""
+
+    def __init__(self, folder: Path | None, limit: int | None = None) -> None:
+        self.folder, self.limit, self.size = folder, LIMIT if limit is None else limit, 0
+        self.on = folder is not None
+        self._files: list[Path] = []
+
+    def put(self, i: int, works: list[LayerWork]) -> None:
+        """Keep the statistics of block `i`'s layers (layers fed the same input share them)."""
+        if not self.on:
+            return
+        groups: list[LayerStats] = []
+        names: dict[str, int] = {}
+        for work in works:
+            st = work.stats
+            k = next((j for j, g in enumerate(groups) if g.gram is st.gram), len(groups))
+            if k == len(groups):
+                groups.append(st)
+            names[work.name] = k
+        self.size += sum(g.gram.numel() * g.gram.element_size() for g in groups)
+        if self.size > self.limit:
+            self.drop()
+            return
+        cpu = lambda t: None if t is None else t.cpu()  # noqa: E731
+        path = self.folder / f"stats-{i}.pt"
+        torch.save({"names": names, "groups": [(cpu(g.gram), cpu(g.total), g.tokens,
+                                                cpu(g.abs_total)) for g in groups]}, path)
+        self._files.append(path)
+
+    def get(self, i: int) -> dict[str, LayerStats] | None:
+        """Block `i`'s statistics, one LayerStats per layer (sharing tensors and derived
+        results where pass 1's did), and the file removed; None where nothing is kept."""
+        path = None if not self.on else self.folder / f"stats-{i}.pt"
+        if path is None or not path.exists():
+            return None
+        data = torch.load(path, weights_only=True)
+        path.unlink()
+        caches = [{} for _ in data["groups"]]
+        return {name: LayerStats(*data["groups"][k], cache=caches[k])
+                for name, k in data["names"].items()}
+
+    def drop(self) -> None:
+        """Keep nothing from now on, and remove what was kept."""
+        self.on = False
+        for path in self._files:
+            path.unlink(missing_ok=True)
+        self._files.clear()

@@ -1,0 +1,73 @@
+"""Pass 1's statistics kept for pass 2 (svdq/pipeline/kept.py): the same artifact, bit for
+bit, as gathering them again; a causal LM's pass 2 runs no main stream; past the limit
+nothing is kept; nothing is left behind in the scratch folder."""
+from __future__ import annotations
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from svdq import runtime
+from svdq.cli import app
+from svdq.models import blocks as model_blocks
+from svdq.pipeline import kept
+
+FAST = ["--calib-samples", "4", "--calib-len", "32", "--batch-size", "2"]
+
+
+def compress(model, out, calib, *extra):
+    r = CliRunner().invoke(app, ["compress", str(model), "-o", str(out), "--calib", str(calib),
+                                 *FAST, *map(str, extra)])
+    assert r.exit_code == 0, r.output
+    manifest = runtime.read_manifest(out)
+    return runtime.load_tensors(out, manifest), manifest["layers"], manifest["budget"]
+
+
+@pytest.mark.parametrize("arch,extra", [("llama", ["--ratio", "0.3"]),
+                                        ("gpt2", ["--ratio", "0.5", "--no-stream"]),
+                                        ("bert", ["--ratio", "0.4"])])
+def test_kept_statistics_give_the_same_artifact_with_fewer_forwards(models, calib_file,
+                                                                    tmp_path, monkeypatch,
+                                                                    arch, extra):
+    calls = []
+    real = model_blocks.run_block
+    monkeypatch.setattr(model_blocks, "run_block",
+                        lambda *a, **k: calls.append(1) or real(*a, **k))
+    saved, loaded = [], []
+    put, get = kept.Kept.put, kept.Kept.get
+    monkeypatch.setattr(kept.Kept, "put", lambda s, i, w: saved.append(s.on) or put(s, i, w))
+    monkeypatch.setattr(kept.Kept, "get", lambda s, i: loaded.append(get(s, i)) or loaded[-1])
+    ta, la, ba = compress(models[arch], tmp_path / "kept", calib_file, *extra)
+    with_kept = len(calls)
+    assert saved and all(saved) and loaded and all(x is not None for x in loaded)
+    calls.clear()
+    monkeypatch.setattr(kept, "LIMIT", 0)  # nothing kept: pass 2 gathers them again
+    tb, lb, bb = compress(models[arch], tmp_path / "again", calib_file, *extra)
+    assert ta.keys() == tb.keys() and all(torch.equal(ta[k], tb[k]) for k in ta)
+    assert la == lb and ba["candidates"] == bb["candidates"]
+    blocks = {"llama": 2, "gpt2": 2, "bert": 2}[arch]
+    batches = 2  # 4 samples in batches of 2
+    # a causal LM's pass 2 carries no main stream; an encoder's still does (its judge's
+    # reference), but gathers nothing
+    assert len(calls) - with_kept == (blocks * batches if arch != "bert" else 0)
+
+
+def test_past_the_limit_nothing_is_kept_and_nothing_is_left(tmp_path):
+    from svdq.algo.factorize import LayerStats
+    from svdq.pipeline.work import LayerWork
+
+    def work(name, st):
+        return LayerWork(name, torch.nn.Linear(3, 2), None, None, st)
+
+    shared = LayerStats(torch.eye(3, dtype=torch.float64), torch.ones(3, dtype=torch.float64), 5)
+    box = kept.Kept(tmp_path, limit=2 * 72)  # two 3 × 3 float64 Grams
+    box.put(0, [work("q", shared), work("k", shared)])  # one Gram, shared
+    box.put(1, [])
+    got = box.get(0)
+    assert set(got) == {"q", "k"} and got["q"].cache is got["k"].cache
+    assert torch.equal(got["q"].gram, shared.gram) and got["k"].tokens == 5
+    assert box.get(1) == {} and box.get(0) is None  # handed out once
+    box.put(2, [work("a", shared)])
+    box.put(3, [work("b", LayerStats(torch.eye(3, dtype=torch.float64),
+                                     torch.ones(3, dtype=torch.float64), 5))])  # over the limit
+    assert not box.on and box.get(2) is None and not list(tmp_path.iterdir())
