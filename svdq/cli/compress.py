@@ -142,7 +142,8 @@ def compress(
                 with bar:
                     manifest = sched.run(model, output, settings, schedule,
                                          stages if schedule == "progressive" else groups, opt,
-                                         overwrite, shard_bytes, progress, _warn, revision)
+                                         overwrite, shard_bytes, progress, _warn, revision,
+                                         stream)
             _print(manifest, output, as_json)
             return
         if settings.sequential and settings.refit:

@@ -116,3 +116,33 @@ def test_finetune_help_states_the_codes_default_the_library_uses():
     text = " ".join(CliRunner().invoke(app, ["finetune", "--help"],
                                        env={"COLUMNS": "200"}).stdout.split())
     assert f"(default {ft.CODES_LR})" in text
+
+
+@pytest.mark.parametrize("arch,how", [("llama", ["--schedule", "progressive", "--stages", "2",
+                                                 "--finetune-steps", "3"]),
+                                      ("gpt2", ["--schedule", "layerwise", "--groups", "2"])])
+def test_a_streamed_schedule_equals_one_loaded_whole(models, calib_file, tmp_path, monkeypatch,
+                                                     arch, how):
+    """Every stage reads its source block by block (the first the original, the next the stage
+    before, exported), the teacher is read whole; the artifact is the one `--no-stream` makes."""
+    import torch
+
+    from svdq import runtime
+    from svdq.models import load
+
+    streamed = []
+    real = load.load_source
+    monkeypatch.setattr(load, "load_source", lambda *a, **k: streamed.append(
+        k.get("stream", False)) or real(*a, **k))
+    for name, extra in (("streamed", []), ("whole", ["--no-stream"])):
+        r = compress(models[arch], tmp_path / name, calib_file, "--ratio", "0.4", *how, *extra)
+        assert r.exit_code == 0, r.output
+    tuned = "--finetune-steps" in how
+    # streamed: the original, the teacher (whole) where it fine-tunes, the second stage's source
+    assert streamed[:3 if tuned else 2] == ([True, False, True] if tuned else [True, True])
+    assert not any(streamed[3 if tuned else 2:])
+    a, b = (runtime.load_tensors(tmp_path / n, runtime.read_manifest(tmp_path / n))
+            for n in ("streamed", "whole"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert svdq.artifact.read(tmp_path / "streamed")["layers"] == \
+        svdq.artifact.read(tmp_path / "whole")["layers"]
