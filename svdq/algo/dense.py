@@ -33,7 +33,7 @@ def quantize_weight(w: torch.Tensor, stats: LayerStats, bits: int, block_size: i
 def prequantize(w: torch.Tensor, stats: LayerStats, grids: list[tuple[int, int, str]],
                 gptq: bool) -> None:
     """With `gptq`, quantize `w` on all of `grids` ((bits, block size, grid)) in one GPTQ
-    column loop (`gptq.gptq_many`: the same codes as one at a time, several times faster) and
+    column loop (`gptq.gptq_many`: the same codes as one at a time, one loop for all) and
     keep them in `stats.cache` for `quantize_weight`, replacing what it held before. Grids
     share a loop while their copies stay under `STACK` weights, which bounds its memory."""
     grids = [g for g in dict.fromkeys(grids) if g[0] != 16]

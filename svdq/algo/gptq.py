@@ -155,8 +155,8 @@ def gptq_many(w: torch.Tensor, gram: torch.Tensor, grids: list[tuple[int, int, s
               prepared: Prepared | None = None) -> list[Quantized | IntQuantized]:
     """`gptq` on several grids at once, each (bits, block size, grid, search): the same
     quantizations as one at a time, in one column loop over copies of `w` side by side — the
-    inverse Hessian is the same for every grid, and the loop's cost is mostly per column, not
-    per row (a budget quantizes each layer on up to eight grids: ~5× faster on SmolLM2's)."""
+    inverse Hessian is the same for every grid, and much of the loop's cost is per column,
+    not per row (a budget quantizes each layer on up to eight grids)."""
     prep = prepared or prepare(gram.to(w.device), damp, act_order,
                                torch.float64 if dtype == torch.float64 else torch.float32)
     rounders = [_Grid(w.to(dtype), b, k, g, prep.energy, s) for b, k, g, s in grids]
