@@ -149,17 +149,21 @@ def gptq(w: torch.Tensor, gram: torch.Tensor, bits: int, block_size: int, grid: 
                      prepared)[0]
 
 
-def gptq_many(w: torch.Tensor, gram: torch.Tensor, grids: list[tuple[int, int, str, bool]],
+def gptq_many(w: torch.Tensor | list[torch.Tensor], gram: torch.Tensor,
+              grids: list[tuple[int, int, str, bool]],
               act_order: bool = True, damp: float = DAMP, lazy: int = LAZY,
               dtype: torch.dtype = torch.float32,
               prepared: Prepared | None = None) -> list[Quantized | IntQuantized]:
     """`gptq` on several grids at once, each (bits, block size, grid, search): the same
     quantizations as one at a time, in one column loop over copies of `w` side by side — the
     inverse Hessian is the same for every grid, and much of the loop's cost is per column,
-    not per row (a budget quantizes each layer on up to eight grids)."""
+    not per row (a budget quantizes each layer on up to eight grids). `w`: one weight for
+    every grid, or a list of weights of one shape, one per grid (a layer's refined bases)."""
+    ws = list(w) if isinstance(w, (list, tuple)) else [w] * len(grids)
+    w = ws[0]
     prep = prepared or prepare(gram.to(w.device), damp, act_order,
                                torch.float64 if dtype == torch.float64 else torch.float32)
-    rounders = [_Grid(w.to(dtype), b, k, g, prep.energy, s) for b, k, g, s in grids]
+    rounders = [_Grid(x.to(dtype), b, k, g, prep.energy, s) for x, (b, k, g, s) in zip(ws, grids)]
     order = sorted(range(len(grids)), key=lambda i: (grids[i][2], grids[i][0]))  # parts together
     parts, lo = [], 0
     for key in dict.fromkeys((grids[i][2], grids[i][2] == "int" or grids[i][0]) for i in order):
@@ -170,9 +174,8 @@ def gptq_many(w: torch.Tensor, gram: torch.Tensor, grids: list[tuple[int, int, s
     perm, hinv = prep.perm, prep.hinv.to(dtype)  # float64 tests: prepare(..., dtype=float64)
     # transposed, (in, out): each column a contiguous row, so the per-column steps read and
     # write contiguous memory (2.3× faster at 5632 × 2048, the same codes)
-    wt = w.to(dtype).T[perm]
+    wt = torch.cat([ws[i].to(dtype).T[perm] for i in order], 1)  # the copies in `order`
     wt[prep.dead[perm]] = 0
-    wt = wt.repeat(1, len(grids))  # the copies in `order`
     n = wt.shape[0]
     codes = torch.zeros(wt.shape, dtype=dtype, device=w.device)
     values = torch.empty(wt.shape[1], dtype=dtype, device=w.device)

@@ -225,9 +225,9 @@ def base_of(option: Option, settings: Settings) -> tuple | None:
 
 
 def build_layer(work: LayerWork, option: Option, settings: Settings,
-                residuals: dict[tuple, Residual] | None = None) -> Stored:
-    """The stored layer of `option` for `work`, exact, a correction refined; `residuals` caches
-    the quantized bases (bits, block, grid) a layer's options share across candidate plans."""
+                residuals: dict[tuple, Residual] | None = None, refine: bool = True) -> Stored:
+    """The stored layer of `option` for `work`, exact, a correction refined (`refine`); the
+    cache `residuals` holds the quantized bases (bits, block, grid) a layer's options share."""
     block, ref = settings.block_size, reference(work.w, work.bias, work.stats)
     if option.kind == "dense" and option.block is not None:  # the weight alone in its own blocks
         stored = stored_dense(work.w, work.stats, ref, option.bits, option.block, 0, option.grid,
@@ -246,6 +246,8 @@ def build_layer(work: LayerWork, option: Option, settings: Settings,
     k_break = break_even_rank(*work.w.shape, factor_bits(settings.bits), block)
     stored = stored_of(replace(option, sparse=0), work.w, work.bias, factors, work.stats, block,
                        k_break, res, settings.gptq)
+    if not refine:  # the caller refines; no sparse term then
+        return stored
     stored = refine_residual(work.w, stored, work.stats, ref, settings.method, gptq=settings.gptq)
     return plus_sparse(work.w, stored, work.stats, ref, option.sparse, settings.method,
                        settings.gptq) if option.sparse else stored

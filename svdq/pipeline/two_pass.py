@@ -18,6 +18,9 @@ from torch import nn
 
 from svdq import runtime
 from svdq.algo.dense import prequantize
+from svdq.algo.error import reference
+from svdq.algo.residual import refine_residuals
+from svdq.algo.stored import Stored
 from svdq.config import Settings
 from svdq.models.attention import heads
 from svdq.models.layers import set_module
@@ -163,27 +166,35 @@ def _layer_of_each(work: LayerWork, picks: dict[str, int], options: list,
     """Each candidate plan's form of one layer (`picks`: the option each plan chose): {label:
     (plan entry, tensors, the module its stream runs — the form before a refit, as the judge
     compares them — and its error)}. Plans that chose the same option share one build; a
-    quantized base several of them correct is made once and freed after its last user."""
+    quantized base several of them correct is made once and freed after its last user; the
+    corrections are refined together (`residual.refine_residuals`)."""
     residuals: dict = {}
-    built: dict[int, tuple] = {}
+    built: dict[int, Stored] = {}
     prequantize(work.w, work.stats, [(o.bits, o.block or settings.block_size, o.grid)
                                      for o in (options[i] for i in picks.values())
                                      if o.kind in ("dense", "residual")], settings.gptq)
     order = sorted(picks, key=lambda lb: str(budgets.base_of(options[picks[lb]], settings)))
     for j, label in enumerate(order):
         idx = picks[label]
-        if idx not in built:
-            stored = budgets.build_layer(work, options[idx], settings, residuals)
-            final, notes = refitted(work, stored, settings)
-            plan, tensors, module = realize(work, stored, settings, stored_dtype)
-            if final is not stored:
-                plan, tensors, _ = realize(work, final, settings, stored_dtype)
-            built[idx] = (plan.noted(**notes), tensors, module, stored.error)
+        if idx not in built:  # a sparse term follows its own refit: built whole
+            built[idx] = budgets.build_layer(work, options[idx], settings, residuals,
+                                             refine=bool(options[idx].sparse))
         base = budgets.base_of(options[idx], settings)
         if j + 1 == len(order) or budgets.base_of(options[picks[order[j + 1]]], settings) != base:
             residuals.pop(base, None)  # its last user is built: free its factors
     work.stats.cache.pop("quantized", None)
-    return {label: built[picks[label]] for label in picks}
+    plain = [i for i in built if not options[i].sparse]
+    ref = reference(work.w, work.bias, work.stats)
+    built.update(zip(plain, refine_residuals(work.w, [built[i] for i in plain], work.stats, ref,
+                                             settings.method, gptq=settings.gptq)))
+    out: dict[int, tuple] = {}
+    for idx, stored in built.items():
+        final, notes = refitted(work, stored, settings)
+        plan, tensors, module = realize(work, stored, settings, stored_dtype)
+        if final is not stored:
+            plan, tensors, _ = realize(work, final, settings, stored_dtype)
+        out[idx] = (plan.noted(**notes), tensors, module, stored.error)
+    return {label: out[picks[label]] for label in picks}
 
 
 def _put(store, tensors: dict[str, torch.Tensor]) -> None:

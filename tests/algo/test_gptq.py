@@ -189,6 +189,11 @@ def test_gptq_many_equals_each_grid_alone_and_prequantize_hands_them_out(monkeyp
         assert type(a) is type(t) and (a.bits, a.block_size) == (t.bits, t.block_size)
         assert all(torch.equal(x, y) for x, y in zip(a.tensors("k").values(),
                                                      t.tensors("k").values()))
+    others = [w * (1 + 0.1 * i) for i in range(len(grids))]  # a weight per grid
+    for o, g, t in zip(others, grids, gptq_many(others, st.gram, grids)):
+        a = gptq(o, st.gram, g[0], g[1], g[2], search=g[3])
+        assert all(torch.equal(x, y) for x, y in zip(a.tensors("k").values(),
+                                                     t.tensors("k").values()))
     monkeypatch.setattr(dense, "STACK", 2 * w.numel())  # two grids a loop: three loops
     dense.prequantize(w, st, [g[:3] for g in grids], gptq=True)
     held = st.cache["quantized"][1]

@@ -266,6 +266,34 @@ def test_refining_a_correction_keeps_its_bytes_and_lowers_its_error(layer, block
     assert c.rank == plain.rank and c.error <= plain.error <= 0.05
 
 
+@pytest.mark.parametrize("gptq", [False, True])
+def test_refining_several_forms_together_equals_each_alone(layer, gptq, monkeypatch):
+    """A budget's candidates refine a layer's corrections together (by GPTQ in one loop, or
+    in several where `dense.STACK` is small); each comes out bit for bit as refined alone,
+    and forms that are not corrections pass through untouched."""
+    from svdq.algo import dense
+
+    w, b, st = layer
+    ref = error.reference(w, b, st)
+    forms = [residual.stored_residual(w, residual.residual_of(w, st, bits, block, "whiten",
+                                                              grid, gptq), st, ref, k, 40)
+             for bits, block, grid, k in ((4, 64, "int", 8), (3, 64, "int", 16),
+                                          (4, 256, "bnb", 4), (4, 64, "int", 0))]
+    alone = [residual.refine_residual(w, f, st, ref, "whiten", gptq=gptq) for f in forms]
+    for stack in (dense.STACK, 2 * w.numel()):
+        monkeypatch.setattr(residual, "STACK", stack)
+        together = residual.refine_residuals(w, forms, st, ref, "whiten", gptq=gptq)
+        assert together[3] is forms[3]  # the base alone, kind dense
+        for a, t in zip(alone, together):
+            assert a.error == t.error and a.rank == t.rank
+            if a.kind == "residual":
+                assert all(torch.equal(x, y) for x, y in zip(a.weight.tensors("w").values(),
+                                                             t.weight.tensors("w").values()))
+                assert torch.equal(a.u.dequantize(), t.u.dequantize())
+    if not gptq:  # some round helped (by GPTQ on this layer, none does)
+        assert any(a is not f for a, f in zip(alone, forms))
+
+
 def test_budget_leaves_out_large_errors_unless_it_must(models, calib_file):
     """Below what the capped forms (and 2-bit weights, 0.14 × fp16) can reach, the budget is
     still met, with larger errors."""
