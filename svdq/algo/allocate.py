@@ -121,13 +121,13 @@ def table(options: list[list[Option]], budget: int, resolution: int = 2 ** 20) -
     for opts in options:
         new = torch.full_like(best, math.inf)
         pick = torch.zeros(cap + 1, dtype=torch.int16)
-        for i, o in enumerate(opts):
-            w = -(-o.bytes // unit)
+        for i in _front(opts, unit):
+            o, w = opts[i], -(-opts[i].bytes // unit)
             if w <= cap:
                 trial = best[: cap + 1 - w] + o.cost
                 better = trial < new[w:]
-                new[w:] = torch.where(better, trial, new[w:])
-                pick[w:][better] = i
+                torch.minimum(new[w:], trial, out=new[w:])  # in place: no copies
+                pick[w:].masked_fill_(better, i)
         best = new
         picks.append(pick)
     if not math.isfinite(float(best[cap])):
@@ -137,6 +137,17 @@ def table(options: list[list[Option]], budget: int, resolution: int = 2 ** 20) -
         alloc[layer] = int(picks[layer][c])
         c -= -(-options[layer][alloc[layer]].bytes // unit)
     return alloc
+
+
+def _front(opts: list[Option], unit: int) -> list[int]:
+    """The options `table` needs, in their order: one beaten by another that takes no more
+    units and costs strictly less never makes a cheaper table entry than that other does."""
+    least, keep = math.inf, set()
+    for i in sorted(range(len(opts)), key=lambda i: (-(-opts[i].bytes // unit), opts[i].cost)):
+        if opts[i].cost <= least:
+            keep.add(i)
+            least = min(least, opts[i].cost)
+    return sorted(keep)
 
 
 def allocate(options: list[list[Option]], budget: int,

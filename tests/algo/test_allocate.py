@@ -309,3 +309,26 @@ def test_cli_bad_budget_is_a_one_line_error_and_writes_nothing(models, calib_fil
     assert len(stderr.splitlines()) == 1 and stderr.startswith("error: "), stderr
     assert message in stderr, stderr
     assert list(parent.iterdir()) == []
+
+
+def test_the_table_skips_only_options_another_beats_and_answers_the_same(monkeypatch):
+    """`table` leaves out an option when another takes no more units and costs strictly less;
+    on random tables its answers are those of the table over every option."""
+    import random
+
+    from svdq.algo import allocate as al
+
+    opts = [Option(100, 0.5, "dense", 0, 4), Option(100, 0.4, "dense", 0, 4),  # same bytes
+            Option(150, 0.4, "dense", 0, 4), Option(90, 0.6, "dense", 0, 4),  # equal cost: kept
+            Option(200, 0.1, "dense", 0, 4)]
+    assert al._front(opts, 1) == [1, 2, 3, 4]
+    rng = random.Random(0)
+    for _ in range(200):
+        layers = [[Option(rng.randint(10, 2000), rng.random() ** 3, "dense", 0, 4, rng.random())
+                   for _ in range(rng.randint(1, 12))] for _ in range(rng.randint(1, 8))]
+        budget = rng.randint(10, 8 * 1500)
+        resolution = rng.choice([64, 2 ** 20])
+        pruned = table(layers, budget, resolution)
+        with monkeypatch.context() as m:
+            m.setattr(al, "_front", lambda o, unit: list(range(len(o))))
+            assert table(layers, budget, resolution) == pruned
