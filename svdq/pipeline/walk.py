@@ -210,6 +210,8 @@ class Walker:
         for name, module in mine.items():
             st = stats[name]
             st.gram, st.total = st.gram.to(self.device), st.total.to(self.device)
+            if st.abs_total is not None:  # kept statistics come back on the CPU
+                st.abs_total = st.abs_total.to(self.device)
             if name in self.grads:
                 fisher, grad2 = self.grads[name]
                 st.row_fisher = None if fisher is None else fisher.to(self.device)
