@@ -3,7 +3,7 @@
     python benchmarks/recovery.py smollm2 --ratio 0.281 --steps 200
            [--schedules single,progressive,layerwise] [--stages 4] [--groups 3]
            [--no-plain] [--lr 1e-4] [--codes] [--out benchmarks/results] [--tag NAME]
-           [--resume]
+           [--resume [--only VARIANT]]
 
 For each schedule, `svdq compress` at `--ratio` without fine-tuning (unless `--no-plain`) and
 with `--steps` fine-tuning steps in all, shared out over the schedule's stages (single: all
@@ -14,7 +14,8 @@ tokens), MiniLM cosine similarity to the source on its sentences. Calibration an
 text: the split's calib part. Every run is a child process; its wall time is recorded. Writes
 `recovery_MODEL_rRATIO[_codes][_TAG].md` and `.json` after every row (a SmolLM2 table takes
 hours); `--resume` keeps the rows of an earlier run of the same command (wherever its `--out`
-was) and runs only the missing ones. Each artifact is removed once scored.
+was) and runs only the missing ones — with `--only "layerwise, 0 steps"` just that one, to
+fit a row into the time at hand. Each artifact is removed once scored.
 """
 from __future__ import annotations
 
@@ -60,12 +61,17 @@ def main() -> None:
     parser.add_argument("--tag", default="")
     parser.add_argument("--resume", action="store_true",
                         help="keep the rows an earlier run of this command recorded")
+    parser.add_argument("--only", help="run just this row (e.g. 'layerwise, 0 steps')")
     args = parser.parse_args()
     tag = (f"recovery_{args.model}_r{args.ratio}" + ("_codes" if args.codes else "")
            + (f"_{args.tag}" if args.tag else ""))  # (a codes table never overwrites a plain one)
     args.out.mkdir(parents=True, exist_ok=True)
+    argv = sys.argv[1:]  # --resume and --only say what runs now, not what the table is
+    if "--only" in argv:
+        k = argv.index("--only")
+        argv = argv[:k] + argv[k + 2:]
     command = shlex.join(["python", "benchmarks/recovery.py",
-                          *(a for a in sys.argv[1:] if a != "--resume")])
+                          *(a for a in argv if a != "--resume" and not a.startswith("--only="))])
     record = {"command": command, "machine": platform.platform(), "rows": []}
     if args.resume and (args.out / f"{tag}.json").exists():
         earlier = json.loads((args.out / f"{tag}.json").read_text())
@@ -93,7 +99,8 @@ def main() -> None:
     for sched in args.schedules.split(","):
         n = {"single": 1, "progressive": args.stages, "layerwise": args.groups}[sched]
         for steps in ([] if args.no_plain else [0]) + [args.steps]:
-            if f"{sched}, {steps} steps" in done:
+            variant = f"{sched}, {steps} steps"
+            if variant in done or args.only not in (None, variant):
                 continue
             out = work / f"{sched}-{steps}"
             cmd = ["svdq", "compress", model, "--ratio", str(args.ratio), "--calib", str(calib),
