@@ -146,7 +146,7 @@ def _front(opts: list[Option], unit: int) -> list[int]:
     for i in sorted(range(len(opts)), key=lambda i: (-(-opts[i].bytes // unit), opts[i].cost)):
         if opts[i].cost <= least:
             keep.add(i)
-            least = min(least, opts[i].cost)
+            least = opts[i].cost
     return sorted(keep)
 
 

@@ -25,25 +25,20 @@ def quantize_weight(w: torch.Tensor, stats: LayerStats, bits: int, block_size: i
         held = stats.cache.get("quantized")
         if held is not None and held[0] is w and (bits, block_size, grid) in held[1]:
             return held[1][(bits, block_size, grid)]
-        return _gptq(w, stats, [(bits, block_size, grid)])[0]
+        return _gptq([w], stats, [(bits, block_size, grid)])[0]
     energy = stats.gram.diagonal() if grid == "int" else None
     return quantize(w, bits, block_size, grid, energy)
 
 
 def prequantize(w: torch.Tensor, stats: LayerStats, grids: list[tuple[int, int, str]],
                 gptq: bool) -> None:
-    """With `gptq`, quantize `w` on all of `grids` ((bits, block size, grid)) in one GPTQ
-    column loop (`gptq.gptq_many`: the same codes as one at a time, one loop for all) and
-    keep them in `stats.cache` for `quantize_weight`, replacing what it held before. Grids
-    share a loop while their copies stay under `STACK` weights, which bounds its memory."""
+    """With `gptq`, quantize `w` on all of `grids` ((bits, block size, grid)) at once
+    (`quantize_each`) and keep them in `stats.cache` for `quantize_weight`, replacing what it
+    held before."""
     grids = [g for g in dict.fromkeys(grids) if g[0] != 16]
-    if not gptq or not grids:
-        return
-    per = max(1, STACK // w.numel())
-    done = {}
-    for i in range(0, len(grids), per):
-        done.update(zip(grids[i:i + per], _gptq(w, stats, grids[i:i + per])))
-    stats.cache["quantized"] = (w, done)
+    if gptq and grids:
+        stats.cache["quantized"] = (w, dict(zip(grids, quantize_each([w] * len(grids), stats,
+                                                                    grids, gptq))))
 
 
 STACK = 1 << 24  # weights side by side in one GPTQ loop (64 MB a float32 copy)
@@ -52,20 +47,21 @@ STACK = 1 << 24  # weights side by side in one GPTQ loop (64 MB a float32 copy)
 def quantize_each(ws: list[torch.Tensor], stats: LayerStats, grids: list[tuple[int, int, str]],
                   gptq: bool) -> list[Quantized | IntQuantized]:
     """`quantize_weight` of each of `ws` (one shape, one layer's inputs) on its grid of
-    `grids`: by GPTQ in one column loop while their copies stay under `STACK` weights."""
-    if not gptq or sum(w.numel() for w in ws) > STACK or any(g[0] == 16 for g in grids):
+    `grids`: by GPTQ in one column loop (`gptq.gptq_many`: the same codes as one at a time)
+    for as many as stay under `STACK` weights together, which bounds its memory."""
+    if not gptq or any(g[0] == 16 for g in grids):
         return [quantize_weight(w, stats, *g, gptq) for w, g in zip(ws, grids)]
-    return _gptq(ws, stats, grids)
+    per = max(1, STACK // ws[0].numel())
+    return [q for i in range(0, len(ws), per)
+            for q in _gptq(ws[i:i + per], stats, grids[i:i + per])]
 
 
-def _gptq(w: torch.Tensor | list[torch.Tensor], stats: LayerStats,
-          grids: list[tuple[int, int, str]]) -> list:
+def _gptq(ws: list[torch.Tensor], stats: LayerStats, grids: list[tuple[int, int, str]]) -> list:
     if "gptq" not in stats.cache:  # the same for every grid the layer is tried on
-        device = (w[0] if isinstance(w, list) else w).device
-        stats.cache["gptq"] = prepare(stats.gram.to(device))
+        stats.cache["gptq"] = prepare(stats.gram.to(ws[0].device))
     # shrinking a group's range pays below 4 bits (layer losses 12% lower at 3 bits on
     # SmolLM2's first blocks) and not above (as often worse as better at 4 bits)
-    return gptq_many(w, stats.gram, [(b, k, g, b < 4) for b, k, g in grids],
+    return gptq_many(ws, stats.gram, [(b, k, g, b < 4) for b, k, g in grids],
                      prepared=stats.cache["gptq"])
 
 

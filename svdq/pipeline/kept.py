@@ -3,8 +3,8 @@
 Without `--sequential` (and `--refit`) a layer's statistics come from the source model's own
 stream in both passes, so pass 1 writes each block's Grams to the scratch folder and pass 2
 reads them back instead of running the block once more to gather them; a causal LM's pass 2
-then carries no main stream at all, only the candidates' (an encoder's still carries it: it
-is the judge's reference). On SmolLM2 that is one forward of 30 blocks and its statistics
+then carries no main stream at all, only the candidates' (an encoder's judged budget still
+carries it: it is the judge's reference). On SmolLM2 that is one forward of 30 blocks and its statistics
 saved, for 0.8 GB written and read once. Past `LIMIT` bytes of Grams (a 7B model's come to
 tens of GB) nothing is kept and pass 2 gathers them again, as before.
 """

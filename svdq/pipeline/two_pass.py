@@ -77,9 +77,9 @@ def walk(walker: Walker, ids: torch.Tensor, settings: Settings, out: "_Out",
     # compressed blocks so far produce), as llm-compressor's sequential GPTQ calibrates; the
     # main stream is then read only as the encoders' reference and --refit's source side
     own = settings.sequential and judged
-    causal = walker.source.is_causal  # its judge reads no main stream
+    causal = walker.source.is_causal  # its judge reads no main stream; an encoder's does
     walker.start(ids, variants=tuple(labels) if judged else (),  # pass 2: build, run, judge
-                 main=not causal if kept.on else not own or settings.refit or not causal)
+                 main=judged and not causal if kept.on else not own or settings.refit or not causal)
     n = 0
     for i in range(blocks + 1):
         swaps: dict[str, dict[str, nn.Module]] = {label: {} for label in labels}

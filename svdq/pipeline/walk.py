@@ -162,9 +162,8 @@ class Walker:
         variant's stream instead (a `--sequential` budget: each candidate plan calibrated on
         its own compressed blocks; the block's own layers are in the model, the outputs are
         dropped and `leave` carries the streams on); `--refit` pairs it with the main stream,
-        which is then the source's own. With `stats` (pass 1's, `pipeline.kept`) nothing is
-        gathered: the block runs only to carry the main stream on, if there is one. The block
-        is read once however often it is entered."""
+        which is then the source's own. With `stats` (pass 1's, `pipeline.kept`) nothing runs.
+        The block is read once however often it is entered."""
         stage = lambda what: self.report(f"blocks: block {i + 1}: {what}", i, len(self.blocks))  # noqa: E731
         if self.streamed and self._loaded != i:
             stage("reading its weights")
@@ -185,13 +184,8 @@ class Walker:
             self._outputs = self._paired_outputs = None
             self.clock.lap("forward and statistics")
             return self._works(mine, collector.stats)
-        if stats is not None:
-            self._outputs, self._paired_outputs = None, None
-            if self.main is not None:
-                self._outputs = self.main.like()
-                for j, h in enumerate(self.main):
-                    self._outputs.append(model_blocks.run_block(block, h, self.kwargs[i][j]))
-            self.clock.lap("forward and statistics")
+        if stats is not None:  # a main stream, if any, is carried on by `leave`
+            self._outputs = self._paired_outputs = None
             return self._works(mine, stats)
         outputs, paired = self.main.like(), None if self.paired is None else self.paired.like()
         with Collector(mine, paired=paired is not None) as collector:
