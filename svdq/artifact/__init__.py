@@ -118,8 +118,10 @@ def writing(out: Path, overwrite: bool = False, shard_bytes: int = SHARD_BYTES,
         try:
             yield pending
         except BaseException as e:
+            held = outdir.folder_bytes(tmp)  # with the scratch: kept statistics, streams
             shutil.rmtree(tmp, ignore_errors=True)
-            full = outdir.no_space(e, out.parent, pending.tensors.total_bytes + (4 << 20))
+            full = outdir.no_space(e, out.parent, max(held, pending.tensors.total_bytes)
+                                   + (4 << 20))
             if full is not None:
                 raise full from None
             raise

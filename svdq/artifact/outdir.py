@@ -163,12 +163,20 @@ def check_space(folder: Path, needed: int) -> None:
                         f"{free / 1e6:,.1f} MB free; free some space or choose another -o")
 
 
+def folder_bytes(folder: Path) -> int:
+    """The bytes of the files under `folder`, as far as they can be read (0 where it is gone)."""
+    try:
+        return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
+    except OSError:
+        return 0
+
+
 def no_space(e: BaseException, folder: Path, needed: int) -> SvdqError | None:
     """The one-line error for a write that ran out of disk, or None for any other failure."""
     full = isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT)
     if full or "No space left" in str(e) or "Disk quota" in str(e):
-        return SvdqError(f"the disk under {folder} filled up while writing the artifact (about "
-                         f"{needed / 1e6:,.1f} MB needed); nothing was written: free some space "
-                         "or choose another -o")
+        return SvdqError(f"the disk under {folder} filled up while writing the artifact and its "
+                         f"scratch files (at least {needed / 1e6:,.1f} MB needed); nothing was "
+                         "written: free some space or choose another -o")
     return None
 

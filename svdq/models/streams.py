@@ -76,16 +76,19 @@ class Stream:
 
 
 class Scratch:
-    """A folder for offloaded activations and candidate tensors, removed when done: `folder`
-    if given (under the artifact's temporary folder, so a crash leaves nothing), else a new
-    temporary folder."""
+    """A folder for offloaded activations, candidate tensors and kept statistics, removed when
+    done: `folder` if given (under the artifact's temporary folder, whose owner removes it on
+    a failure after counting what it held for a full disk's message), else a new temporary
+    folder."""
 
     def __init__(self, folder: Path | None = None) -> None:
+        self.owned = folder is None
         self.path = Path(tempfile.mkdtemp(prefix="svdq-scratch-")) if folder is None else folder
         self.path.mkdir(parents=True, exist_ok=True)
 
     def __enter__(self) -> "Scratch":
         return self
 
-    def __exit__(self, *exc) -> None:
-        shutil.rmtree(self.path, ignore_errors=True)
+    def __exit__(self, kind, *exc) -> None:
+        if kind is None or self.owned:
+            shutil.rmtree(self.path, ignore_errors=True)

@@ -6,10 +6,12 @@ reads them back instead of running the block once more to gather them; a causal 
 then carries no main stream at all, only the candidates' (an encoder's judged budget still
 carries it: it is the judge's reference). On SmolLM2 that is one forward of 30 blocks and its statistics
 saved, for 0.8 GB written and read once. Past `LIMIT` bytes of Grams (a 7B model's come to
-tens of GB) nothing is kept and pass 2 gathers them again, as before.
+tens of GB), or where the disk fills while they are written, nothing is kept and pass 2
+gathers them again, as before.
 """
 from __future__ import annotations
 
+import errno
 from pathlib import Path
 
 import torch
@@ -47,9 +49,14 @@ class Kept:
             return
         cpu = lambda t: None if t is None else t.cpu()  # noqa: E731
         path = self.folder / f"stats-{i}.pt"
-        torch.save({"names": names, "groups": [(cpu(g.gram), cpu(g.total), g.tokens,
-                                                cpu(g.abs_total)) for g in groups]}, path)
         self._files.append(path)
+        try:
+            torch.save({"names": names, "groups": [(cpu(g.gram), cpu(g.total), g.tokens,
+                                                    cpu(g.abs_total)) for g in groups]}, path)
+        except OSError as e:  # a full disk: keeping is a speed-up only, pass 2 gathers them
+            if e.errno not in (errno.ENOSPC, errno.EDQUOT):
+                raise
+            self.drop()
 
     def get(self, i: int) -> dict[str, LayerStats] | None:
         """Block `i`'s statistics, one LayerStats per layer (sharing tensors and derived

@@ -5,7 +5,9 @@ source dtype and its largest layer in float32 with its factors while it is searc
 Grams, 8·in² bytes per distinct layer input (q, k and v share one; gate and up another); each
 calibration stream s·h·(dtype bytes) — two in eps mode (a block's inputs and outputs), four with
 `--sequential --refit`, and in a budget's second pass one more per candidate plan (up to five)
-— unless the streams go to files (`walk.offloaded`); attention scores of one batch; what the
+and one block's output — where pass 2 reads pass 1's statistics (`pipeline.kept`: a causal LM
+without `--sequential`/`--refit`, Grams under its limit) without the main stream's two —
+unless the streams go to files (`walk.offloaded`); attention scores of one batch; what the
 tensor writer holds before it writes.
 """
 from __future__ import annotations
@@ -16,6 +18,7 @@ from svdq.models.layers import blocks_of, targets, weight_of
 from svdq.models.load import Source
 from svdq.pipeline.budget import ERROR_CAPS
 from svdq.pipeline.compress import CANDIDATE_FLUSH
+from svdq.pipeline.kept import LIMIT
 from svdq.pipeline.work import offloaded
 
 
@@ -34,15 +37,19 @@ def estimate(source: Source, settings: Settings) -> dict[str, int]:
     stream = settings.calib_samples * settings.calib_len * hidden * next(model.parameters()).element_size()
     largest = max((o * i for o, i in shapes), default=0)
     candidates = len(ERROR_CAPS) + 2 if settings.budgeted else 0
-    streams = 2 + 2 * (settings.sequential and settings.refit) + candidates + (candidates > 0)
+    grams = sum(8 * i * i for _, i in shapes)  # at most: layers fed one input share theirs
+    main = 2 + 2 * (settings.sequential and settings.refit)
+    if (candidates and source.is_causal and not (settings.sequential or settings.refit)
+            and len(blocks) * grams <= LIMIT):  # pass 2 runs no main stream, and pass 1's
+        main = 0  # two are fewer than pass 2's candidates and output
+    streams = main + candidates + (candidates > 0)
     parts = {
         "model outside the blocks" if source.weights is not None else "model":
             size(unique) - (len(blocks) * block if source.weights is not None else 0),
         # the block, its largest layer in float32 with its factors (a budget: and the factors
         # of one quantized base's error) while it is searched, each candidate plan's layers
         "one block": block + (5 if settings.budgeted else 3) * 4 * largest + candidates * block,
-        # at most: layers fed one input share theirs
-        "input statistics": sum(8 * i * i for _, i in shapes),
+        "input statistics": grams,
         "calibration activations": 0 if offloaded(settings, hidden, streams) else streams * stream,
         "attention scores": min(settings.batch_size, settings.calib_samples) * heads
         * settings.calib_len ** 2 * 4,

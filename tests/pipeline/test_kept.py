@@ -3,6 +3,8 @@ bit, as gathering them again; a causal LM's pass 2 runs no main stream; past the
 nothing is kept; nothing is left behind in the scratch folder."""
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 from typer.testing import CliRunner
@@ -71,3 +73,48 @@ def test_past_the_limit_nothing_is_kept_and_nothing_is_left(tmp_path):
     box.put(3, [work("b", LayerStats(torch.eye(3, dtype=torch.float64),
                                      torch.ones(3, dtype=torch.float64), 5))])  # over the limit
     assert not box.on and box.get(2) is None and not list(tmp_path.iterdir())
+
+
+
+def test_a_disk_that_fills_while_statistics_are_kept_gathers_them_again(models, calib_file,
+                                                                         tmp_path, monkeypatch):
+    import errno
+
+    def full(obj, path):
+        path.write_bytes(b"partial")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    ta, la, _ = compress(models["llama"], tmp_path / "kept", calib_file, "--ratio", "0.3")
+    monkeypatch.setattr(kept.torch, "save", full)
+    tb, lb, _ = compress(models["llama"], tmp_path / "full", calib_file, "--ratio", "0.3")
+    assert ta.keys() == tb.keys() and all(torch.equal(ta[k], tb[k]) for k in ta) and la == lb
+    assert not list((tmp_path / "full").rglob("stats-*"))
+
+
+def test_a_disk_full_message_counts_the_scratch_folder(models, calib_file, tmp_path,
+                                                       monkeypatch):
+    """The candidates' tensors wait in the scratch folder: a disk that fills there gets one
+    line whose figure counts what the folder held, and nothing is left behind."""
+    from safetensors import SafetensorError
+
+    from conftest import one_line_error
+    from svdq.artifact import writer
+    from svdq.pipeline import compress as pipeline_compress
+
+    paths = []
+
+    def full(group, path, **kwargs):
+        paths.append(path)
+        Path(path).write_bytes(b"\0" * 6_000_000)
+        raise SafetensorError("Error while serializing: IoError(Os { code: 28, kind: "
+                              "StorageFull, message: \"No space left on device\" })")
+
+    monkeypatch.setattr(writer, "save_file", full)
+    monkeypatch.setattr(pipeline_compress, "CANDIDATE_FLUSH", 0)  # candidates go to files at once
+    parent = tmp_path / "parent"
+    r = CliRunner().invoke(app, ["compress", str(models["llama"]), "-o", str(parent / "out"),
+                                 "--calib", str(calib_file), "--ratio", "0.3", *FAST])
+    line = one_line_error(r)
+    assert "filled up" in line and "scratch" in line
+    assert float(line.split("at least ")[1].split(" MB")[0]) >= 6.0 + 4.19  # and the margin
+    assert list(parent.iterdir()) == [] and ".scratch" in paths[0]

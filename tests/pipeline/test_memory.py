@@ -24,7 +24,10 @@ def test_a_budget_counts_its_candidates_and_the_gradient_pass(models):
     small = dict(calib_samples=4, calib_len=32, batch_size=2)
     eps, budget = estimate(source, Settings(**small)), estimate(source, Settings(budget_ratio=0.3, **small))
     stream = 4 * 32 * source.model.config.hidden_size * 4
-    assert budget["calibration activations"] == (2 + 5 + 1) * stream  # five candidates, one more output
+    # pass 2 reads pass 1's statistics: five candidates and one block's output, no main stream
+    assert budget["calibration activations"] == (5 + 1) * stream
+    gathered = estimate(source, Settings(budget_ratio=0.3, sequential=True, **small))
+    assert gathered["calibration activations"] == (2 + 5 + 1) * stream  # the main stream's two
     assert budget["gradient pass"] == (2 + 1) * stream + stream  # each block's inputs, then ∂L/∂h
     assert "gradient pass" not in eps and budget["one block"] > eps["one block"]
     offloaded = estimate(source, Settings(budget_ratio=0.3, offload_activations=True, **small))
