@@ -17,17 +17,25 @@ from pathlib import Path
 import torch
 
 from svdq.algo.factorize import LayerStats
+from svdq.config import Settings
 from svdq.pipeline.work import LayerWork
 
 LIMIT = 4 * 2 ** 30  # bytes of float64 Grams kept at most
 
 
+def keeps(settings: Settings) -> bool:
+    """Whether pass 2's statistics are pass 1's (without `--sequential` and `--refit`)."""
+    return not (settings.sequential or settings.refit)
+
+
 class Kept:
     """Each block's statistics as pass 1 gathered them, in files under `folder` (None: keep
-    nothing). `get(i)` hands them back once; None where nothing is kept."""
+    nothing). `get(i)` hands them back once, on `device`; None where nothing is kept."""
 
-    def __init__(self, folder: Path | None, limit: int | None = None) -> None:
+    def __init__(self, folder: Path | None, limit: int | None = None,
+                 device: torch.device | str = "cpu") -> None:
         self.folder, self.limit, self.size = folder, LIMIT if limit is None else limit, 0
+        self.device = device
         self.on = folder is not None
         self._files: list[Path] = []
 
@@ -60,11 +68,12 @@ class Kept:
 
     def get(self, i: int) -> dict[str, LayerStats] | None:
         """Block `i`'s statistics, one LayerStats per layer (sharing tensors and derived
-        results where pass 1's did), and the file removed; None where nothing is kept."""
+        results where pass 1's did: one copy on the device per input), and the file removed;
+        None where nothing is kept."""
         path = None if not self.on else self.folder / f"stats-{i}.pt"
         if path is None or not path.exists():
             return None
-        data = torch.load(path, weights_only=True)
+        data = torch.load(path, weights_only=True, map_location=self.device)
         path.unlink()
         caches = [{} for _ in data["groups"]]
         return {name: LayerStats(*data["groups"][k], cache=caches[k])

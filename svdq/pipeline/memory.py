@@ -18,7 +18,7 @@ from svdq.models.layers import blocks_of, targets, weight_of
 from svdq.models.load import Source
 from svdq.pipeline.budget import ERROR_CAPS
 from svdq.pipeline.compress import CANDIDATE_FLUSH
-from svdq.pipeline.kept import LIMIT
+from svdq.pipeline.kept import LIMIT, keeps
 from svdq.pipeline.work import offloaded
 
 
@@ -39,9 +39,8 @@ def estimate(source: Source, settings: Settings) -> dict[str, int]:
     candidates = len(ERROR_CAPS) + 2 if settings.budgeted else 0
     grams = sum(8 * i * i for _, i in shapes)  # at most: layers fed one input share theirs
     main = 2 + 2 * (settings.sequential and settings.refit)
-    if (candidates and source.is_causal and not (settings.sequential or settings.refit)
-            and len(blocks) * grams <= LIMIT):  # pass 2 runs no main stream, and pass 1's
-        main = 0  # two are fewer than pass 2's candidates and output
+    if candidates and source.is_causal and keeps(settings) and len(blocks) * grams <= LIMIT:
+        main = 0  # pass 2 runs none, and pass 1's two are fewer than its candidates and output
     streams = main + candidates + (candidates > 0)
     parts = {
         "model outside the blocks" if source.weights is not None else "model":

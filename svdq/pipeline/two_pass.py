@@ -27,7 +27,7 @@ from svdq.models.layers import set_module
 from svdq.pipeline import budget as budgets, product as products
 from svdq.pipeline.forms import codebooks, realize, refitted
 from svdq.pipeline.judge import losses
-from svdq.pipeline.kept import Kept
+from svdq.pipeline.kept import Kept, keeps
 from svdq.pipeline.measured import Measured, measure_layer
 from svdq.pipeline.walk import Walker
 from svdq.pipeline.work import LayerWork, one_input_at_a_time
@@ -43,7 +43,7 @@ def walk(walker: Walker, ids: torch.Tensor, settings: Settings, out: "_Out",
     walker.start(ids)  # pass 1: each layer's options, numbers only
     layers, names = [], []
     blocks = len(walker.blocks)
-    kept = Kept(None if settings.sequential or settings.refit else scratch)
+    kept = Kept(scratch if keeps(settings) else None, device=walker.device)
     for i in range(blocks + 1):  # the blocks, then the head's --include'd layers
         works = walker.enter(i) if i < blocks else walker.enter_head()
         kept.put(i, works)

@@ -200,15 +200,10 @@ class Walker:
         return self._works(mine, collector.stats)
 
     def _works(self, mine: dict[str, nn.Module], stats: dict[str, LayerStats]) -> list[LayerWork]:
-        works, moved = [], {}
-
-        def to(t):  # kept statistics come back on the CPU, shared by layers fed one input
-            if t is not None and id(t) not in moved:
-                moved[id(t)] = (t, t.to(self.device))
-            return None if t is None else moved[id(t)][1]
+        works = []
         for name, module in mine.items():
-            st = stats[name]
-            st.gram, st.total, st.abs_total = to(st.gram), to(st.total), to(st.abs_total)
+            st = stats[name]  # on the device already where pass 1 kept them (`Kept.get`)
+            st.gram, st.total = st.gram.to(self.device), st.total.to(self.device)
             if name in self.grads:
                 fisher, grad2 = self.grads[name]
                 st.row_fisher = None if fisher is None else fisher.to(self.device)

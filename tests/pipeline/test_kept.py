@@ -118,3 +118,17 @@ def test_a_disk_full_message_counts_the_scratch_folder(models, calib_file, tmp_p
     assert "filled up" in line and "scratch" in line
     assert float(line.split("at least ")[1].split(" MB")[0]) >= 6.0 + 4.19  # and the margin
     assert list(parent.iterdir()) == [] and ".scratch" in paths[0]
+
+
+def test_kept_statistics_come_back_on_the_walks_device_once_per_input(tmp_path):
+    """One copy per shared input on the device (`meta` stands in for a GPU here)."""
+    from svdq.algo.factorize import LayerStats
+    from svdq.pipeline.work import LayerWork
+
+    ones = torch.ones(3, dtype=torch.float64)
+    shared = LayerStats(torch.eye(3, dtype=torch.float64), ones, 5, ones.clone())
+    box = kept.Kept(tmp_path, device="meta")
+    box.put(0, [LayerWork(n, torch.nn.Linear(3, 2), None, None, shared) for n in ("q", "k")])
+    got = box.get(0)
+    assert got["q"].gram is got["k"].gram and got["q"].abs_total is got["k"].abs_total
+    assert {t.device.type for t in (got["q"].gram, got["q"].total, got["q"].abs_total)} == {"meta"}
