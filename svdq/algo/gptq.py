@@ -179,6 +179,7 @@ def gptq_many(w: torch.Tensor | list[torch.Tensor], gram: torch.Tensor,
     n = wt.shape[0]
     codes = torch.zeros(wt.shape, dtype=dtype, device=w.device)
     values = torch.empty(wt.shape[1], dtype=dtype, device=w.device)
+    work = torch.empty(min(lazy, n), wt.shape[1], dtype=dtype, device=w.device)
     for i1 in range(0, n, lazy):
         i2 = min(i1 + lazy, n)
         for part in parts:
@@ -188,9 +189,10 @@ def gptq_many(w: torch.Tensor | list[torch.Tensor], gram: torch.Tensor,
         for i in range(i2 - i1):
             for part in parts:
                 codes[i1 + i, part.lo:part.hi], values[part.lo:part.hi] = part.round(block[i], i)
-            err = (block[i] - values) / hb[i, i]
-            block[i:].sub_(hb[i, i:, None] * err[None, :])
-            errs[i] = err
+            err = errs[i]
+            torch.div(torch.sub(block[i], values, out=err), hb[i, i], out=err)
+            torch.mul(hb[i, i:, None], err[None, :], out=work[: i2 - i1 - i])
+            block[i:].sub_(work[: i2 - i1 - i])
         wt[i2:] -= hinv[i1:i2, i2:].T @ errs
     codes = codes[torch.argsort(perm)]  # back in column order
     out, done, at = w.shape[0], {}, 0

@@ -80,22 +80,38 @@ class Weights:
         return out
 
 
+_LIBC = None  # glibc, once `tame_malloc` has set it up: `give_back` trims through it
+MMAP_THRESHOLD = 32 << 20  # glibc's own ceiling for its sliding threshold
+
+
 def tame_malloc() -> None:
-    """Ask glibc to hand large freed blocks back at once (a fixed mmap threshold of 1 MiB and
-    two arenas): a walk frees and allocates tensors of hundreds of MB per layer, and glibc's
-    growing threshold otherwise keeps them in its heap (hundreds of MB more resident at hidden
-    2048, seen with an RSS probe on benchmarks/scale.py's checkpoint). No-op off glibc."""
+    """Ask glibc to keep temporaries below 32 MiB in its heap and hand freed memory back at
+    the points `give_back` marks (after each layer and block). A fixed mmap threshold of
+    1 MiB — this function's first form — returned every freed block at once but made each
+    temporary above it a fresh mapping: 150–210 M page faults and a fifth of a SmolLM2
+    budget's CPU time in the kernel (benchmarks/RESULTS.md, "The allocator"); glibc's sliding
+    threshold alone keeps hundreds of MB of freed blocks resident at hidden 2048 (an RSS probe
+    on benchmarks/scale.py's checkpoint). Two arenas. No-op off glibc."""
+    global _LIBC
     import ctypes
     import ctypes.util
 
     name = ctypes.util.find_library("c")
     try:
         libc = ctypes.CDLL(name) if name else None
-        if libc is not None and hasattr(libc, "mallopt"):
-            libc.mallopt(-3, 1 << 20)  # M_MMAP_THRESHOLD
+        if libc is not None and hasattr(libc, "mallopt") and hasattr(libc, "malloc_trim"):
+            libc.mallopt(-3, MMAP_THRESHOLD)  # M_MMAP_THRESHOLD (fixed: no sliding)
             libc.mallopt(-8, 2)  # M_ARENA_MAX
+            _LIBC = libc
     except OSError:
         pass
+
+
+def give_back() -> None:
+    """Return the heap's free pages to the system (glibc's malloc_trim), after `tame_malloc`;
+    a no-op otherwise."""
+    if _LIBC is not None:
+        _LIBC.malloc_trim(0)
 
 
 def park(model: nn.Module, prefix: str, weights: Weights) -> set[str]:

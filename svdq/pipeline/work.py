@@ -15,6 +15,7 @@ from torch import nn
 from svdq.algo.factorize import Factors, LayerStats, factorize
 from svdq.config import Settings
 from svdq.models.layers import set_module, weight_of
+from svdq.models.stream import give_back
 
 Progress = Callable[[str, int, int], None]  # (stage, done, total)
 # Streams larger than this together go to files under the scratch folder by themselves
@@ -96,3 +97,4 @@ def one_input_at_a_time(works: list[LayerWork]) -> Iterator[LayerWork]:
             for done in group:
                 done.stats = None
             group = []
+        give_back()
