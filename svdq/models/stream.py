@@ -81,11 +81,11 @@ class Weights:
 
 
 _LIBC = None  # glibc, once `tame_malloc` has set it up: `give_back` trims through it
-MMAP_THRESHOLD = 32 << 20  # glibc's own ceiling for its sliding threshold
+MMAP_THRESHOLD = 16 << 20  # above every hot temporary at SmolLM2's shapes (RESULTS.md)
 
 
 def tame_malloc() -> None:
-    """Ask glibc to keep temporaries below 32 MiB in its heap and hand freed memory back at
+    """Ask glibc to keep temporaries below 16 MiB in its heap and hand freed memory back at
     the points `give_back` marks (after each layer and block). A fixed mmap threshold of
     1 MiB — this function's first form — returned every freed block at once but made each
     temporary above it a fresh mapping: 150–210 M page faults and a fifth of a SmolLM2
