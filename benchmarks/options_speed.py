@@ -8,8 +8,10 @@ For each (out × in) shape — by default the seven layers of one TinyLlama-1.1B
 count q/o, k/v and gate/up twice) — a bf16 layer with random weights and the Gram of 8,192
 random inputs whose channels' scales rise from 0.1 to 3 is measured as `svdq compress
 --ratio R` measures it in its first pass (`pipeline.measured.measure_layer`, whitened factors,
-GPTQ bases). Prints seconds and the RSS high-water mark above the start (VmHWM, reset per
-layer: Linux only). Random weights make the spectra flat, so this measures cost, not quality.
+GPTQ bases), under the allocator settings the `svdq` command uses (`stream.tame_malloc`), after
+one unreported warm-up layer (the first measurement otherwise carries about 1.7 s of one-time
+costs). Prints seconds and the RSS high-water mark above the start (VmHWM, reset per layer:
+Linux only). Random weights make the spectra flat, so this measures cost, not quality.
 With `--sparse` the options include the sparse variants `--ratio R --sparse S` measures.
 """
 from __future__ import annotations
@@ -21,6 +23,7 @@ import torch
 
 from svdq.algo.factorize import LayerStats
 from svdq.config import Settings
+from svdq.models.stream import tame_malloc
 from svdq.pipeline.measured import measure_layer
 from svdq.pipeline.work import LayerWork
 
@@ -58,6 +61,8 @@ def main() -> None:
     settings = Settings(bits=args.bits, budget_ratio=args.ratio, method="whiten",
                         sparse=args.sparse)
     per_weight = 16 * args.ratio
+    tame_malloc()
+    one(64, 64, settings, (per_weight, per_weight))  # warm-up: not a layer's cost
     for shape in args.shapes.split(","):
         out_f, in_f = map(int, shape.split("x"))
         seconds, peak = one(out_f, in_f, settings, (per_weight, per_weight))

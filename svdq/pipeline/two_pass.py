@@ -24,6 +24,7 @@ from svdq.algo.stored import Stored
 from svdq.config import Settings
 from svdq.models.attention import heads
 from svdq.models.layers import set_module
+from svdq.models.stream import give_back
 from svdq.pipeline import budget as budgets, product as products
 from svdq.pipeline.forms import codebooks, realize, refitted
 from svdq.pipeline.judge import losses
@@ -182,11 +183,13 @@ def _layer_of_each(work: LayerWork, picks: dict[str, int], options: list,
         base = budgets.base_of(options[idx], settings)
         if j + 1 == len(order) or budgets.base_of(options[picks[order[j + 1]]], settings) != base:
             residuals.pop(base, None)  # its last user is built: free its factors
+        give_back()  # the heap's free pages: a budget's peak lies in these builds
     work.stats.cache.pop("quantized", None)
     plain = [i for i in built if not options[i].sparse]
     ref = reference(work.w, work.bias, work.stats)
     built.update(zip(plain, refine_residuals(work.w, [built[i] for i in plain], work.stats, ref,
                                              settings.method, gptq=settings.gptq)))
+    give_back()
     out: dict[int, tuple] = {}
     for idx, stored in built.items():
         final, notes = refitted(work, stored, settings)

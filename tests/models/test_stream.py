@@ -224,9 +224,10 @@ def rss():
         return next(int(line.split()[1]) // 1024 for line in f if line.startswith("VmRSS:"))
 
 stream.tame_malloc()
+half = stream.MMAP_THRESHOLD // 2  # bytes: blocks below the mmap threshold come from the heap
 big, pins = [], []
-for _ in range(48):  # 8 MiB blocks, below the mmap threshold: from the heap, each pinned
-    big.append(torch.ones(2 << 20))  # in place by a 200 KB block allocated after it
+for _ in range((384 << 20) // half):  # each pinned in place by a 200 KB block after it
+    big.append(torch.ones(half // 4))
     pins.append(torch.ones(50_000))
 start = rss()
 del big
