@@ -179,6 +179,8 @@ def gptq_many(w: torch.Tensor | list[torch.Tensor], gram: torch.Tensor,
     n = wt.shape[0]
     codes = torch.zeros(wt.shape, dtype=dtype, device=w.device)
     values = torch.empty(wt.shape[1], dtype=dtype, device=w.device)
+    # the update of a column's followers is written here, not into a new tensor per column
+    # (up to 6 MB each at SmolLM2's widths: a fresh mapping per column under a low mmap threshold)
     work = torch.empty(min(lazy, n), wt.shape[1], dtype=dtype, device=w.device)
     for i1 in range(0, n, lazy):
         i2 = min(i1 + lazy, n)

@@ -86,10 +86,11 @@ MMAP_THRESHOLD = 16 << 20  # above every hot temporary at SmolLM2's shapes (RESU
 
 def tame_malloc() -> None:
     """Ask glibc to keep temporaries below 16 MiB in its heap and hand freed memory back at
-    the points `give_back` marks (after each layer and block). A fixed mmap threshold of
-    1 MiB — this function's first form — returned every freed block at once but made each
-    temporary above it a fresh mapping: 150–210 M page faults and a fifth of a SmolLM2
-    budget's CPU time in the kernel (benchmarks/RESULTS.md, "The allocator"); glibc's sliding
+    the points `give_back` marks (after each layer, block and budget candidate's build). A
+    fixed mmap threshold of 1 MiB — this function's first form — returned every freed block
+    at once but made each temporary above it a fresh mapping: 150–210 M page faults and a
+    fifth of a SmolLM2 budget's CPU time in the kernel (benchmarks/RESULTS.md, "A fifth of the
+    CPU time in page faults"; a budget at hidden 2048 peaks 4% higher now); glibc's sliding
     threshold alone keeps hundreds of MB of freed blocks resident at hidden 2048 (an RSS probe
     on benchmarks/scale.py's checkpoint). Two arenas. No-op off glibc."""
     global _LIBC
