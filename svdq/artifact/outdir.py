@@ -171,10 +171,15 @@ def folder_bytes(folder: Path) -> int:
         return 0
 
 
+def disk_full(e: BaseException) -> bool:
+    """Whether `e` says a write ran out of disk (or of quota)."""
+    return ((isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT))
+            or "No space left" in str(e) or "Disk quota" in str(e))
+
+
 def no_space(e: BaseException, folder: Path, needed: int) -> SvdqError | None:
     """The one-line error for a write that ran out of disk, or None for any other failure."""
-    full = isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT)
-    if full or "No space left" in str(e) or "Disk quota" in str(e):
+    if disk_full(e):
         return SvdqError(f"the disk under {folder} filled up while writing the artifact and its "
                          f"scratch files (at least {needed / 1e6:,.1f} MB needed); nothing was "
                          "written: free some space or choose another -o")

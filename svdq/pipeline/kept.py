@@ -11,12 +11,12 @@ gathers them again, as before.
 """
 from __future__ import annotations
 
-import errno
 from pathlib import Path
 
 import torch
 
 from svdq.algo.factorize import LayerStats
+from svdq.artifact.outdir import disk_full
 from svdq.config import Settings
 from svdq.pipeline.work import LayerWork
 
@@ -62,7 +62,7 @@ class Kept:
             torch.save({"names": names, "groups": [(cpu(g.gram), cpu(g.total), g.tokens,
                                                     cpu(g.abs_total)) for g in groups]}, path)
         except OSError as e:  # a full disk: keeping is a speed-up only, pass 2 gathers them
-            if e.errno not in (errno.ENOSPC, errno.EDQUOT):
+            if not disk_full(e):
                 raise
             self.drop()
 
