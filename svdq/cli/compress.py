@@ -100,6 +100,8 @@ def compress(
                                          "encoder 128)."),
     finetune_codes: bool = typer.Option(False, help="Train the codes too in that fine-tuning "
                                         "(as `svdq finetune --train-codes`)."),
+    finetune_embedding: bool = typer.Option(False, help="Train the float embedding and head "
+                                            "too (as `svdq finetune --train-embedding`)."),
     as_json: bool = typer.Option(False, "--json", help="Print a JSON summary instead of tables."),
 ) -> None:
     """Compress MODEL into an artifact folder."""
@@ -123,8 +125,9 @@ def compress(
         shard_bytes = parse_size(shard_size, "--shard-size")
         artifact.check_output(output, overwrite)
         _preflight(model, settings)
-        if finetune_codes and not finetune_steps:
-            raise SvdqError("--finetune-codes trains in the fine-tuning; give --finetune-steps")
+        for flag, on in (("codes", finetune_codes), ("embedding", finetune_embedding)):
+            if on and not finetune_steps:
+                raise SvdqError(f"--finetune-{flag} trains in the fine-tuning; give --finetune-steps")
         staged = schedule != "single" or finetune_steps != 0
         if staged:
             from svdq.recovery import finetune as ft, schedule as sched
@@ -133,7 +136,8 @@ def compress(
             if finetune_steps < 0:
                 raise SvdqError(f"--finetune-steps must be 0 or more, got {finetune_steps}")
             opt = ft.Options(steps=finetune_steps, lr=finetune_lr, calib=calib, seed=seed,
-                             seq_len=finetune_seq_len, train_codes=finetune_codes) \
+                             seq_len=finetune_seq_len, train_codes=finetune_codes,
+                             train_embedding=finetune_embedding) \
                 if finetune_steps else None
             if opt is not None:
                 opt.check()

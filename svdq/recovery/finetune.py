@@ -49,6 +49,7 @@ class Options:
     train_factors: bool = False  # the factors themselves (straight-through), not their scales
     train_codes: bool = False  # every quantized tensor's values through its grid (`coded`)
     codes_lr: float | None = None  # their values' peak learning rate (grid steps); None: CODES_LR
+    train_embedding: bool = False  # the token embedding and output head where stored in float
     bf16: bool = False  # training steps' matmuls in bfloat16 (autocast); validation in float32
 
     def check(self) -> None:
@@ -217,7 +218,8 @@ def finetune(path: str | Path, out: Path, opt: Options = Options(), overwrite: b
     student = runtime.load(path, dtype="float32", verify=False)
     stored = runtime.load_tensors(path, manifest)
     plain = {k: (p, stored[k].dtype) for k, p in tuned.prepare(student, manifest, opt.train_factors,
-                                                           opt.train_codes).items()
+                                                           opt.train_codes,
+                                                           opt.train_embedding).items()
              if k in stored}
     student.to(device).eval()  # eval: no dropout; the gradients flow all the same
     if opt.checkpointing:

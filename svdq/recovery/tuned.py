@@ -19,7 +19,10 @@ With `codes` (`svdq finetune --train-codes`) every quantized tensor — dense we
 factors — trains its values as well as its scales (`coded.Coded`) and is stored on the codes
 it ends on.
 
-Everywhere else only the norms' weights and biases and the biases of linear layers train.
+Everywhere else only the norms' weights and biases and the biases of linear layers train, and
+with `embedding` (`svdq finetune --train-embedding`) the token embedding and output head where
+they are stored in float (a tied head is the embedding's own tensor): the bytes are the same,
+its gradient and optimizer state for SmolLM2's 28 M embedding values 0.33 GB more.
 """
 from __future__ import annotations
 
@@ -27,6 +30,7 @@ import torch
 from torch import nn
 
 from svdq import runtime
+from svdq.errors import SvdqError
 from svdq.algo import quant
 from svdq.recovery.coded import Coded, book
 
@@ -261,9 +265,10 @@ def is_norm(module: nn.Module) -> bool:
 
 
 def prepare(model: nn.Module, manifest: dict, factors: bool = False,
-            codes: bool = False) -> dict[str, nn.Parameter]:
+            codes: bool = False, embedding: bool = False) -> dict[str, nn.Parameter]:
     """Swap every StoredLinear of `model` for a TunedLinear, freeze everything else but norms
-    and biases; returns the trainable parameters by their artifact key (tensors of the tuned
+    and biases (and with `embedding` the token embedding and output head where they are stored
+    in float); returns the trainable parameters by their artifact key (tensors of the tuned
     layers excepted: `stored_tensors` gives those)."""
     plan = {p["name"]: p for p in manifest["layers"]}
     for name, module in list(model.named_modules()):
@@ -286,4 +291,25 @@ def prepare(model: nn.Module, manifest: dict, factors: bool = False,
             if is_norm(module) or pname == "bias":
                 p.requires_grad_(True)
                 plain[f"{name}.{pname}" if name else pname] = p
+    if embedding:  # float-stored ends only: a StoredEmbedding or a TunedLinear is neither
+        ends = {id(m) for m in _ends(model) if isinstance(m, (nn.Embedding, nn.Linear))}
+        found = [(n, p) for n, p in model.named_parameters()
+                 if n.endswith(".weight") and id(model.get_submodule(n[:-7])) in ends]
+        if not found:
+            raise SvdqError("--train-embedding: this artifact stores no token embedding or "
+                            "output head in float (a quantized one stays as stored); drop it")
+        for name, p in found:
+            p.requires_grad_(True)
+            plain[name] = p  # a tied head shares the embedding's tensor and key
     return plain
+
+
+def _ends(model: nn.Module) -> list:
+    """The model's input embedding and output head, where it has them."""
+    out = []
+    for get in ("get_input_embeddings", "get_output_embeddings"):
+        try:
+            out.append(getattr(model, get)())
+        except (AttributeError, NotImplementedError):
+            pass
+    return out

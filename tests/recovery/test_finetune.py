@@ -253,6 +253,17 @@ def test_train_codes_stores_new_codes_in_the_same_form(artifacts, calib_file, ar
     assert all(torch.equal(old[k], new[k]) for k in old if k.endswith(".zeros"))
 
 
+def test_train_embedding_trains_the_tied_embedding_and_keeps_the_form(artifacts, calib_file,
+                                                                      tmp_path):
+    r = tune(artifacts["gpt2"], tmp_path / "ft", calib_file, "--json", "--train-embedding")
+    assert r.exit_code == 0, r.output
+    record = json.loads(r.stdout)
+    assert record["options"]["train_embedding"]
+    assert_kept(artifacts["gpt2"], tmp_path / "ft", record)
+    old, new = stored(artifacts["gpt2"]), stored(tmp_path / "ft")
+    assert not torch.equal(old["transformer.wte.weight"], new["transformer.wte.weight"])
+
+
 def test_train_codes_and_train_factors_are_one_or_the_other(artifacts, calib_file, tmp_path):
     r = tune(artifacts["gpt2"], tmp_path / "ft", calib_file, "--train-codes", "--train-factors")
     assert r.exit_code == 1 and "--train-factors" in one_line_error(r)

@@ -42,7 +42,8 @@ def test_layerwise_groups_grow_front_to_back_to_every_block():
 
 @pytest.mark.parametrize("how", [["--schedule", "progressive", "--stages", "2"],
                                  ["--schedule", "layerwise", "--groups", "2"],
-                                 ["--finetune-steps", "5", "--finetune-codes"]])
+                                 ["--finetune-steps", "5", "--finetune-codes",
+                                  "--finetune-embedding"]])
 def test_every_schedule_ends_at_the_requested_budget(models, calib_file, tmp_path, how):
     r = compress(models["gpt2"], tmp_path / "single", calib_file, "--ratio", "0.3")
     assert r.exit_code == 0, r.output
@@ -63,6 +64,7 @@ def test_every_schedule_ends_at_the_requested_budget(models, calib_file, tmp_pat
     codes = "--finetune-codes" in how
     assert manifest["recovery"][0]["options"]["train_codes"] == codes
     assert manifest["recovery"][0]["options"]["codes_lr"] == (ft.CODES_LR if codes else None)
+    assert manifest["recovery"][0]["options"]["train_embedding"] == codes  # (given together)
     svdq.load(tmp_path / "out")
     card = (tmp_path / "out" / "README.md").read_text()
     assert "schedule" in card and "fine-tuned" in card
@@ -90,6 +92,7 @@ def test_bad_schedules_get_one_line(models, calib_file, tmp_path):
              ("--schedule", "layerwise", "--include", "*.mlp.*"): "--exclude",
              ("--finetune-steps", "-1"): "--finetune-steps",
              ("--finetune-codes",): "--finetune-steps",
+             ("--finetune-embedding",): "--finetune-steps",
              ("--finetune-steps", "3", "--finetune-lr", "0"): "--lr",
              ("--finetune-steps", "3", "--finetune-seq-len", "0"): "--seq-len",
              ("--finetune-steps", "3", "--finetune-seq-len", "100000", "--ratio", "0.3"):

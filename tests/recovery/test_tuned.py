@@ -165,3 +165,32 @@ def test_coded_trains_codes_and_scales_and_stores_exactly_what_it_computes(grid,
         if grid == "int" else runtime.dequantize(again.codes, again.absmax, quant.codebook(bits),
                                                  (24, 100), 32, bits)
     assert torch.equal(c.value(), want)  # what it computes is what loads
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_prepare_trains_a_float_embedding_and_head_only_when_asked(tied):
+    import transformers
+
+    from conftest import tiny_config
+
+    config = tiny_config("llama", 50)
+    config.tie_word_embeddings = tied
+    model = transformers.LlamaForCausalLM(config)
+    assert not {"model.embed_tokens.weight", "lm_head.weight"} & tuned.prepare(model, {"layers": []}).keys()
+    keys = {k for k in tuned.prepare(model, {"layers": []}, embedding=True) if "norm" not in k}
+    # a tied head is the embedding's own tensor, stored under the embedding's key
+    assert keys == ({"model.embed_tokens.weight"} if tied else {"model.embed_tokens.weight",
+                                                                 "lm_head.weight"})
+    assert model.model.embed_tokens.weight.requires_grad and model.lm_head.weight.requires_grad
+
+
+def test_train_embedding_refuses_a_model_with_no_float_embedding():
+    import transformers
+
+    from svdq.errors import SvdqError
+
+    config = transformers.ResNetConfig(num_channels=1, embedding_size=8, hidden_sizes=[8],
+                                       depths=[1], num_labels=3)
+    with pytest.raises(SvdqError, match="--train-embedding"):
+        tuned.prepare(transformers.ResNetForImageClassification(config), {"layers": []},
+                      embedding=True)
