@@ -128,6 +128,9 @@ def compress(
         for flag, on in (("codes", finetune_codes), ("embedding", finetune_embedding)):
             if on and not finetune_steps:
                 raise SvdqError(f"--finetune-{flag} trains in the fine-tuning; give --finetune-steps")
+        if finetune_embedding and embed_bits:
+            raise SvdqError("--finetune-embedding trains a float embedding, which --embed-bits "
+                            "quantizes; drop one of them")
         staged = schedule != "single" or finetune_steps != 0
         if staged:
             from svdq.recovery import finetune as ft, schedule as sched

@@ -93,6 +93,8 @@ def test_bad_schedules_get_one_line(models, calib_file, tmp_path):
              ("--finetune-steps", "-1"): "--finetune-steps",
              ("--finetune-codes",): "--finetune-steps",
              ("--finetune-embedding",): "--finetune-steps",
+             ("--finetune-steps", "3", "--finetune-embedding", "--embed-bits", "8"):
+                 "--embed-bits",
              ("--finetune-steps", "3", "--finetune-lr", "0"): "--lr",
              ("--finetune-steps", "3", "--finetune-seq-len", "0"): "--seq-len",
              ("--finetune-steps", "3", "--finetune-seq-len", "100000", "--ratio", "0.3"):
