@@ -52,6 +52,18 @@ def weight_of(module: nn.Module) -> torch.Tensor:
     return module.weight.detach()
 
 
+def ends(model: nn.Module) -> tuple[nn.Module | None, nn.Module | None]:
+    """The model's input embedding and output head (None where it has none: transformers
+    raises for models without them)."""
+    out = []
+    for get in ("get_input_embeddings", "get_output_embeddings"):
+        try:
+            out.append(getattr(model, get)())
+        except (AttributeError, NotImplementedError):
+            out.append(None)
+    return out[0], out[1]
+
+
 def blocks_of(model: nn.Module) -> tuple[str, nn.ModuleList]:
     """The model's list of blocks: the ModuleList that holds the most target layers (a
     transformer's layers, not the experts or sub-layers inside one; a CNN's stages), the

@@ -19,7 +19,7 @@ from svdq import runtime
 from svdq.algo import quant
 from svdq.config import Settings
 from svdq.errors import SvdqError
-from svdq.models.layers import targets
+from svdq.models.layers import ends, targets
 from svdq.plan import LayerPlan, stored_bytes
 
 CODEBOOK_BYTES = 4 * (256 + 16)  # bitsandbytes' code values, stored once where plans use them
@@ -28,10 +28,7 @@ ROWS_AT_A_TIME = 8192  # a multiple of 8: each chunk's packed codes and zeros en
 
 def embedding_of(model: nn.Module) -> tuple[str, nn.Embedding]:
     """The model's input embedding and its module name; refuses a model without one."""
-    try:
-        emb = model.get_input_embeddings()
-    except (AttributeError, NotImplementedError):  # transformers raises for models without one
-        emb = None
+    emb, _ = ends(model)
     name = next((n for n, m in model.named_modules() if m is emb), None)
     if not isinstance(emb, nn.Embedding) or name is None:
         raise SvdqError(f"{type(model).__name__} has no token embedding to quantize; drop "
@@ -41,10 +38,7 @@ def embedding_of(model: nn.Module) -> tuple[str, nn.Embedding]:
 
 def tied_heads(model: nn.Module, emb: nn.Embedding) -> list[str]:
     """Names of the linear heads that share the embedding's weight (tied word embeddings)."""
-    try:
-        head = model.get_output_embeddings()
-    except (AttributeError, NotImplementedError):
-        head = None
+    _, head = ends(model)
     tied = getattr(model.config, "tie_word_embeddings", False)
     return [n for n, m in model.named_modules()
             if isinstance(m, nn.Linear) and m.weight.shape == emb.weight.shape

@@ -31,6 +31,7 @@ from torch import nn
 
 from svdq import runtime
 from svdq.errors import SvdqError
+from svdq.models import layers
 from svdq.algo import quant
 from svdq.recovery.coded import Coded, book
 
@@ -292,7 +293,7 @@ def prepare(model: nn.Module, manifest: dict, factors: bool = False,
                 p.requires_grad_(True)
                 plain[f"{name}.{pname}" if name else pname] = p
     if embedding:  # float-stored ends only: a StoredEmbedding or a TunedLinear is neither
-        ends = {id(m) for m in _ends(model) if isinstance(m, (nn.Embedding, nn.Linear))}
+        ends = {id(m) for m in layers.ends(model) if isinstance(m, (nn.Embedding, nn.Linear))}
         found = [(n, p) for n, p in model.named_parameters()
                  if n.endswith(".weight") and id(model.get_submodule(n[:-7])) in ends]
         if not found:
@@ -303,13 +304,3 @@ def prepare(model: nn.Module, manifest: dict, factors: bool = False,
             plain[name] = p  # a tied head shares the embedding's tensor and key
     return plain
 
-
-def _ends(model: nn.Module) -> list:
-    """The model's input embedding and output head, where it has them."""
-    out = []
-    for get in ("get_input_embeddings", "get_output_embeddings"):
-        try:
-            out.append(getattr(model, get)())
-        except (AttributeError, NotImplementedError):
-            pass
-    return out
