@@ -12,7 +12,7 @@ from rich.table import Table
 
 from svdq.cli import app, err, fail, out, user_errors
 from svdq.errors import SvdqError
-from svdq.cli.compress import summary
+from svdq.cli.summary import summary
 
 
 @app.command()
