@@ -30,9 +30,9 @@ import torch
 from torch import nn
 
 from svdq import runtime
+from svdq.algo import quant
 from svdq.errors import SvdqError
 from svdq.models import layers
-from svdq.algo import quant
 from svdq.recovery.coded import Coded, book
 
 
@@ -303,4 +303,3 @@ def prepare(model: nn.Module, manifest: dict, factors: bool = False,
             p.requires_grad_(True)
             plain[name] = p  # a tied head shares the embedding's tensor and key
     return plain
-
