@@ -44,6 +44,9 @@ def finetune(
     bf16: bool = typer.Option(False, help="Run the training steps' matrix products in bfloat16 "
                               "(autocast; the held-out losses stay float32): 20% faster a "
                               "step on SmolLM2 on a CPU with bfloat16 units."),
+    ce_weight: float = typer.Option(0.0, help="A causal LM's loss adds this × the "
+                                    "cross-entropy on the text's own next tokens to the KL from "
+                                    "the source (0: distillation alone)."),
     device: str = typer.Option("cpu", help="cpu or cuda."),
     seed: int = typer.Option(0, help="Seed of the sequence order and text sampling."),
     overwrite: bool = typer.Option(False, help="Replace an existing svdq artifact in the "
@@ -59,7 +62,8 @@ def finetune(
                       samples=samples, val_samples=val_samples, eval_every=eval_every,
                       patience=patience, calib=calib, seed=seed, checkpointing=checkpointing,
                       train_factors=train_factors, train_codes=train_codes,
-                      codes_lr=codes_lr, train_embedding=train_embedding, bf16=bf16)
+                      codes_lr=codes_lr, train_embedding=train_embedding, bf16=bf16,
+                      ce_weight=ce_weight)
         bar, progress = progress_bar()
         with bar:
             record = run(path, output, opt, overwrite, device, progress,

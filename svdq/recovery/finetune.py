@@ -51,6 +51,7 @@ class Options:
     codes_lr: float | None = None  # their values' peak learning rate (grid steps); None: CODES_LR
     train_embedding: bool = False  # the token embedding and output head where stored in float
     bf16: bool = False  # training steps' matmuls in bfloat16 (autocast); validation in float32
+    ce_weight: float = 0.0  # a causal LM's loss adds this × cross-entropy on the next tokens
 
     def check(self) -> None:
         for name in ("steps", "batch_size", "seq_len", "samples", "val_samples", "eval_every"):
@@ -62,6 +63,8 @@ class Options:
         for flag, v in (("--lr", self.lr), ("--codes-lr", self.codes_lr)):
             if v is not None and not (math.isfinite(v) and v > 0):
                 raise SvdqError(f"{flag} must be a positive number, got {v}")
+        if not (math.isfinite(self.ce_weight) and self.ce_weight >= 0):
+            raise SvdqError(f"--ce-weight must be 0 or a positive number, got {self.ce_weight}")
         if self.train_codes and self.train_factors:
             raise SvdqError("--train-codes already trains the factors' codes; drop --train-factors")
 
@@ -100,11 +103,12 @@ def _checkpoint_blocks(model: nn.Module) -> None:
 
 
 @torch.no_grad()
-def _val_loss(student, teacher, val, batch_size, causal) -> float:
+def _val_loss(student, teacher, val, batch_size, causal, ce_weight=0.0) -> float:
     total = 0.0
     for i in range(0, len(val), batch_size):
         chunk = val[i: i + batch_size]
-        total += float(distill_loss(student, teacher, chunk, causal)) * len(chunk)
+        total += float(distill_loss(student, teacher, chunk, causal, ce_weight=ce_weight)
+                       ) * len(chunk)
     return total / len(val)
 
 
@@ -118,7 +122,7 @@ def train(student: nn.Module, teacher: nn.Module, plain: dict, train_ids: torch.
     params = [p for p in student.parameters() if p.requires_grad]
     for m in layers:
         m.qat = False  # the loss of the artifact as stored, before any step
-    before = _val_loss(student, teacher, val_ids, opt.batch_size, causal)
+    before = _val_loss(student, teacher, val_ids, opt.batch_size, causal, opt.ce_weight)
     for m in layers:
         m.qat = True
     latent = {id(m.latent) for m in student.modules() if isinstance(m, coded.Coded)}
@@ -138,7 +142,7 @@ def train(student: nn.Module, teacher: nn.Module, plain: dict, train_ids: torch.
             order = torch.cat([order, torch.randperm(len(train_ids), generator=gen)])
         pick, order = order[: opt.batch_size], order[opt.batch_size:]
         loss = distill_loss(student, teacher, train_ids[pick], causal, backward=True,
-                            bf16=opt.bf16)
+                            bf16=opt.bf16, ce_weight=opt.ce_weight)
         if not torch.isfinite(loss):
             raise SvdqError(f"the loss became {float(loss)} at step {step}; lower --lr")
         nn.utils.clip_grad_norm_(params, 1.0)
@@ -151,7 +155,7 @@ def train(student: nn.Module, teacher: nn.Module, plain: dict, train_ids: torch.
                      f"(best {best:.4f})", step, opt.steps)
         if step % opt.eval_every and step != opt.steps:
             continue
-        val = _val_loss(student, teacher, val_ids, opt.batch_size, causal)
+        val = _val_loss(student, teacher, val_ids, opt.batch_size, causal, opt.ce_weight)
         curve.append([step, val])
         if val < best:
             best, bad = val, 0
@@ -168,11 +172,12 @@ def train(student: nn.Module, teacher: nn.Module, plain: dict, train_ids: torch.
             m.settle()
         for p, dtype in plain.values():  # norms and biases, as their stored dtype holds them
             p.copy_(p.to(dtype).float())
-    after = _val_loss(student, teacher, val_ids, opt.batch_size, causal)
+    after = _val_loss(student, teacher, val_ids, opt.batch_size, causal, opt.ce_weight)
     return {"steps_run": step, "best_step": min(curve, key=lambda c: c[1])[0],
             "early_stopped": step < opt.steps,
             "loss": LOSSES["images" if train_ids.is_floating_point() else
-                           "causal" if causal else "encoder"],
+                           "causal" if causal else "encoder"]
+            + (f" + {opt.ce_weight:g}*ce_next_token" if opt.ce_weight else ""),
             "val_loss_before": before, "val_loss_after": after, "val_curve": curve,
             "train_loss_first": losses[0], "train_loss_last": losses[-1],
             "train_seconds": round(seconds, 1), "seconds_per_step": round(seconds / step, 2)}
@@ -210,6 +215,9 @@ def finetune(path: str | Path, out: Path, opt: Options = Options(), overwrite: b
     teacher = teacher.to(device).eval()
     context = None if images else max_context(teacher)
     causal = bool(getattr(teacher, "can_generate", lambda: False)())
+    if opt.ce_weight and (images or not causal):
+        raise SvdqError("--ce-weight trains on a text's next tokens, and this artifact is not a "
+                        "causal language model; drop --ce-weight")
     asked = opt.seq_len
     if asked is None:
         default = SEQ_LEN if images or causal else ENCODER_LEN

@@ -9,6 +9,11 @@ own heads (final norm, output layer, softcaps; `models.blocks.tail`) on the last
 outputs for `logits_to_keep` positions; each chunk's KL is backpropagated into the student's
 last hidden states before the next chunk is made, and those gradients then go through the
 blocks once. Models whose forward takes no `logits_to_keep` get the whole logits at once.
+
+With a weight w > 0 the causal loss adds w × the cross-entropy of the student on the text's
+own next tokens (`--ce-weight`): its minimum is the teacher's distribution moved a share
+w / (1 + w) towards the token that came, so perplexity, which only scores that token, is
+trained as well as the match to the teacher.
 """
 from __future__ import annotations
 
@@ -60,19 +65,35 @@ def head_logits(model: nn.Module, hidden: torch.Tensor, kw: dict,
         return model(**kw, logits_to_keep=keep).logits.float()
 
 
+def _next_ce(s: torch.Tensor, ids: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    """Summed cross-entropy of log-probabilities `s` (B·K, V) at positions `keep` (K) of `ids`
+    (B, T) on the tokens that follow them; the last position has none and adds nothing."""
+    batch, length = ids.shape
+    has = keep < length - 1
+    s = s.view(batch, len(keep), -1)[:, has]
+    target = ids[:, keep[has] + 1]
+    return -s.gather(-1, target[..., None]).sum()
+
+
 def causal_kl(student: nn.Module, teacher: nn.Module, ids: torch.Tensor, backward: bool,
-              autocast: contextlib.AbstractContextManager) -> torch.Tensor:
+              autocast: contextlib.AbstractContextManager, ce_weight: float = 0.0
+              ) -> torch.Tensor:
     """Mean per-token KL(teacher ‖ student) of the next-token distributions of `ids` (B, T),
-    with `backward` backpropagated into the student; at most `LOGIT_BYTES` of each model's
-    logits exist at once."""
+    plus `ce_weight` × the student's mean cross-entropy on the next tokens, with `backward`
+    backpropagated into the student; at most `LOGIT_BYTES` of each model's logits exist at
+    once."""
     kw = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "use_cache": False}
     vocab = teacher.get_output_embeddings()
+    every = torch.arange(ids.shape[1], device=ids.device)
+    ce_n = ids.shape[0] * max(1, ids.shape[1] - 1)
     if not (keeps_logits(student) and keeps_logits(teacher) and vocab is not None):
         with autocast:
             with torch.no_grad():
                 t = teacher(**kw).logits.float().flatten(0, 1).log_softmax(-1)
             s = student(**kw).logits.float().flatten(0, 1).log_softmax(-1)
             loss = nn.functional.kl_div(s, t, log_target=True, reduction="batchmean")
+            if ce_weight:
+                loss = loss + ce_weight * _next_ce(s, ids, every) / ce_n
         if backward:
             loss.backward()
         return loss.detach() if backward else loss
@@ -91,6 +112,8 @@ def causal_kl(student: nn.Module, teacher: nn.Module, ids: torch.Tensor, backwar
                 t = head_logits(teacher, t_hidden, kw, keep).flatten(0, 1).log_softmax(-1)
             s = head_logits(student, h, kw, keep).flatten(0, 1).log_softmax(-1)
             part = nn.functional.kl_div(s, t, log_target=True, reduction="sum") / n
+            if ce_weight:
+                part = part + ce_weight * _next_ce(s, ids, keep) / ce_n
         if backward:
             part.backward()
         total = total + part.detach()
@@ -100,15 +123,17 @@ def causal_kl(student: nn.Module, teacher: nn.Module, ids: torch.Tensor, backwar
 
 
 def distill_loss(student: nn.Module, teacher: nn.Module, ids: torch.Tensor, causal: bool,
-                 backward: bool = False, bf16: bool = False) -> torch.Tensor:
+                 backward: bool = False, bf16: bool = False, ce_weight: float = 0.0
+                 ) -> torch.Tensor:
     """Mean per-token KL(teacher ‖ student) of the next-token distributions, for an encoder
     the mean 1 − cosine of the mean-pooled last hidden states, and for images (`ids` float
     pixels) the mean KL(teacher ‖ student) of the class distributions. With `backward` its
     gradient is accumulated into the student (and the loss returned detached); `bf16`: the
-    forward passes' matrix products in bfloat16 (autocast; the backward outside it)."""
+    forward passes' matrix products in bfloat16 (autocast; the backward outside it);
+    `ce_weight`: a causal LM's cross-entropy term (module docstring)."""
     autocast = torch.autocast(ids.device.type, torch.bfloat16, enabled=bf16)
     if causal and not ids.is_floating_point():
-        return causal_kl(student, teacher, ids, backward, autocast)
+        return causal_kl(student, teacher, ids, backward, autocast, ce_weight)
     with autocast:
         if ids.is_floating_point():
             with torch.no_grad():

@@ -270,6 +270,27 @@ def test_train_codes_and_train_factors_are_one_or_the_other(artifacts, calib_fil
     assert not (tmp_path / "ft").exists()
 
 
+def test_ce_weight_trains_on_the_next_tokens_too(artifacts, calib_file, tmp_path):
+    """--ce-weight adds the cross-entropy on the text's next tokens to the KL: the record names
+    the mixed loss, whose held-out value (KL + w × CE) lies above the KL alone and falls; a
+    negative weight or a model that is no causal LM gets one line and no output."""
+    runs = {}
+    for w in ("0", "0.5"):
+        r = tune(artifacts["llama"], tmp_path / w, calib_file, "--json", "--ce-weight", w)
+        assert r.exit_code == 0, r.output
+        runs[w] = json.loads(r.stdout)
+    assert runs["0"]["loss"] == "kl_next_token"
+    assert runs["0.5"]["loss"] == "kl_next_token + 0.5*ce_next_token"
+    assert runs["0.5"]["options"]["ce_weight"] == 0.5
+    assert runs["0.5"]["val_loss_before"] > runs["0"]["val_loss_before"] + 0.5
+    assert runs["0.5"]["val_loss_after"] < runs["0.5"]["val_loss_before"]
+    bad = tune(artifacts["llama"], tmp_path / "neg", calib_file, "--ce-weight", "-1")
+    assert "--ce-weight" in one_line_error(bad)
+    enc = tune(artifacts["bert"], tmp_path / "enc", calib_file, "--ce-weight", "0.5")
+    assert "causal language model" in one_line_error(enc)
+    assert not (tmp_path / "neg").exists() and not (tmp_path / "enc").exists()
+
+
 def test_an_encoder_trained_on_long_sequences_gets_a_warning(artifacts, calib_file, tmp_path,
                                                              monkeypatch):
     """An encoder's loss pools whole sequences: sequences longer than ENCODER_LEN tune it for
