@@ -204,6 +204,9 @@ def finetune(path: str | Path, out: Path, opt: Options = Options(), overwrite: b
     outdir.apart(path, out, "the fine-tuned artifact")
     outdir.check(out, overwrite)
     data.check(opt.calib, images)
+    if opt.ce_weight and images:
+        raise SvdqError("--ce-weight trains on a text's next tokens, and this artifact is an "
+                        "image model; drop --ce-weight")
     device = str(runtime.check_device(device))
     if progress:
         progress("loading: source and artifact", 0, 2)
@@ -215,7 +218,7 @@ def finetune(path: str | Path, out: Path, opt: Options = Options(), overwrite: b
     teacher = teacher.to(device).eval()
     context = None if images else max_context(teacher)
     causal = bool(getattr(teacher, "can_generate", lambda: False)())
-    if opt.ce_weight and (images or not causal):
+    if opt.ce_weight and not causal:
         raise SvdqError("--ce-weight trains on a text's next tokens, and this artifact is not a "
                         "causal language model; drop --ce-weight")
     asked = opt.seq_len

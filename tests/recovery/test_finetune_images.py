@@ -107,6 +107,9 @@ def test_image_and_text_inputs_are_not_mixed_up(artifacts, models, calib_file, i
     line = one_line_error(run("finetune", artifacts["vit"], "-o", tmp_path / "a", "--calib",
                               calib_file))
     assert "folder of PNG or JPEG images" in line
+    line = one_line_error(run("finetune", artifacts["vit"], "-o", tmp_path / "a", "--calib",
+                              image_folder, "--ce-weight", "0.5"))
+    assert "image model" in line and "--ce-weight" in line
     r = run("compress", models["gpt2"], "-o", tmp_path / "lm", "--calib", calib_file,
             "--calib-samples", "4", "--calib-len", "32", "--eps", "0.3")
     assert r.exit_code == 0, r.output
