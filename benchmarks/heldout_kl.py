@@ -17,12 +17,13 @@ import torch
 import svdq
 from svdq.artifact import read
 from svdq.evaluate import load_baseline
+from svdq.evaluate.perplexity import read_text, tokenize
 from svdq.recovery import tuned
 
 
 def windows(tokenizer, path: str, ctx: int, max_tokens: int) -> torch.Tensor:
-    ids = tokenizer(open(path, encoding="utf-8").read(), return_tensors="pt").input_ids[0]
-    ids = ids[:max_tokens]
+    """The text's tokens as `svdq eval` takes them, in (n, ctx) non-overlapping windows."""
+    ids = tokenize(tokenizer, read_text(path)[0], max_tokens)
     n = len(ids) // ctx
     return ids[: n * ctx].view(n, ctx)
 

@@ -84,7 +84,6 @@ def causal_kl(student: nn.Module, teacher: nn.Module, ids: torch.Tensor, backwar
     once."""
     kw = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "use_cache": False}
     vocab = teacher.get_output_embeddings()
-    every = torch.arange(ids.shape[1], device=ids.device)
     ce_n = ids.shape[0] * max(1, ids.shape[1] - 1)
     if not (keeps_logits(student) and keeps_logits(teacher) and vocab is not None):
         with autocast:
@@ -93,6 +92,7 @@ def causal_kl(student: nn.Module, teacher: nn.Module, ids: torch.Tensor, backwar
             s = student(**kw).logits.float().flatten(0, 1).log_softmax(-1)
             loss = nn.functional.kl_div(s, t, log_target=True, reduction="batchmean")
             if ce_weight:
+                every = torch.arange(ids.shape[1], device=ids.device)
                 loss = loss + ce_weight * _next_ce(s, ids, every) / ce_n
         if backward:
             loss.backward()
