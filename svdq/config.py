@@ -45,6 +45,7 @@ class Settings:
     # the integer grid, groups of block_size along each row; 0: left as it is
     budget_scope: str = "targets"  # what --ratio/--size count: the target layers, or "all":
     # every tensor of the checkpoint as the artifact stores it
+    fast: bool = False  # budgets: the quicker plan search of `pipeline.fast`
     _version: int = field(default=SETTINGS_VERSION, repr=False)
 
     def __post_init__(self) -> None:
@@ -100,6 +101,9 @@ class Settings:
             raise SvdqError(f"--budget-scope must be targets or all, got {self.budget_scope!r}")
         if self.budget_scope == "all" and not self.budgeted:
             raise SvdqError("--budget-scope all says what --ratio/--size count: give one of them")
+        if self.fast and not self.budgeted:
+            raise SvdqError("--fast speeds up a budget's plan search: give --ratio or --size "
+                            "(an --eps run has no plans to search), or drop --fast")
 
     @property
     def budgeted(self) -> bool:

@@ -80,6 +80,10 @@ def compress(
     budget_scope: str = typer.Option("targets", help="What --ratio/--size count: targets (the "
                                      "target layers) or all (the whole checkpoint as stored: "
                                      "the layers get what the other tensors leave)."),
+    fast: bool = typer.Option(False, help="With --ratio/--size: a quicker plan search — "
+                              "gradients and the judge on a quarter of the calibration "
+                              "sequences, the three bases nearest the budget's bits, three "
+                              "candidate plans, one round of refinement."),
     offload_activations: bool = typer.Option(False, help="Keep the calibration activations in "
                                              "files beside the output instead of memory (also "
                                              "done by itself when they are large)."),
@@ -121,7 +125,7 @@ def compress(
                             sequential=sequential, refit=refit, budget_ratio=ratio,
                             residual=residual, offload_activations=offload_activations,
                             sparse=sparse, attention_product=attention_product,
-                            embed_bits=embed_bits, budget_scope=budget_scope,
+                            embed_bits=embed_bits, budget_scope=budget_scope, fast=fast,
                             budget_bytes=None if size is None else parse_size(size))
         shard_bytes = parse_size(shard_size, "--shard-size")
         artifact.check_output(output, overwrite)

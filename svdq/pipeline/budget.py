@@ -72,14 +72,16 @@ def budget_of(settings: Settings, fp16: int) -> int:
     return settings.budget_bytes
 
 
-def candidates(measured: Measured, budget: int, block_size: int) -> list[tuple[str, list[int]]]:
+def candidates(measured: Measured, budget: int, block_size: int,
+               few: bool = False) -> list[tuple[str, list[int]]]:
     """Allocations of `budget` worth comparing, as (label, option index per layer), best
     estimate first: the sensitivity-optimal one under each of `ERROR_CAPS` the budget allows
     (without any cap if it allows none), then the most exact uniform quantization without
     correction that fits (every layer at the most bits, then the smallest blocks, the budget
     allows), the floored and even plans; with sparse variants among the options, then every
     plan the same options without them give. Duplicates are dropped; none: nothing fits
-    (`check_fits` says so)."""
+    (`check_fits` says so). `few` (`--fast`): the best estimate, the plain quantization and
+    the floored plan only."""
     options = measured.options
     found: list[tuple[str, list[int]]] = []
     for cap in ERROR_CAPS:
@@ -92,13 +94,15 @@ def candidates(measured: Measured, budget: int, block_size: int) -> list[tuple[s
                    if all(i in where[n] for n, i in enumerate(c))]
         found.append((f"error cap {cap:g}",
                       [capped[n][j] for n, j in enumerate(allocate(sub, budget, uniform))]))
+        if few:
+            break
     if not found:
         try:
             found.append(("no error cap", allocate(options, budget, list(measured.uniform.values()))))
         except ValueError:
             return []
-    if any(o.sparse for opts in options for o in opts):  # and all a run without them judges
-        keep = [[i for i, o in enumerate(opts) if not o.sparse] for opts in options]
+    if any(o.sparse for opts in options for o in opts) and not few:  # and all a run without
+        keep = [[i for i, o in enumerate(opts) if not o.sparse] for opts in options]  # them
         where = [{i: j for j, i in enumerate(idx)} for idx in keep]
         sparse_free = replace(measured, options=[[opts[i] for i in idx]
                                                  for opts, idx in zip(options, keep)],
@@ -125,7 +129,7 @@ def candidates(measured: Measured, budget: int, block_size: int) -> list[tuple[s
         found.append((f"{name} in {'groups' if grid == 'int' else 'blocks'} of {block}, "
                       "no correction", plan))
         found += floored(options, budget, bits, plan)
-        found += even(options, budget, bits, block_size)
+        found += [] if few else even(options, budget, bits, block_size)
     unique: dict[tuple[int, ...], str] = {}
     for label, plan in found + without:
         unique.setdefault(tuple(plan), label)
@@ -285,7 +289,7 @@ def pick(works: list[LayerWork], measured: Measured, budget: int, settings: Sett
     what to record about it (`weights`: each layer's sensitivity, in the order of `works`).
     With a `judge` (the calibration loss of a list of stored forms) every candidate is built
     and judged and the lowest loss wins; without one the best estimate is taken."""
-    found = candidates(measured, budget, settings.block_size)
+    found = candidates(measured, budget, settings.block_size, settings.fast)
     check_fits(found, measured, budget)
     if judge is None:
         found = found[:1]

@@ -28,10 +28,12 @@ from svdq.pipeline.work import LayerWork, swapped
 
 def _rows(stream: Stream, ids: torch.Tensor):
     """(sample ids (1, T) or pixels (1, C, H, W), its hidden states) for every sample of
-    `stream`."""
+    `stream` that `ids` has (the first rows of a longer stream: `--fast`'s judge)."""
     row = 0
     for h in stream:
         for k in range(h.shape[0]):
+            if row == ids.shape[0]:
+                return
             yield ids[row: row + 1].to(h.device), h[k: k + 1]
             row += 1
 

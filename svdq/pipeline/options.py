@@ -19,6 +19,7 @@ their exact errors.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import replace
 from typing import Callable, Sequence
 
@@ -35,6 +36,7 @@ from svdq.algo.search import refined_sparse
 from svdq.algo.sparse import best_entries, csr_bytes, with_sparse
 from svdq.algo.stored import Stored, keep
 from svdq.config import Settings
+from svdq.pipeline.fast import BASES as FAST_BASES
 
 UNIFORM_EPS = (0.02, 0.05, 0.1, 0.2, 0.3)  # the per-layer eps settings the result must beat
 # The weights a low-rank correction is offered on, (bits, block size as a multiple of
@@ -62,6 +64,9 @@ def bases(settings: Settings, average: tuple[float, float] | None = None
     if average is None:
         return chosen
     per_weight = lambda b, k, g: weight_bytes(4096, 4096, b, k, g) * 8 / 4096 ** 2  # noqa: E731
+    if settings.fast:  # the nearest few, by the ratio of bits (`pipeline.fast`)
+        far = lambda c: min(abs(math.log(per_weight(*c) / a)) for a in average)  # noqa: E731
+        return sorted(sorted(chosen, key=far)[:FAST_BASES], key=chosen.index)
     kept = [c for c in chosen if average[0] / 2 <= per_weight(*c) <= 1.6 * average[1]]
     return kept or sorted(chosen, key=lambda c: abs(per_weight(*c) - average[0]))[:2]
 

@@ -25,11 +25,12 @@ from svdq.config import Settings
 from svdq.models.attention import heads
 from svdq.models.layers import set_module
 from svdq.models.stream import give_back
-from svdq.pipeline import budget as budgets, product as products
+from svdq.pipeline import budget as budgets, fast, product as products
 from svdq.pipeline.forms import codebooks, realize, refitted
 from svdq.pipeline.judge import losses
 from svdq.pipeline.kept import Kept, keeps
 from svdq.pipeline.measured import Measured, measure_layer
+from svdq.pipeline.options import bases
 from svdq.pipeline.walk import Walker
 from svdq.pipeline.work import LayerWork, one_input_at_a_time
 from svdq.plan import LayerPlan
@@ -40,7 +41,8 @@ if TYPE_CHECKING:
 
 def walk(walker: Walker, ids: torch.Tensor, settings: Settings, out: "_Out",
             scratch: Path, average: float) -> tuple[list[LayerPlan], dict]:
-    walker.gradients(ids, fisher=settings.method == "fisher")
+    few = fast.samples(len(ids)) if settings.fast else len(ids)  # --fast: on some sequences
+    walker.gradients(ids[:few], fisher=settings.method == "fisher", scale=len(ids) / few)
     walker.start(ids)  # pass 1: each layer's options, numbers only
     layers, names = [], []
     blocks = len(walker.blocks)
@@ -60,7 +62,7 @@ def walk(walker: Walker, ids: torch.Tensor, settings: Settings, out: "_Out",
             walker.leave(i)
     measured = Measured.of(layers, settings)
     limit = budgets.budget_of(settings, measured.fp16)
-    found = budgets.candidates(measured, limit, settings.block_size)
+    found = budgets.candidates(measured, limit, settings.block_size, settings.fast)
     budgets.check_fits(found, measured, limit)
     product = None  # --attention-product: the best estimate with the product where it fits
     if settings.attention_product:
@@ -79,8 +81,11 @@ def walk(walker: Walker, ids: torch.Tensor, settings: Settings, out: "_Out",
     # main stream is then read only as the encoders' reference and --refit's source side
     own = settings.sequential and judged
     causal = walker.source.is_causal  # its judge reads no main stream; an encoder's does
+    # --fast: the judge scores some sequences; their streams are the judge's alone unless own
+    rows = fast.judged(len(ids), settings.batch_size) if settings.fast and not own else len(ids)
     walker.start(ids, variants=tuple(labels) if judged else (),  # pass 2: build, run, judge
-                 main=judged and not causal if kept.on else not own or settings.refit or not causal)
+                 main=judged and not causal if kept.on else not own or settings.refit or not causal,
+                 rows=rows, main_rows=rows if kept.on else None)
     n = 0
     for i in range(blocks + 1):
         swaps: dict[str, dict[str, nn.Module]] = {label: {} for label in labels}
@@ -124,8 +129,8 @@ def walk(walker: Walker, ids: torch.Tensor, settings: Settings, out: "_Out",
     if judged:
         walker.report("judging the candidate plans", 0, 1)
         walker.outside(True)
-        by = losses(walker.model, walker.variants, ids, walker.source.is_causal, walker.main,
-                    head if judged else None)
+        by = losses(walker.model, walker.variants, ids[:rows], walker.source.is_causal,
+                    walker.main, head if judged else None)
         scores = [by[label] for label in labels]
         walker.clock.lap("judge")
     best = min(range(len(found)), key=lambda k: (scores[k] is None, scores[k] or 0.0, k))
@@ -143,6 +148,9 @@ def walk(walker: Walker, ids: torch.Tensor, settings: Settings, out: "_Out",
     info = budgets.summary(measured, limit, found, scores, best, errors[winner],
                            [p.name for p in plans[winner]])
     info["achieved_bytes"] = sum(p.bytes for p in plans[winner])
+    if settings.fast:  # what the quicker search saw
+        info["fast"] = {"gradient_samples": few, "judged_samples": rows if judged else 0,
+                        "bases": [list(b) for b in bases(settings, (average, average))]}
     for entry, label in zip(info["candidates"], labels):  # as built (a product stores fewer)
         entry["bytes"] = sum(p.bytes for p in plans[label])
     if settings.refit:  # the refit changed the errors the allocation planned with
@@ -188,7 +196,8 @@ def _layer_of_each(work: LayerWork, picks: dict[str, int], options: list,
     plain = [i for i in built if not options[i].sparse]
     ref = reference(work.w, work.bias, work.stats)
     built.update(zip(plain, refine_residuals(work.w, [built[i] for i in plain], work.stats, ref,
-                                             settings.method, gptq=settings.gptq)))
+                                             settings.method, fast.ROUNDS if settings.fast else 2,
+                                             gptq=settings.gptq)))
     give_back()
     out: dict[int, tuple] = {}
     for idx, stored in built.items():

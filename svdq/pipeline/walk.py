@@ -110,22 +110,29 @@ class Walker:
         return self.scratch is not None and offloaded(self.settings, hidden, streams)
 
     # ------------------------------------------------------------------ the passes
-    def gradients(self, ids: torch.Tensor, fisher: bool) -> None:
+    def gradients(self, ids: torch.Tensor, fisher: bool, scale: float = 1.0) -> None:
         """Gradient statistics of every target layer (`calibration.gradients`), kept to be
-        attached to each layer's statistics as the walk reaches it."""
+        attached to each layer's statistics as the walk reaches it; `scale` multiplies them
+        (sums over some of the sequences, `--fast`, stand for sums over all)."""
         offload = self._offload(len(self.blocks) + 1)
         self.outside(True)
         modules = {n: self.model.get_submodule(n) for n in self.names}
         self.grads = gradients(self.model, ids, modules, self.source.is_causal, self.settings.seed,
                                self.report, fisher, self.load, self.unload,
                                lambda: self.new_stream(offload))
+        if scale != 1.0:
+            self.grads = {n: (None if f is None else f * scale, g * scale)
+                          for n, (f, g) in self.grads.items()}
         self.clock.lap("gradients")
 
-    def start(self, ids: torch.Tensor, variants: tuple[str, ...] = (), main: bool = True) -> None:
+    def start(self, ids: torch.Tensor, variants: tuple[str, ...] = (), main: bool = True,
+              rows: int | None = None, main_rows: int | None = None) -> None:
         """Capture the first block's inputs: the main stream, and a copy per variant. Without
         `main` the main stream is dropped once the variants have their copies (a causal LM's
         judged `--sequential` budget without `--refit`, or its pass 2 on pass 1's statistics:
-        nothing reads it, and carrying it would cost a forward per block)."""
+        nothing reads it, and carrying it would cost a forward per block). `rows`: the
+        variants carry only the batches of the first `rows` sequences (`--fast`'s judge),
+        `main_rows` the main stream likewise (where it is only the judge's reference)."""
         torch.manual_seed(self.settings.seed)
         sequential, refit = self.settings.sequential, self.settings.refit
         offload = self._offload(1 + len(variants) + (sequential and refit))
@@ -150,7 +157,10 @@ class Walker:
         self.kwargs = captured.kwargs
         # a judged --sequential budget pairs each candidate with the main stream (the source's)
         self.paired = self.main.copy() if sequential and refit and not variants else None
-        self.variants = {label: self.main.copy() for label in variants}
+        self.variants = {label: self.main.copy(rows) for label in variants}
+        if main and main_rows is not None:
+            whole, self.main = self.main, self.main.copy(main_rows)
+            whole.drop()
         if not main:
             self.main.drop()
             self.main = None

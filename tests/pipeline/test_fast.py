@@ -1,0 +1,129 @@
+"""`--fast` (svdq/pipeline/fast.py): a budget's quicker plan search — gradients and the judge
+on some of the sequences, the bases nearest the budget's bits, three candidates, one round of
+the alternation — still within the budget, still judged, refused without a budget."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from svdq import runtime
+from svdq.algo import residual
+from svdq.cli import app
+from svdq.config import Settings
+from svdq.errors import SvdqError
+from svdq.models import blocks as model_blocks
+from svdq.models.streams import Stream
+from svdq.pipeline import budget as budgets, fast, judge, two_pass
+from svdq.pipeline.options import bases
+
+SMALL = ["--calib-samples", "16", "--calib-len", "32", "--batch-size", "2"]
+
+
+def run(model, out, calib, *extra):
+    return CliRunner().invoke(app, ["compress", str(model), "-o", str(out), "--calib",
+                                    str(calib), *SMALL, *map(str, extra)])
+
+
+def test_fast_needs_a_budget(models, calib_file, tmp_path):
+    r = run(models["llama"], tmp_path / "out", calib_file, "--eps", "0.1", "--fast")
+    assert r.exit_code != 0 and "--fast" in r.output and "--ratio" in r.output
+    assert "Traceback" not in r.output and not (tmp_path / "out").exists()
+    with pytest.raises(SvdqError, match="--ratio or --size"):
+        Settings(fast=True)
+
+
+def test_samples_take_a_quarter_at_least_four_and_the_judge_whole_batches():
+    assert [fast.samples(n) for n in (1, 3, 4, 16, 32, 33)] == [1, 3, 4, 4, 8, 9]
+    assert fast.judged(32, 8) == 8 and fast.judged(33, 8) == 16 and fast.judged(5, 8) == 5
+    assert fast.judged(16, 3) == 6
+
+
+@pytest.mark.parametrize("ratio", [0.143, 0.206, 0.27, 0.5])
+def test_the_bases_are_the_nearest_few_of_the_default_ones(ratio):
+    average = (16 * ratio,) * 2
+    quick = bases(Settings(budget_ratio=ratio, fast=True), average)
+    every = bases(Settings(budget_ratio=ratio))
+    assert len(quick) == fast.BASES and set(quick) <= set(every)
+    far = lambda c: abs(math.log(runtime_bits(*c) / average[0]))  # noqa: E731
+    assert max(map(far, quick)) <= min(far(c) for c in every if c not in quick) + 1e-12
+
+
+def runtime_bits(b, block, grid):
+    from svdq.algo.quant import weight_bytes
+    return weight_bytes(4096, 4096, b, block, grid) * 8 / 4096 ** 2
+
+
+def test_a_stream_copies_whole_batches_up_to_the_rows(tmp_path):
+    for folder in (None, tmp_path):
+        s = Stream(torch.device("cpu"), folder=folder)
+        for k in range(4):
+            s.append(torch.full((2, 3, 5), float(k)))
+        assert [float(h[0, 0, 0]) for h in s.copy(3)] == [0.0, 1.0]
+        assert len(s.copy(4)) == 2 and len(s.copy()) == 4 and len(s.copy(100)) == 4
+
+
+def test_the_judge_scores_only_the_rows_it_is_given(models):
+    from transformers import AutoModelForCausalLM
+    model = AutoModelForCausalLM.from_pretrained(models["llama"]).eval()
+    ids = torch.randint(3, 60, (6, 12))
+    with torch.no_grad():
+        captured = model_blocks.capture(model, ids, 2)
+    stream = Stream(torch.device("cpu"))
+    for b, h in enumerate(captured.hidden):
+        for i, block in enumerate(model.model.layers):
+            h = model_blocks.run_block(block, h, captured.kwargs[i][b])
+        stream.append(h)
+    head = stream.copy(4)
+    some = judge.losses(model, {"a": stream}, ids[:4], True)["a"]
+    assert some == pytest.approx(judge.losses(model, {"a": head}, ids[:4], True)["a"], rel=1e-6)
+    with torch.no_grad():
+        want = model(ids[:4], labels=ids[:4]).loss.item()
+    assert some == pytest.approx(want, rel=1e-4)
+    assert judge.losses(model, {"a": stream}, ids, True)["a"] != pytest.approx(some, rel=1e-6)
+
+
+@pytest.mark.parametrize("arch,ratio", [("llama", 0.3), ("bert", 0.4)])
+def test_a_fast_budget_is_judged_on_a_quarter_within_its_bytes(models, calib_file, tmp_path,
+                                                               monkeypatch, arch, ratio):
+    rounds, grads, scored = [], [], []
+    refine = residual.refine_residuals
+    monkeypatch.setattr(two_pass, "refine_residuals",
+                        lambda *a, **k: rounds.append(a[5]) or refine(*a, **k))
+    real_grads = two_pass.Walker.gradients
+    monkeypatch.setattr(two_pass.Walker, "gradients", lambda self, ids, **k: grads.append(
+        (len(ids), k["scale"])) or real_grads(self, ids, **k))
+    real_losses = two_pass.losses
+    monkeypatch.setattr(two_pass, "losses", lambda model, finals, ids, *a: scored.append(
+        (ids.shape[0], [sum(h.shape[0] for h in s) for s in finals.values()]))
+        or real_losses(model, finals, ids, *a))
+    r = run(models[arch], tmp_path / "out", calib_file, "--ratio", ratio, "--fast", "--json")
+    assert r.exit_code == 0, r.output
+    manifest = runtime.read_manifest(tmp_path / "out")
+    info = manifest["budget"]
+    assert info["fast"]["gradient_samples"] == 4 and grads == [(4, 4.0)]
+    assert rounds and set(rounds) == {fast.ROUNDS}
+    assert 2 <= len(info["candidates"]) <= 3
+    assert info["fast"]["judged_samples"] == 4 and scored == [(4, [4] * len(info["candidates"]))]
+    assert all(c["calibration_loss"] is not None for c in info["candidates"])
+    assert info["achieved_bytes"] <= info["requested_bytes"]
+    allowed = {tuple(b) for b in info["fast"]["bases"]}
+    for layer in manifest["layers"]:
+        if layer["kind"] == "residual" or layer["kind"] == "dense" and layer.get("grid") == "int":
+            assert (layer["bits"], layer["block_size"], layer.get("grid") or "bnb") in allowed
+    model = runtime.load(tmp_path / "out")
+    assert model is not None
+
+
+def test_fast_candidates_are_the_default_ones_it_keeps(models, calib_file):
+    from test_judge import analysed
+    _, settings, _, _, measured = analysed(models, calib_file, ratio=0.6)
+    limit = math.floor(0.3 * measured.fp16)
+    full = budgets.candidates(measured, limit, settings.block_size)
+    few = budgets.candidates(measured, limit, settings.block_size, few=True)
+    assert few[0] == full[0] and len(few) <= 3
+    assert all(c in full for c in few)
+    assert not any("on every layer" in label for label, _ in few)
+    assert any("no correction" in label for label, _ in few)
