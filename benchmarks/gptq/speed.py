@@ -3,7 +3,7 @@ one job at a time on the same machine (issue 10's speed goal: a budget compress 
 the GPTQ run it is compared with).
 
     python benchmarks/gptq/speed.py smollm2 --lc-python /tmp/lc/bin/python \
-        --settings 4:64,3:64 --svdq "--fast" --svdq "" [--work DIR]
+        --settings 4:64,3:64 --svdq=--fast --svdq= [--work DIR]
 
 Per bits:group setting, in this order: llm-compressor's GPTQ (`llmcompressor_run.py`, its own
 venv), then `svdq compress MODEL --size <GPTQ's bytes>B --calib calib.txt EXTRA` once per

@@ -62,7 +62,10 @@ def _uniform(options: list[Option], bits: int, eps: float) -> int:
 
 
 def bits_choices(settings: Settings) -> tuple[int, ...]:
-    return tuple(dict.fromkeys((factor_bits(settings.bits), 4, 8)))
+    """The widths of the bitsandbytes dense and low-rank options; `--fast`: no NF4 in
+    `--block-size` blocks unless asked for (the integer grid at 4 bits in groups of 64
+    dominates it: see `options.RESIDUAL_BASES`)."""
+    return tuple(dict.fromkeys((factor_bits(settings.bits), *(() if settings.fast else (4,)), 8)))
 
 
 def measure_layer(work: LayerWork, settings: Settings,
@@ -81,7 +84,8 @@ def measure_layer(work: LayerWork, settings: Settings,
                 settings.gptq)
     # --sparse: linear layers only (the loaders apply a sparse term to matrices, not kernels)
     nnz = 0 if runtime.conv_of(work.module) else sparse_count(*work.w.shape, settings.sparse)
-    opts = layer_options(work.w, work.bias, work.factors, work.stats, choices,
+    opts = layer_options(work.w, work.bias, None if settings.fast else work.factors,
+                         work.stats, choices,
                          settings.block_size,
                          elsize=(stored_dtype or work.module.weight.dtype).itemsize,
                          residuals=residuals, closed=settings.method == "whiten",

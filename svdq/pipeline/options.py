@@ -107,7 +107,7 @@ def _closed(s: torch.Tensor, total2: float, ref: float, ranks: list[int],
     return {k: (tail(k) + noise * float(kept[k - 1])) ** 0.5 / ref for k in ranks}
 
 
-def layer_options(w: torch.Tensor, bias: torch.Tensor | None, factors: Factors,
+def layer_options(w: torch.Tensor, bias: torch.Tensor | None, factors: Factors | None,
                   stats: LayerStats, bits_choices: Sequence[int], block_size: int,
                   ranks: Sequence[int] | None = None, elsize: int = 2,
                   cache: dict | None = None,
@@ -115,7 +115,8 @@ def layer_options(w: torch.Tensor, bias: torch.Tensor | None, factors: Factors,
                   weight: float = 1.0, closed: bool = False, gptq: bool = False,
                   sparse: int = 0, method: str = "whiten") -> list[Option]:
     """Kept as is (`elsize` bytes per source element, weight and bias), then per bits: dense, and
-    low-rank at each rank of `ranks` (None: `rank_grid`) up to that bits' break-even rank; per
+    low-rank at each rank of `ranks` (None: `rank_grid`) up to that bits' break-even rank (no
+    low rank alone without `factors`: `--fast`); per
     entry of `residuals` ({(bits, block[, grid]): Residual, or a function making it — made,
     measured and dropped one at a time}), the base alone and plus a correction at each rank of
     the grid up to `residual_break_rank` (a base at another block size than `block_size`, or on
@@ -172,14 +173,15 @@ def layer_options(w: torch.Tensor, bias: torch.Tensor | None, factors: Factors,
         if err < option.error:
             options.append(replace(option, bytes=option.bytes + extra, error=err, sparse=sparse))
     based = {(k[0], k[1], (*k, "bnb")[2]) for k in residuals or {}}
-    for bits in dict.fromkeys(bits_choices):
-        kb = k_break_of(w, factors, bits, block_size)
+    for bits in dict.fromkeys(bits_choices):  # no `factors` (`--fast`): no low rank alone
+        kb = break_even_rank(out_f, in_f, bits, block_size) if factors is None else k_break_of(
+            w, factors, bits, block_size)
         if (bits, block_size, "bnb") not in based:  # else the base gives this dense option
             err = measured(("dense", bits, 0), lambda: stored_dense(
                 w, stats, ref, bits, block_size, kb, "bnb", gptq))
             options.append(Option(weight_bytes(out_f, in_f, bits, block_size) + bias_bytes, err,
                                   "dense", 0, bits, weight))
-        ks = grid(kb)
+        ks = [] if factors is None else grid(kb)
         if closed and ks:  # the whitened energy of W: all its σ² (damped root: within 1e-6)
             w_energy = float(factors.s.double().pow(2).sum())
             top = measured(("lowrank", bits, ks[-1]), lambda: stored_lowrank(

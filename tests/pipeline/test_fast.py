@@ -127,3 +127,25 @@ def test_fast_candidates_are_the_default_ones_it_keeps(models, calib_file):
     assert all(c in full for c in few)
     assert not any("on every layer" in label for label, _ in few)
     assert any("no correction" in label for label, _ in few)
+
+
+def test_fast_options_skip_low_rank_alone_and_nf4_in_small_blocks():
+    from svdq.algo.factorize import LayerStats
+    from svdq.pipeline.measured import measure_layer
+    from svdq.pipeline.work import LayerWork
+    torch.manual_seed(0)
+    x = torch.randn(512, 96).double() * torch.linspace(0.2, 2, 96).double()
+    layer = torch.nn.Linear(96, 80, bias=False)
+    kinds = {}
+    for quick in (True, False):
+        settings = Settings(budget_ratio=0.27, method="whiten", fast=quick)
+        work = LayerWork("l", layer, None, None, LayerStats(x.T @ x, x.sum(0), 512),
+                         settings.method)
+        opts = measure_layer(work, settings, (4.3, 4.3)).options
+        kinds[quick] = {(o.kind, o.bits, o.block, o.grid) for o in opts}
+        assert (work.given is None) == quick  # no SVD of W at all when fast
+    assert not any(k[0] == "lowrank" for k in kinds[True])
+    assert any(k[0] == "lowrank" for k in kinds[False])
+    nf4 = ("dense", 4, None, "bnb")  # NF4 in blocks of --block-size
+    assert nf4 in kinds[False] and nf4 not in kinds[True] and ("dense", 8, None, "bnb") in kinds[True]
+    assert any(k[0] == "residual" for k in kinds[True])
