@@ -8,6 +8,11 @@ carries it: it is the judge's reference). On SmolLM2 that is one forward of 30 b
 saved, for 0.8 GB written and read once. Past `LIMIT` bytes of Grams (a 7B model's come to
 tens of GB), or where the disk fills while they are written, nothing is kept and pass 2
 gathers them again, as before.
+
+Beside the Grams, each layer's quantized weights and its bases' error factors (cut at the
+largest rank an option may take) are kept (`put_bases`): pass 2 builds a plan's layers from
+them instead of running GPTQ and an SVD per base again — the same numbers, so the same
+artifact.
 """
 from __future__ import annotations
 
@@ -21,6 +26,7 @@ from svdq.config import Settings
 from svdq.pipeline.work import LayerWork
 
 LIMIT = 4 * 2 ** 30  # bytes of float64 Grams kept at most
+BASES_LIMIT = 4 * 2 ** 30  # bytes of quantized bases and their error's factors kept at most
 
 
 def keeps(settings: Settings) -> bool:
@@ -38,6 +44,7 @@ class Kept:
         self.device = device
         self.on = folder is not None
         self._files: list[Path] = []
+        self.bases_on, self.bases_size = self.on, 0
 
     def put(self, i: int, works: list[LayerWork]) -> None:
         """Keep the statistics of block `i`'s layers (layers fed the same input share them)."""
@@ -78,6 +85,45 @@ class Kept:
         caches = [{} for _ in data["groups"]]
         return {name: LayerStats(*data["groups"][k], cache=caches[k])
                 for name, k in data["names"].items()}
+
+    def put_bases(self, n: int, made: dict) -> None:
+        """Keep what layer `n`'s options made that pass 2 would make again
+        (`measured.measure_layer(made=)`: its quantized weights, its bases' `Residual`s) —
+        by GPTQ and an SVD each, the larger part of building a plan's layer. Past
+        `BASES_LIMIT` bytes, or on a full disk, no more bases are kept (the Grams may be)."""
+        if not (self.on and self.bases_on) or not made:
+            return
+        tensors = [t for r in made.get("residuals", {}).values()
+                   for t in (r.factors.u, r.factors.s, r.factors.vt)]
+        self.bases_size += sum(t.numel() * t.element_size() for t in tensors)
+        if self.bases_size > BASES_LIMIT:
+            return self._drop_bases()
+        path = self.folder / f"bases-{n}.pt"
+        self._files.append(path)
+        try:
+            torch.save(made, path)
+        except OSError as e:
+            if not disk_full(e):
+                raise
+            self._drop_bases()
+
+    def bases(self, n: int) -> dict | None:
+        """Layer `n`'s kept bases (`put_bases`), on `device`, the file removed; None where
+        none were kept."""
+        path = None if not self.on else self.folder / f"bases-{n}.pt"
+        if path is None or not path.exists():
+            return None
+        # our own file, written minutes ago in this run's scratch folder: stored forms are
+        # svdq's dataclasses, not plain tensors
+        made = torch.load(path, weights_only=False, map_location=self.device)
+        path.unlink()
+        return made
+
+    def _drop_bases(self) -> None:
+        self.bases_on = False
+        for path in [p for p in self._files if p.name.startswith("bases-")]:
+            path.unlink(missing_ok=True)
+            self._files.remove(path)
 
     def drop(self) -> None:
         """Keep nothing from now on, and remove what was kept."""

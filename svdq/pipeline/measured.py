@@ -13,7 +13,8 @@ from svdq import runtime
 from svdq.algo.allocate import Option
 from svdq.algo.dense import prequantize
 from svdq.algo.error import output_norm2
-from svdq.algo.residual import residual_of
+from svdq.algo.factorize import Factors
+from svdq.algo.residual import Residual, residual_of
 from svdq.algo.search import factor_bits
 from svdq.algo.sparse import sparse_count
 from svdq.config import Settings
@@ -70,14 +71,22 @@ def bits_choices(settings: Settings) -> tuple[int, ...]:
 
 def measure_layer(work: LayerWork, settings: Settings,
                   average: tuple[float, float] | None = None,
-                  stored_dtype: torch.dtype | None = None) -> LayerOptions:
+                  stored_dtype: torch.dtype | None = None,
+                  made: dict | None = None) -> LayerOptions:
     """Every option of one layer, corrected forms included (the allocator decides where a
     correction pays), and what each uniform eps would choose; nothing of their tensors.
     `average`: the bits per weight of the budgets asked for (`bases`); `stored_dtype`: what a
-    kept weight and a bias are stored in where it is not the model's dtype."""
+    kept weight and a bias are stored in where it is not the model's dtype. `made`: filled
+    with what pass 2 would make again (`kept.Kept.put_bases`): the quantized weights by grid
+    and each base's `Residual`, its factors cut at the largest rank an option may take."""
     grids = bases(settings, average)
-    residuals = {(b, block, g): (lambda b=b, block=block, g=g: residual_of(
-                     work.w, work.stats, b, block, settings.method, g, settings.gptq))
+
+    def base(b: int, block: int, g: str):
+        res = residual_of(work.w, work.stats, b, block, settings.method, g, settings.gptq)
+        if made is not None:
+            made.setdefault("residuals", {})[(b, block, g)] = cut(res, *work.w.shape)
+        return res
+    residuals = {(b, block, g): (lambda b=b, block=block, g=g: base(b, block, g))
                  for b, block, g in grids}
     choices = bits_choices(settings)  # by GPTQ, every base and dense form in one column loop
     prequantize(work.w, work.stats, grids + [(b, settings.block_size, "bnb") for b in choices],
@@ -90,10 +99,19 @@ def measure_layer(work: LayerWork, settings: Settings,
                          elsize=(stored_dtype or work.module.weight.dtype).itemsize,
                          residuals=residuals, closed=settings.method == "whiten",
                          gptq=settings.gptq, sparse=nnz, method=settings.method)
-    work.stats.cache.pop("quantized", None)
+    held = work.stats.cache.pop("quantized", None)
+    if made is not None and held is not None:
+        made["quantized"] = held[1]
     uniform = {eps: _uniform(opts, settings.bits, eps) for eps in UNIFORM_EPS}
     fp16 = 2 * (work.w.numel() + (0 if work.bias is None else work.bias.numel()))
     return LayerOptions(opts, uniform, raw_sensitivity(work), fp16)
+
+
+def cut(res: Residual, out_f: int, in_f: int) -> Residual:
+    """`res` with its factors cut at its break-even rank (copies: no view keeps the rest)."""
+    k = res.k_break(out_f, in_f)
+    f = res.factors
+    return replace(res, factors=Factors(f.u[:, :k].clone(), f.s[:k].clone(), f.vt[:k].clone()))
 
 
 @dataclass

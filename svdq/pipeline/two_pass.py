@@ -54,8 +54,10 @@ def walk(walker: Walker, ids: torch.Tensor, settings: Settings, out: "_Out",
             where = f"block {i + 1}" if i < blocks else "head"
             walker.report(f"blocks: {where}: options of {work.name.rpartition('.')[2]}",
                           i, blocks)
+            made = {} if kept.on else None  # what pass 2 would make again: kept for it
             layers.append(measure_layer(work, settings, (average, average),
-                                        walker.source.stored_dtype))
+                                        walker.source.stored_dtype, made))
+            kept.put_bases(len(names), made)
             names.append(work.name)
             walker.clock.lap("options")
         if i < blocks:
@@ -103,7 +105,7 @@ def walk(walker: Walker, ids: torch.Tensor, settings: Settings, out: "_Out",
                 special = {product: paired.pop(work.name)} if work.name in paired else {}
                 each = _layer_of_each(work, {k: v for k, v in picks.items() if k not in special},
                                       measured.options[n + j], settings,
-                                      walker.source.stored_dtype)
+                                      walker.source.stored_dtype, kept.bases(n + j))
                 for label, (stored, notes) in special.items():
                     plan, tensors, module = realize(work, stored, settings,
                                                     walker.source.stored_dtype)
@@ -171,17 +173,22 @@ def _room(works: list[LayerWork], index: dict[str, int], measured: Measured,
 
 
 def _layer_of_each(work: LayerWork, picks: dict[str, int], options: list,
-                   settings: Settings, stored_dtype: torch.dtype | None = None) -> dict[str, tuple]:
+                   settings: Settings, stored_dtype: torch.dtype | None = None,
+                   held: dict | None = None) -> dict[str, tuple]:
     """Each candidate plan's form of one layer (`picks`: the option each plan chose): {label:
     (plan entry, tensors, the module its stream runs — the form before a refit, as the judge
     compares them — and its error)}. Plans that chose the same option share one build; a
     quantized base several of them correct is made once and freed after its last user; the
-    corrections are refined together (`residual.refine_residuals`)."""
-    residuals: dict = {}
+    corrections are refined together (`residual.refine_residuals`). `held`: what pass 1 made
+    of this layer (`kept.Kept.bases`), the same numbers, taken instead of made again."""
+    residuals: dict = dict(held.get("residuals", {})) if held else {}
     built: dict[int, Stored] = {}
-    prequantize(work.w, work.stats, [(o.bits, o.block or settings.block_size, o.grid)
-                                     for o in (options[i] for i in picks.values())
-                                     if o.kind in ("dense", "residual")], settings.gptq)
+    if held and "quantized" in held:
+        work.stats.cache["quantized"] = (work.w, held["quantized"])
+    else:
+        prequantize(work.w, work.stats, [(o.bits, o.block or settings.block_size, o.grid)
+                                         for o in (options[i] for i in picks.values())
+                                         if o.kind in ("dense", "residual")], settings.gptq)
     order = sorted(picks, key=lambda lb: str(budgets.base_of(options[picks[lb]], settings)))
     for j, label in enumerate(order):
         idx = picks[label]

@@ -12,7 +12,9 @@ from typer.testing import CliRunner
 from svdq import runtime
 from svdq.cli import app
 from svdq.models import blocks as model_blocks
-from svdq.pipeline import kept
+from svdq.algo.dense import prequantize
+from svdq.algo.residual import residual_of
+from svdq.pipeline import budget, kept, two_pass
 
 FAST = ["--calib-samples", "4", "--calib-len", "32", "--batch-size", "2"]
 
@@ -39,12 +41,22 @@ def test_kept_statistics_give_the_same_artifact_with_fewer_forwards(models, cali
     put, get = kept.Kept.put, kept.Kept.get
     monkeypatch.setattr(kept.Kept, "put", lambda s, i, w: saved.append(s.on) or put(s, i, w))
     monkeypatch.setattr(kept.Kept, "get", lambda s, i: loaded.append(get(s, i)) or loaded[-1])
+    held, remade = [], []  # pass 1's bases handed to pass 2; bases pass 2 made again
+    bases = kept.Kept.bases
+    monkeypatch.setattr(kept.Kept, "bases", lambda s, n: held.append(bases(s, n)) or held[-1])
+    monkeypatch.setattr(budget, "residual_of", lambda *a, **k: remade.append(1) or
+                        residual_of(*a, **k))
+    monkeypatch.setattr(two_pass, "prequantize", lambda *a, **k: remade.append(1) or
+                        prequantize(*a, **k))
     ta, la, ba = compress(models[arch], tmp_path / "kept", calib_file, *extra)
     with_kept = len(calls)
     assert saved and all(saved) and loaded and all(x is not None for x in loaded)
+    assert held and all(h is not None and h["quantized"] and h["residuals"] for h in held)
+    assert not remade
     calls.clear()
     monkeypatch.setattr(kept, "LIMIT", 0)  # nothing kept: pass 2 gathers them again
     tb, lb, bb = compress(models[arch], tmp_path / "again", calib_file, *extra)
+    assert remade  # made again without what pass 1 kept: the same artifact, bit for bit
     assert ta.keys() == tb.keys() and all(torch.equal(ta[k], tb[k]) for k in ta)
     assert la == lb and ba["candidates"] == bb["candidates"]
     blocks = {"llama": 2, "gpt2": 2, "bert": 2}[arch]
@@ -52,6 +64,19 @@ def test_kept_statistics_give_the_same_artifact_with_fewer_forwards(models, cali
     # a causal LM's pass 2 carries no main stream; an encoder's still does (its judge's
     # reference), but gathers nothing
     assert len(calls) - with_kept == (blocks * batches if arch != "bert" else 0)
+
+
+def test_past_the_bases_limit_the_grams_are_still_kept(models, calib_file, tmp_path,
+                                                        monkeypatch):
+    ta, la, _ = compress(models["llama"], tmp_path / "all", calib_file, "--ratio", "0.3")
+    monkeypatch.setattr(kept, "BASES_LIMIT", 0)
+    held, loaded = [], []
+    bases, get = kept.Kept.bases, kept.Kept.get
+    monkeypatch.setattr(kept.Kept, "bases", lambda s, n: held.append(bases(s, n)) or held[-1])
+    monkeypatch.setattr(kept.Kept, "get", lambda s, i: loaded.append(get(s, i)) or loaded[-1])
+    tb, lb, _ = compress(models["llama"], tmp_path / "grams", calib_file, "--ratio", "0.3")
+    assert held and all(h is None for h in held) and all(x is not None for x in loaded)
+    assert la == lb and all(torch.equal(ta[k], tb[k]) for k in ta)
 
 
 def test_past_the_limit_nothing_is_kept_and_nothing_is_left(tmp_path):

@@ -141,8 +141,8 @@ def test_cli_sequential_budget_streams_and_loads(models, calib_file, tmp_path, m
 
     kept, start = [], Walker.start
 
-    def spy(self, ids, variants=(), main=True):
-        start(self, ids, variants, main)
+    def spy(self, ids, variants=(), main=True, **kw):
+        start(self, ids, variants, main, **kw)
         if variants:
             kept.append(self.main is not None)
     monkeypatch.setattr(Walker, "start", spy)
