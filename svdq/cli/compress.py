@@ -82,8 +82,9 @@ def compress(
                                      "the layers get what the other tensors leave)."),
     fast: bool = typer.Option(False, help="With --ratio/--size: a quicker plan search — "
                               "gradients and the judge on a quarter of the calibration "
-                              "sequences, the three bases nearest the budget's bits, three "
-                              "candidate plans, one round of refinement."),
+                              "sequences, the three bases nearest the budget's bits, no low "
+                              "rank alone, at most three candidate plans, one round of "
+                              "refinement."),
     offload_activations: bool = typer.Option(False, help="Keep the calibration activations in "
                                              "files beside the output instead of memory (also "
                                              "done by itself when they are large)."),

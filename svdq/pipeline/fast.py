@@ -10,10 +10,12 @@ fast search keeps every stage and cuts each where a cut costs least:
 - the gradients (the sensitivities, sums over tokens) over a quarter of the sequences, scaled
   back to all of them;
 - the `BASES` quantized bases nearest the budget's bits per weight (a plan mixes neighbours:
-  at 4.3 bits int4 in 64 and 128 and NF4 in 256; at 3.3 bits int3 in 64 and 128 and int4 in
-  128), not every base within a factor of two;
-- three candidates: the best estimate, the most exact plain quantization that fits (so the
-  judge never keeps a plan worse than GPTQ alone on its loss) and the floored plan;
+  at 4.3 bits int4 in 64 and 128 and NF4 in 256; at 3.3 bits int3 in 64 and 128 and NF4 in
+  256), not every base within a factor of two; no low rank alone (no SVD of W) and no NF4 in
+  `--block-size` blocks (`measured.bits_choices`), which the integer grid dominates;
+- at most three candidates: the best estimate, the most exact plain quantization that fits
+  (so the judge never keeps a plan worse than GPTQ alone on its loss) and the floored plan
+  (often the estimate's own once low rank alone is gone: then two);
 - one round of the alternation, not two;
 - the judge on the same quarter of the sequences (whole batches): the candidates' streams
   exist only for it when their layers are built on pass 1's statistics. A `--sequential`

@@ -83,11 +83,13 @@ def walk(walker: Walker, ids: torch.Tensor, settings: Settings, out: "_Out",
     # main stream is then read only as the encoders' reference and --refit's source side
     own = settings.sequential and judged
     causal = walker.source.is_causal  # its judge reads no main stream; an encoder's does
-    # --fast: the judge scores some sequences; their streams are the judge's alone unless own
-    rows = fast.judged(len(ids), settings.batch_size) if settings.fast and not own else len(ids)
+    # --fast: the judge scores some sequences; their streams carry only those unless they
+    # calibrate their candidates too (own), and then the head still scores only those
+    rows = fast.judged(len(ids), settings.batch_size) if settings.fast else len(ids)
+    carried = len(ids) if own else rows
     walker.start(ids, variants=tuple(labels) if judged else (),  # pass 2: build, run, judge
                  main=judged and not causal if kept.on else not own or settings.refit or not causal,
-                 rows=rows, main_rows=rows if kept.on else None)
+                 rows=carried, main_rows=carried if kept.on else None)
     n = 0
     for i in range(blocks + 1):
         swaps: dict[str, dict[str, nn.Module]] = {label: {} for label in labels}

@@ -85,9 +85,10 @@ def test_the_judge_scores_only_the_rows_it_is_given(models):
     assert judge.losses(model, {"a": stream}, ids, True)["a"] != pytest.approx(some, rel=1e-6)
 
 
-@pytest.mark.parametrize("arch,ratio", [("llama", 0.3), ("bert", 0.4)])
+@pytest.mark.parametrize("arch,ratio,extra", [("llama", 0.3, ()), ("bert", 0.4, ()),
+                                              ("llama", 0.3, ("--sequential",))])
 def test_a_fast_budget_is_judged_on_a_quarter_within_its_bytes(models, calib_file, tmp_path,
-                                                               monkeypatch, arch, ratio):
+                                                               monkeypatch, arch, ratio, extra):
     rounds, grads, scored = [], [], []
     refine = residual.refine_residuals
     monkeypatch.setattr(two_pass, "refine_residuals",
@@ -99,14 +100,19 @@ def test_a_fast_budget_is_judged_on_a_quarter_within_its_bytes(models, calib_fil
     monkeypatch.setattr(two_pass, "losses", lambda model, finals, ids, *a: scored.append(
         (ids.shape[0], [sum(h.shape[0] for h in s) for s in finals.values()]))
         or real_losses(model, finals, ids, *a))
-    r = run(models[arch], tmp_path / "out", calib_file, "--ratio", ratio, "--fast", "--json")
+    r = run(models[arch], tmp_path / "out", calib_file, "--ratio", ratio, "--fast", "--json",
+            *extra)
     assert r.exit_code == 0, r.output
     manifest = runtime.read_manifest(tmp_path / "out")
     info = manifest["budget"]
     assert info["fast"]["gradient_samples"] == 4 and grads == [(4, 4.0)]
     assert rounds and set(rounds) == {fast.ROUNDS}
     assert 2 <= len(info["candidates"]) <= 3
-    assert info["fast"]["judged_samples"] == 4 and scored == [(4, [4] * len(info["candidates"]))]
+    # a --sequential budget's streams calibrate its candidates: they carry every sequence,
+    # the head scores the first four
+    carried = 16 if extra else 4
+    assert info["fast"]["judged_samples"] == 4
+    assert scored == [(4, [carried] * len(info["candidates"]))]
     assert all(c["calibration_loss"] is not None for c in info["candidates"])
     assert info["achieved_bytes"] <= info["requested_bytes"]
     allowed = {tuple(b) for b in info["fast"]["bases"]}
@@ -114,7 +120,10 @@ def test_a_fast_budget_is_judged_on_a_quarter_within_its_bytes(models, calib_fil
         if layer["kind"] == "residual" or layer["kind"] == "dense" and layer.get("grid") == "int":
             assert (layer["bits"], layer["block_size"], layer.get("grid") or "bnb") in allowed
     model = runtime.load(tmp_path / "out")
-    assert model is not None
+    with torch.no_grad():
+        out = model(torch.randint(3, 60, (1, 12)))
+    hidden = out.logits if arch == "llama" else out.last_hidden_state
+    assert torch.isfinite(hidden).all()
 
 
 def test_fast_candidates_are_the_default_ones_it_keeps(models, calib_file):
