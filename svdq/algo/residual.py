@@ -24,6 +24,7 @@ def residual_bytes(out_f: int, in_f: int, rank: int, bits: int, block_size: int,
 
 
 NEXT_BITS = {2: 3, 3: 4, 4: 8, 8: 16}  # the next precision of each width
+ROUNDS = 2  # rounds of the alternation a chosen correction is refined by
 
 
 def residual_break_rank(out_f: int, in_f: int, bits: int, block_size: int,
@@ -77,7 +78,7 @@ def stored_residual(w: torch.Tensor, res: Residual, stats: LayerStats, ref: floa
 
 
 def refine_residual(w: torch.Tensor, stored: Stored, stats: LayerStats, ref: float,
-                    method: str, rounds: int = 2, gptq: bool = False) -> Stored:
+                    method: str, rounds: int = ROUNDS, gptq: bool = False) -> Stored:
     """Alternate (as LoftQ does) on a residual layer of rank k: quantize W minus the current
     correction (by GPTQ with `gptq`), refit the rank-k correction to what that quantization
     lost, keep the result while the stored error falls. Same bytes; measured 4–11% lower error on SmolLM2's
@@ -86,7 +87,7 @@ def refine_residual(w: torch.Tensor, stored: Stored, stats: LayerStats, ref: flo
 
 
 def refine_residuals(w: torch.Tensor, stored: list[Stored], stats: LayerStats, ref: float,
-                     method: str, rounds: int = 2, gptq: bool = False) -> list[Stored]:
+                     method: str, rounds: int = ROUNDS, gptq: bool = False) -> list[Stored]:
     """`refine_residual` of several forms of one layer (a budget's candidate plans), each as
     alone, round by round: a round's bases are quantized together (`dense.quantize_each`: by
     GPTQ one column loop for all, in as many loops as `dense.STACK` needs)."""

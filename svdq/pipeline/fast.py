@@ -31,7 +31,7 @@ import math
 SHARE = 4  # the gradients and the judge see 1 / SHARE of the calibration sequences ...
 LEAST = 4  # ... but at least this many (or all there are)
 BASES = 3  # quantized bases offered per layer
-ROUNDS = 1  # rounds of the alternation (the default search makes 2)
+ROUNDS = 1  # rounds of the alternation (the default search makes `residual.ROUNDS`)
 
 
 def samples(total: int) -> int:

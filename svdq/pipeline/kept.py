@@ -95,6 +95,7 @@ class Kept:
             return
         tensors = [t for r in made.get("residuals", {}).values()
                    for t in (r.factors.u, r.factors.s, r.factors.vt)]
+        tensors += [t for q in made.get("quantized", {}).values() for t in q.tensors("").values()]
         self.bases_size += sum(t.numel() * t.element_size() for t in tensors)
         if self.bases_size > BASES_LIMIT:
             return self._drop_bases()

@@ -19,7 +19,7 @@ from torch import nn
 from svdq import runtime
 from svdq.algo.dense import prequantize
 from svdq.algo.error import reference
-from svdq.algo.residual import refine_residuals
+from svdq.algo.residual import ROUNDS, refine_residuals
 from svdq.algo.stored import Stored
 from svdq.config import Settings
 from svdq.models.attention import heads
@@ -205,7 +205,7 @@ def _layer_of_each(work: LayerWork, picks: dict[str, int], options: list,
     plain = [i for i in built if not options[i].sparse]
     ref = reference(work.w, work.bias, work.stats)
     built.update(zip(plain, refine_residuals(work.w, [built[i] for i in plain], work.stats, ref,
-                                             settings.method, fast.ROUNDS if settings.fast else 2,
+                                             settings.method, fast.ROUNDS if settings.fast else ROUNDS,
                                              gptq=settings.gptq)))
     give_back()
     out: dict[int, tuple] = {}
