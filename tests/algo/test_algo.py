@@ -196,6 +196,23 @@ def test_gram_error_functions_equal_errors_on_activations(out_f, in_f, decay, bi
     assert error.error_norm2(delta, st) == pytest.approx(float((x @ delta.T).norm() ** 2), rel=1e-9)
 
 
+def test_output_norm2_is_made_once_per_weight_and_bias_and_never_read_for_another():
+    x = inputs(200, 64, 12)
+    st = stats_of(x)
+    w, b = decaying_layer(48, 64, 0.8, 10), torch.randn(48, generator=_gen(11), dtype=F64)
+    first = error.output_norm2(w, b, st)
+    st.gram = st.gram * 2  # a stale cache would not see this: only the cached objects are read
+    assert error.output_norm2(w, b, st) == first
+    assert error.output_norm2(w, None, st) == pytest.approx(float((x @ w.T).norm() ** 2) * 2,
+                                                            rel=1e-9)
+    for k in range(3):  # weights made and freed: a new one in an old one's memory is new
+        other = decaying_layer(48, 64, 0.8, 20 + k)
+        y = x @ other.T + b
+        assert error.output_norm2(other, b, st) == pytest.approx(
+            float(y.norm() ** 2) + float((x @ other.T).norm() ** 2), rel=1e-9)
+        del other
+
+
 @pytest.mark.parametrize("eps", [0.3, 0.1, 0.03, 0.005], ids=lambda e: f"eps{e}")
 @pytest.mark.parametrize("out_f,in_f,decay", LAYERS, ids=LAYER_IDS)
 def test_choose_16bit_returns_minimal_rank_of_linear_scan(out_f, in_f, decay, eps):
