@@ -158,7 +158,9 @@ def gptq_many(w: torch.Tensor | list[torch.Tensor], gram: torch.Tensor,
     quantizations as one at a time, in one column loop over copies of `w` side by side — the
     inverse Hessian is the same for every grid, and much of the loop's cost is per column,
     not per row (a budget quantizes each layer on up to eight grids). `w`: one weight for
-    every grid, or a list of weights of one shape, one per grid (a layer's refined bases)."""
+    every grid, or a list of weights of one input width, one per grid (a layer's refined
+    bases; the layers fed the same inputs, q, k and v: each row's codes depend only on the
+    row and the inverse Hessian)."""
     ws = list(w) if isinstance(w, (list, tuple)) else [w] * len(grids)
     w = ws[0]
     prep = prepared or prepare(gram.to(w.device), damp, act_order,
@@ -197,8 +199,9 @@ def gptq_many(w: torch.Tensor | list[torch.Tensor], gram: torch.Tensor,
             block[i:].sub_(work[: i2 - i1 - i])
         wt[i2:] -= hinv[i1:i2, i2:].T @ errs
     codes = codes[torch.argsort(perm)]  # back in column order
-    out, done, at = w.shape[0], {}, 0
+    done, at = {}, 0
     for i in order:
+        out = ws[i].shape[0]
         done[i] = rounders[i].stored(codes[:, at:at + out].T)
         at += out
     return [done[i] for i in range(len(grids))]

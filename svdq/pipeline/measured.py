@@ -11,7 +11,7 @@ import torch
 
 from svdq import runtime
 from svdq.algo.allocate import Option
-from svdq.algo.dense import prequantize
+from svdq.algo.dense import STACK, held, prequantize, release
 from svdq.algo.error import output_norm2
 from svdq.algo.factorize import Factors
 from svdq.algo.residual import Residual, residual_of
@@ -72,13 +72,15 @@ def bits_choices(settings: Settings) -> tuple[int, ...]:
 def measure_layer(work: LayerWork, settings: Settings,
                   average: tuple[float, float] | None = None,
                   stored_dtype: torch.dtype | None = None,
-                  made: dict | None = None) -> LayerOptions:
+                  made: dict | None = None, peers: list[LayerWork] = ()) -> LayerOptions:
     """Every option of one layer, corrected forms included (the allocator decides where a
     correction pays), and what each uniform eps would choose; nothing of their tensors.
     `average`: the bits per weight of the budgets asked for (`bases`); `stored_dtype`: what a
     kept weight and a bias are stored in where it is not the model's dtype. `made`: filled
     with what pass 2 would make again (`kept.Kept.put_bases`): the quantized weights by grid
-    and each base's `Residual`, its factors cut at the largest rank an option may take."""
+    and each base's `Residual`, its factors cut at the largest rank an option may take.
+    `peers`: the layers measured next that are fed the same inputs (k and v after q): their
+    GPTQ runs in this layer's column loop where all fit in `dense.STACK` weights together."""
     grids = bases(settings, average)
 
     def base(b: int, block: int, g: str):
@@ -89,8 +91,12 @@ def measure_layer(work: LayerWork, settings: Settings,
     residuals = {(b, block, g): (lambda b=b, block=block, g=g: base(b, block, g))
                  for b, block, g in grids}
     choices = bits_choices(settings)  # by GPTQ, every base and dense form in one column loop
-    prequantize(work.w, work.stats, grids + [(b, settings.block_size, "bnb") for b in choices],
-                settings.gptq)
+    quantized = grids + [(b, settings.block_size, "bnb") for b in choices]
+    if held(work.w, work.stats) is None:  # not made in an earlier peer's loop
+        group = [work] + [p for p in peers if p.stats.cache is work.stats.cache]
+        if sum(p.w.numel() for p in group) * len(quantized) > STACK:
+            group = [work]
+        prequantize([p.w for p in group], work.stats, quantized, settings.gptq)
     # --sparse: linear layers only (the loaders apply a sparse term to matrices, not kernels)
     nnz = 0 if runtime.conv_of(work.module) else sparse_count(*work.w.shape, settings.sparse)
     opts = layer_options(work.w, work.bias, None if settings.fast else work.factors,
@@ -99,9 +105,9 @@ def measure_layer(work: LayerWork, settings: Settings,
                          elsize=(stored_dtype or work.module.weight.dtype).itemsize,
                          residuals=residuals, closed=settings.method == "whiten",
                          gptq=settings.gptq, sparse=nnz, method=settings.method)
-    held = work.stats.cache.pop("quantized", None)
-    if made is not None and held is not None:
-        made["quantized"] = held[1]
+    quantized = release(work.w, work.stats)
+    if made is not None and quantized is not None:
+        made["quantized"] = quantized
     uniform = {eps: _uniform(opts, settings.bits, eps) for eps in UNIFORM_EPS}
     fp16 = 2 * (work.w.numel() + (0 if work.bias is None else work.bias.numel()))
     return LayerOptions(opts, uniform, raw_sensitivity(work), fp16)

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from svdq import runtime
-from svdq.algo.dense import prequantize
+from svdq.algo.dense import hold, prequantize, release
 from svdq.algo.error import reference
 from svdq.algo.residual import ROUNDS, refine_residuals
 from svdq.algo.stored import Stored
@@ -50,13 +50,14 @@ def walk(walker: Walker, ids: torch.Tensor, settings: Settings, out: "_Out",
     for i in range(blocks + 1):  # the blocks, then the head's --include'd layers
         works = walker.enter(i) if i < blocks else walker.enter_head()
         kept.put(i, works)
-        for work in one_input_at_a_time(works):
+        for j, work in enumerate(one_input_at_a_time(works)):
             where = f"block {i + 1}" if i < blocks else "head"
             walker.report(f"blocks: {where}: options of {work.name.rpartition('.')[2]}",
                           i, blocks)
             made = {} if kept.on else None  # what pass 2 would make again: kept for it
             layers.append(measure_layer(work, settings, (average, average),
-                                        walker.source.stored_dtype, made))
+                                        walker.source.stored_dtype, made,
+                                        works[j + 1:]))
             kept.put_bases(len(names), made)
             names.append(work.name)
             walker.clock.lap("options")
@@ -186,7 +187,7 @@ def _layer_of_each(work: LayerWork, picks: dict[str, int], options: list,
     residuals: dict = dict(held.get("residuals", {})) if held else {}
     built: dict[int, Stored] = {}
     if held and "quantized" in held:
-        work.stats.cache["quantized"] = (work.w, held["quantized"])
+        hold(work.w, work.stats, held["quantized"])
     else:
         prequantize(work.w, work.stats, [(o.bits, o.block or settings.block_size, o.grid)
                                          for o in (options[i] for i in picks.values())
@@ -201,7 +202,7 @@ def _layer_of_each(work: LayerWork, picks: dict[str, int], options: list,
         if j + 1 == len(order) or budgets.base_of(options[picks[order[j + 1]]], settings) != base:
             residuals.pop(base, None)  # its last user is built: free its factors
         give_back()  # the heap's free pages: a budget's peak lies in these builds
-    work.stats.cache.pop("quantized", None)
+    release(work.w, work.stats)
     plain = [i for i in built if not options[i].sparse]
     ref = reference(work.w, work.bias, work.stats)
     built.update(zip(plain, refine_residuals(work.w, [built[i] for i in plain], work.stats, ref,

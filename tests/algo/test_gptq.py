@@ -14,7 +14,7 @@ import torch
 from svdq import runtime
 from svdq.algo import error, quant
 from svdq.algo.factorize import LayerStats
-from svdq.algo.gptq import gptq
+from svdq.algo.gptq import gptq, gptq_many
 
 F64 = torch.float64
 
@@ -178,7 +178,6 @@ def test_gptq_many_equals_each_grid_alone_and_prequantize_hands_them_out(monkeyp
     order asked; `prequantize` keeps them for `quantize_weight` of that very weight only, and
     splits the grids into loops under its `STACK` limit without changing a code."""
     from svdq.algo import dense
-    from svdq.algo.gptq import gptq_many
 
     w, st = correlated(48, 192)
     grids = [(4, 64, "int", False), (4, 256, "bnb", False), (3, 32, "int", True),
@@ -196,9 +195,33 @@ def test_gptq_many_equals_each_grid_alone_and_prequantize_hands_them_out(monkeyp
                                                      t.tensors("k").values()))
     monkeypatch.setattr(dense, "STACK", 2 * w.numel())  # two grids a loop: three loops
     dense.prequantize(w, st, [g[:3] for g in grids], gptq=True)
-    held = st.cache["quantized"][1]
+    held = dense.held(w, st)
     for (b, k, g, _), a in zip(grids, alone):
         got = dense.quantize_weight(w, st, b, k, g, gptq=True)
         assert got is held[(b, k, g)] and torch.equal(got.dequantize(), a.dequantize())
     other = w.clone()  # equal values, another tensor: quantized afresh, not handed out
     assert dense.quantize_weight(other, st, 4, 64, "int", gptq=True) is not held[(4, 64, "int")]
+    assert dense.release(w, st) is held and dense.held(w, st) is None
+
+
+def test_layers_fed_the_same_inputs_share_one_column_loop_with_the_codes_of_each_alone(
+        monkeypatch):
+    """q, k and v (rows of different counts, one Gram) quantized in one loop on every grid:
+    each layer's codes are those it gets alone, and each is handed out for its own weight."""
+    from svdq.algo import dense
+
+    w, st = correlated(48, 192)
+    k_w, v_w = w[:16] * 0.5 + 0.01, w[16:40].flip(0)  # 16 and 24 rows
+    grids = [(4, 64, "int"), (4, 256, "bnb"), (3, 32, "int"), (8, 64, "bnb")]
+    loops = []
+    monkeypatch.setattr(dense, "gptq_many", lambda ws, *a, **k: loops.append(len(ws)) or
+                        gptq_many(ws, *a, **k))
+    dense.prequantize([w, k_w, v_w], st, grids, gptq=True)
+    assert loops == [12]
+    for x in (w, k_w, v_w):
+        for b, k, g in grids:
+            a = gptq(x, st.gram, b, k, g, search=b < 4)
+            got = dense.quantize_weight(x, st, b, k, g, gptq=True)
+            assert got is dense.held(x, st)[(b, k, g)] and got.shape == tuple(x.shape)
+            assert all(torch.equal(p, q) for p, q in zip(a.tensors("k").values(),
+                                                         got.tensors("k").values())), (x.shape, g)

@@ -157,3 +157,23 @@ def test_kept_statistics_come_back_on_the_walks_device_once_per_input(tmp_path):
     got = box.get(0)
     assert got["q"].gram is got["k"].gram and got["q"].abs_total is got["k"].abs_total
     assert {t.device.type for t in (got["q"].gram, got["q"].total, got["q"].abs_total)} == {"meta"}
+
+
+def test_layers_fed_one_input_share_gptq_loops_and_give_the_same_artifact(models, calib_file,
+                                                                         tmp_path, monkeypatch):
+    """Pass 1 quantizes q, k and v (and gate and up) in one GPTQ column loop; the artifact is
+    bit for bit the one made with every weight in loops of its own (`STACK` at 1)."""
+    from svdq.algo import dense
+    loops = []
+    real = dense.gptq_many
+    monkeypatch.setattr(dense, "gptq_many", lambda ws, *a, **k: loops.append(
+        {tuple(w.shape) for w in ws}) or real(ws, *a, **k))
+    ta, la, ba = compress(models["llama"], tmp_path / "shared", calib_file, "--ratio", "0.3")
+    assert any(len({s[0] for s in shapes}) > 1 for shapes in loops)  # q's rows beside k's
+    shared = len(loops)
+    loops.clear()
+    monkeypatch.setattr(dense, "STACK", 1)
+    tb, lb, bb = compress(models["llama"], tmp_path / "alone", calib_file, "--ratio", "0.3")
+    assert len(loops) > shared and all(len(shapes) == 1 for shapes in loops)
+    assert la == lb and ba["candidates"] == bb["candidates"]
+    assert ta.keys() == tb.keys() and all(torch.equal(ta[k], tb[k]) for k in ta)
