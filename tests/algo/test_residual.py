@@ -80,6 +80,25 @@ def test_correction_lowers_the_error_of_quantization(layer, method):
     assert errors == sorted(errors, reverse=True) and errors[-1] < 0.5 * errors[0]
 
 
+def test_a_corrections_error_from_the_bases_equals_the_trace_form_of_the_stored_layer(layer):
+    """`stored_residual`'s error comes from the base's error and the factors alone
+    (`error.corrected_error2`); it is the error of the weight the layer stores, for the
+    target it is asked about, also when one base is asked about two targets."""
+    w, b, st = layer
+    ref = error.reference(w, b, st)
+    res = residual.residual_of(w, st, 4, 64, "whiten")
+    other = w * 0.9  # a second target on the same base (as a sparse variant asks)
+    for target in (w, other, w):
+        for k in (1, 7, 30):
+            got = residual.stored_residual(target, res, st, ref, k, 40)
+            w_hat = got.weight.dequantize() + (got.u.dequantize().T * got.s) @ got.v.dequantize()
+            assert got.error == pytest.approx(error.relative_error(target, w_hat, st, ref),
+                                              rel=1e-6)  # w_hat in float32 here
+        zero = residual.stored_residual(target, res, st, ref, 0, 40)
+        assert zero.error == pytest.approx(
+            error.relative_error(target, res.weight.dequantize(), st, ref), rel=1e-12)
+
+
 def test_whitened_correction_before_factor_quantization_is_the_tail(layer):
     """Whitening makes the correction optimal for the calibration error: without quantizing
     the factors, the error at rank k is the tail of the singular values of (W − Q(W)) S."""
