@@ -65,11 +65,12 @@ class Residual:
 
 
 def residual_of(w: torch.Tensor, stats: LayerStats, bits: int, block_size: int,
-                method: str, grid: str = "bnb", gptq: bool = False) -> Residual:
+                method: str, grid: str = "bnb", gptq: bool = False,
+                dtype: torch.dtype = torch.float64) -> Residual:
     """Quantize `w` (`dense.quantize_weight`), then factorize its quantization error with
-    `method` (`--method`)."""
+    `method` (`--method`), decomposed in `dtype`."""
     q = quantize_weight(w, stats, bits, block_size, grid, gptq)
-    return Residual(q, factorize(method, w - q.dequantize(), stats), gptq)
+    return Residual(q, factorize(method, w - q.dequantize(), stats, dtype), gptq)
 
 
 def stored_residual(w: torch.Tensor, res: Residual, stats: LayerStats, ref: float, k: int,
@@ -99,10 +100,12 @@ def refine_residual(w: torch.Tensor, stored: Stored, stats: LayerStats, ref: flo
 
 
 def refine_residuals(w: torch.Tensor, stored: list[Stored], stats: LayerStats, ref: float,
-                     method: str, rounds: int = ROUNDS, gptq: bool = False) -> list[Stored]:
+                     method: str, rounds: int = ROUNDS, gptq: bool = False,
+                     dtype: torch.dtype = torch.float64) -> list[Stored]:
     """`refine_residual` of several forms of one layer (a budget's candidate plans), each as
     alone, round by round: a round's bases are quantized together (`dense.quantize_each`: by
-    GPTQ one column loop for all, in as many loops as `dense.STACK` needs)."""
+    GPTQ one column loop for all, in as many loops as `dense.STACK` needs); the corrections
+    decomposed in `dtype`."""
     best = list(stored)
     live = [i for i, s in enumerate(best) if s.kind == "residual"]
     per = max(1, STACK // w.numel())
@@ -115,7 +118,7 @@ def refine_residuals(w: torch.Tensor, stored: list[Stored], stats: LayerStats, r
             bases = [(best[i].weight.bits, best[i].weight.block_size, best[i].weight.grid)
                      for i in chunk]
             for i, q in zip(chunk, quantize_each(targets, stats, bases, gptq)):
-                res = Residual(q, factorize(method, w - q.dequantize(), stats), gptq)
+                res = Residual(q, factorize(method, w - q.dequantize(), stats, dtype), gptq)
                 trial = stored_residual(w, res, stats, ref, best[i].rank, best[i].k_break)
                 if trial.error < best[i].error:
                     best[i] = trial

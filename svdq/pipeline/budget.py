@@ -32,6 +32,7 @@ from svdq.algo.stored import Stored
 from svdq.config import Settings
 from svdq.errors import SvdqError
 from svdq.models.layers import fp16_bytes, targets
+from svdq.pipeline.fast import factor_dtype
 from svdq.pipeline.measured import Measured
 from svdq.pipeline.options import plus_sparse, stored_of
 from svdq.pipeline.work import LayerWork
@@ -244,7 +245,7 @@ def build_layer(work: LayerWork, option: Option, settings: Settings,
         residuals = {} if residuals is None else residuals
         if key not in residuals:
             residuals[key] = residual_of(work.w, work.stats, *key[:2], settings.method, key[2],
-                                         settings.gptq)
+                                         settings.gptq, factor_dtype(settings.fast))
         res = residuals[key]
     factors = work.factors if option.kind == "lowrank" else None
     k_break = break_even_rank(*work.w.shape, factor_bits(settings.bits), block)

@@ -17,6 +17,8 @@ fast search keeps every stage and cuts each where a cut costs least:
   (so the judge never keeps a plan worse than GPTQ alone on its loss) and the floored plan
   (often the estimate's own once low rank alone is gone: then two);
 - one round of the alternation, not two;
+- the corrections' whitened SVDs in float32 (half the time of float64; every error of a
+  built form is still measured in float64);
 - the judge on the same quarter of the sequences (whole batches): the candidates' streams
   exist only for it when their layers are built on pass 1's statistics. A `--sequential`
   budget calibrates each candidate on its own stream, so there every sequence is carried and
@@ -27,6 +29,8 @@ Statistics (the Grams every form is built on) still take every calibration seque
 from __future__ import annotations
 
 import math
+
+import torch
 
 SHARE = 4  # the gradients and the judge see 1 / SHARE of the calibration sequences ...
 LEAST = 4  # ... but at least this many (or all there are)
@@ -43,3 +47,8 @@ def judged(total: int, batch: int) -> int:
     """Sequences the judge scores of `total`: `samples`, rounded up to whole batches of
     `batch` (the streams hold batches)."""
     return min(total, math.ceil(samples(total) / batch) * batch)
+
+
+def factor_dtype(fast: bool) -> torch.dtype:
+    """What the bases' errors are decomposed in."""
+    return torch.float32 if fast else torch.float64

@@ -18,6 +18,7 @@ from svdq.algo.residual import Residual, residual_of
 from svdq.algo.search import factor_bits
 from svdq.algo.sparse import sparse_count
 from svdq.config import Settings
+from svdq.pipeline import fast
 from svdq.pipeline.options import UNIFORM_EPS, bases, layer_options
 from svdq.pipeline.work import LayerWork
 
@@ -84,7 +85,8 @@ def measure_layer(work: LayerWork, settings: Settings,
     grids = bases(settings, average)
 
     def base(b: int, block: int, g: str):
-        res = residual_of(work.w, work.stats, b, block, settings.method, g, settings.gptq)
+        res = residual_of(work.w, work.stats, b, block, settings.method, g, settings.gptq,
+                          fast.factor_dtype(settings.fast))
         if made is not None:
             made.setdefault("residuals", {})[(b, block, g)] = cut(res, *work.w.shape)
         return res

@@ -207,7 +207,7 @@ def _layer_of_each(work: LayerWork, picks: dict[str, int], options: list,
     ref = reference(work.w, work.bias, work.stats)
     built.update(zip(plain, refine_residuals(work.w, [built[i] for i in plain], work.stats, ref,
                                              settings.method, fast.ROUNDS if settings.fast else ROUNDS,
-                                             gptq=settings.gptq)))
+                                             settings.gptq, fast.factor_dtype(settings.fast))))
     give_back()
     out: dict[int, tuple] = {}
     for idx, stored in built.items():

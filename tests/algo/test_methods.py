@@ -66,6 +66,26 @@ def test_every_method_reconstructs_at_full_rank(layer, method):
     assert torch.allclose((f.u * f.s) @ f.vt, w.float(), atol=1e-3)
 
 
+@pytest.mark.parametrize("method", sorted(METHODS))
+@pytest.mark.parametrize("shape", [(24, 40), (40, 24)], ids=["wide", "tall"])
+def test_factors_made_in_float32_are_float64s_to_float32_precision(layer, method, shape):
+    """`--fast` decomposes its bases' errors in float32: each rank's calibration error is the
+    float64 factors' within 1e-3 of the whole error, on both of whitening's branches."""
+    w, _, _, stats = layer
+    w = w[:, :shape[1]] if shape[0] <= shape[1] else torch.cat([w, w[:16] * 0.5])[:, :shape[1]]
+    stats = LayerStats(stats.gram[:shape[1], :shape[1]], stats.total[:shape[1]], stats.tokens,
+                       stats.abs_total[:shape[1]],
+                       row_fisher=torch.rand(shape[0], generator=torch.Generator().manual_seed(1),
+                                             dtype=torch.float64) + 0.1)
+    f64 = factorize(method, w.float(), stats)
+    f32 = factorize(method, w.float(), stats, torch.float32)
+    assert f32.u.dtype == f32.s.dtype == f32.vt.dtype == torch.float32
+    whole = unquantized_error(w, None, stats, f64, 0)
+    for k in (1, 3, 8, min(shape) - 1):
+        assert unquantized_error(w, None, stats, f32, k) == pytest.approx(
+            unquantized_error(w, None, stats, f64, k), abs=1e-3 * whole)
+
+
 def test_whitening_survives_a_singular_gram():
     """Rank-deficient inputs (a dead channel, duplicated channels): Cholesky needs damping."""
     g = torch.Generator().manual_seed(1)

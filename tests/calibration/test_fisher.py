@@ -258,9 +258,9 @@ def test_compress_with_fisher_end_to_end(models, calib_file, tmp_path, monkeypat
     seen = []
     original = fz.METHODS["fisher"]
 
-    def spy(w, stats):
+    def spy(w, stats, dtype):
         seen.append(stats.row_fisher)
-        return original(w, stats)
+        return original(w, stats, dtype)
     monkeypatch.setitem(fz.METHODS, "fisher", spy)
     source = hf.load_source(str(models["llama"]))
     settings = Settings(method="fisher", eps=0.35, bits=8, calib=str(calib_file), **CALIB)

@@ -89,7 +89,10 @@ def test_the_judge_scores_only_the_rows_it_is_given(models):
                                               ("llama", 0.3, ("--sequential",))])
 def test_a_fast_budget_is_judged_on_a_quarter_within_its_bytes(models, calib_file, tmp_path,
                                                                monkeypatch, arch, ratio, extra):
-    rounds, grads, scored = [], [], []
+    rounds, grads, scored, dtypes = [], [], [], []
+    real_factorize = residual.factorize  # every base's error: decomposed in float32
+    monkeypatch.setattr(residual, "factorize", lambda m, w, st, dtype=torch.float64: dtypes.append(
+        dtype) or real_factorize(m, w, st, dtype))
     refine = residual.refine_residuals
     monkeypatch.setattr(two_pass, "refine_residuals",
                         lambda *a, **k: rounds.append(a[5]) or refine(*a, **k))
@@ -107,6 +110,7 @@ def test_a_fast_budget_is_judged_on_a_quarter_within_its_bytes(models, calib_fil
     info = manifest["budget"]
     assert info["fast"]["gradient_samples"] == 4 and grads == [(4, 4.0)]
     assert rounds and set(rounds) == {fast.ROUNDS}
+    assert dtypes and set(dtypes) == {torch.float32}
     assert 2 <= len(info["candidates"]) <= 3
     # a --sequential budget's streams calibrate its candidates: they carry every sequence,
     # the head scores the first four

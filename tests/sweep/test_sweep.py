@@ -46,9 +46,9 @@ def swept(models, calib_file):
     plans: list[list[dict]] = []  # one list per variant, in the order they are built
     real_method, real_variant = svdq.algo.factorize.METHODS["svd"], sweep._variant
 
-    def counting(w, stats):
+    def counting(w, stats, dtype=torch.float64):
         factorized.append(tuple(w.shape))
-        return real_method(w, stats)
+        return real_method(w, stats, dtype)
 
     def recording(model, works, choices, settings_):
         variant, layer_plans = real_variant(model, works, choices, settings_)

@@ -228,9 +228,9 @@ def test_sweep_compares_methods_on_one_calibration(models, calib_file, monkeypat
     for name in ("svd", "whiten"):
         original = fz.METHODS[name]
 
-        def counted(w, stats, _name=name, _fn=original):
+        def counted(w, stats, dtype, _name=name, _fn=original):
             calls[_name] += 1
-            return _fn(w, stats)
+            return _fn(w, stats, dtype)
         monkeypatch.setitem(fz.METHODS, name, counted)
     real_ids = calibrate.calibration_ids
 
