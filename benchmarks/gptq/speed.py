@@ -9,7 +9,9 @@ Per bits:group setting, in this order: llm-compressor's GPTQ (`llmcompressor_run
 venv), then `svdq compress MODEL --size <GPTQ's bytes>B --calib calib.txt EXTRA` once per
 `--svdq` (EXTRA: more flags, e.g. --fast; "" the default budget). Each command runs under
 `/usr/bin/time -v` (wall, user and system seconds, peak RSS) with nothing else of this script
-running; then every result is scored on the held-out text as `compare.py` scores its anchors
+running, both reading the same checkpoint folder (the GGUF asset's float weights, which
+`compare.plain_folder` writes once; until session 27 svdq read the .gguf itself, 5.6 s more)
+then every result is scored on the held-out text as `compare.py` scores its anchors
 (windows of 512, the first --max-tokens tokens). Rows go to stdout and WORK/speed.json.
 """
 from __future__ import annotations
@@ -70,7 +72,7 @@ def main() -> None:
     work = args.work or assets.cache_dir() / f"gptq-speed-{args.model}"
     work.mkdir(parents=True, exist_ok=True)
     calib, evaluation, _ = split_text(assets.cache_dir() / "bench-text")
-    path, folder, source = plain_folder(args.model)
+    _, folder, source = plain_folder(args.model)
     ids = calibration_ids(source, Settings(calib=str(calib), budget_ratio=0.3), lambda *a: None, {})
     save_file({"ids": ids.contiguous()}, str(work / "ids.safetensors"))
     shapes = target_shapes(source.model)
@@ -89,7 +91,7 @@ def main() -> None:
             out / "model", dtype=torch.float32).eval()))
         for k, extra in enumerate(runs):
             art = work / f"svdq-w{bits}g{group}-{k}"
-            cmd = [sys.executable, "-m", "svdq", "compress", str(path), "--size", f"{size}B",
+            cmd = [sys.executable, "-m", "svdq", "compress", str(folder), "--size", f"{size}B",
                    "--calib", str(calib), "-o", str(art), "--overwrite", "--json", *extra.split()]
             row = {"method": f"svdq --size {size}B {extra}".strip(),
                    **timed(cmd, work / f"svdq-w{bits}g{group}-{k}.log")}
