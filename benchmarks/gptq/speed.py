@@ -10,7 +10,7 @@ venv), then `svdq compress MODEL --size <GPTQ's bytes>B --calib calib.txt EXTRA`
 `--svdq` (EXTRA: more flags, e.g. --fast; "" the default budget). Each command runs under
 `/usr/bin/time -v` (wall, user and system seconds, peak RSS) with nothing else of this script
 running, both reading the same checkpoint folder (the GGUF asset's float weights, which
-`compare.plain_folder` writes once; until session 27 svdq read the .gguf itself, 5.6 s more)
+`compare.plain_folder` writes once; until session 27 svdq read the .gguf itself, 5.6 s more);
 then every result is scored on the held-out text as `compare.py` scores its anchors
 (windows of 512, the first --max-tokens tokens). Rows go to stdout and WORK/speed.json.
 """

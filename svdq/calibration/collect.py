@@ -6,7 +6,8 @@ at a time (`PATCHES` values at most), so its calibration error is as exact as a 
 
 Memory is what bounds a walk over a big model, so the sums go straight into float64
 accumulators, from float32 products of `CHUNK` tokens × `COLUMNS` columns at a time (no
-full-size float64 copy of a batch or of its product, no second Gram per batch), and layers fed the same tensor (q, k and v; gate and
+full-size float64 copy of a batch or of its product, no second Gram per batch; a Gram's upper
+triangle only, mirrored when read), and layers fed the same tensor (q, k and v; gate and
 up) share one set of accumulators instead of holding equal copies.
 """
 from __future__ import annotations
@@ -25,6 +26,7 @@ from svdq.runtime import conv_of
 
 CHUNK = 2048  # tokens per float32 partial product
 COLUMNS = 512  # accumulator columns per partial product (adding float32 into float64 copies it)
+SYMMETRIC = 128  # a Gram's columns per partial product: the upper triangle's blocks only
 PATCHES = 2 ** 24  # float32 values of unfolded convolution patches made at once (64 MB)
 
 
@@ -47,11 +49,29 @@ def rows(x: torch.Tensor, conv: dict | None) -> Iterator[torch.Tensor]:
 
 def _add_products(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
     """acc += aᵀ b (tokens × in each), in float64 from float32 products of at most CHUNK
-    tokens × COLUMNS columns, so no temporary is larger than a slice of the accumulator."""
+    tokens × COLUMNS columns, so no temporary is larger than a slice of the accumulator.
+    Where `b` is `a` (a Gram) only the upper triangle's blocks are made, SYMMETRIC columns at
+    a time (4096 tokens: 10 ms against 19 at 576 inputs, 68 against 112 at 1536, on 2 cores):
+    `mirrored` fills the rest."""
+    gram = b is a
+    step = SYMMETRIC if gram else COLUMNS
     for i in range(0, a.shape[0], CHUNK):
         at, bi = a[i: i + CHUNK].T, b[i: i + CHUNK]
-        for j in range(0, acc.shape[1], COLUMNS):
-            acc[:, j: j + COLUMNS].add_(at @ bi[:, j: j + COLUMNS])
+        for j in range(0, acc.shape[1], step):
+            top = j + step if gram else acc.shape[0]  # rows below the block: its mirror
+            acc[:top, j: j + step].add_(at[:top] @ bi[:, j: j + step])
+
+
+def mirrored(gram: torch.Tensor) -> torch.Tensor:
+    """`gram` with its strict lower triangle copied from its upper one, as `_add_products`
+    leaves it: exactly symmetric (in place, a band of SYMMETRIC rows at a time: no second
+    n × n matrix; in inference mode where the accumulator was made in it)."""
+    with torch.inference_mode(gram.is_inference()):
+        for j in range(0, gram.shape[0], SYMMETRIC):
+            gram[j: j + SYMMETRIC, :j] = gram[:j, j: j + SYMMETRIC].T
+            block = gram[j: j + SYMMETRIC, j: j + SYMMETRIC]
+            block.copy_(torch.triu(block) + torch.triu(block, 1).T)
+    return gram
 
 
 class Collector:
@@ -90,8 +110,9 @@ class Collector:
         for name in self.modules:
             if name in self._leader:
                 acc = self._acc[self._leader[name]]
-                out[name] = LayerStats(acc.gram, acc.total, acc.tokens, acc.abs_total,
-                                       cross=acc.cross, source_gram=acc.source_gram,
+                out[name] = LayerStats(mirrored(acc.gram), acc.total, acc.tokens, acc.abs_total,
+                                       cross=acc.cross, source_gram=None if acc.source_gram is None
+                                       else mirrored(acc.source_gram),
                                        source_total=acc.source_total, cache=acc.cache)
         return out
 

@@ -221,3 +221,25 @@ def test_block_statistics_match_the_inputs_each_layer_saw():
         assert stats[n].tokens == 6 * 32
         assert rel(stats[n].gram, x.T @ x) < 1e-6, n
         assert rel(stats[n].total, x.sum(0)) < 1e-6, n
+
+
+@pytest.mark.parametrize("n", [5, 128, 300, 700])
+def test_a_gram_made_from_its_upper_blocks_and_mirrored_is_the_whole_product(n):
+    """Grams are accumulated in their upper triangle's blocks only (`_add_products` with b is
+    a) and mirrored when read; a product of two streams (--refit's cross term) is made whole."""
+    from svdq.calibration import collect as c
+    g = torch.Generator().manual_seed(n)
+    a = torch.randn(3000, n, generator=g) * torch.linspace(0.1, 3, n)
+    b = torch.randn(3000, n, generator=g)
+    gram, cross = torch.zeros(n, n, dtype=torch.float64), torch.zeros(n, n, dtype=torch.float64)
+    c._add_products(gram, a, a)
+    c._add_products(gram, a[:100], a[:100])  # a second batch adds to the upper blocks only
+    c._add_products(cross, a, b)
+    exact = a.double().T @ a.double() + a[:100].double().T @ a[:100].double()
+    if n > c.SYMMETRIC:
+        assert not torch.allclose(gram, exact, rtol=1e-5)  # the lower blocks are not made
+    got = c.mirrored(gram)
+    assert got is gram and torch.equal(got, got.T)
+    assert torch.allclose(got, exact, rtol=1e-5, atol=1e-5 * float(exact.abs().max()))
+    assert torch.allclose(cross, a.double().T @ b.double(), rtol=1e-5,
+                          atol=1e-5 * float(exact.abs().max()))
