@@ -7,8 +7,9 @@ through every block on every calibration sequence for the judge (SmolLM2 at 0.28
 gradients 95 s, options 175 s, plans 235 s, judge 26 s of 589 s; RESULTS.md, session 20). The
 fast search keeps every stage and cuts each where a cut costs least:
 
-- the gradients (the sensitivities, sums over tokens) over a quarter of the sequences, scaled
-  back to all of them;
+- the gradients (the sensitivities, sums over tokens) over an eighth of the sequences (at
+  least 4), scaled back to all of them (a quarter, session 26; an eighth scored 29.92 against
+  30.01 on SmolLM2 at w4 g64's bytes, the gradient pass 18 s from 33: RESULTS.md);
 - the `BASES` quantized bases nearest the budget's bits per weight (a plan mixes neighbours:
   at 4.3 bits int4 in 64 and 128 and NF4 in 256; at 3.3 bits int3 in 64 and 128 and NF4 in
   256), not every base within a factor of two; no low rank alone (no SVD of W) and no NF4 in
@@ -19,8 +20,9 @@ fast search keeps every stage and cuts each where a cut costs least:
 - one round of the alternation, not two;
 - the corrections' whitened SVDs in float32 (half the time of float64; every error of a
   built form is still measured in float64);
-- the judge on the same quarter of the sequences (whole batches): the candidates' streams
-  exist only for it when their layers are built on pass 1's statistics. A `--sequential`
+- the judge on a quarter of the sequences (whole batches; the gradients' eighth among them):
+  the candidates' streams exist only for it when their layers are built on pass 1's
+  statistics. A `--sequential`
   budget calibrates each candidate on its own stream, so there every sequence is carried and
   only the head's loss is taken on the judged ones.
 
@@ -32,15 +34,16 @@ import math
 
 import torch
 
-SHARE = 4  # the gradients and the judge see 1 / SHARE of the calibration sequences ...
-LEAST = 4  # ... but at least this many (or all there are)
+SHARE = 4  # the judge sees 1 / SHARE of the calibration sequences ...
+GRADIENT_SHARE = 8  # ... the gradient pass 1 / GRADIENT_SHARE ...
+LEAST = 4  # ... but each at least this many (or all there are)
 BASES = 3  # quantized bases offered per layer
 ROUNDS = 1  # rounds of the alternation (the default search makes `residual.ROUNDS`)
 
 
-def samples(total: int) -> int:
-    """Sequences the gradient pass takes of `total`."""
-    return min(total, max(LEAST, math.ceil(total / SHARE)))
+def samples(total: int, share: int = SHARE) -> int:
+    """A `share`-th of `total` sequences, at least LEAST (or all there are)."""
+    return min(total, max(LEAST, math.ceil(total / share)))
 
 
 def judged(total: int, batch: int) -> int:

@@ -41,7 +41,7 @@ if TYPE_CHECKING:
 
 def walk(walker: Walker, ids: torch.Tensor, settings: Settings, out: "_Out",
             scratch: Path, average: float) -> tuple[list[LayerPlan], dict]:
-    few = fast.samples(len(ids)) if settings.fast else len(ids)  # --fast: on some sequences
+    few = fast.samples(len(ids), fast.GRADIENT_SHARE) if settings.fast else len(ids)
     walker.gradients(ids[:few], fisher=settings.method == "fisher", scale=len(ids) / few)
     walker.start(ids)  # pass 1: each layer's options, numbers only
     layers, names = [], []

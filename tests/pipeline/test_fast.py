@@ -35,8 +35,9 @@ def test_fast_needs_a_budget(models, calib_file, tmp_path):
         Settings(fast=True)
 
 
-def test_samples_take_a_quarter_at_least_four_and_the_judge_whole_batches():
+def test_samples_take_a_share_at_least_four_and_the_judge_whole_batches():
     assert [fast.samples(n) for n in (1, 3, 4, 16, 32, 33)] == [1, 3, 4, 4, 8, 9]
+    assert [fast.samples(n, fast.GRADIENT_SHARE) for n in (3, 16, 32, 33, 64)] == [3, 4, 4, 5, 8]
     assert fast.judged(32, 8) == 8 and fast.judged(33, 8) == 16 and fast.judged(5, 8) == 5
     assert fast.judged(16, 3) == 6
 
