@@ -8,6 +8,7 @@ the token count give both (DESIGN.md).
 from __future__ import annotations
 
 import weakref
+from typing import Callable
 
 import torch
 
@@ -25,22 +26,30 @@ def trace_form(a: torch.Tensor, gram: torch.Tensor) -> torch.Tensor:
     return total
 
 
+def once(stats: LayerStats, name: str, of: tuple, make: Callable[[], float]) -> float:
+    """`make()`, made once per Gram (`stats.cache`) and per objects `of` (None allowed): kept
+    beside weak references to them, so an object freed and another made in its memory never
+    reads this one's number."""
+    held = stats.cache.setdefault(name, {})
+    key = tuple(map(id, of))
+    entry = held.get(key)
+    if entry is None or any(ref() is not o for ref, o in zip(entry[0], of)):
+        refs = tuple((lambda: None) if o is None else weakref.ref(o) for o in of)
+        entry = held[key] = (refs, make())
+    return entry[1]
+
+
 def output_norm2(w: torch.Tensor, bias: torch.Tensor | None, stats: LayerStats) -> float:
-    """‖X Wᵀ + 1 bᵀ‖²_F from the statistics, made once per weight and bias object (every form
-    of a layer is judged against it: a budget asked for it five times per layer, 11 s of a
-    SmolLM2 --fast run). Kept in `stats.cache` beside weak references to both, so a weight
-    freed and another made in its memory never reads this one's."""
-    held = stats.cache.setdefault("output_norm2", {})
-    key = (id(w), id(bias))
-    if key in held and held[key][0]() is w and held[key][1]() is bias:
-        return held[key][2]
-    norm2 = trace_form(w, stats.gram)
-    if bias is not None:
-        b = bias.double()
-        norm2 = norm2 + 2 * b @ (w.double() @ stats.total) + stats.tokens * b @ b
-    held[key] = (weakref.ref(w), (lambda: None) if bias is None else weakref.ref(bias),
-                 float(norm2))
-    return held[key][2]
+    """‖X Wᵀ + 1 bᵀ‖²_F from the statistics, made once per weight and bias object (`once`:
+    every form of a layer is judged against it; a budget asked for it five times per layer,
+    11 s of a SmolLM2 --fast run)."""
+    def make() -> float:
+        norm2 = trace_form(w, stats.gram)
+        if bias is not None:
+            b = bias.double()
+            norm2 = norm2 + 2 * b @ (w.double() @ stats.total) + stats.tokens * b @ b
+        return float(norm2)
+    return once(stats, "output_norm2", (w, bias), make)
 
 
 def error_norm2(delta: torch.Tensor, stats: LayerStats) -> float:

@@ -130,7 +130,8 @@ def whitened_svd(w: torch.Tensor, stats: LayerStats, dtype: torch.dtype = torch.
     Vᵀ S⁻¹ = Σ⁻¹ Uᵀ W — no in × in root or solve at a 5632-input layer.
 
     `dtype` float32 (`--fast`'s bases): the products and the eigendecomposition in float32,
-    half the time (576 × 1536: 21 + 14 ms against 39 + 25), σ to ~1e-7 of σ₁² in σ²; the
+    about half the time (a 576 × 1536 error: 47 ms against 87, `benchmarks/kernel_speed.py`),
+    σ² to ~1e-7 of σ₁²; the
     errors of what is built from them are still measured in float64.
     """
     w64 = w.to(dtype)

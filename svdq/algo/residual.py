@@ -2,13 +2,12 @@
 quantization lost, W ≈ Q + U Σ Vᵀ, the correction's factors at `RESIDUAL_FACTOR_BITS`."""
 from __future__ import annotations
 
-import weakref
 from dataclasses import dataclass
 
 import torch
 
 from svdq.algo.dense import STACK, quantize_each, quantize_weight
-from svdq.algo.error import corrected_error2, error_norm2
+from svdq.algo.error import corrected_error2, error_norm2, once
 from svdq.algo.factorize import Factors, LayerStats, factorize
 from svdq.algo.lowrank import lowrank_bytes
 from svdq.algo.quant import IntQuantized, Quantized, quantize, weight_bytes
@@ -47,17 +46,6 @@ class Residual:
     factors: Factors
     gptq: bool = False
 
-    def error2(self, w: torch.Tensor, e: torch.Tensor, stats: LayerStats) -> float:
-        """‖X Eᵀ‖² of E = `w` − Q, made once per target and Gram: every rank's error starts
-        from it (`stored_residual`)."""
-        held = getattr(self, "_error2", None)
-        if held is None or held[0]() is not w or held[1]() is not stats.gram:
-            held = self._error2 = (weakref.ref(w), weakref.ref(stats.gram), error_norm2(e, stats))
-        return held[2]
-
-    def __getstate__(self) -> dict:  # kept on disk (`pipeline.kept`): not the cached number
-        return {k: v for k, v in self.__dict__.items() if k != "_error2"}
-
     def k_break(self, out_f: int, in_f: int) -> int:
         q = self.weight
         return min(residual_break_rank(out_f, in_f, q.bits, q.block_size, q.grid),
@@ -79,8 +67,8 @@ def stored_residual(w: torch.Tensor, res: Residual, stats: LayerStats, ref: floa
 
     Rank 0 is the quantized weight alone, stored as a plain dense layer."""
     q, bits, block_size = res.weight, res.weight.bits, res.weight.block_size
-    e = w - q.dequantize()
-    e2 = res.error2(w, e, stats)
+    e = w - q.dequantize()  # every rank's error starts from the base's, made once (`once`)
+    e2 = once(stats, "base_error2", (w, q), lambda: error_norm2(e, stats))
     if k == 0:
         return Stored("dense", 0, k_break, bits, e2 ** 0.5 / ref, weight=q)
     u = quantize(res.factors.u[:, :k].T, RESIDUAL_FACTOR_BITS, block_size)

@@ -51,7 +51,8 @@ def _add_products(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
     """acc += aᵀ b (tokens × in each), in float64 from float32 products of at most CHUNK
     tokens × COLUMNS columns, so no temporary is larger than a slice of the accumulator.
     Where `b` is `a` (a Gram) only the upper triangle's blocks are made, SYMMETRIC columns at
-    a time (4096 tokens: 10 ms against 19 at 576 inputs, 68 against 112 at 1536, on 2 cores):
+    a time (4096 tokens on 2 cores: 9.7 ms against 15.5 at 576 inputs, 66 against 105 at 1536;
+    `benchmarks/kernel_speed.py`):
     `mirrored` fills the rest."""
     gram = b is a
     step = SYMMETRIC if gram else COLUMNS

@@ -22,9 +22,8 @@ fast search keeps every stage and cuts each where a cut costs least:
   built form is still measured in float64);
 - the judge on a quarter of the sequences (whole batches; the gradients' eighth among them):
   the candidates' streams exist only for it when their layers are built on pass 1's
-  statistics. A `--sequential`
-  budget calibrates each candidate on its own stream, so there every sequence is carried and
-  only the head's loss is taken on the judged ones.
+  statistics. A `--sequential` budget calibrates each candidate on its own stream, so there
+  every sequence is carried and only the head's loss is taken on the judged ones.
 
 Statistics (the Grams every form is built on) still take every calibration sequence.
 """

@@ -96,7 +96,7 @@ def measure_layer(work: LayerWork, settings: Settings,
     quantized = grids + [(b, settings.block_size, "bnb") for b in choices]
     if held(work.w, work.stats) is None:  # not made in an earlier peer's loop
         group = [work] + [p for p in peers if p.stats.cache is work.stats.cache]
-        if sum(p.w.numel() for p in group) * len(quantized) > STACK:
+        if sum(p.module.weight.numel() for p in group) * len(quantized) > STACK:
             group = [work]
         prequantize([p.w for p in group], work.stats, quantized, settings.gptq)
     # --sparse: linear layers only (the loaders apply a sparse term to matrices, not kernels)
