@@ -80,7 +80,7 @@ class Walker:
             self.blocks[i].to("meta")
         elif self.streamed:
             stream.release(self.blocks[i], f"{self.prefix}.{i}", set(self.layers_of(i)), keep)
-        stream.give_back()
+        stream.give_back(force=True)  # a block's weights and streams: always worth a trim
 
     def outside(self, present: bool) -> None:
         """A streamed source's tensors outside the blocks (embeddings, final norm, head) are

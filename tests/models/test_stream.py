@@ -248,3 +248,24 @@ def test_give_back_returns_the_heaps_free_pages():
     start, freed, after = map(int, out)
     assert freed > start - 100  # free() kept them resident
     assert after < start - 300  # give_back returned them
+
+
+def test_give_back_trims_at_most_once_per_interval_unless_forced(monkeypatch):
+    """A trim walks the heap: unforced calls closer than GIVE_EVERY apart trim once."""
+    from svdq.models import stream
+    trims, now = [], [1000.0]
+
+    class Libc:
+        def malloc_trim(self, pad):
+            trims.append(now[0])
+
+    monkeypatch.setattr(stream, "_LIBC", Libc())
+    monkeypatch.setattr(stream, "_last_given", -float("inf"))
+    monkeypatch.setattr(stream.time, "monotonic", lambda: now[0])
+    stream.give_back()
+    now[0] += stream.GIVE_EVERY / 2
+    stream.give_back()  # too soon: skipped
+    stream.give_back(force=True)
+    now[0] += stream.GIVE_EVERY
+    stream.give_back()
+    assert trims == [1000.0, 1000.0 + stream.GIVE_EVERY / 2, 1000.0 + 1.5 * stream.GIVE_EVERY]
