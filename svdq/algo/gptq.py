@@ -23,6 +23,8 @@ from svdq.algo.quant import IntQuantized, Quantized, codebook, int_params, int_q
 
 DAMP = 0.01  # llm-compressor's and the paper's default dampening fraction
 LAZY = 128  # columns per lazy batch update
+INNER = 16  # columns per sub-batch: each column updates the rest of its sub-batch only, and a
+# sub-batch the rest of its batch in one product (a SmolLM2 block's loops ~10% faster)
 
 
 @dataclass(frozen=True)
@@ -113,6 +115,7 @@ class _Part:
         if self.int:
             self.top = torch.cat([torch.full((g.shape[0],), g.top, dtype=dtype,
                                              device=g.s.device) for g in grids])
+            self.zero = torch.zeros_like(self.top)
         else:
             self.order, self.sorted, self.mids = grids[0].order, grids[0].sorted, grids[0].mids
 
@@ -125,15 +128,20 @@ class _Part:
             self.a = torch.cat([g.a[cols // g.per] for g in self.grids], 1)
             self.safe = torch.cat([g.safe[cols // g.per] for g in self.grids], 1)
 
-    def round(self, row: torch.Tensor, t: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """(codes, values) of this part of a stacked column, the `t`-th of the batch."""
+    def round(self, row: torch.Tensor, t: int, codes: torch.Tensor, values: torch.Tensor) -> None:
+        """This part of a stacked column, the `t`-th of the batch, rounded: its codes and
+        their values written into `codes` and `values` (no temporaries: the loop's cost is
+        mostly per operation)."""
         col = row[self.lo:self.hi]
         if self.int:
             s, z = self.s[t], self.z[t]
-            codes = torch.minimum(torch.round(col / s).add_(z).clamp_min_(0), self.top)
-            return codes, (codes - z) * s
+            torch.div(col, s, out=codes).round_().add_(z)
+            torch.clamp(codes, self.zero, self.top, out=codes)
+            torch.mul(torch.sub(codes, z, out=values), s, out=values)
+            return
         k = torch.bucketize(col / self.safe[t], self.mids)
-        return self.order[k], self.sorted[k] * self.a[t]
+        codes.copy_(self.order[k])
+        torch.mul(self.sorted[k], self.a[t], out=values)
 
 
 def gptq(w: torch.Tensor, gram: torch.Tensor, bits: int, block_size: int, grid: str = "int",
@@ -183,20 +191,25 @@ def gptq_many(w: torch.Tensor | list[torch.Tensor], gram: torch.Tensor,
     values = torch.empty(wt.shape[1], dtype=dtype, device=w.device)
     # the update of a column's followers is written here, not into a new tensor per column
     # (up to 6 MB each at SmolLM2's widths: a fresh mapping per column under a low mmap threshold)
-    work = torch.empty(min(lazy, n), wt.shape[1], dtype=dtype, device=w.device)
+    work = torch.empty(min(lazy, INNER, n), wt.shape[1], dtype=dtype, device=w.device)
     for i1 in range(0, n, lazy):
         i2 = min(i1 + lazy, n)
         for part in parts:
             part.batch(perm[i1:i2])
         block, errs = wt[i1:i2].clone(), torch.zeros_like(wt[i1:i2])
         hb = hinv[i1:i2, i1:i2]
-        for i in range(i2 - i1):
-            for part in parts:
-                codes[i1 + i, part.lo:part.hi], values[part.lo:part.hi] = part.round(block[i], i)
-            err = errs[i]
-            torch.div(torch.sub(block[i], values, out=err), hb[i, i], out=err)
-            torch.mul(hb[i, i:, None], err[None, :], out=work[: i2 - i1 - i])
-            block[i:].sub_(work[: i2 - i1 - i])
+        for j1 in range(0, i2 - i1, INNER):  # the batch in sub-batches: a column's own update
+            j2 = min(j1 + INNER, i2 - i1)  # reaches the end of its sub-batch, a product the rest
+            for i in range(j1, j2):
+                for part in parts:
+                    part.round(block[i], i, codes[i1 + i, part.lo:part.hi],
+                               values[part.lo:part.hi])
+                err = errs[i]
+                torch.div(torch.sub(block[i], values, out=err), hb[i, i], out=err)
+                torch.mul(hb[i, i:j2, None], err[None, :], out=work[: j2 - i])
+                block[i:j2].sub_(work[: j2 - i])
+            if j2 < i2 - i1:
+                block[j2:].sub_(hb[j1:j2, j2:].T @ errs[j1:j2])
         wt[i2:] -= hinv[i1:i2, i2:].T @ errs
     codes = codes[torch.argsort(perm)]  # back in column order
     done, at = {}, 0

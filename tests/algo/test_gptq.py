@@ -51,14 +51,16 @@ def reference_gptq(w, gram, scales, zeros, bits, group, order, damp=0.01):
     return codes
 
 
+@pytest.mark.parametrize("lazy", [7, 40])  # 40: batches of gptq.INNER-column sub-batches
 @pytest.mark.parametrize("act_order", [False, True])
-def test_gptq_equals_the_column_by_column_reference(act_order):
+def test_gptq_equals_the_column_by_column_reference(act_order, lazy):
     w, st = correlated(5, 40)
     scales, zeros = quant.int_params(w, 4, 16, None, shrinks=1)  # min-max, as the reference
     order = (torch.argsort(st.gram.diagonal() + (st.gram.diagonal() == 0).double(),
                            descending=True, stable=True).tolist() if act_order else range(40))
     want = reference_gptq(w, st.gram, scales, zeros, 4, 16, list(order))
-    got = gptq(w, st.gram, 4, 16, "int", act_order=act_order, search=False, dtype=F64, lazy=7)
+    got = gptq(w, st.gram, 4, 16, "int", act_order=act_order, search=False, dtype=F64,
+               lazy=lazy)
     codes = runtime.unpack(got.codes, 5 * 40, 4).view(5, 40)
     assert torch.equal(got.scales, scales) and torch.equal(codes, want)
 
