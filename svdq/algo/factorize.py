@@ -64,6 +64,9 @@ class Factors:
     u: torch.Tensor
     s: torch.Tensor
     vt: torch.Tensor
+    # ‖X Wᵀ‖² = tr(W G Wᵀ) of the factorized W, where its factorization had it for free
+    # (`whiten`: the trace of a product it makes anyway), in the factorization's dtype; else None
+    energy: float | None = None
 
     @property
     def max_rank(self) -> int:
@@ -142,6 +145,7 @@ def whitened_svd(w: torch.Tensor, stats: LayerStats, dtype: torch.dtype = torch.
         m = torch.empty(out_f, out_f, dtype=dtype, device=w64.device)
         for i in range(0, out_f, ROWS):  # W G Wᵀ a band of rows at a time: no out × in temporary
             m[i:i + ROWS] = (w64[i:i + ROWS] @ gram) @ w64.T
+        energy = float(m.diagonal().double().sum())
         m += damp * (w64 @ w64.T)
         u, s = _eigen(m)
         del m
@@ -151,12 +155,16 @@ def whitened_svd(w: torch.Tensor, stats: LayerStats, dtype: torch.dtype = torch.
             # σᵢ² ≥ λ‖uᵢᵀW‖² exactly; holding to it in floating point bounds Vᵀ's rows by 1/√λ
             s[i:i + ROWS] = torch.maximum(s[i:i + ROWS], damp ** 0.5 * uw.norm(dim=1))
             vt[i:i + ROWS] = uw / torch.where(s[i:i + ROWS] > 0, s[i:i + ROWS], 1.0)[:, None]
-        return Factors(u.float(), s.float(), vt)
-    root, _ = stats.root()
+        return Factors(u.float(), s.float(), vt, energy)
+    root, inverse = stats.root()
     a = w64 @ root.to(dtype)
+    energy = None
+    if inverse is None:  # Cholesky: S Sᵀ = G + λI, so ‖W S‖² = tr(W G Wᵀ) + λ‖W‖²
+        damp = (float(root.pow(2).sum()) - float(stats.gram.diagonal().sum())) / in_f
+        energy = float(a.double().pow(2).sum()) - damp * float(w64.double().pow(2).sum())
     v, s = _eigen(a.T @ a)
     u = (a @ v) / torch.where(s > 0, s, torch.ones_like(s))
-    return Factors(u.float(), s.float(), stats.unwhiten(v.T).float())
+    return Factors(u.float(), s.float(), stats.unwhiten(v.T).float(), energy)
 
 
 def _eigen(m: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -58,7 +58,17 @@ def residual_of(w: torch.Tensor, stats: LayerStats, bits: int, block_size: int,
     """Quantize `w` (`dense.quantize_weight`), then factorize its quantization error with
     `method` (`--method`), decomposed in `dtype`."""
     q = quantize_weight(w, stats, bits, block_size, grid, gptq)
-    return Residual(q, factorize(method, w - q.dequantize(), stats, dtype), gptq)
+    return known(w, Residual(q, factorize(method, w - q.dequantize(), stats, dtype), gptq), stats)
+
+
+def known(w: torch.Tensor, res: Residual, stats: LayerStats) -> Residual:
+    """`res`, made of `w`: where its factorization found its error's energy for free
+    (`Factors.energy`) that is the base's error ‖X (W − Q)ᵀ‖² `stored_residual` reads (no
+    trace form), for this very `w` only."""
+    energy = res.factors.energy
+    if energy is not None:
+        once(stats, "base_error2", (w, res.weight), lambda: max(energy, 0.0))
+    return res
 
 
 def stored_residual(w: torch.Tensor, res: Residual, stats: LayerStats, ref: float, k: int,
@@ -106,7 +116,8 @@ def refine_residuals(w: torch.Tensor, stored: list[Stored], stats: LayerStats, r
             bases = [(best[i].weight.bits, best[i].weight.block_size, best[i].weight.grid)
                      for i in chunk]
             for i, q in zip(chunk, quantize_each(targets, stats, bases, gptq)):
-                res = Residual(q, factorize(method, w - q.dequantize(), stats, dtype), gptq)
+                res = known(w, Residual(q, factorize(method, w - q.dequantize(), stats, dtype),
+                                        gptq), stats)
                 trial = stored_residual(w, res, stats, ref, best[i].rank, best[i].k_break)
                 if trial.error < best[i].error:
                     best[i] = trial

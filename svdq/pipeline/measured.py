@@ -119,7 +119,8 @@ def cut(res: Residual, out_f: int, in_f: int) -> Residual:
     """`res` with its factors cut at its break-even rank (copies: no view keeps the rest)."""
     k = res.k_break(out_f, in_f)
     f = res.factors
-    return replace(res, factors=Factors(f.u[:, :k].clone(), f.s[:k].clone(), f.vt[:k].clone()))
+    return replace(res, factors=Factors(f.u[:, :k].clone(), f.s[:k].clone(), f.vt[:k].clone(),
+                                        f.energy))
 
 
 @dataclass

@@ -203,8 +203,10 @@ def layer_options(w: torch.Tensor, bias: torch.Tensor | None, factors: Factors |
         res = res() if callable(res) else res
         tag = None if block == block_size and base_grid == "bnb" else block
         key = ("dense", bits, 0) if tag is None else ("dense", bits, 0, block, base_grid)
-        if closed and key not in cache:  # the base alone: its error's whitened energy, Σσ²
-            err = float(res.factors.s.double().pow(2).sum()) ** 0.5 / ref
+        if closed and key not in cache:  # the base alone: its error's energy (else Σσ²)
+            e2 = res.factors.energy
+            err = (float(res.factors.s.double().pow(2).sum()) if e2 is None
+                   else max(e2, 0.0)) ** 0.5 / ref
         else:
             err = measured(key, lambda: stored_residual(w, res, stats, ref, 0, 0))
         options.append(Option(weight_bytes(out_f, in_f, bits, block, base_grid) + bias_bytes,

@@ -19,7 +19,7 @@ from torch import nn
 from svdq import runtime
 from svdq.algo.dense import hold, prequantize, release
 from svdq.algo.error import reference
-from svdq.algo.residual import ROUNDS, refine_residuals
+from svdq.algo.residual import ROUNDS, known, refine_residuals
 from svdq.algo.stored import Stored
 from svdq.config import Settings
 from svdq.models.attention import heads
@@ -184,7 +184,8 @@ def _layer_of_each(work: LayerWork, picks: dict[str, int], options: list,
     quantized base several of them correct is made once and freed after its last user; the
     corrections are refined together (`residual.refine_residuals`). `held`: what pass 1 made
     of this layer (`kept.Kept.bases`), the same numbers, taken instead of made again."""
-    residuals: dict = dict(held.get("residuals", {})) if held else {}
+    residuals: dict = {key: known(work.w, res, work.stats)  # pass 1 made them of this weight
+                       for key, res in held.get("residuals", {}).items()} if held else {}
     built: dict[int, Stored] = {}
     if held and "quantized" in held:
         hold(work.w, work.stats, held["quantized"])

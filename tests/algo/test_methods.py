@@ -86,6 +86,19 @@ def test_factors_made_in_float32_are_float64s_to_float32_precision(layer, method
             unquantized_error(w, None, stats, f64, k), abs=1e-3 * whole)
 
 
+@pytest.mark.parametrize("dtype,rel", [(torch.float64, 1e-10), (torch.float32, 1e-5)])
+@pytest.mark.parametrize("shape", [(24, 40), (40, 24)], ids=["wide", "tall"])
+def test_whitened_factors_carry_the_weights_exact_energy(layer, shape, dtype, rel):
+    """`Factors.energy` (a quantized base's error, taken from it instead of a trace form) is
+    tr(W G Wᵀ) on both of whitening's branches, the tall one's root damping taken out."""
+    w, _, _, stats = layer
+    w = w[:, :shape[1]] if shape[0] <= shape[1] else torch.cat([w, w[:16] * 0.5])[:, :shape[1]]
+    stats = LayerStats(stats.gram[:shape[1], :shape[1]], stats.total[:shape[1]], stats.tokens)
+    f = factorize("whiten", w.float(), stats, dtype)
+    assert f.energy == pytest.approx(error_norm2(w.float().double(), stats), rel=rel)
+    assert factorize("svd", w.float(), stats).energy is None  # nothing for free there
+
+
 def test_whitening_survives_a_singular_gram():
     """Rank-deficient inputs (a dead channel, duplicated channels): Cholesky needs damping."""
     g = torch.Generator().manual_seed(1)

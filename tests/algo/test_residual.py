@@ -332,3 +332,18 @@ def test_method_auto_whitens_corrections_and_keeps_svd_for_replacement():
     assert Settings(budget_ratio=0.3, method="fisher").method == "fisher"  # a choice is kept
     s = Settings(residual=True)
     assert Settings.from_dict(s.to_dict()) == s and s.to_dict()["_data"]["method"] == "whiten"
+
+
+def test_a_whitened_bases_error_comes_from_its_factorization(layer, monkeypatch):
+    """`residual_of` hands the base's error its whitened SVD found to `stored_residual` of
+    that weight: no trace form for it; another target on the base gets its own."""
+    w, b, st = layer
+    ref = error.reference(w, b, st)
+    res = residual.residual_of(w, st, 4, 64, "whiten")
+    calls = []
+    monkeypatch.setattr(residual, "error_norm2", lambda d, s: calls.append(1) or
+                        error.error_norm2(d, s))
+    residual.stored_residual(w, res, st, ref, 3, 40)
+    assert calls == []
+    residual.stored_residual(w * 0.9, res, st, ref, 3, 40)
+    assert calls == [1]
