@@ -53,21 +53,34 @@ def sensitivities(raw: list[float | None]) -> list[float]:
 
 def _uniform(options: list[Option], bits: int, eps: float) -> int:
     """What a uniform `--eps` picks on this table: the smallest low-rank option at `bits`
-    meeting eps, else the weight at `bits` in the run's blocks if it does, else kept."""
+    meeting eps, else the weight at `bits` in the run's blocks (`--fast`: the first plain
+    form at `bits`) if it does, else kept."""
     low = [i for i, o in enumerate(options) if o.kind == "lowrank" and o.bits == factor_bits(bits)
            and o.error <= eps and not o.sparse]
     if low:
         return min(low, key=lambda i: options[i].rank)
     dense = [i for i, o in enumerate(options) if o.kind == "dense" and o.bits == bits
-             and o.block is None and o.error <= eps and not o.sparse]
-    return dense[0] if dense else 0
+             and not o.sparse]
+    runs = [i for i in dense if options[i].block is None] or dense[:1]
+    return next((i for i in runs if options[i].error <= eps), 0)
 
 
 def bits_choices(settings: Settings) -> tuple[int, ...]:
-    """The widths of the bitsandbytes dense and low-rank options; `--fast`: no NF4 in
-    `--block-size` blocks unless asked for (the integer grid at 4 bits in groups of 64
-    dominates it: see `options.RESIDUAL_BASES`)."""
-    return tuple(dict.fromkeys((factor_bits(settings.bits), *(() if settings.fast else (4,)), 8)))
+    """The widths of the bitsandbytes dense and low-rank options; none with `--fast`, which
+    has no low rank alone and takes `dense_forms` for its plain 8 bits."""
+    if settings.fast:
+        return ()
+    return tuple(dict.fromkeys((factor_bits(settings.bits), 4, 8)))
+
+
+def dense_forms(settings: Settings) -> list[tuple[int, int, str]]:
+    """Plain forms a layer is offered beside its bases: with `--fast`, 8 bits on the integer
+    grid in groups of 2 × `--block-size` instead of the bitsandbytes 8-bit blocks, which it
+    dominates (SmolLM2's first two blocks by GPTQ: 8.19 bits a weight, RMS error 0.0029,
+    against 8.5 bits and 0.0044; see `options.RESIDUAL_BASES`), and whose own codebook costs
+    GPTQ's column loop a bucketing per column; NF4 in `--block-size` blocks neither (int4 in
+    groups of 64 dominates it)."""
+    return [(8, 2 * settings.block_size, "int")] if settings.fast else []
 
 
 def measure_layer(work: LayerWork, settings: Settings,
@@ -93,7 +106,8 @@ def measure_layer(work: LayerWork, settings: Settings,
     residuals = {(b, block, g): (lambda b=b, block=block, g=g: base(b, block, g))
                  for b, block, g in grids}
     choices = bits_choices(settings)  # by GPTQ, every base and dense form in one column loop
-    quantized = grids + [(b, settings.block_size, "bnb") for b in choices]
+    quantized = list(dict.fromkeys(grids + [(b, settings.block_size, "bnb") for b in choices]
+                                   + dense_forms(settings)))
     if held(work.w, work.stats) is None:  # not made in an earlier peer's loop
         group = [work] + [p for p in peers if p.stats.cache is work.stats.cache]
         if sum(p.module.weight.numel() for p in group) * len(quantized) > STACK:
@@ -106,7 +120,8 @@ def measure_layer(work: LayerWork, settings: Settings,
                          settings.block_size,
                          elsize=(stored_dtype or work.module.weight.dtype).itemsize,
                          residuals=residuals, closed=settings.method == "whiten",
-                         gptq=settings.gptq, sparse=nnz, method=settings.method)
+                         gptq=settings.gptq, sparse=nnz, method=settings.method,
+                         dense=dense_forms(settings))
     quantized = release(work.w, work.stats)
     if made is not None and quantized is not None:
         made["quantized"] = quantized

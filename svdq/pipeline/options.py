@@ -113,7 +113,8 @@ def layer_options(w: torch.Tensor, bias: torch.Tensor | None, factors: Factors |
                   cache: dict | None = None,
                   residuals: dict[tuple, Residual | Callable[[], Residual]] | None = None,
                   weight: float = 1.0, closed: bool = False, gptq: bool = False,
-                  sparse: int = 0, method: str = "whiten") -> list[Option]:
+                  sparse: int = 0, method: str = "whiten",
+                  dense: Sequence[tuple[int, int, str]] = ()) -> list[Option]:
     """Kept as is (`elsize` bytes per source element, weight and bias), then per bits: dense, and
     low-rank at each rank of `ranks` (None: `rank_grid`) up to that bits' break-even rank (no
     low rank alone without `factors`: `--fast`); per
@@ -126,7 +127,8 @@ def layer_options(w: torch.Tensor, bias: torch.Tensor | None, factors: Factors |
     are quantized by GPTQ with `gptq` (as the bases were, if they were). With `sparse` (a
     number of entries) each base alone and the low-rank and corrected forms at `sparse_ranks`
     also come with a sparse term of that many entries (`plus_sparse`; `method` refits the
-    factors), built and measured, where it lowers their error."""
+    factors), built and measured, where it lowers their error. `dense`: more plain forms,
+    (bits, block, grid), offered alone (no correction, so no SVD; `measured.dense_forms`)."""
     out_f, in_f = w.shape
     bias_bytes = 0 if bias is None else bias.numel() * elsize
     ref = reference(w, bias, stats)
@@ -198,6 +200,12 @@ def layer_options(w: torch.Tensor, bias: torch.Tensor | None, factors: Factors |
                         stored_lowrank(t, f or factors, stats, ref, k, bits, block_size, kb))
                 variant(options[-1], ("lowrank", bits, k), make, f"lowrank {bits} {k}", None,
                         lambda t: factorize(method, t, stats))
+    for bits, block, g in dict.fromkeys(dense):
+        if (bits, block, g) not in based:  # else its base gives this option
+            err = measured(("dense", bits, 0, block, g), lambda: stored_dense(
+                w, stats, ref, bits, block, 0, g, gptq))
+            options.append(Option(weight_bytes(out_f, in_f, bits, block, g) + bias_bytes, err,
+                                  "dense", 0, bits, weight, block, g))
     for key, res in (residuals or {}).items():
         bits, block, base_grid = (*key, "bnb")[:3]
         res = res() if callable(res) else res

@@ -143,7 +143,9 @@ def test_fast_candidates_are_the_default_ones_it_keeps(models, calib_file):
     assert any("no correction" in label for label, _ in few)
 
 
-def test_fast_options_skip_low_rank_alone_and_nf4_in_small_blocks():
+def test_fast_options_skip_low_rank_alone_and_bnb_in_small_blocks():
+    """No SVD of W, no NF4 in --block-size blocks, and 8 bits on the integer grid in groups
+    of 2 × --block-size instead of bitsandbytes' 8-bit blocks."""
     from svdq.algo.factorize import LayerStats
     from svdq.pipeline.measured import measure_layer
     from svdq.pipeline.work import LayerWork
@@ -161,5 +163,7 @@ def test_fast_options_skip_low_rank_alone_and_nf4_in_small_blocks():
     assert not any(k[0] == "lowrank" for k in kinds[True])
     assert any(k[0] == "lowrank" for k in kinds[False])
     nf4 = ("dense", 4, None, "bnb")  # NF4 in blocks of --block-size
-    assert nf4 in kinds[False] and nf4 not in kinds[True] and ("dense", 8, None, "bnb") in kinds[True]
+    assert nf4 in kinds[False] and nf4 not in kinds[True]
+    assert ("dense", 8, None, "bnb") in kinds[False] and ("dense", 8, None, "bnb") not in kinds[True]
+    assert ("dense", 8, 128, "int") in kinds[True] and ("dense", 8, 128, "int") not in kinds[False]
     assert any(k[0] == "residual" for k in kinds[True])
