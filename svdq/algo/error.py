@@ -52,6 +52,13 @@ def output_norm2(w: torch.Tensor, bias: torch.Tensor | None, stats: LayerStats) 
     return once(stats, "output_norm2", (w, bias), make)
 
 
+def known_output_norm2(w: torch.Tensor, bias: torch.Tensor | None, stats: LayerStats,
+                       norm2: float) -> None:
+    """`output_norm2` of this weight and bias on `stats` is `norm2` (measured before on the
+    same statistics: a budget's pass 1 for its pass 2)."""
+    once(stats, "output_norm2", (w, bias), lambda: norm2)
+
+
 def error_norm2(delta: torch.Tensor, stats: LayerStats) -> float:
     """‖X Δᵀ‖²_F = tr(Δ G Δᵀ)."""
     return float(trace_form(delta, stats.gram).clamp_min(0))

@@ -91,8 +91,9 @@ def measure_layer(work: LayerWork, settings: Settings,
     correction pays), and what each uniform eps would choose; nothing of their tensors.
     `average`: the bits per weight of the budgets asked for (`bases`); `stored_dtype`: what a
     kept weight and a bias are stored in where it is not the model's dtype. `made`: filled
-    with what pass 2 would make again (`kept.Kept.put_bases`): the quantized weights by grid
-    and each base's `Residual`, its factors cut at the largest rank an option may take.
+    with what pass 2 would make again (`kept.Kept.put_bases`): the quantized weights by grid,
+    each base's `Residual`, its factors cut at the largest rank an option may take, and the
+    layer's output norm.
     `peers`: the layers measured next that are fed the same inputs (k and v after q): their
     GPTQ runs in this layer's column loop where all fit in `dense.STACK` weights together."""
     grids = bases(settings, average)
@@ -125,6 +126,8 @@ def measure_layer(work: LayerWork, settings: Settings,
     quantized = release(work.w, work.stats)
     if made is not None and quantized is not None:
         made["quantized"] = quantized
+    if made is not None:
+        made["output_norm2"] = output_norm2(work.w, work.bias, work.stats)
     uniform = {eps: _uniform(opts, settings.bits, eps) for eps in UNIFORM_EPS}
     fp16 = 2 * (work.w.numel() + (0 if work.bias is None else work.bias.numel()))
     return LayerOptions(opts, uniform, raw_sensitivity(work), fp16)

@@ -18,7 +18,7 @@ from torch import nn
 
 from svdq import runtime
 from svdq.algo.dense import hold, prequantize, release
-from svdq.algo.error import reference
+from svdq.algo.error import known_output_norm2, reference
 from svdq.algo.residual import ROUNDS, known, refine_residuals
 from svdq.algo.stored import Stored
 from svdq.config import Settings
@@ -186,6 +186,8 @@ def _layer_of_each(work: LayerWork, picks: dict[str, int], options: list,
     of this layer (`kept.Kept.bases`), the same numbers, taken instead of made again."""
     residuals: dict = {key: known(work.w, res, work.stats)  # pass 1 made them of this weight
                        for key, res in held.get("residuals", {}).items()} if held else {}
+    if held and "output_norm2" in held:  # and measured its output on these statistics
+        known_output_norm2(work.w, work.bias, work.stats, held["output_norm2"])
     built: dict[int, Stored] = {}
     if held and "quantized" in held:
         hold(work.w, work.stats, held["quantized"])

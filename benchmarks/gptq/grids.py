@@ -1,0 +1,54 @@
+"""Which grid at 4 bits in blocks of 256: NF4 (absmax) or the integer grid (scale + zero)?
+Per target layer of SmolLM2's first blocks, the relative output error by GPTQ on each grid.
+
+    python benchmarks/gptq/grids.py [--blocks 6] [--samples 32]
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--blocks", type=int, default=6)
+    parser.add_argument("--samples", type=int, default=32)
+    args = parser.parse_args()
+
+    from svdq import assets
+    from svdq.algo.dense import quantize_each
+    from svdq.algo.error import reference, relative_error
+    from svdq.algo.quant import weight_bytes
+    from svdq.config import Settings
+    from svdq.models import load
+    from svdq.pipeline.inputs import calibration_ids
+    from svdq.pipeline.walk import analyse
+    from svdq.pipeline.work import Clock
+
+    calib = assets.cache_dir() / "bench-text" / "calib.txt"
+    source = load.load_source(str(assets.fetch("smollm2")), stream=False)
+    settings = Settings(calib=str(calib), calib_samples=args.samples, method="whiten",
+                        include=tuple(f"model.layers.{i}.*" for i in range(args.blocks)))
+    ids = calibration_ids(source, settings, lambda *a: None, {})
+    works = analyse(source, settings, ids, lambda *a: None, Clock())
+    grids = [(4, 64, "int"), (4, 128, "int"), (4, 256, "int"), (4, 256, "bnb"), (4, 64, "bnb"),
+             (3, 64, "int"), (3, 128, "int"), (3, 256, "int")]
+    errs = {g: [] for g in grids}
+    for work in works:
+        ref = reference(work.w, work.bias, work.stats)
+        for g, q in zip(grids, quantize_each([work.w] * len(grids), work.stats, grids, True)):
+            errs[g].append(relative_error(work.w, q.dequantize(), work.stats, ref))
+    print(f"SmolLM2, blocks 1-{args.blocks} ({len(works)} layers), {args.samples} x 512 tokens, GPTQ\n")
+    print("| grid | bits/weight | median error | mean error² | over int4-in-256's, median |")
+    print("|---|---|---|---|---|")
+    anchor = errs[(4, 256, "int")]
+    for g in grids:
+        e = errs[g]
+        print(f"| {'int' if g[2] == 'int' else 'NF'}{g[0]} in {g[1]} | "
+              f"{weight_bytes(4096, 4096, *g) * 8 / 4096 ** 2:.3f} | {statistics.median(e):.4f} | "
+              f"{statistics.fmean(x * x for x in e):.6f} | "
+              f"{statistics.median(a / b for a, b in zip(e, anchor)):.3f} |")
+
+
+if __name__ == "__main__":
+    main()
