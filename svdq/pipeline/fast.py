@@ -7,9 +7,10 @@ through every block on every calibration sequence for the judge (SmolLM2 at 0.28
 gradients 95 s, options 175 s, plans 235 s, judge 26 s of 589 s; RESULTS.md, session 20). The
 fast search keeps every stage and cuts each where a cut costs least:
 
-- the gradients (the sensitivities, sums over tokens) over an eighth of the sequences (at
-  least 4), scaled back to all of them (a quarter, session 26; an eighth scored 29.92 against
-  30.01 on SmolLM2 at w4 g64's bytes, the gradient pass 18 s from 33: RESULTS.md);
+- the gradients (the sensitivities, sums over tokens) over a sixteenth of the sequences (at
+  least 2), scaled back to all of them (a quarter in session 26, an eighth in 27; on SmolLM2
+  at w4 g64's bytes a sixteenth scored 30.06 against an eighth's 30.05, the gradient pass
+  8.5 s from 15.5: RESULTS.md);
 - the `BASES` quantized bases nearest the budget's bits per weight (a plan mixes neighbours:
   at 4.3 bits int4 in 64 and 128 and NF4 in 256; at 3.3 bits int3 in 64 and 128 and NF4 in
   256), not every base within a factor of two; no low rank alone (no SVD of W) and no NF4 in
@@ -17,10 +18,15 @@ fast search keeps every stage and cuts each where a cut costs least:
 - at most three candidates: the best estimate, the most exact plain quantization that fits
   (so the judge never keeps a plan worse than GPTQ alone on its loss) and the floored plan
   (often the estimate's own once low rank alone is gone: then two);
-- one round of the alternation, not two;
-- the corrections' whitened SVDs in float32 (half the time of float64; every error of a
-  built form is still measured in float64);
-- the judge on a quarter of the sequences (whole batches; the gradients' eighth among them):
+- no round of the alternation (the default makes two; one scored 30.05 against none's 30.04
+  on SmolLM2 at w4 g64's bytes, for 4 s more): the plans are built from pass 1's bases as
+  they are;
+- 8 bits on the integer grid in groups of 2 × `--block-size` instead of bitsandbytes' 8-bit
+  blocks, which it dominates (`measured.dense_forms`);
+- the bases' errors' whitened SVDs in float32 (half the time of float64; a base's error is
+  then the float32 product's energy, ~1e-6 relative, and its corrections' errors follow from
+  it in float64);
+- the judge on a quarter of the sequences (whole batches; the gradients' sixteenth among them):
   the candidates' streams exist only for it when their layers are built on pass 1's
   statistics. A `--sequential` budget calibrates each candidate on its own stream, so there
   every sequence is carried and only the head's loss is taken on the judged ones.
@@ -33,16 +39,17 @@ import math
 
 import torch
 
-SHARE = 4  # the judge sees 1 / SHARE of the calibration sequences ...
-GRADIENT_SHARE = 8  # ... the gradient pass 1 / GRADIENT_SHARE ...
-LEAST = 4  # ... but each at least this many (or all there are)
+SHARE = 4  # the judge sees 1 / SHARE of the calibration sequences, at least LEAST ...
+LEAST = 4
+GRADIENT_SHARE = 16  # ... the gradient pass 1 / GRADIENT_SHARE, at least GRADIENT_LEAST
+GRADIENT_LEAST = 2  # (each: or all there are)
 BASES = 3  # quantized bases offered per layer
-ROUNDS = 1  # rounds of the alternation (the default search makes `residual.ROUNDS`)
+ROUNDS = 0  # rounds of the alternation (the default search makes `residual.ROUNDS`)
 
 
-def samples(total: int, share: int = SHARE) -> int:
-    """A `share`-th of `total` sequences, at least LEAST (or all there are)."""
-    return min(total, max(LEAST, math.ceil(total / share)))
+def samples(total: int, share: int = SHARE, least: int = LEAST) -> int:
+    """A `share`-th of `total` sequences, at least `least` (or all there are)."""
+    return min(total, max(least, math.ceil(total / share)))
 
 
 def judged(total: int, batch: int) -> int:

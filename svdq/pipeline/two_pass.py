@@ -41,7 +41,8 @@ if TYPE_CHECKING:
 
 def walk(walker: Walker, ids: torch.Tensor, settings: Settings, out: "_Out",
             scratch: Path, average: float) -> tuple[list[LayerPlan], dict]:
-    few = fast.samples(len(ids), fast.GRADIENT_SHARE) if settings.fast else len(ids)
+    few = (fast.samples(len(ids), fast.GRADIENT_SHARE, fast.GRADIENT_LEAST) if settings.fast
+           else len(ids))
     walker.gradients(ids[:few], fisher=settings.method == "fisher", scale=len(ids) / few)
     walker.start(ids)  # pass 1: each layer's options, numbers only
     layers, names = [], []

@@ -37,7 +37,8 @@ def test_fast_needs_a_budget(models, calib_file, tmp_path):
 
 def test_samples_take_a_share_at_least_four_and_the_judge_whole_batches():
     assert [fast.samples(n) for n in (1, 3, 4, 16, 32, 33)] == [1, 3, 4, 4, 8, 9]
-    assert [fast.samples(n, fast.GRADIENT_SHARE) for n in (3, 16, 32, 33, 64)] == [3, 4, 4, 5, 8]
+    assert [fast.samples(n, fast.GRADIENT_SHARE, fast.GRADIENT_LEAST)
+            for n in (1, 3, 16, 32, 33, 64)] == [1, 2, 2, 2, 3, 4]
     assert fast.judged(32, 8) == 8 and fast.judged(33, 8) == 16 and fast.judged(5, 8) == 5
     assert fast.judged(16, 3) == 6
 
@@ -109,7 +110,7 @@ def test_a_fast_budget_is_judged_on_a_quarter_within_its_bytes(models, calib_fil
     assert r.exit_code == 0, r.output
     manifest = runtime.read_manifest(tmp_path / "out")
     info = manifest["budget"]
-    assert info["fast"]["gradient_samples"] == 4 and grads == [(4, 4.0)]
+    assert info["fast"]["gradient_samples"] == 2 and grads == [(2, 8.0)]
     assert rounds and set(rounds) == {fast.ROUNDS}
     assert dtypes and set(dtypes) == {torch.float32}
     assert 2 <= len(info["candidates"]) <= 3
