@@ -11,10 +11,13 @@ fast search keeps every stage and cuts each where a cut costs least:
   least 2), scaled back to all of them (a quarter in session 26, an eighth in 27; on SmolLM2
   at w4 g64's bytes a sixteenth scored 30.06 against an eighth's 30.05, the gradient pass
   8.5 s from 15.5: RESULTS.md);
-- the `BASES` quantized bases nearest the budget's bits per weight (a plan mixes neighbours:
-  at 4.3 bits int4 in 64 and 128 and NF4 in 256; at 3.3 bits int3 in 64 and 128 and NF4 in
-  256), not every base within a factor of two; no low rank alone (no SVD of W) and no NF4 in
-  `--block-size` blocks (`measured.bits_choices`), which the integer grid dominates;
+- the `BASES` (two) quantized bases nearest the budget's bits per weight (a plan mixes
+  neighbours: at 4.3 bits int4 in 64 and NF4 in 256; at 3.3 bits int3 in 64 and 128), not
+  every base within a factor of two, and never int4 in groups of 2 × `--block-size`, which
+  NF4 in 4× blocks dominates (`options.bases`; three bases, session 27, scored 30.05 against
+  two's 30.06 at w4 g64's bytes and 37.86 against 38.32 at w3 g64's, for 10 and 22 s more
+  on SmolLM2); no low rank alone (no SVD of W) and no NF4 in `--block-size` blocks
+  (`measured.bits_choices`), which the integer grid dominates;
 - at most three candidates: the best estimate, the most exact plain quantization that fits
   (so the judge never keeps a plan worse than GPTQ alone on its loss) and the floored plan
   (often the estimate's own once low rank alone is gone: then two);
@@ -43,7 +46,7 @@ SHARE = 4  # the judge sees 1 / SHARE of the calibration sequences, at least LEA
 LEAST = 4
 GRADIENT_SHARE = 16  # ... the gradient pass 1 / GRADIENT_SHARE, at least GRADIENT_LEAST
 GRADIENT_LEAST = 2  # (each: or all there are)
-BASES = 3  # quantized bases offered per layer
+BASES = 2  # quantized bases offered per layer
 ROUNDS = 0  # rounds of the alternation (the default search makes `residual.ROUNDS`)
 
 

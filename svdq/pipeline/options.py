@@ -53,6 +53,12 @@ RESIDUAL_BASES = ((2, 1, "int"), (3, 1, "int"), (3, 2, "int"), (4, 1, "int"), (4
                   (4, 4, "bnb"), (8, 2, "int"))
 
 
+# `--fast` offers no int4 in groups of 2 × --block-size: NF4 in blocks of 4 × dominates it
+# (SmolLM2's first six blocks by GPTQ, `benchmarks/gptq/grids.py`: median layer error 0.0575
+# at 4.125 bits a weight against 0.0580 at 4.156), and a nearest-two choice would take it
+# in NF4's place (at w4 g64's bytes, 30.54 against 30.06 with NF4: RESULTS.md).
+
+
 def bases(settings: Settings, average: tuple[float, float] | None = None
           ) -> list[tuple[int, int, str]]:
     """The quantized bases of a budget's options: (bits, block or group size, grid). With
@@ -64,9 +70,10 @@ def bases(settings: Settings, average: tuple[float, float] | None = None
     if average is None:
         return chosen
     per_weight = lambda b, k, g: weight_bytes(4096, 4096, b, k, g) * 8 / 4096 ** 2  # noqa: E731
-    if settings.fast:  # the nearest few, by the ratio of bits (`pipeline.fast`)
+    if settings.fast:  # the nearest few, by the ratio of bits (`pipeline.fast`), of those
+        offered = [c for c in chosen if c != (4, 2 * settings.block_size, "int")]
         far = lambda c: min(abs(math.log(per_weight(*c) / a)) for a in average)  # noqa: E731
-        return sorted(sorted(chosen, key=far)[:FAST_BASES], key=chosen.index)
+        return sorted(sorted(offered, key=far)[:FAST_BASES], key=chosen.index)
     kept = [c for c in chosen if average[0] / 2 <= per_weight(*c) <= 1.6 * average[1]]
     return kept or sorted(chosen, key=lambda c: abs(per_weight(*c) - average[0]))[:2]
 
