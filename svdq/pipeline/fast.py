@@ -29,10 +29,12 @@ fast search keeps every stage and cuts each where a cut costs least:
 - the bases' errors' whitened SVDs in float32 (half the time of float64; a base's error is
   then the float32 product's energy, ~1e-6 relative, and its corrections' errors follow from
   it in float64);
-- the judge on a quarter of the sequences (whole batches; the gradients' sixteenth among them):
-  the candidates' streams exist only for it when their layers are built on pass 1's
-  statistics. A `--sequential` budget calibrates each candidate on its own stream, so there
-  every sequence is carried and only the head's loss is taken on the judged ones.
+- the judge scores an eighth of the sequences (at least 4; a quarter until session 28: on
+  Gemma-3-270M its 262,144-word head made the judge 38 s of a 177 s run), the candidates'
+  streams carrying the whole batches they lie in (the gradients' sixteenth among them): the
+  streams exist only for the judge when their layers are built on pass 1's statistics. A
+  `--sequential` budget calibrates each candidate on its own stream, so there every sequence
+  is carried and only the head's loss is taken on the judged ones.
 
 Statistics (the Grams every form is built on) still take every calibration sequence.
 """
@@ -42,7 +44,7 @@ import math
 
 import torch
 
-SHARE = 4  # the judge sees 1 / SHARE of the calibration sequences, at least LEAST ...
+SHARE = 8  # the judge scores 1 / SHARE of the calibration sequences, at least LEAST ...
 LEAST = 4
 GRADIENT_SHARE = 16  # ... the gradient pass 1 / GRADIENT_SHARE, at least GRADIENT_LEAST
 GRADIENT_LEAST = 2  # (each: or all there are)
@@ -56,8 +58,8 @@ def samples(total: int, share: int = SHARE, least: int = LEAST) -> int:
 
 
 def judged(total: int, batch: int) -> int:
-    """Sequences the judge scores of `total`: `samples`, rounded up to whole batches of
-    `batch` (the streams hold batches)."""
+    """Sequences the candidates' streams carry for the judge of `total`: the `samples` it
+    scores, rounded up to whole batches of `batch` (the streams hold batches)."""
     return min(total, math.ceil(samples(total) / batch) * batch)
 
 

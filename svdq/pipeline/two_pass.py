@@ -89,6 +89,7 @@ def walk(walker: Walker, ids: torch.Tensor, settings: Settings, out: "_Out",
     # calibrate their candidates too (own), and then the head still scores only those
     rows = fast.judged(len(ids), settings.batch_size) if settings.fast else len(ids)
     carried = len(ids) if own else rows
+    scored = fast.samples(len(ids)) if settings.fast else len(ids)
     walker.start(ids, variants=tuple(labels) if judged else (),  # pass 2: build, run, judge
                  main=judged and not causal if kept.on else not own or settings.refit or not causal,
                  rows=carried, main_rows=carried if kept.on else None)
@@ -135,7 +136,7 @@ def walk(walker: Walker, ids: torch.Tensor, settings: Settings, out: "_Out",
     if judged:
         walker.report("judging the candidate plans", 0, 1)
         walker.outside(True)
-        by = losses(walker.model, walker.variants, ids[:rows], walker.source.is_causal,
+        by = losses(walker.model, walker.variants, ids[:scored], walker.source.is_causal,
                     walker.main, head if judged else None)
         scores = [by[label] for label in labels]
         walker.clock.lap("judge")
@@ -155,7 +156,7 @@ def walk(walker: Walker, ids: torch.Tensor, settings: Settings, out: "_Out",
                            [p.name for p in plans[winner]])
     info["achieved_bytes"] = sum(p.bytes for p in plans[winner])
     if settings.fast:  # what the quicker search saw
-        info["fast"] = {"gradient_samples": few, "judged_samples": rows if judged else 0,
+        info["fast"] = {"gradient_samples": few, "judged_samples": scored if judged else 0,
                         "bases": [list(b) for b in bases(settings, (average, average))]}
     for entry, label in zip(info["candidates"], labels):  # as built (a product stores fewer)
         entry["bytes"] = sum(p.bytes for p in plans[label])

@@ -36,10 +36,10 @@ def test_fast_needs_a_budget(models, calib_file, tmp_path):
 
 
 def test_samples_take_a_share_at_least_four_and_the_judge_whole_batches():
-    assert [fast.samples(n) for n in (1, 3, 4, 16, 32, 33)] == [1, 3, 4, 4, 8, 9]
+    assert [fast.samples(n) for n in (1, 3, 4, 16, 32, 33, 64)] == [1, 3, 4, 4, 4, 5, 8]
     assert [fast.samples(n, fast.GRADIENT_SHARE, fast.GRADIENT_LEAST)
             for n in (1, 3, 16, 32, 33, 64)] == [1, 2, 2, 2, 3, 4]
-    assert fast.judged(32, 8) == 8 and fast.judged(33, 8) == 16 and fast.judged(5, 8) == 5
+    assert fast.judged(32, 8) == 8 and fast.judged(33, 8) == 8 and fast.judged(5, 8) == 5
     assert fast.judged(16, 3) == 6
 
 
@@ -92,9 +92,10 @@ def test_the_judge_scores_only_the_rows_it_is_given(models):
 
 
 @pytest.mark.parametrize("arch,ratio,extra", [("llama", 0.3, ()), ("bert", 0.4, ()),
-                                              ("llama", 0.3, ("--sequential",))])
-def test_a_fast_budget_is_judged_on_a_quarter_within_its_bytes(models, calib_file, tmp_path,
-                                                               monkeypatch, arch, ratio, extra):
+                                              ("llama", 0.3, ("--sequential",)),
+                                              ("llama", 0.3, ("--batch-size", "3"))])
+def test_a_fast_budget_is_judged_on_a_share_within_its_bytes(models, calib_file, tmp_path,
+                                                             monkeypatch, arch, ratio, extra):
     rounds, grads, scored, dtypes = [], [], [], []
     real_factorize = residual.factorize  # every base's error: decomposed in float32
     monkeypatch.setattr(residual, "factorize", lambda m, w, st, dtype=torch.float64: dtypes.append(
@@ -120,7 +121,8 @@ def test_a_fast_budget_is_judged_on_a_quarter_within_its_bytes(models, calib_fil
     assert 2 <= len(info["candidates"]) <= 3
     # a --sequential budget's streams calibrate its candidates: they carry every sequence,
     # the head scores the first four
-    carried = 16 if extra else 4
+    # (batches of 3: the streams carry the two batches the four judged sequences lie in)
+    carried = 16 if "--sequential" in extra else 6 if "3" in extra else 4
     assert info["fast"]["judged_samples"] == 4
     assert scored == [(4, [carried] * len(info["candidates"]))]
     assert all(c["calibration_loss"] is not None for c in info["candidates"])
