@@ -1,7 +1,12 @@
-"""Which grid at 4 bits in blocks of 256: NF4 (absmax) or the integer grid (scale + zero)?
-Per target layer of SmolLM2's first blocks, the relative output error by GPTQ on each grid.
+"""Which grids a quick budget should offer: per target layer of SmolLM2's first blocks, the
+relative output error on the calibration inputs by GPTQ (svdq's, as a budget quantizes its
+bases) on each of the integer grid at 3 and 4 bits in groups of 64, 128 and 256 and NF4 in
+blocks of 64 and 256; printed with each grid's bits per weight as stored.
 
     python benchmarks/gptq/grids.py [--blocks 6] [--samples 32]
+
+(`results/gptq_grids/session28.txt`: NF4 in 256 dominates int4 in 128, so `--fast` never
+offers the latter: `options.bases`.)
 """
 from __future__ import annotations
 

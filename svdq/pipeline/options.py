@@ -53,10 +53,9 @@ RESIDUAL_BASES = ((2, 1, "int"), (3, 1, "int"), (3, 2, "int"), (4, 1, "int"), (4
                   (4, 4, "bnb"), (8, 2, "int"))
 
 
-# `--fast` offers no int4 in groups of 2 × --block-size: NF4 in blocks of 4 × dominates it
-# (SmolLM2's first six blocks by GPTQ, `benchmarks/gptq/grids.py`: median layer error 0.0575
-# at 4.125 bits a weight against 0.0580 at 4.156), and a nearest-two choice would take it
-# in NF4's place (at w4 g64's bytes, 30.54 against 30.06 with NF4: RESULTS.md).
+# `--fast` never offers int4 in groups of 2 × --block-size: NF4 in 4× blocks dominates it
+# (`benchmarks/gptq/grids.py`: 0.0575 median error at 4.125 bits against 0.0580 at 4.156),
+# and the nearest two would take it in NF4's place (30.54 against 30.06: RESULTS.md).
 
 
 def bases(settings: Settings, average: tuple[float, float] | None = None

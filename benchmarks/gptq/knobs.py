@@ -1,0 +1,82 @@
+"""Screen `--fast`'s knobs one at a time: SmolLM2 compressed at GPTQ w4 g64's bytes (or w3
+g64's) with one of `pipeline.fast`'s settings changed, each run's stages and judged losses,
+then every artifact's perplexity on the held-out text as `speed.py` scores it.
+
+    python benchmarks/gptq/knobs.py base,rounds1,gradient8,bases3 [--bits 4] [--work DIR]
+
+A knob is set in the compress process before the CLI runs (the code as checked out is the
+baseline, `base`); runs go one at a time. No llm-compressor here: `speed.py` times GPTQ
+beside svdq; this only compares svdq's settings with each other.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+HERE = Path(__file__).parent
+sys.path.insert(0, str(HERE))
+sys.path.insert(0, str(HERE.parent))
+
+FAST = "import svdq.pipeline.fast as f; import svdq.pipeline.options as o; "
+KNOBS = {  # name: what it sets, against the checked-out code
+    "base": "",
+    "rounds1": FAST + "f.ROUNDS = 1",  # one round of the alternation
+    "rounds0": FAST + "f.ROUNDS = 0",
+    "gradient8": FAST + "f.GRADIENT_SHARE = 8; f.GRADIENT_LEAST = 4",  # an eighth, at least 4
+    "gradient16": FAST + "f.GRADIENT_SHARE = 16; f.GRADIENT_LEAST = 2",
+    "bases2": FAST + "f.BASES = o.FAST_BASES = 2",
+    "bases3": FAST + "f.BASES = o.FAST_BASES = 3",
+}
+BYTES = {4: 57231360, 3: 43752960}  # GPTQ w4 g64's and w3 g64's, as speed.py counts them
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("knobs", help=f"comma-separated, of: {', '.join(KNOBS)}")
+    parser.add_argument("--bits", type=int, choices=sorted(BYTES), default=4)
+    parser.add_argument("--max-tokens", type=int, default=32768)
+    parser.add_argument("--work", type=Path, default=None)
+    args = parser.parse_args()
+    names = args.knobs.split(",")
+    unknown = [n for n in names if n not in KNOBS]
+    if unknown:
+        sys.exit(f"unknown knob {unknown[0]!r}; choose from {', '.join(KNOBS)}")
+
+    from compare import plain_folder
+    from svdq import assets, load
+    from svdq.sweep import evaluator
+    from sweep import split_text
+
+    work = args.work or assets.cache_dir() / "gptq-knobs"
+    work.mkdir(parents=True, exist_ok=True)
+    calib, evaluation, _ = split_text(assets.cache_dir() / "bench-text")
+    _, folder, source = plain_folder("smollm2")
+    rows = []
+    for name in names:
+        out = work / f"{name}-w{args.bits}"
+        code = KNOBS[name] + "\nimport sys\nfrom svdq.cli import app\nsys.argv[0] = 'svdq'\napp()"
+        with open(work / f"{name}-w{args.bits}.log", "w") as log:
+            subprocess.run([sys.executable, "-c", code, "compress", str(folder), "--size",
+                            f"{BYTES[args.bits]}B", "--calib", str(calib), "-o", str(out),
+                            "--overwrite", "--json", "--fast"], check=True,
+                           stdout=subprocess.DEVNULL, stderr=log,
+                           env={**os.environ, "HF_HUB_OFFLINE": "1"})
+        manifest = json.loads((out / "svdq.json").read_text())
+        budget = manifest["budget"]
+        rows.append({"knob": name, "stages_s": manifest["timings_s"], "bases": budget["fast"]["bases"],
+                     "candidates": [(c["plan"], c["calibration_loss"]) for c in budget["candidates"]]})
+        print(json.dumps(rows[-1]), flush=True)
+    score, _ = evaluator(source, (evaluation.read_text(), str(evaluation)), None, 512, 512,
+                         args.max_tokens, 1)
+    for row in rows:
+        row["ppl"] = score(load(work / f"{row['knob']}-w{args.bits}", dequantize=True))["quality"]
+        print(json.dumps({"knob": row["knob"], "ppl": row["ppl"]}), flush=True)
+    (work / f"knobs-w{args.bits}.json").write_text(json.dumps(rows, indent=1))
+
+
+if __name__ == "__main__":
+    main()
