@@ -10,32 +10,20 @@ offers the latter: `options.bases`.)
 """
 from __future__ import annotations
 
-import argparse
 import statistics
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).parent))
+from screen import first_blocks  # noqa: E402
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--blocks", type=int, default=6)
-    parser.add_argument("--samples", type=int, default=32)
-    args = parser.parse_args()
-
-    from svdq import assets
+    args, _, works = first_blocks(__doc__.splitlines()[0])
     from svdq.algo.dense import quantize_each
     from svdq.algo.error import reference, relative_error
     from svdq.algo.quant import weight_bytes
-    from svdq.config import Settings
-    from svdq.models import load
-    from svdq.pipeline.inputs import calibration_ids
-    from svdq.pipeline.walk import analyse
-    from svdq.pipeline.work import Clock
 
-    calib = assets.cache_dir() / "bench-text" / "calib.txt"
-    source = load.load_source(str(assets.fetch("smollm2")), stream=False)
-    settings = Settings(calib=str(calib), calib_samples=args.samples, method="whiten",
-                        include=tuple(f"model.layers.{i}.*" for i in range(args.blocks)))
-    ids = calibration_ids(source, settings, lambda *a: None, {})
-    works = analyse(source, settings, ids, lambda *a: None, Clock())
     grids = [(4, 64, "int"), (4, 128, "int"), (4, 256, "int"), (4, 256, "bnb"), (4, 64, "bnb"),
              (3, 64, "int"), (3, 128, "int"), (3, 256, "int")]
     errs = {g: [] for g in grids}

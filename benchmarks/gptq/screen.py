@@ -39,20 +39,18 @@ def spearman(a: list[float], b: list[float]) -> float:
     return 1 - 6 * sum((x - y) ** 2 for x, y in zip(ra, rb)) / (n * (n * n - 1))
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def first_blocks(description: str):
+    """`--blocks`/`--samples` parsed, and the work (weights and statistics) of every target
+    layer of SmolLM2's first blocks on that many calibration sequences of the bench text."""
+    parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--blocks", type=int, default=6)
     parser.add_argument("--samples", type=int, default=32)
     args = parser.parse_args()
 
     from svdq import assets
-    from svdq.algo.dense import quantize_each, quantize_weight
-    from svdq.algo.error import reference, relative_error
-    from svdq.algo.quant import weight_bytes
     from svdq.config import Settings
     from svdq.models import load
     from svdq.pipeline.inputs import calibration_ids
-    from svdq.pipeline.options import RESIDUAL_BASES
     from svdq.pipeline.walk import analyse
     from svdq.pipeline.work import Clock
 
@@ -61,7 +59,15 @@ def main() -> None:
     settings = Settings(calib=str(calib), calib_samples=args.samples, method="whiten",
                         include=tuple(f"model.layers.{i}.*" for i in range(args.blocks)))
     ids = calibration_ids(source, settings, lambda *a: None, {})
-    works = analyse(source, settings, ids, lambda *a: None, Clock())
+    return args, settings, analyse(source, settings, ids, lambda *a: None, Clock())
+
+
+def main() -> None:
+    args, settings, works = first_blocks(__doc__.splitlines()[0])
+    from svdq.algo.dense import quantize_each, quantize_weight
+    from svdq.algo.error import reference, relative_error
+    from svdq.algo.quant import weight_bytes
+    from svdq.pipeline.options import RESIDUAL_BASES
     grids = [(b, m * settings.block_size, g) for b, m, g in RESIDUAL_BASES]
     rtn = {g: [] for g in grids}
     gptq = {g: [] for g in grids}
