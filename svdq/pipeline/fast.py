@@ -14,9 +14,9 @@ fast search keeps every stage and cuts each where a cut costs least:
 - the `BASES` (two) quantized bases nearest the budget's bits per weight (a plan mixes
   neighbours: at 4.3 bits int4 in 64 and NF4 in 256; at 3.3 bits int3 in 64 and 128), not
   every base within a factor of two, and never int4 in groups of 2 × `--block-size`, which
-  NF4 in 4× blocks dominates (`options.bases`; three bases, session 27, scored 30.05 against
-  two's 30.06 at w4 g64's bytes and 37.86 against 38.32 at w3 g64's, for 10 and 22 s more
-  on SmolLM2); no low rank alone (no SVD of W) and no NF4 in `--block-size` blocks
+  NF4 in 4× blocks dominates (`options.bases`; three bases, as until session 28, scored
+  30.05 against two's 30.06 at w4 g64's bytes and 37.86 against 38.32 at w3 g64's, for 10
+  and 22 s more on SmolLM2); no low rank alone (no SVD of W) and no NF4 in `--block-size` blocks
   (`measured.bits_choices`), which the integer grid dominates;
 - at most three candidates: the best estimate, the most exact plain quantization that fits
   (so the judge never keeps a plan worse than GPTQ alone on its loss) and the floored plan
