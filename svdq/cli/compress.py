@@ -81,10 +81,10 @@ def compress(
                                      "target layers) or all (the whole checkpoint as stored: "
                                      "the layers get what the other tensors leave)."),
     fast: bool = typer.Option(False, help="With --ratio/--size: a quicker plan search — "
-                              "gradients and the judge on a quarter of the calibration "
-                              "sequences, the three bases nearest the budget's bits, no low "
-                              "rank alone, at most three candidate plans, one round of "
-                              "refinement."),
+                              "gradients on a sixteenth and the judge on an eighth of the "
+                              "calibration sequences, the two bases nearest the budget's "
+                              "bits, no low rank alone, at most three candidate plans, no "
+                              "round of refinement."),
     offload_activations: bool = typer.Option(False, help="Keep the calibration activations in "
                                              "files beside the output instead of memory (also "
                                              "done by itself when they are large)."),
