@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from svdq.algo.error import error_norm2, once
+from svdq.algo.error import base_error2
 from svdq.algo.factorize import LayerStats
 from svdq.algo.gptq import gptq_many, prepare
 from svdq.algo.quant import IntQuantized, Quantized, quantize
@@ -94,8 +94,7 @@ def _gptq(ws: list[torch.Tensor], stats: LayerStats, grids: list[tuple[int, int,
 
 def stored_dense(w: torch.Tensor, stats: LayerStats, ref: float, bits: int, block_size: int,
                  k_break: int, grid: str = "bnb", gptq: bool = False) -> Stored:
-    """The whole weight quantized at `bits`, and its error relative to `ref` (a base's error
-    made once per weight and base: `stored_residual` reads the same, `residual.known` sets it)."""
+    """The whole weight quantized at `bits`, and its error relative to `ref` (`base_error2`:
+    what `stored_residual` reads too)."""
     q = quantize_weight(w, stats, bits, block_size, grid, gptq)
-    e2 = once(stats, "base_error2", (w, q), lambda: error_norm2(w - q.dequantize(), stats))
-    return Stored("dense", 0, k_break, bits, e2 ** 0.5 / ref, weight=q)
+    return Stored("dense", 0, k_break, bits, base_error2(w, q, stats) ** 0.5 / ref, weight=q)

@@ -59,6 +59,16 @@ def known_output_norm2(w: torch.Tensor, bias: torch.Tensor | None, stats: LayerS
     once(stats, "output_norm2", (w, bias), lambda: norm2)
 
 
+def base_error2(w: torch.Tensor, q, stats: LayerStats, known: float | None = None) -> float:
+    """‖X (W − Q)ᵀ‖² of `w` and its quantized base `q` (`quant.Quantized`/`IntQuantized`),
+    made once per weight, base and Gram (`once`): a base's plain form and every rank of its
+    correction start from it. `known`: the number, found elsewhere for this very `w` and `q`
+    (a whitened SVD's `Factors.energy`: `residual.known`), taken instead of a trace form."""
+    make = (lambda: max(known, 0.0)) if known is not None else (
+        lambda: error_norm2(w - q.dequantize(), stats))
+    return once(stats, "base_error2", (w, q), make)
+
+
 def error_norm2(delta: torch.Tensor, stats: LayerStats) -> float:
     """‖X Δᵀ‖²_F = tr(Δ G Δᵀ)."""
     return float(trace_form(delta, stats.gram).clamp_min(0))

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import torch
 
 from svdq.algo.dense import STACK, quantize_each, quantize_weight
-from svdq.algo.error import corrected_error2, error_norm2, once
+from svdq.algo.error import base_error2, corrected_error2
 from svdq.algo.factorize import Factors, LayerStats, factorize
 from svdq.algo.lowrank import lowrank_bytes
 from svdq.algo.quant import IntQuantized, Quantized, quantize, weight_bytes
@@ -65,9 +65,8 @@ def known(w: torch.Tensor, res: Residual, stats: LayerStats) -> Residual:
     """`res`, made of `w`: where its factorization found its error's energy for free
     (`Factors.energy`) that is the base's error ‖X (W − Q)ᵀ‖² `stored_residual` reads (no
     trace form), for this very `w` only."""
-    energy = res.factors.energy
-    if energy is not None:
-        once(stats, "base_error2", (w, res.weight), lambda: max(energy, 0.0))
+    if res.factors.energy is not None:
+        base_error2(w, res.weight, stats, known=res.factors.energy)
     return res
 
 
@@ -77,10 +76,10 @@ def stored_residual(w: torch.Tensor, res: Residual, stats: LayerStats, ref: floa
 
     Rank 0 is the quantized weight alone, stored as a plain dense layer."""
     q, bits, block_size = res.weight, res.weight.bits, res.weight.block_size
-    e = w - q.dequantize()  # every rank's error starts from the base's, made once (`once`)
-    e2 = once(stats, "base_error2", (w, q), lambda: error_norm2(e, stats))
+    e2 = base_error2(w, q, stats)  # every rank's error starts from the base's, made once
     if k == 0:
         return Stored("dense", 0, k_break, bits, e2 ** 0.5 / ref, weight=q)
+    e = w - q.dequantize()
     u = quantize(res.factors.u[:, :k].T, RESIDUAL_FACTOR_BITS, block_size)
     v = quantize(res.factors.vt[:k], RESIDUAL_FACTOR_BITS, block_size)
     s = res.factors.s[:k].float().contiguous()
