@@ -41,14 +41,14 @@ def gradients(model: nn.Module, ids: torch.Tensor, modules: dict[str, nn.Module]
               seed: int, report: Callable[[str, int, int], None] | None = None,
               fisher: bool = True, load: Callable[[int], None] | None = None,
               unload: Callable[[int], None] | None = None,
-              new_stream: Callable[[], Stream] | None = None
+              new_stream: Callable[[], Stream] | None = None, bf16: bool = False
               ) -> dict[str, tuple[torch.Tensor | None, float]]:
     """{name: (row_fisher, or None without `fisher`; grad2)} for the target layers `modules`.
 
     By default the model is whole in memory; a walk over a streamed source passes `load(i)` /
     `unload(i)`, which bring block i's weights in and out, and `new_stream()`, an empty
     `models.streams.Stream` for the block inputs kept between the two walks (in files
-    where they are large)."""
+    where they are large). `bf16`: a causal LM's head in bfloat16 (`loss.token_loss`)."""
     report = report or (lambda stage, done, total: None)
     if causal and ids.shape[1] < 2:
         raise SvdqError("gradient statistics of a causal LM need calibration sequences of at "
@@ -83,7 +83,7 @@ def gradients(model: nn.Module, ids: torch.Tensor, modules: dict[str, nn.Module]
             report("gradients", done, steps)
         head = {k: m for k, m in modules.items() if not k.startswith(prefix + ".")}
         with _watching(head, fisher, out):  # --include'd layers of the head
-            grads = _head(model, stream, ids, causal, seed)
+            grads = _head(model, stream, ids, causal, seed, bf16)
         stream.drop()
         done += 1
         report("gradients", done, steps)
@@ -106,7 +106,7 @@ def gradients(model: nn.Module, ids: torch.Tensor, modules: dict[str, nn.Module]
 
 
 def _head(model: nn.Module, last: Stream, ids: torch.Tensor, causal: bool,
-          seed: int) -> list[torch.Tensor]:
+          seed: int, bf16: bool = False) -> list[torch.Tensor]:
     """∂L_s/∂h for each sample s, h the last block's outputs."""
     generator = torch.Generator().manual_seed(seed)
     grads = []
@@ -119,7 +119,7 @@ def _head(model: nn.Module, last: Stream, ids: torch.Tensor, causal: bool,
                 logits = class_logits(model, cell, h, sample)
                 nn.functional.cross_entropy(logits, logits.detach().argmax(-1)).backward()
             elif causal:
-                token_loss(model, cell, h, sample, backward=True)
+                token_loss(model, cell, h, sample, backward=True, bf16=bf16)
             else:
                 states = final_states(model, cell, h, sample)
                 r = torch.randn(states.shape[-1], generator=generator, dtype=torch.float64)

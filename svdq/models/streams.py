@@ -62,14 +62,11 @@ class Stream:
         """An empty stream that keeps its hidden states where this one does."""
         return Stream(self.device, self.home, None if self.folder is None else self.folder.parent)
 
-    def copy(self, rows: int | None = None) -> "Stream":
-        """A copy; with `rows`, of the first batches only, as many as hold that many rows."""
-        out, held = self.like(), 0
+    def copy(self) -> "Stream":
+        """A copy."""
+        out = self.like()
         for h in self:
-            if rows is not None and held >= rows:
-                break
             out.append(h)
-            held += h.shape[0]
         return out
 
     def drop(self) -> None:

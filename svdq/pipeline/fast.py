@@ -30,11 +30,12 @@ fast search keeps every stage and cuts each where a cut costs least:
   then the float32 product's energy, ~1e-6 relative, and its corrections' errors follow from
   it in float64);
 - the judge scores an eighth of the sequences (at least 4; a quarter until session 28: on
-  Gemma-3-270M its 262,144-word head made the judge 38 s of a 177 s run), the candidates'
-  streams carrying the whole batches they lie in (the gradients' sixteenth among them): the
-  streams exist only for the judge when their layers are built on pass 1's statistics. A
-  `--sequential` budget calibrates each candidate on its own stream, so there every sequence
-  is carried and only the head's loss is taken on the judged ones.
+  Gemma-3-270M its 262,144-word head made the judge 38 s of a 177 s run), and the candidates'
+  streams carry only those (pass 2 captures them as batches of their own; until session 29
+  the whole batches of `--batch-size` they lay in): the streams exist only for the judge when
+  their layers are built on pass 1's statistics. A `--sequential` budget calibrates each
+  candidate on its own stream, so there every sequence is carried and only the head's loss is
+  taken on the judged ones.
 
 Statistics (the Grams every form is built on) still take every calibration sequence.
 """
@@ -55,12 +56,6 @@ ROUNDS = 0  # rounds of the alternation (the default search makes `residual.ROUN
 def samples(total: int, share: int = SHARE, least: int = LEAST) -> int:
     """A `share`-th of `total` sequences, at least `least` (or all there are)."""
     return min(total, max(least, math.ceil(total / share)))
-
-
-def judged(total: int, batch: int) -> int:
-    """Sequences the candidates' streams carry for the judge of `total`: the `samples` it
-    scores, rounded up to whole batches of `batch` (the streams hold batches)."""
-    return min(total, math.ceil(samples(total) / batch) * batch)
 
 
 def factor_dtype(fast: bool) -> torch.dtype:

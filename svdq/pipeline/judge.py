@@ -40,11 +40,13 @@ def _rows(stream: Stream, ids: torch.Tensor):
 
 def losses(model: nn.Module, finals: dict[str, Stream], ids: torch.Tensor, causal: bool,
            reference: Stream | None = None,
-           heads: dict[str, dict[str, nn.Module]] | None = None) -> dict[str, float]:
+           heads: dict[str, dict[str, nn.Module]] | None = None,
+           bf16: bool = False) -> dict[str, float]:
     """The calibration loss of each stream in `finals` (the last block's outputs of a plan);
     encoders and image classifiers compare against `reference`, the source's own stream
     through the model's own head; `heads[label]`: the plan's head layers, swapped in for its
-    loss (`--include`d layers after the blocks)."""
+    loss (`--include`d layers after the blocks). `bf16`: a causal LM's head in bfloat16
+    (`loss.token_loss`; `--fast`, where that is native)."""
     out = {}
     heads = heads or {}
     with tail(model) as cell, torch.no_grad():
@@ -58,7 +60,7 @@ def losses(model: nn.Module, finals: dict[str, Stream], ids: torch.Tensor, causa
             with swapped(model, heads.get(label, {})):
                 rows = _rows(stream, ids)
                 if causal:
-                    total = sum(token_loss(model, cell, h, seq) for seq, h in rows)
+                    total = sum(token_loss(model, cell, h, seq, bf16=bf16) for seq, h in rows)
                     out[label] = total / max(ids.shape[0] * (ids.shape[1] - 1), 1)
                 elif ids.is_floating_point():  # images: KL of the class distributions
                     out[label] = sum(kl_sum(r, class_logits(model, cell, h, x)) for (x, h), r

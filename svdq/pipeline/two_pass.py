@@ -21,6 +21,7 @@ from svdq.algo.dense import hold, prequantize, release
 from svdq.algo.error import known_output_norm2, reference
 from svdq.algo.residual import ROUNDS, known, refine_residuals
 from svdq.algo.stored import Stored
+from svdq.calibration.loss import native_bf16
 from svdq.config import Settings
 from svdq.models.attention import heads
 from svdq.models.layers import set_module
@@ -85,14 +86,13 @@ def walk(walker: Walker, ids: torch.Tensor, settings: Settings, out: "_Out",
     # main stream is then read only as the encoders' reference and --refit's source side
     own = settings.sequential and judged
     causal = walker.source.is_causal  # its judge reads no main stream; an encoder's does
-    # --fast: the judge scores some sequences; their streams carry only those unless they
-    # calibrate their candidates too (own), and then the head still scores only those
-    rows = fast.judged(len(ids), settings.batch_size) if settings.fast else len(ids)
-    carried = len(ids) if own else rows
+    # --fast: the judge scores some sequences. On pass 1's statistics (kept) the streams exist
+    # only for the judge, so pass 2 captures just those, in batches of their own; --sequential's
+    # streams calibrate their candidates too: they carry every sequence, the head scores some
     scored = fast.samples(len(ids)) if settings.fast else len(ids)
-    walker.start(ids, variants=tuple(labels) if judged else (),  # pass 2: build, run, judge
-                 main=judged and not causal if kept.on else not own or settings.refit or not causal,
-                 rows=carried, main_rows=carried if kept.on else None)
+    walker.start(ids[:scored] if kept.on else ids,  # pass 2: build, run, judge
+                 variants=tuple(labels) if judged else (),
+                 main=judged and not causal if kept.on else not own or settings.refit or not causal)
     n = 0
     for i in range(blocks + 1):
         swaps: dict[str, dict[str, nn.Module]] = {label: {} for label in labels}
@@ -137,7 +137,8 @@ def walk(walker: Walker, ids: torch.Tensor, settings: Settings, out: "_Out",
         walker.report("judging the candidate plans", 0, 1)
         walker.outside(True)
         by = losses(walker.model, walker.variants, ids[:scored], walker.source.is_causal,
-                    walker.main, head if judged else None)
+                    walker.main, head if judged else None,
+                    bf16=settings.fast and native_bf16(walker.device))
         scores = [by[label] for label in labels]
         walker.clock.lap("judge")
     best = min(range(len(found)), key=lambda k: (scores[k] is None, scores[k] or 0.0, k))

@@ -25,6 +25,7 @@ from torch import nn
 from svdq.algo.factorize import LayerStats
 from svdq.calibration.collect import Collector
 from svdq.calibration.gradients import gradients
+from svdq.calibration.loss import native_bf16
 from svdq.config import Settings
 from svdq.errors import SvdqError
 from svdq.models import stream
@@ -113,26 +114,25 @@ class Walker:
     def gradients(self, ids: torch.Tensor, fisher: bool, scale: float = 1.0) -> None:
         """Gradient statistics of every target layer (`calibration.gradients`), kept to be
         attached to each layer's statistics as the walk reaches it; `scale` multiplies them
-        (sums over some of the sequences, `--fast`, stand for sums over all)."""
+        (sums over some of the sequences, `--fast`, stand for sums over all; `--fast` also
+        runs the head in bfloat16 where that is native, `loss.native_bf16`)."""
         offload = self._offload(len(self.blocks) + 1)
         self.outside(True)
         modules = {n: self.model.get_submodule(n) for n in self.names}
         self.grads = gradients(self.model, ids, modules, self.source.is_causal, self.settings.seed,
                                self.report, fisher, self.load, self.unload,
-                               lambda: self.new_stream(offload))
+                               lambda: self.new_stream(offload),
+                               bf16=self.settings.fast and native_bf16(self.device))
         if scale != 1.0:
             self.grads = {n: (None if f is None else f * scale, g * scale)
                           for n, (f, g) in self.grads.items()}
         self.clock.lap("gradients")
 
-    def start(self, ids: torch.Tensor, variants: tuple[str, ...] = (), main: bool = True,
-              rows: int | None = None, main_rows: int | None = None) -> None:
+    def start(self, ids: torch.Tensor, variants: tuple[str, ...] = (), main: bool = True) -> None:
         """Capture the first block's inputs: the main stream, and a copy per variant. Without
         `main` the main stream is dropped once the variants have their copies (a causal LM's
         judged `--sequential` budget without `--refit`, or its pass 2 on pass 1's statistics:
-        nothing reads it, and carrying it would cost a forward per block). `rows`: the
-        variants carry only the batches of the first `rows` sequences (`--fast`'s judge),
-        `main_rows` the main stream likewise (where it is only the judge's reference)."""
+        nothing reads it, and carrying it would cost a forward per block)."""
         torch.manual_seed(self.settings.seed)
         sequential, refit = self.settings.sequential, self.settings.refit
         offload = self._offload(1 + len(variants) + (sequential and refit))
@@ -157,10 +157,7 @@ class Walker:
         self.kwargs = captured.kwargs
         # a judged --sequential budget pairs each candidate with the main stream (the source's)
         self.paired = self.main.copy() if sequential and refit and not variants else None
-        self.variants = {label: self.main.copy(rows) for label in variants}
-        if main and main_rows is not None:
-            whole, self.main = self.main, self.main.copy(main_rows)
-            whole.drop()
+        self.variants = {label: self.main.copy() for label in variants}
         if not main:
             self.main.drop()
             self.main = None

@@ -35,12 +35,10 @@ def test_fast_needs_a_budget(models, calib_file, tmp_path):
         Settings(fast=True)
 
 
-def test_samples_take_a_share_at_least_four_and_the_judge_whole_batches():
+def test_samples_take_a_share_at_least_a_few():
     assert [fast.samples(n) for n in (1, 3, 4, 16, 32, 33, 64)] == [1, 3, 4, 4, 4, 5, 8]
     assert [fast.samples(n, fast.GRADIENT_SHARE, fast.GRADIENT_LEAST)
             for n in (1, 3, 16, 32, 33, 64)] == [1, 2, 2, 2, 3, 4]
-    assert fast.judged(32, 8) == 8 and fast.judged(33, 8) == 8 and fast.judged(5, 8) == 5
-    assert fast.judged(16, 3) == 6
 
 
 @pytest.mark.parametrize("ratio", [0.143, 0.206, 0.27, 0.5])
@@ -62,15 +60,6 @@ def runtime_bits(b, block, grid):
     return weight_bytes(4096, 4096, b, block, grid) * 8 / 4096 ** 2
 
 
-def test_a_stream_copies_whole_batches_up_to_the_rows(tmp_path):
-    for folder in (None, tmp_path):
-        s = Stream(torch.device("cpu"), folder=folder)
-        for k in range(4):
-            s.append(torch.full((2, 3, 5), float(k)))
-        assert [float(h[0, 0, 0]) for h in s.copy(3)] == [0.0, 1.0]
-        assert len(s.copy(4)) == 2 and len(s.copy()) == 4 and len(s.copy(100)) == 4
-
-
 def test_the_judge_scores_only_the_rows_it_is_given(models):
     from transformers import AutoModelForCausalLM
     model = AutoModelForCausalLM.from_pretrained(models["llama"]).eval()
@@ -82,7 +71,9 @@ def test_the_judge_scores_only_the_rows_it_is_given(models):
         for i, block in enumerate(model.model.layers):
             h = model_blocks.run_block(block, h, captured.kwargs[i][b])
         stream.append(h)
-    head = stream.copy(4)
+    head = Stream(torch.device("cpu"))
+    for h in list(stream)[:2]:
+        head.append(h)
     some = judge.losses(model, {"a": stream}, ids[:4], True)["a"]
     assert some == pytest.approx(judge.losses(model, {"a": head}, ids[:4], True)["a"], rel=1e-6)
     with torch.no_grad():
@@ -107,9 +98,10 @@ def test_a_fast_budget_is_judged_on_a_share_within_its_bytes(models, calib_file,
     monkeypatch.setattr(two_pass.Walker, "gradients", lambda self, ids, **k: grads.append(
         (len(ids), k["scale"])) or real_grads(self, ids, **k))
     real_losses = two_pass.losses
-    monkeypatch.setattr(two_pass, "losses", lambda model, finals, ids, *a: scored.append(
-        (ids.shape[0], [sum(h.shape[0] for h in s) for s in finals.values()]))
-        or real_losses(model, finals, ids, *a))
+    monkeypatch.setattr(two_pass, "native_bf16", lambda device: True)
+    monkeypatch.setattr(two_pass, "losses", lambda model, finals, ids, *a, **k: scored.append(
+        (ids.shape[0], [sum(h.shape[0] for h in s) for s in finals.values()], k["bf16"]))
+        or real_losses(model, finals, ids, *a, **k))
     r = run(models[arch], tmp_path / "out", calib_file, "--ratio", ratio, "--fast", "--json",
             *extra)
     assert r.exit_code == 0, r.output
@@ -120,11 +112,11 @@ def test_a_fast_budget_is_judged_on_a_share_within_its_bytes(models, calib_file,
     assert dtypes and set(dtypes) == {torch.float32}
     assert 2 <= len(info["candidates"]) <= 3
     # a --sequential budget's streams calibrate its candidates: they carry every sequence,
-    # the head scores the first four
-    # (batches of 3: the streams carry the two batches the four judged sequences lie in)
-    carried = 16 if "--sequential" in extra else 6 if "3" in extra else 4
+    # the head scores the first four; otherwise they carry just those four (with batches of
+    # 3 too: pass 2 captures them on their own)
+    carried = 16 if "--sequential" in extra else 4
     assert info["fast"]["judged_samples"] == 4
-    assert scored == [(4, [carried] * len(info["candidates"]))]
+    assert scored == [(4, [carried] * len(info["candidates"]), True)]  # where bf16 is native
     assert all(c["calibration_loss"] is not None for c in info["candidates"])
     assert info["achieved_bytes"] <= info["requested_bytes"]
     allowed = {tuple(b) for b in info["fast"]["bases"]}
