@@ -16,6 +16,7 @@ loader runs, so what is measured here is what loads.
 """
 from __future__ import annotations
 
+import functools
 import logging
 import math
 from dataclasses import dataclass, field
@@ -82,9 +83,11 @@ class IntQuantized:
                               self.zeros.to(self.device), self.shape, self.block_size, self.bits)
 
 
+@functools.cache
 def _bnb():
     """bitsandbytes.functional, imported without its warning about optional CPU GEMM kernels
-    (svdq quantizes with bitsandbytes but never runs its matmuls)."""
+    (svdq quantizes with bitsandbytes but never runs its matmuls). Once: a logger's setLevel
+    clears every logger's cache (3,300 calls were 1.1 s of a SmolLM2 --fast budget)."""
     logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
     import bitsandbytes.functional
 
@@ -92,9 +95,14 @@ def _bnb():
 
 
 def codebook(bits: int) -> torch.Tensor:
-    """The code values bitsandbytes uses for `bits` (stored once per artifact)."""
-    bnbf = _bnb()
+    """The code values bitsandbytes uses for `bits` (stored once per artifact): a copy of
+    `_codebook`'s, which bitsandbytes makes once."""
+    return _codebook(bits).clone()
 
+
+@functools.cache
+def _codebook(bits: int) -> torch.Tensor:
+    bnbf = _bnb()
     if bits == 8:
         return bnbf.create_dynamic_map(signed=True).float()
     if bits == 4:

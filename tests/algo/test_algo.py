@@ -115,6 +115,15 @@ def nf4_reference(w: torch.Tensor, block: int) -> torch.Tensor:
     return (book[idx] * absmax).reshape(-1)[: w.numel()].reshape(w.shape)
 
 
+def test_codebooks_are_made_once_and_handed_out_as_copies():
+    bnbf = pytest.importorskip("bitsandbytes.functional")
+    book = quant.codebook(4)
+    book += 1  # the caller's own copy
+    assert torch.equal(quant.codebook(4), bnbf.get_4bit_type("nf4", device="cpu").float())
+    assert torch.equal(quant.codebook(8), bnbf.create_dynamic_map(signed=True).float())
+    assert quant.codebook(8) is not quant.codebook(8)
+
+
 @pytest.mark.parametrize("shape", [(4, 32), (2, 96), (5, 13), (24, 40), (3, 64)],
                          ids=lambda s: "x".join(map(str, s)))
 def test_nf4_dequantize_matches_nearest_code_definition(shape):
