@@ -28,6 +28,7 @@ KNOBS = {  # name: what it sets, against the checked-out code
     "rounds0": FAST + "f.ROUNDS = 0",
     "gradient8": FAST + "f.GRADIENT_SHARE = 8; f.GRADIENT_LEAST = 4",  # an eighth, at least 4
     "gradient16": FAST + "f.GRADIENT_SHARE = 16; f.GRADIENT_LEAST = 2",
+    "gradient1": FAST + "f.GRADIENT_SHARE = 32; f.GRADIENT_LEAST = 1",  # one sequence of 32
     "bases2": FAST + "f.BASES = o.FAST_BASES = 2",
     "bases3": FAST + "f.BASES = o.FAST_BASES = 3",
 }
