@@ -29,7 +29,7 @@ from typing import Callable, Iterator
 import torch
 from torch import nn
 
-from svdq.calibration.loss import class_logits, final_states, token_loss
+from svdq.calibration.loss import bf16_head, class_logits, final_states, token_loss
 from svdq.errors import SvdqError
 from svdq.models import blocks as model_blocks
 from svdq.models.blocks import capture, tail
@@ -48,7 +48,8 @@ def gradients(model: nn.Module, ids: torch.Tensor, modules: dict[str, nn.Module]
     By default the model is whole in memory; a walk over a streamed source passes `load(i)` /
     `unload(i)`, which bring block i's weights in and out, and `new_stream()`, an empty
     `models.streams.Stream` for the block inputs kept between the two walks (in files
-    where they are large). `bf16`: a causal LM's head in bfloat16 (`loss.token_loss`)."""
+    where they are large). `bf16`: a causal LM's head in bfloat16 (`loss.bf16_head`) unless
+    a layer of the head is a target."""
     report = report or (lambda stage, done, total: None)
     if causal and ids.shape[1] < 2:
         raise SvdqError("gradient statistics of a causal LM need calibration sequences of at "
@@ -82,8 +83,8 @@ def gradients(model: nn.Module, ids: torch.Tensor, modules: dict[str, nn.Module]
             done += 1
             report("gradients", done, steps)
         head = {k: m for k, m in modules.items() if not k.startswith(prefix + ".")}
-        with _watching(head, fisher, out):  # --include'd layers of the head
-            grads = _head(model, stream, ids, causal, seed, bf16)
+        with _watching(head, fisher, out), bf16_head(model, bf16 and not head):
+            grads = _head(model, stream, ids, causal, seed)  # with the --include'd head layers
         stream.drop()
         done += 1
         report("gradients", done, steps)
@@ -106,7 +107,7 @@ def gradients(model: nn.Module, ids: torch.Tensor, modules: dict[str, nn.Module]
 
 
 def _head(model: nn.Module, last: Stream, ids: torch.Tensor, causal: bool,
-          seed: int, bf16: bool = False) -> list[torch.Tensor]:
+          seed: int) -> list[torch.Tensor]:
     """∂L_s/∂h for each sample s, h the last block's outputs."""
     generator = torch.Generator().manual_seed(seed)
     grads = []
@@ -119,7 +120,7 @@ def _head(model: nn.Module, last: Stream, ids: torch.Tensor, causal: bool,
                 logits = class_logits(model, cell, h, sample)
                 nn.functional.cross_entropy(logits, logits.detach().argmax(-1)).backward()
             elif causal:
-                token_loss(model, cell, h, sample, backward=True, bf16=bf16)
+                token_loss(model, cell, h, sample, backward=True)
             else:
                 states = final_states(model, cell, h, sample)
                 r = torch.randn(states.shape[-1], generator=generator, dtype=torch.float64)

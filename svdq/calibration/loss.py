@@ -14,6 +14,7 @@ import contextlib
 import functools
 import inspect
 from pathlib import Path
+from typing import Iterator
 
 import torch
 from torch import nn
@@ -42,9 +43,33 @@ def native_bf16(device: torch.device | str) -> bool:
     return device.type == "cpu" and any(f in _cpu_flags() for f in BF16_FLAGS)
 
 
-def head_precision(device: torch.device | str, bf16: bool) -> contextlib.AbstractContextManager:
-    """The head's products in bfloat16 (autocast) where `bf16`, else as the model is."""
-    return torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=bf16)
+class _Bf16Head(nn.Module):
+    """A linear head multiplying in bfloat16: its weight cast once (an autocast casts it on
+    every call — per chunk of logits, 0.1 s each at 262,144 × 640), float32 logits out."""
+
+    def __init__(self, head: nn.Linear) -> None:
+        super().__init__()
+        self.weight = head.weight.detach().to(torch.bfloat16)
+        self.bias = None if head.bias is None else head.bias.detach().to(torch.bfloat16)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return nn.functional.linear(x.to(torch.bfloat16), self.weight, self.bias).float()
+
+
+@contextlib.contextmanager
+def bf16_head(model: nn.Module, enabled: bool = True) -> Iterator[None]:
+    """Within the body, `model`'s output head (a plain float32 linear layer: not one a plan
+    stores) multiplies in bfloat16 from a copy of its weight made here (half its float32
+    bytes); put back afterwards, whatever happens. A no-op unless `enabled`."""
+    head = model.get_output_embeddings() if enabled else None
+    if type(head) is not nn.Linear or head.weight.dtype != torch.float32:
+        yield
+        return
+    model.set_output_embeddings(_Bf16Head(head))
+    try:
+        yield
+    finally:
+        model.set_output_embeddings(head)
 
 
 def keeps_logits(model: nn.Module) -> bool:
@@ -52,13 +77,12 @@ def keeps_logits(model: nn.Module) -> bool:
 
 
 def token_loss(model: nn.Module, cell: dict, hidden: torch.Tensor, ids: torch.Tensor,
-               backward: bool = False, bf16: bool = False) -> float:
+               backward: bool = False) -> float:
     """Σ over the next-token predictions of one sequence `ids` (1, T) of its cross-entropy,
     the model's head applied to `hidden` (1, T, h), the last block's outputs, inside
     `blocks.tail(model)` (whose `cell` this is). With `backward` the sum, divided by T − 1
     (the mean transformers computes for labels=ids), is backpropagated into `hidden` chunk
-    by chunk, so only one chunk's logits exist at a time. `bf16`: the head's products in
-    bfloat16 (`head_precision`; the cross-entropy in float32)."""
+    by chunk, so only one chunk's logits exist at a time."""
     n = ids.shape[1] - 1
     vocab = model.get_output_embeddings().weight.shape[0] if model.get_output_embeddings() is not None else 1
     step = max(1, LOGIT_BYTES // (4 * vocab)) if keeps_logits(model) else n
@@ -68,8 +92,7 @@ def token_loss(model: nn.Module, cell: dict, hidden: torch.Tensor, ids: torch.Te
         stop = min(start + step, n)
         cell["value"] = hidden
         keep = {} if step >= n else {"logits_to_keep": torch.arange(start, stop, device=ids.device)}
-        with head_precision(hidden.device, bf16):
-            logits = model(input_ids=ids, attention_mask=mask, use_cache=False, **keep).logits
+        logits = model(input_ids=ids, attention_mask=mask, use_cache=False, **keep).logits
         logits = logits[0] if keep else logits[0, start:stop]
         part = nn.functional.cross_entropy(logits.float(), ids[0, start + 1: stop + 1],
                                            reduction="sum")

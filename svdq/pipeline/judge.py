@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from svdq.algo.stored import Stored
-from svdq.calibration.loss import class_logits, final_states, kl_sum, token_loss
+from svdq.calibration.loss import bf16_head, class_logits, final_states, kl_sum, token_loss
 from svdq.config import Settings
 from svdq.models.blocks import capture, run_block, tail
 from svdq.models.layers import blocks_of, head_of
@@ -46,7 +46,7 @@ def losses(model: nn.Module, finals: dict[str, Stream], ids: torch.Tensor, causa
     encoders and image classifiers compare against `reference`, the source's own stream
     through the model's own head; `heads[label]`: the plan's head layers, swapped in for its
     loss (`--include`d layers after the blocks). `bf16`: a causal LM's head in bfloat16
-    (`loss.token_loss`; `--fast`, where that is native)."""
+    (`loss.bf16_head`; `--fast`, where that is native)."""
     out = {}
     heads = heads or {}
     with tail(model) as cell, torch.no_grad():
@@ -60,7 +60,8 @@ def losses(model: nn.Module, finals: dict[str, Stream], ids: torch.Tensor, causa
             with swapped(model, heads.get(label, {})):
                 rows = _rows(stream, ids)
                 if causal:
-                    total = sum(token_loss(model, cell, h, seq, bf16=bf16) for seq, h in rows)
+                    with bf16_head(model, bf16):
+                        total = sum(token_loss(model, cell, h, seq) for seq, h in rows)
                     out[label] = total / max(ids.shape[0] * (ids.shape[1] - 1), 1)
                 elif ids.is_floating_point():  # images: KL of the class distributions
                     out[label] = sum(kl_sum(r, class_logits(model, cell, h, x)) for (x, h), r

@@ -1,5 +1,5 @@
-"""The head's losses (svdq/calibration/loss.py): a causal LM's token loss in chunks, and in
-bfloat16 where `--fast` asks for it and the device has native bfloat16 products."""
+"""The head's losses (svdq/calibration/loss.py): a causal LM's token loss in chunks, and its
+head in bfloat16 where `--fast` asks for it and the device has native bfloat16 products."""
 from __future__ import annotations
 
 import pytest
@@ -30,9 +30,16 @@ def test_token_loss_in_bf16_is_close_to_float32_and_not_the_same(llama, monkeypa
     ids = torch.randint(3, 60, (1, 24))
     with torch.no_grad():  # the first block's inputs, given to the head as if the last's
         hidden = model_blocks.capture(llama, ids, 1).hidden[0]
+    head = llama.get_output_embeddings()
     with model_blocks.tail(llama) as cell, torch.no_grad():
         exact = loss.token_loss(llama, cell, hidden, ids)
-        low = loss.token_loss(llama, cell, hidden, ids, bf16=True)
+        with loss.bf16_head(llama):
+            assert llama.get_output_embeddings().weight.dtype == torch.bfloat16
+            low = loss.token_loss(llama, cell, hidden, ids)
+        with loss.bf16_head(llama, enabled=False):
+            assert llama.get_output_embeddings() is head
+    assert llama.get_output_embeddings() is head  # put back
+    assert head.weight is llama.get_input_embeddings().weight  # still tied
     with torch.no_grad():
         llama.model.layers, real = torch.nn.ModuleList(), llama.model.layers
         try:  # the blocks skipped: the head applied to the embeddings, as above
@@ -52,3 +59,15 @@ def test_gradients_with_the_head_in_bf16_are_close(llama):
     for name in modules:
         assert low[name][1] == pytest.approx(exact[name][1], rel=5e-2)
     assert any(low[n][1] != exact[n][1] for n in modules)
+
+
+def test_a_head_that_is_not_a_plain_float32_linear_is_left_alone(llama):
+    stored = torch.nn.Sequential(llama.get_output_embeddings())  # as a plan's stored head
+    llama.set_output_embeddings(stored)
+    with loss.bf16_head(llama):
+        assert llama.get_output_embeddings() is stored
+    llama.set_output_embeddings(stored[0])
+    with pytest.raises(RuntimeError), loss.bf16_head(llama):  # put back whatever happens
+        assert llama.get_output_embeddings() is not stored[0]
+        raise RuntimeError("inside")
+    assert llama.get_output_embeddings() is stored[0]
