@@ -35,8 +35,8 @@ def _cpu_flags() -> frozenset[str]:
 
 def native_bf16(device: torch.device | str) -> bool:
     """Whether bfloat16 matrix products are native on `device`, so faster than float32 there:
-    a CUDA device that has them, a CPU with AVX512-BF16 or AMX (on 2 AVX512-BF16 cores a
-    262,144-word head ran 2.2x faster: RESULTS.md, session 29)."""
+    a CUDA device that has them, a CPU with AVX512-BF16 or AMX (on 2 AVX512-BF16 cores
+    Gemma-3-270M's 262,144-word head ran 2.1x faster: `pipeline.fast`)."""
     device = torch.device(device)
     if device.type == "cuda":
         return torch.cuda.is_bf16_supported()

@@ -57,12 +57,25 @@ def check_file(path: Path) -> str:
     return text
 
 
-def check_length(tokenizer, text: str, samples: int, length: int, what: str) -> None:
-    """Refuse, before the model loads, a text too short for `samples` × `length` tokens."""
+_CHECKED: list = []  # (tokenizer, text, ids) of the last `check_length`, for `_tokens` once
+
+
+def _tokens(tokenizer, text: str) -> list[int]:
+    """`text`'s token ids; those `check_length` made of the same text with the same tokenizer
+    (`models.load.preprocessor` hands its tokenizer on) taken instead, once."""
+    if _CHECKED and _CHECKED[0][0] is tokenizer and _CHECKED[0][1] == text:
+        return _CHECKED.pop()[2]
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        ids = tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"]
+        return tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"]
+
+
+def check_length(tokenizer, text: str, samples: int, length: int, what: str) -> None:
+    """Refuse, before the model loads, a text too short for `samples` × `length` tokens."""
+    _CHECKED.clear()
+    ids = _tokens(tokenizer, text)
     _chunks(ids, samples, length, 0, what)
+    _CHECKED.append((tokenizer, text, ids))
 
 
 class _Counter:
@@ -134,7 +147,4 @@ def calibration_ids(model: nn.Module | Callable[[], nn.Module], tokenizer, calib
             model = model()
         return _self_text(model, tokenizer, samples, length, batch_size, seed, report), info
     info["source"] = "wikitext" if what == "WikiText-2 train" else str(Path(calib).resolve())
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        ids = tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"]  # long text is chunked here
-    return _chunks(ids, samples, length, seed, what), info
+    return _chunks(_tokens(tokenizer, text), samples, length, seed, what), info  # cut here
