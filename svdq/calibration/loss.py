@@ -65,11 +65,19 @@ def bf16_head(model: nn.Module, enabled: bool = True) -> Iterator[None]:
     if type(head) is not nn.Linear or head.weight.dtype != torch.float32:
         yield
         return
-    model.set_output_embeddings(_Bf16Head(head))
+    low = _Bf16Head(head)
+    try:
+        model.set_output_embeddings(low)
+        swapped = model.get_output_embeddings() is low  # a model that cannot swap: as it is
+        if not swapped:
+            model.set_output_embeddings(head)
+    except (AttributeError, NotImplementedError):
+        swapped = False
     try:
         yield
     finally:
-        model.set_output_embeddings(head)
+        if swapped:
+            model.set_output_embeddings(head)
 
 
 def keeps_logits(model: nn.Module) -> bool:

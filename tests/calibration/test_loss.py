@@ -71,3 +71,11 @@ def test_a_head_that_is_not_a_plain_float32_linear_is_left_alone(llama):
         assert llama.get_output_embeddings() is not stored[0]
         raise RuntimeError("inside")
     assert llama.get_output_embeddings() is stored[0]
+
+
+def test_a_model_that_cannot_swap_its_head_keeps_it(llama, monkeypatch):
+    head = llama.get_output_embeddings()
+    monkeypatch.setattr(type(llama), "set_output_embeddings", lambda self, new: None)
+    with loss.bf16_head(llama):
+        assert llama.get_output_embeddings() is head
+    assert llama.get_output_embeddings() is head
