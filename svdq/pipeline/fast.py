@@ -39,8 +39,8 @@ fast search keeps every stage and cuts each where a cut costs least:
 - the head of the judge and of the gradient pass in bfloat16 where the device multiplies
   bfloat16 natively (`calibration.loss.native_bf16`, `bf16_head`; Gemma-3-270M's
   262,144-word head 2.1× faster on 2 AVX512-BF16 cores: 1.00 s a sequence against 2.13; the
-  candidates share the head's rounding, so their losses move alike: on SmolLM2 both +0.0004,
-  the difference kept).
+  candidates share the head's rounding, so their losses move alike: on SmolLM2 both up by
+  0.0004–0.0005 and the same artifact, on Gemma the same winner; RESULTS.md, session 29).
 
 Statistics (the Grams every form is built on) still take every calibration sequence.
 """
