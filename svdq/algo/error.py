@@ -7,22 +7,42 @@ the token count give both (DESIGN.md).
 """
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import weakref
-from typing import Callable
+from typing import Callable, Iterator
 
 import torch
 
 from svdq.algo.factorize import LayerStats
 
 ROWS = 512  # rows of W per float64 product in the trace forms: bounds their temporaries
+_PRODUCTS = contextvars.ContextVar("products", default=torch.float64)
+
+
+@contextlib.contextmanager
+def products_in(dtype: torch.dtype) -> Iterator[None]:
+    """Within the body the trace forms and the corrected errors multiply in `dtype` (`--fast`:
+    float32, half float64's time; their sums still add up in float64)."""
+    token = _PRODUCTS.set(dtype)
+    try:
+        yield
+    finally:
+        _PRODUCTS.reset(token)
+
+
+def _gram(stats: LayerStats) -> torch.Tensor:
+    """The Gram in `products_in`'s dtype (`LayerStats.gram_as`)."""
+    return stats.gram_as(_PRODUCTS.get())
 
 
 def trace_form(a: torch.Tensor, gram: torch.Tensor) -> torch.Tensor:
-    """tr(A G Aᵀ) in float64, ROWS rows of A at a time (no full float64 copy of A)."""
+    """tr(A G Aᵀ) in float64 (the products in `gram`'s dtype, summed in float64), ROWS rows of
+    A at a time (no full copy of A)."""
     total = torch.zeros((), dtype=torch.float64, device=gram.device)
     for i in range(0, a.shape[0], ROWS):
-        rows = a[i: i + ROWS].double()
-        total += torch.sum((rows @ gram) * rows)
+        rows = a[i: i + ROWS].to(gram.dtype)
+        total += torch.sum((rows @ gram) * rows, dtype=torch.float64)
     return total
 
 
@@ -44,7 +64,7 @@ def output_norm2(w: torch.Tensor, bias: torch.Tensor | None, stats: LayerStats) 
     every form of a layer is judged against it; a budget asked for it five times per layer,
     11 s of a SmolLM2 --fast run)."""
     def make() -> float:
-        norm2 = trace_form(w, stats.gram)
+        norm2 = trace_form(w, _gram(stats))
         if bias is not None:
             b = bias.double()
             norm2 = norm2 + 2 * b @ (w.double() @ stats.total) + stats.tokens * b @ b
@@ -71,7 +91,7 @@ def base_error2(w: torch.Tensor, q, stats: LayerStats, known: float | None = Non
 
 def error_norm2(delta: torch.Tensor, stats: LayerStats) -> float:
     """‖X Δᵀ‖²_F = tr(Δ G Δᵀ)."""
-    return float(trace_form(delta, stats.gram).clamp_min(0))
+    return float(trace_form(delta, _gram(stats)).clamp_min(0))
 
 
 def corrected_error2(e: torch.Tensor, e2: float, us: torch.Tensor, vt: torch.Tensor,
@@ -80,11 +100,11 @@ def corrected_error2(e: torch.Tensor, e2: float, us: torch.Tensor, vt: torch.Ten
     rank k given as `us` (out, k) and `vt` (k, in): e2 − 2 tr(U Vᵀ G Eᵀ) + tr(U Vᵀ G V Uᵀ),
     through M = Vᵀ G (k × in), in k in² + k out in operations where the trace form of the
     corrected error takes out in² (a 576 × 1536 layer's rank-8 correction: 1/60 as many)."""
-    g = stats.gram
-    us, vt = us.to(g.device, torch.float64), vt.to(g.device, torch.float64)
+    g = _gram(stats)
+    us, vt = us.to(g.device, g.dtype), vt.to(g.device, g.dtype)
     m = vt @ g
-    cross = torch.sum(us * (e.to(g.device, torch.float64) @ m.T))
-    square = torch.sum((us @ (m @ vt.T)) * us)
+    cross = torch.sum(us * (e.to(g.device, g.dtype) @ m.T), dtype=torch.float64)
+    square = torch.sum((us @ (m @ vt.T)) * us, dtype=torch.float64)
     return max(float(e2 - 2 * cross + square), 0.0)
 
 

@@ -34,6 +34,16 @@ class LayerStats:
     # inverse Hessian), by name
     cache: dict = field(default_factory=dict, repr=False, compare=False)
 
+    def gram_as(self, dtype: torch.dtype) -> torch.Tensor:
+        """The Gram in `dtype`: itself in float64, else a copy made once per Gram (`--fast`'s
+        float32 products: its bases' SVDs and error forms all read the one copy)."""
+        if self.gram.dtype == dtype:
+            return self.gram
+        held = self.cache.get(("gram", dtype))
+        if held is None or held[0] is not self.gram:
+            held = self.cache[("gram", dtype)] = (self.gram, self.gram.to(dtype))
+        return held[1]
+
     def root(self) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The Gram's square root S (`gram_root`), made once: every whitened factorization of
         the layer (its weight, each quantized base's error) shares it. Its inverse is None
@@ -134,19 +144,24 @@ def whitened_svd(w: torch.Tensor, stats: LayerStats, dtype: torch.dtype = torch.
 
     `dtype` float32 (`--fast`'s bases): the products and the eigendecomposition in float32,
     about half the time (a 576 × 1536 error: 47 ms against 87, `benchmarks/kernel_speed.py`),
-    σ² to ~1e-7 of σ₁²; the
-    errors of what is built from them are still measured in float64.
+    σ² to ~1e-7 of σ₁²; the Gram's float32 copy is `LayerStats.gram_as`'s, shared with the
+    error forms (`error.products_in`). The wide branch adds λ W to W G's band before the last
+    product (no product of its own for λ W Wᵀ) and takes the energy from W G's band as
+    `error.trace_form` does.
     """
     w64 = w.to(dtype)
     out_f, in_f = w64.shape
     if out_f <= in_f:
-        gram = stats.gram.to(w64.device, dtype)
+        gram = stats.gram_as(dtype).to(w64.device)
         damp = ROOT_DAMP * (float(gram.diagonal().mean()) or 1.0)  # gram_root's first damping
         m = torch.empty(out_f, out_f, dtype=dtype, device=w64.device)
-        for i in range(0, out_f, ROWS):  # W G Wᵀ a band of rows at a time: no out × in temporary
-            m[i:i + ROWS] = (w64[i:i + ROWS] @ gram) @ w64.T
-        energy = float(m.diagonal().double().sum())
-        m += damp * (w64 @ w64.T)
+        energy = torch.zeros((), dtype=torch.float64, device=w64.device)
+        for i in range(0, out_f, ROWS):  # W (G + λI) Wᵀ a band of rows at a time: no out × in
+            band = w64[i:i + ROWS]  # temporary, and λ W Wᵀ without a product of its own
+            wg = band @ gram
+            energy += torch.sum(wg * band, dtype=torch.float64)  # tr(W G Wᵀ) as error.trace_form
+            m[i:i + ROWS] = wg.add_(band, alpha=damp) @ w64.T
+        energy = float(energy)
         u, s = _eigen(m)
         del m
         vt = torch.empty(out_f, in_f, device=w64.device)

@@ -16,13 +16,14 @@ from typing import Callable
 
 import torch
 
+from svdq.algo.error import products_in
 from svdq.artifact.writer import TensorWriter
 from svdq.config import Settings
 from svdq.models.attention import heads
 from svdq.models.layers import set_module
 from svdq.models.load import Source
 from svdq.models.streams import Scratch
-from svdq.pipeline import budget as budgets, embedding as embeddings, product as products, two_pass
+from svdq.pipeline import budget as budgets, embedding as embeddings, fast, product as products, two_pass
 from svdq.pipeline.forms import choose_form, codebooks, realize, refitted  # noqa: F401 (re-exported)
 from svdq.pipeline.inputs import calibration_ids
 from svdq.pipeline.walk import Walker
@@ -95,8 +96,9 @@ def compress(source: Source, settings: Settings, progress: Progress | None = Non
     with Scratch(scratch) as room:
         walker = Walker(source, settings, report, clock, room.path)
         try:
-            if settings.budgeted:
-                plans, budget = two_pass.walk(walker, ids, settings, out, room.path, average)
+            if settings.budgeted:  # --fast: the error forms' products in float32 too
+                with products_in(fast.factor_dtype(settings.fast)):
+                    plans, budget = two_pass.walk(walker, ids, settings, out, room.path, average)
             else:
                 plans, budget = _eps(walker, ids, settings, out), None
             walker.outside(True)  # the writer stores them

@@ -205,6 +205,26 @@ def test_gram_error_functions_equal_errors_on_activations(out_f, in_f, decay, bi
     assert error.error_norm2(delta, st) == pytest.approx(float((x @ delta.T).norm() ** 2), rel=1e-9)
 
 
+@pytest.mark.parametrize("out_f,in_f,decay", LAYERS, ids=LAYER_IDS)
+def test_error_forms_in_float32_products_stay_within_float32_rounding(out_f, in_f, decay):
+    """`--fast`'s `products_in(float32)`: the same trace forms and corrected errors to ~1e-6,
+    not the same bits; the Gram's float32 copy is made once and float64 comes back after."""
+    w = decaying_layer(out_f, in_f, decay, 10)
+    b = torch.randn(out_f, generator=_gen(11), dtype=F64)
+    x = inputs(200, in_f, 12)
+    delta = torch.randn(out_f, in_f, generator=_gen(13), dtype=F64) * 0.01
+    us, vt = delta[:, :3] * 0.5, torch.randn(3, in_f, generator=_gen(14), dtype=F64) * 0.01
+    exact, st = stats_of(x), stats_of(x)
+    want = (error.output_norm2(w, b, exact), error.error_norm2(delta, exact),
+            error.corrected_error2(delta, error.error_norm2(delta, exact), us, vt, exact))
+    with error.products_in(torch.float32):
+        got = (error.output_norm2(w, b, st), error.error_norm2(delta, st),
+               error.corrected_error2(delta, error.error_norm2(delta, st), us, vt, st))
+        assert st.cache[("gram", torch.float32)][1] is st.gram_as(torch.float32)
+    assert got == pytest.approx(want, rel=2e-5) and got != want
+    assert error.error_norm2(delta, st) == want[1]  # float64 again outside
+
+
 def test_output_norm2_is_made_once_per_weight_and_bias_and_never_read_for_another():
     x = inputs(200, 64, 12)
     st = stats_of(x)

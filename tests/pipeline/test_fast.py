@@ -91,6 +91,11 @@ def test_a_fast_budget_is_judged_on_a_share_within_its_bytes(models, calib_file,
     real_factorize = residual.factorize  # every base's error: decomposed in float32
     monkeypatch.setattr(residual, "factorize", lambda m, w, st, dtype=torch.float64: dtypes.append(
         dtype) or real_factorize(m, w, st, dtype))
+    from svdq.algo import error
+    forms = []  # every trace form's Gram: float32 under --fast (error.products_in)
+    real_form = error.trace_form
+    monkeypatch.setattr(error, "trace_form", lambda a, gram: forms.append(gram.dtype)
+                        or real_form(a, gram))
     refine = residual.refine_residuals
     monkeypatch.setattr(two_pass, "refine_residuals",
                         lambda *a, **k: rounds.append(a[5]) or refine(*a, **k))
@@ -110,6 +115,7 @@ def test_a_fast_budget_is_judged_on_a_share_within_its_bytes(models, calib_file,
     assert info["fast"]["gradient_samples"] == 2 and grads == [(2, 8.0)]
     assert rounds and set(rounds) == {fast.ROUNDS}
     assert dtypes and set(dtypes) == {torch.float32}
+    assert forms and set(forms) == {torch.float32}
     assert 2 <= len(info["candidates"]) <= 3
     # a --sequential budget's streams calibrate its candidates: they carry every sequence,
     # the head scores the first four; otherwise they carry just those four (with batches of
