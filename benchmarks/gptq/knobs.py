@@ -1,8 +1,10 @@
-"""Screen `--fast`'s knobs one at a time: SmolLM2 compressed at GPTQ w4 g64's bytes (or w3
-g64's) with one of `pipeline.fast`'s settings changed, each run's stages and judged losses,
-then every artifact's perplexity on the held-out text as `speed.py` scores it.
+"""Screen `--fast`'s knobs one at a time: SmolLM2 (or Gemma-3-270M) compressed at GPTQ w4
+g64's bytes (or w3 g64's) with one of `pipeline.fast`'s settings changed, each run's stages
+and judged losses, then every artifact's perplexity on the held-out text as `speed.py` scores
+it (Gemma: the first 16,384 tokens, as its speed runs).
 
-    python benchmarks/gptq/knobs.py base,rounds1,gradient8,bases3 [--bits 4] [--work DIR]
+    python benchmarks/gptq/knobs.py base,rounds1,gradient8,bases3 [--model gemma3] [--bits 4]
+        [--work DIR]
 
 A knob is set in the compress process before the CLI runs (the code as checked out is the
 baseline, `base`); runs go one at a time. No llm-compressor here: `speed.py` times GPTQ
@@ -35,14 +37,17 @@ KNOBS = {  # name: what it sets, against the checked-out code
     "bases2": FAST + "f.BASES = o.FAST_BASES = 2",
     "bases3": FAST + "f.BASES = o.FAST_BASES = 3",
 }
-BYTES = {4: 57231360, 3: 43752960}  # GPTQ w4 g64's and w3 g64's, as speed.py counts them
+# GPTQ w4 g64's and w3 g64's bytes, as speed.py counts them
+BYTES = {"smollm2": {4: 57231360, 3: 43752960}, "gemma3": {4: 54051840, 3: 41322240}}
+TOKENS = {"smollm2": 32768, "gemma3": 16384}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("knobs", help=f"comma-separated, of: {', '.join(KNOBS)}")
-    parser.add_argument("--bits", type=int, choices=sorted(BYTES), default=4)
-    parser.add_argument("--max-tokens", type=int, default=32768)
+    parser.add_argument("--model", choices=sorted(BYTES), default="smollm2")
+    parser.add_argument("--bits", type=int, choices=[3, 4], default=4)
+    parser.add_argument("--max-tokens", type=int, default=None)
     parser.add_argument("--work", type=Path, default=None)
     args = parser.parse_args()
     names = args.knobs.split(",")
@@ -55,17 +60,18 @@ def main() -> None:
     from svdq.sweep import evaluator
     from sweep import split_text
 
-    work = args.work or assets.cache_dir() / "gptq-knobs"
+    work = args.work or assets.cache_dir() / f"gptq-knobs-{args.model}"
     work.mkdir(parents=True, exist_ok=True)
     calib, evaluation, _ = split_text(assets.cache_dir() / "bench-text")
-    _, folder, source = plain_folder("smollm2")
+    _, folder, source = plain_folder(args.model)
+    size = BYTES[args.model][args.bits]
     rows = []
     for name in names:
         out = work / f"{name}-w{args.bits}"
         code = KNOBS[name] + "\nimport sys\nfrom svdq.cli import app\nsys.argv[0] = 'svdq'\napp()"
         with open(work / f"{name}-w{args.bits}.log", "w") as log:
             subprocess.run([sys.executable, "-c", code, "compress", str(folder), "--size",
-                            f"{BYTES[args.bits]}B", "--calib", str(calib), "-o", str(out),
+                            f"{size}B", "--calib", str(calib), "-o", str(out),
                             "--overwrite", "--json", "--fast"], check=True,
                            stdout=subprocess.DEVNULL, stderr=log,
                            env={**os.environ, "HF_HUB_OFFLINE": "1"})
@@ -75,7 +81,7 @@ def main() -> None:
                      "candidates": [(c["plan"], c["calibration_loss"]) for c in budget["candidates"]]})
         print(json.dumps(rows[-1]), flush=True)
     score, _ = evaluator(source, (evaluation.read_text(), str(evaluation)), None, 512, 512,
-                         args.max_tokens, 1)
+                         args.max_tokens or TOKENS[args.model], 1)
     for row in rows:
         row["ppl"] = score(load(work / f"{row['knob']}-w{args.bits}", dequantize=True))["quality"]
         print(json.dumps({"knob": row["knob"], "ppl": row["ppl"]}), flush=True)

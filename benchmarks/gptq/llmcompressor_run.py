@@ -34,6 +34,15 @@ import torch  # noqa: E402
 from safetensors.torch import load_file, save_file  # noqa: E402
 
 
+def keep_layers(model, n: int) -> None:
+    """The first `n` decoder blocks only (and the config to match: Gemma 3's per-layer
+    attention types too, which its config checks on saving)."""
+    model.model.layers = model.model.layers[:n]
+    model.config.num_hidden_layers = n
+    if getattr(model.config, "layer_types", None):
+        model.config.layer_types = model.config.layer_types[:n]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("model", type=Path)
@@ -60,8 +69,7 @@ def main() -> None:
     model = auto.from_pretrained(args.model, dtype=torch.float32)
     tokenizer = transformers.AutoTokenizer.from_pretrained(args.model)
     if args.layers:
-        model.model.layers = model.model.layers[: args.layers]
-        model.config.num_hidden_layers = args.layers
+        keep_layers(model, args.layers)
     names = {m: n for n, m in model.named_modules()}
     originals = {n: m.weight.detach().clone() for n, m in model.named_modules()
                  if isinstance(m, torch.nn.Linear) and n != "lm_head" and "pooler" not in n}
@@ -95,8 +103,7 @@ def main() -> None:
     # a plain model: each quantized weight as stored, de-quantized; nothing else changed
     plain = auto.from_pretrained(args.model, dtype=torch.float32)
     if args.layers:
-        plain.model.layers = plain.model.layers[: args.layers]
-        plain.config.num_hidden_layers = args.layers
+        keep_layers(plain, args.layers)
     state = plain.state_dict()
     for name in originals:
         state[name + ".weight"] = model.get_submodule(name).weight.detach().float().clone()

@@ -7,7 +7,7 @@ Runs llm-compressor (`llmcompressor_run.py --record-hessians`) on the model's fi
 `--layers` blocks with svdq's calibration tokens, then svdq's `algo.gptq.gptq` with the same
 settings (min-max scales: search off; static activation order; damping 0.01; lazy blocks of
 128) on each recorded Hessian and original weight, and compares the layer losses
-tr((W − Q) H (W − Q)ᵀ). Writes benchmarks/results/gptq_reference.md and .json.
+tr((W − Q) H (W − Q)ᵀ). Writes benchmarks/results/gptq_reference_MODEL.md and .json.
 """
 from __future__ import annotations
 
@@ -69,7 +69,7 @@ def main() -> None:
     record = {"command": "python benchmarks/gptq/reference.py " + " ".join(sys.argv[1:]),
               "llmcompressor": run["versions"], "rows": rows}
     results = HERE.parent / "results"
-    (results / "gptq_reference.json").write_text(json.dumps(record, indent=1))
+    (results / f"gptq_reference_{args.model}.json").write_text(json.dumps(record, indent=1))
     ratios = [r["ratio"] for r in rows]
     lines = ["# svdq's GPTQ against llm-compressor's, on the same Hessians", "",
              f"Produced by `{record['command']}` (llm-compressor {run['versions']}). Layer "
@@ -79,7 +79,7 @@ def main() -> None:
              "| setting | layer | llm-compressor | svdq | ratio |", "|---|---|---|---|---|"]
     lines += [f"| {r['setting']} | {r['layer']} | {r['llmcompressor']:.5g} | {r['svdq']:.5g} | "
               f"{r['ratio']:.4f} |" for r in rows]
-    (results / "gptq_reference.md").write_text("\n".join(lines) + "\n")
+    (results / f"gptq_reference_{args.model}.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines[:6]))
 
 

@@ -2,7 +2,7 @@
 rounding error forward into the columns not yet quantized, through the inverse Hessian of
 the layer's calibration loss, H = 2 XᵀX (the Gram the walk accumulates; the factor 2 cancels).
 
-As llm-compressor does it (checked: equal layer losses, `benchmarks/gptq_reference.py`): dead
+As llm-compressor does it (checked: equal layer losses, `benchmarks/gptq/reference.py`): dead
 input columns (no energy) are zeroed; H is damped by `damp` × mean(diag H); with `act_order`
 the columns go in descending order of diag H (most input energy first) while the groups stay
 those of the original column order, so the stored layout needs no permutation index; the
