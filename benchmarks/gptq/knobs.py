@@ -24,6 +24,8 @@ sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parent))
 
 FAST = "import svdq.pipeline.fast as f; import svdq.pipeline.options as o; "
+EVEN = ("import svdq.pipeline.budget as b; _c = b.candidates; _bits = __import__('os').environ"
+        "['KNOB_BITS']; _e = lambda m, n, k: b.even(m.options, n, int(_bits), k); ")
 KNOBS = {  # name: what it sets, against the checked-out code
     "base": "",
     "rounds1": FAST + "f.ROUNDS = 1",  # one round of the alternation
@@ -36,6 +38,14 @@ KNOBS = {  # name: what it sets, against the checked-out code
                 "t.native_bf16 = w.native_bf16 = lambda device: False",
     "bases2": FAST + "f.BASES = o.FAST_BASES = 2",
     "bases3": FAST + "f.BASES = o.FAST_BASES = 3",
+    # EoRA's recipe (`budget.even`: one base everywhere, corrections of one rank) among the
+    # candidates, or as the only plan (nothing judged: its own perplexity)
+    "even": EVEN + "b.candidates = lambda m, n, k, few=False: _c(m, n, k, few) + _e(m, n, k)",
+    # the sensitivities from the text's next tokens (the empirical Fisher, until session 31)
+    # or from labels the model draws itself (the Fisher, since)
+    "textlabels": "import svdq.pipeline.two_pass as t; t.SAMPLED = False",
+    "sampled": "import svdq.pipeline.two_pass as t; t.SAMPLED = True",
+    "evenonly": EVEN + "b.candidates = lambda m, n, k, few=False: _e(m, n, k) or _c(m, n, k, few)",
 }
 # GPTQ w4 g64's and w3 g64's bytes, as speed.py counts them
 BYTES = {"smollm2": {4: 57231360, 3: 43752960}, "gemma3": {4: 54051840, 3: 41322240}}
@@ -74,7 +84,8 @@ def main() -> None:
                             f"{size}B", "--calib", str(calib), "-o", str(out),
                             "--overwrite", "--json", "--fast"], check=True,
                            stdout=subprocess.DEVNULL, stderr=log,
-                           env={**os.environ, "HF_HUB_OFFLINE": "1"})
+                           env={**os.environ, "HF_HUB_OFFLINE": "1",
+                                "KNOB_BITS": str(args.bits)})
         manifest = json.loads((out / "svdq.json").read_text())
         budget = manifest["budget"]
         rows.append({"knob": name, "stages_s": manifest["timings_s"], "bases": budget["fast"]["bases"],

@@ -6,12 +6,16 @@ token t): the budget's sensitivity; and with `fisher`, row_fisher (float64, (out
 `--method fisher`'s row weights. Per-sample gradients: one sequence per backward.
 
 The loss L_s of a sample: for a causal LM the mean next-token cross-entropy (as transformers
-computes it for labels=ids); for an image classifier the cross-entropy against its own top-1
-class. Otherwise (an encoder) a random-projection surrogate,
-L_s = mean_t rᵀ h_t over the last hidden states h_t with r ~ N(0, I) drawn per sample from a
-generator seeded by `seed`: since E_r[r rᵀ] = I, E_r[(∂L/∂y)(∂L/∂y)ᵀ] = J Jᵀ / T² (J the Jacobian
-of the final hidden states in y) is the Gauss–Newton matrix of the output, so grad2 measures
-how far an error in the layer's output moves the final hidden states.
+computes it for labels=ids), or with `sampled` (budgets' sensitivities) against labels drawn
+from the model's own next-token distributions — then E[grad grad^T] is the Fisher information,
+the loss's curvature (Gauss–Newton), where the text's tokens give the empirical Fisher, a
+biased stand-in for it (Kunstner et al. 2019; `row_fisher` then follows the drawn labels
+too); for an image classifier the cross-entropy against its own top-1 class. Otherwise (an
+encoder) a random-projection surrogate, L_s = mean_t rᵀ h_t over the last hidden states h_t
+with r ~ N(0, I) drawn per sample from a generator seeded by `seed`: since E_r[r rᵀ] = I,
+E_r[(∂L/∂y)(∂L/∂y)ᵀ] = J Jᵀ / T² (J the Jacobian of the final hidden states in y) is the
+Gauss–Newton matrix of the output, so grad2 measures how far an error in the layer's output
+moves the final hidden states.
 
 Nothing needs the whole model in memory: a forward walk keeps each block's inputs (the
 `boundaries`, in memory or offloaded to files), the head turns the last block's outputs into
@@ -41,15 +45,16 @@ def gradients(model: nn.Module, ids: torch.Tensor, modules: dict[str, nn.Module]
               seed: int, report: Callable[[str, int, int], None] | None = None,
               fisher: bool = True, load: Callable[[int], None] | None = None,
               unload: Callable[[int], None] | None = None,
-              new_stream: Callable[[], Stream] | None = None, bf16: bool = False
-              ) -> dict[str, tuple[torch.Tensor | None, float]]:
+              new_stream: Callable[[], Stream] | None = None, bf16: bool = False,
+              sampled: bool = False) -> dict[str, tuple[torch.Tensor | None, float]]:
     """{name: (row_fisher, or None without `fisher`; grad2)} for the target layers `modules`.
 
     By default the model is whole in memory; a walk over a streamed source passes `load(i)` /
     `unload(i)`, which bring block i's weights in and out, and `new_stream()`, an empty
     `models.streams.Stream` for the block inputs kept between the two walks (in files
     where they are large). `bf16`: a causal LM's head in bfloat16 (`loss.bf16_head`) unless
-    a layer of the head is a target."""
+    a layer of the head is a target. `sampled`: a causal LM's labels drawn from its own
+    next-token distributions (`loss.draw`, seeded by `seed`) instead of the text's next tokens."""
     report = report or (lambda stage, done, total: None)
     if causal and ids.shape[1] < 2:
         raise SvdqError("gradient statistics of a causal LM need calibration sequences of at "
@@ -84,7 +89,7 @@ def gradients(model: nn.Module, ids: torch.Tensor, modules: dict[str, nn.Module]
             report("gradients", done, steps)
         head = {k: m for k, m in modules.items() if not k.startswith(prefix + ".")}
         with _watching(head, fisher, out), bf16_head(model, bf16 and not head):
-            grads = _head(model, stream, ids, causal, seed)  # with the --include'd head layers
+            grads = _head(model, stream, ids, causal, seed, sampled)  # and --include'd head layers
         stream.drop()
         done += 1
         report("gradients", done, steps)
@@ -107,9 +112,10 @@ def gradients(model: nn.Module, ids: torch.Tensor, modules: dict[str, nn.Module]
 
 
 def _head(model: nn.Module, last: Stream, ids: torch.Tensor, causal: bool,
-          seed: int) -> list[torch.Tensor]:
+          seed: int, sampled: bool = False) -> list[torch.Tensor]:
     """∂L_s/∂h for each sample s, h the last block's outputs."""
     generator = torch.Generator().manual_seed(seed)
+    labels = None  # the generator of a causal LM's drawn labels (`sampled`)
     grads = []
     model.eval()
     with tail(model) as cell, torch.enable_grad():
@@ -120,7 +126,9 @@ def _head(model: nn.Module, last: Stream, ids: torch.Tensor, causal: bool,
                 logits = class_logits(model, cell, h, sample)
                 nn.functional.cross_entropy(logits, logits.detach().argmax(-1)).backward()
             elif causal:
-                token_loss(model, cell, h, sample, backward=True)
+                if sampled and labels is None:  # on the device the logits are on
+                    labels = torch.Generator(h.device).manual_seed(seed)
+                token_loss(model, cell, h, sample, backward=True, sampled=labels)
             else:
                 states = final_states(model, cell, h, sample)
                 r = torch.randn(states.shape[-1], generator=generator, dtype=torch.float64)

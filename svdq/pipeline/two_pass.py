@@ -39,12 +39,19 @@ from svdq.plan import LayerPlan
 if TYPE_CHECKING:
     from svdq.pipeline.compress import _Out
 
+# A causal LM's sensitivities from labels it draws itself: the Fisher information, the
+# curvature of the loss, where the text's next tokens give the empirical Fisher, which on
+# Gemma-3-270M sent 8-bit bytes to key and value projections that GPTQ leaves harmless
+# (benchmarks/RESULTS.md, session 31)
+SAMPLED = True
+
 
 def walk(walker: Walker, ids: torch.Tensor, settings: Settings, out: "_Out",
             scratch: Path, average: float) -> tuple[list[LayerPlan], dict]:
     few = (fast.samples(len(ids), fast.GRADIENT_SHARE, fast.GRADIENT_LEAST) if settings.fast
            else len(ids))
-    walker.gradients(ids[:few], fisher=settings.method == "fisher", scale=len(ids) / few)
+    walker.gradients(ids[:few], fisher=settings.method == "fisher", scale=len(ids) / few,
+                     sampled=SAMPLED)
     walker.start(ids)  # pass 1: each layer's options, numbers only
     layers, names = [], []
     blocks = len(walker.blocks)

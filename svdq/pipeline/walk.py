@@ -111,18 +111,21 @@ class Walker:
         return self.scratch is not None and offloaded(self.settings, hidden, streams)
 
     # ------------------------------------------------------------------ the passes
-    def gradients(self, ids: torch.Tensor, fisher: bool, scale: float = 1.0) -> None:
-        """Gradient statistics of every target layer (`calibration.gradients`), kept to be
-        attached to each layer's statistics as the walk reaches it; `scale` multiplies them
-        (sums over some of the sequences, `--fast`, stand for sums over all; `--fast` also
-        runs the head in bfloat16 where that is native, `loss.native_bf16`)."""
+    def gradients(self, ids: torch.Tensor, fisher: bool, scale: float = 1.0,
+                  sampled: bool = False) -> None:
+        """Gradient statistics of every target layer (`calibration.gradients`; `sampled`: a
+        causal LM's labels drawn from its own predictions), kept to be attached to each layer's
+        statistics as the walk reaches it; `scale` multiplies them (sums over some of the
+        sequences, `--fast`, stand for sums over all; `--fast` also runs the head in bfloat16
+        where that is native, `loss.native_bf16`)."""
         offload = self._offload(len(self.blocks) + 1)
         self.outside(True)
         modules = {n: self.model.get_submodule(n) for n in self.names}
         self.grads = gradients(self.model, ids, modules, self.source.is_causal, self.settings.seed,
                                self.report, fisher, self.load, self.unload,
                                lambda: self.new_stream(offload),
-                               bf16=self.settings.fast and native_bf16(self.device))
+                               bf16=self.settings.fast and native_bf16(self.device),
+                               sampled=sampled)
         if scale != 1.0:
             self.grads = {n: (None if f is None else f * scale, g * scale)
                           for n, (f, g) in self.grads.items()}

@@ -14,6 +14,7 @@ from svdq import artifact, runtime
 from svdq.algo import factorize as fz
 from svdq.algo.factorize import LayerStats, factorize
 from svdq.calibration.gradients import gradients
+from svdq.calibration.loss import draw
 from svdq.config import Settings
 from svdq.models import layers as surgery
 from svdq.models import load as hf
@@ -201,6 +202,30 @@ def test_gradients_equal_per_sample_autograd(loaded, arch, target):
     model.zero_grad(set_to_none=True)
     summed = (g.T if isinstance(module, surgery.conv1d_type()) else g).pow(2).sum(1)
     assert not torch.allclose(got_rows, summed, rtol=1e-2)
+
+
+def test_sampled_labels_give_the_fisher_of_the_model_own_predictions(loaded):
+    """SAMPLED: each position's label drawn from the model's next-token distribution (one
+    generator seeded by `seed`, sequence after sequence), not the text's next token."""
+    model = loaded["llama"].model
+    ids = sample_ids(loaded["llama"].tokenizer)
+    target = "model.layers.1.mlp.down_proj"
+    modules = {n: model.get_submodule(n) for n in surgery.targets(model, (), ())}
+    text = gradients(model, ids, modules, True, 0)[target]
+    got_rows, got_grad2 = gradients(model, ids, modules, True, 0, sampled=True)[target]
+    generator, drawn = torch.Generator().manual_seed(0), []
+
+    def loss_of(s):
+        logits = model(input_ids=s, use_cache=False).logits[0, :-1]
+        drawn.append(draw(logits, generator))
+        return torch.nn.functional.cross_entropy(logits.float(), drawn[-1])
+    rows, grad2 = reference_gradients(model, ids, model.get_submodule(target), loss_of)
+    assert torch.allclose(got_rows, rows, rtol=1e-5, atol=0)
+    assert got_grad2 == pytest.approx(grad2, rel=1e-5)
+    labels = torch.stack(drawn)
+    assert (labels != ids[:, 1:]).float().mean() > 0.5  # the model's guesses, not the text
+    assert got_grad2 != pytest.approx(text[1], rel=1e-2)
+    assert gradients(model, ids, modules, True, 0, sampled=True)[target][1] == got_grad2  # seeded
 
 
 def test_surrogate_gradients_on_an_encoder(loaded):

@@ -79,3 +79,14 @@ def test_a_model_that_cannot_swap_its_head_keeps_it(llama, monkeypatch):
     with loss.bf16_head(llama):
         assert llama.get_output_embeddings() is head
     assert llama.get_output_embeddings() is head
+
+
+def test_draw_follows_the_softmax():
+    g = torch.Generator().manual_seed(0)
+    logits = torch.tensor([[0.0, 1.0, 2.0, -1e9, 0.5]]).repeat(40000, 1)
+    counts = torch.bincount(loss.draw(logits, g), minlength=5).double() / 40000
+    want = torch.softmax(logits[0].double(), -1)
+    assert torch.allclose(counts, want, atol=0.01)  # 4 standard errors at 40,000 draws
+    assert counts[3] == 0  # a word of no probability is never drawn
+    again = loss.draw(logits[:5], torch.Generator().manual_seed(1))
+    assert torch.equal(again, loss.draw(logits[:5], torch.Generator().manual_seed(1)))
