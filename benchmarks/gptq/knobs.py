@@ -45,6 +45,11 @@ KNOBS = {  # name: what it sets, against the checked-out code
     # or from labels the model draws itself (the Fisher, since)
     "textlabels": "import svdq.pipeline.two_pass as t; t.SAMPLED = False",
     "sampled": "import svdq.pipeline.two_pass as t; t.SAMPLED = True",
+    # a diagnostic, not a method: the attention projections' sensitivities × 0.1, as
+    # damage.py measures them on Gemma's GPTQ int4 (nothing), the MLP's as they are
+    "attention01": "import svdq.pipeline.measured as m; _r = m.raw_sensitivity; "
+                   "m.raw_sensitivity = lambda w: (_r(w) or 0) * (0.1 if w.name.endswith(("
+                   "'q_proj', 'k_proj', 'v_proj', 'o_proj')) else 1.0)",
     "evenonly": EVEN + "b.candidates = lambda m, n, k, few=False: _e(m, n, k) or _c(m, n, k, few)",
 }
 # GPTQ w4 g64's and w3 g64's bytes, as speed.py counts them
