@@ -113,11 +113,10 @@ class Walker:
     # ------------------------------------------------------------------ the passes
     def gradients(self, ids: torch.Tensor, fisher: bool, scale: float = 1.0,
                   sampled: bool = False) -> None:
-        """Gradient statistics of every target layer (`calibration.gradients`; `sampled`: a
-        causal LM's labels drawn from its own predictions), kept to be attached to each layer's
-        statistics as the walk reaches it; `scale` multiplies them (sums over some of the
-        sequences, `--fast`, stand for sums over all; `--fast` also runs the head in bfloat16
-        where that is native, `loss.native_bf16`)."""
+        """Gradient statistics of every target layer (`calibration.gradients`; `sampled`: drawn
+        labels), kept for each layer's statistics as the walk reaches it; `scale` multiplies
+        them (`--fast`'s sums over some sequences stand for all; it also runs the head in
+        bfloat16 where that is native, `loss.native_bf16`)."""
         offload = self._offload(len(self.blocks) + 1)
         self.outside(True)
         modules = {n: self.model.get_submodule(n) for n in self.names}
