@@ -115,7 +115,7 @@ def _head(model: nn.Module, last: Stream, ids: torch.Tensor, causal: bool,
           seed: int, sampled: bool = False) -> list[torch.Tensor]:
     """∂L_s/∂h for each sample s, h the last block's outputs."""
     generator = torch.Generator().manual_seed(seed)
-    labels = None  # the generator of a causal LM's drawn labels (`sampled`)
+    drawn = None  # the generator of a causal LM's drawn labels (`sampled`)
     grads = []
     model.eval()
     with tail(model) as cell, torch.enable_grad():
@@ -126,9 +126,9 @@ def _head(model: nn.Module, last: Stream, ids: torch.Tensor, causal: bool,
                 logits = class_logits(model, cell, h, sample)
                 nn.functional.cross_entropy(logits, logits.detach().argmax(-1)).backward()
             elif causal:
-                if sampled and labels is None:  # on the device the logits are on
-                    labels = torch.Generator(h.device).manual_seed(seed)
-                token_loss(model, cell, h, sample, backward=True, sampled=labels)
+                if sampled and drawn is None:  # on the device the logits are on
+                    drawn = torch.Generator(h.device).manual_seed(seed)
+                token_loss(model, cell, h, sample, backward=True, drawn=drawn)
             else:
                 states = final_states(model, cell, h, sample)
                 r = torch.randn(states.shape[-1], generator=generator, dtype=torch.float64)

@@ -93,12 +93,12 @@ def draw(logits: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
 
 
 def token_loss(model: nn.Module, cell: dict, hidden: torch.Tensor, ids: torch.Tensor,
-               backward: bool = False, sampled: torch.Generator | None = None) -> float:
+               backward: bool = False, drawn: torch.Generator | None = None) -> float:
     """Σ over the next-token predictions of one sequence `ids` (1, T) of its cross-entropy,
     the model's head applied to `hidden` (1, T, h), the last block's outputs, inside
     `blocks.tail(model)` (whose `cell` this is). With `backward` the sum, divided by T − 1
     (the mean transformers computes for labels=ids), is backpropagated into `hidden` chunk
-    by chunk, so only one chunk's logits exist at a time. `sampled`: each position's label
+    by chunk, so only one chunk's logits exist at a time. `drawn`: each position's label
     drawn from the model's own next-token distribution (by this generator) instead of the
     text's next token — the gradients' squares are then the Fisher information's, not the
     empirical Fisher's (`calibration.gradients`)."""
@@ -113,7 +113,7 @@ def token_loss(model: nn.Module, cell: dict, hidden: torch.Tensor, ids: torch.Te
         keep = {} if step >= n else {"logits_to_keep": torch.arange(start, stop, device=ids.device)}
         logits = model(input_ids=ids, attention_mask=mask, use_cache=False, **keep).logits
         logits = logits[0] if keep else logits[0, start:stop]
-        labels = ids[0, start + 1: stop + 1] if sampled is None else draw(logits, sampled)
+        labels = ids[0, start + 1: stop + 1] if drawn is None else draw(logits, drawn)
         part = nn.functional.cross_entropy(logits.float(), labels, reduction="sum")
         if backward:
             (part / n).backward()

@@ -42,7 +42,7 @@ if TYPE_CHECKING:
 # A causal LM's sensitivities from labels it draws itself: the Fisher information, the
 # curvature of the loss, where the text's next tokens give the empirical Fisher, a biased
 # stand-in (on Gemma-3-270M neither sees that GPTQ leaves the attention layers harmless;
-# --fast 0.4-0.95 better there, SmolLM2 -0.11 to +0.17: benchmarks/RESULTS.md, session 31)
+# --fast 0.75 better there, SmolLM2 -0.11 to +0.17: benchmarks/RESULTS.md, session 31)
 SAMPLED = True
 
 
