@@ -39,7 +39,7 @@ def main() -> None:
     from svdq.pipeline.inputs import calibration_ids
     from svdq.pipeline.judge import judge_of
     from svdq.pipeline.measured import measure
-    from svdq.pipeline.walk import analyse
+    from svdq.pipeline.analyse import analyse
     from svdq.pipeline.work import Clock
     from sweep import split_text
 

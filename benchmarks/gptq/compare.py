@@ -91,7 +91,7 @@ def anchor_rows(args, source, settings, ids, shapes, folder: Path, work: Path, p
     kept under `work`) and GPTQ + EoRA at each rank; and the byte counts svdq must meet."""
 
     from svdq.algo.quant import weight_bytes
-    from svdq.pipeline.walk import analyse
+    from svdq.pipeline.analyse import analyse
     from svdq.pipeline.work import Clock
 
     rows = [{"method": "source", "bytes": None, **ppl(source.model)}]

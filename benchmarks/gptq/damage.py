@@ -20,13 +20,16 @@ HERE = Path(__file__).parent
 sys.path[:0] = [str(HERE), str(HERE.parent)]
 
 
-def setup(doc: str, sequences: int):
-    """The command line (an artifact, --model, --sequences) and the source model with the
-    first calibration sequences, taken as `compress` takes them: (args, source, ids)."""
+def setup(doc: str, sequences: int, more: dict[str, int] | None = None):
+    """The command line (an artifact, --model, --sequences and the integer options `more`
+    names, with their defaults) and the source model with the first calibration sequences,
+    taken as `compress` takes them: (args, source, ids)."""
     parser = argparse.ArgumentParser(description=doc.splitlines()[0])
     parser.add_argument("artifact", type=Path)
     parser.add_argument("--model", choices=["smollm2", "gemma3"], default="gemma3")
     parser.add_argument("--sequences", type=int, default=sequences)
+    for name, default in (more or {}).items():
+        parser.add_argument(name, type=int, default=default)
     args = parser.parse_args()
 
     from compare import plain_folder

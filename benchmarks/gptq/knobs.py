@@ -28,6 +28,7 @@ EVEN = ("import svdq.pipeline.budget as b; _c = b.candidates; _bits = __import__
         "['KNOB_BITS']; _e = lambda m, n, k: b.even(m.options, n, int(_bits), k); ")
 KNOBS = {  # name: what it sets, against the checked-out code
     "base": "",
+    "noprobe": "import svdq.pipeline.probe as p; p.PROBE = 0",  # sensitivity × error² alone
     "rounds1": FAST + "f.ROUNDS = 1",  # one round of the alternation
     "rounds0": FAST + "f.ROUNDS = 0",
     "gradient8": FAST + "f.GRADIENT_SHARE = 8; f.GRADIENT_LEAST = 4",  # an eighth, at least 4

@@ -51,7 +51,7 @@ def first_blocks(description: str):
     from svdq.config import Settings
     from svdq.models import load
     from svdq.pipeline.inputs import calibration_ids
-    from svdq.pipeline.walk import analyse
+    from svdq.pipeline.analyse import analyse
     from svdq.pipeline.work import Clock
 
     calib = assets.cache_dir() / "bench-text" / "calib.txt"

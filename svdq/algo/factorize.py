@@ -30,6 +30,10 @@ class LayerStats:
     cross: torch.Tensor | None = None
     source_gram: torch.Tensor | None = None
     source_total: torch.Tensor | None = None
+    # A budget's token probe (causal LMs): the inputs of the first calibration tokens the
+    # gradient pass saw, float32 (n, in), and each one's ‖∂L/∂y_t‖² at this layer (n,)
+    probe: torch.Tensor | None = None
+    token_g2: torch.Tensor | None = None
     # what is derived from the Gram once and shared by every form of the layer (its root, GPTQ's
     # inverse Hessian), by name
     cache: dict = field(default_factory=dict, repr=False, compare=False)

@@ -82,10 +82,13 @@ class Collector:
     on the source stream, run inside `source()`: the inputs seen there are not accumulated but
     held until the next forward, which adds Σ x̃ x₀ᵀ (`LayerStats.cross`), Σ x₀ x₀ᵀ and Σ x₀
     (x̃ the layer's input on the compressed stream, x₀ on the source stream, token for token).
+    With `probe`, a linear layer's first `probe` input rows are kept as well
+    (`LayerStats.probe`: the first tokens of the first sequences, in order).
     """
 
-    def __init__(self, modules: dict[str, nn.Module], paired: bool = False) -> None:
-        self.modules, self.paired = modules, paired
+    def __init__(self, modules: dict[str, nn.Module], paired: bool = False,
+                 probe: int = 0) -> None:
+        self.modules, self.paired, self.probe = modules, paired, probe
         self._acc: dict[str, LayerStats] = {}  # by the name of the layer that accumulates
         self._leader: dict[str, str] = {}  # each layer -> whose accumulators it shares
         self._last: tuple = ()  # (input, its version, held, name) last accumulated
@@ -114,7 +117,8 @@ class Collector:
                 out[name] = LayerStats(mirrored(acc.gram), acc.total, acc.tokens, acc.abs_total,
                                        cross=acc.cross, source_gram=None if acc.source_gram is None
                                        else mirrored(acc.source_gram),
-                                       source_total=acc.source_total, cache=acc.cache)
+                                       source_total=acc.source_total, cache=acc.cache,
+                                       probe=acc.probe)
         return out
 
     @contextlib.contextmanager
@@ -140,6 +144,10 @@ class Collector:
                 st = self._acc[name] = LayerStats(zeros(n, n), zeros(n), 0, zeros(n))
                 if held is not None:
                     st.cross, st.source_gram, st.source_total = zeros(n, n), zeros(n, n), zeros(n)
+            have = 0 if st.probe is None else st.probe.shape[0]
+            if conv is None and have < self.probe:  # the first tokens, kept as they are
+                more = x[: self.probe - have].clone()
+                st.probe = more if st.probe is None else torch.cat([st.probe, more])
             _add_products(st.gram, x, x)
             st.total += x.sum(0)
             st.abs_total += x.abs().sum(0)

@@ -1,7 +1,8 @@
 """Gradient statistics of the target layers, computed one block at a time.
 
 Per layer: grad2 = Σ_t ‖∂L_s/∂y_t‖² over every sample's tokens (y_t the layer's output for
-token t): the budget's sensitivity; and with `fisher`, row_fisher (float64, (out,)) =
+token t): the budget's sensitivity; with `per_token`, each token's own ‖∂L_s/∂y_t‖² too
+(a budget weighs each token's error by it: `pipeline.probe`); and with `fisher`, row_fisher (float64, (out,)) =
 Σ_s Σ_j (∂L_s/∂W_ij)², the diagonal empirical Fisher summed over each row of W (out, in):
 `--method fisher`'s row weights. Per-sample gradients: one sequence per backward.
 
@@ -46,8 +47,11 @@ def gradients(model: nn.Module, ids: torch.Tensor, modules: dict[str, nn.Module]
               fisher: bool = True, load: Callable[[int], None] | None = None,
               unload: Callable[[int], None] | None = None,
               new_stream: Callable[[], Stream] | None = None, bf16: bool = False,
-              sampled: bool = False) -> dict[str, tuple[torch.Tensor | None, float]]:
+              sampled: bool = False, per_token: dict[str, list[torch.Tensor]] | None = None,
+              ) -> dict[str, tuple[torch.Tensor | None, float]]:
     """{name: (row_fisher, or None without `fisher`; grad2)} for the target layers `modules`.
+    `per_token`: filled with {name: [each sample's ‖∂L_s/∂y_t‖² by token, float32 (T,)]}
+    for the layers whose outputs are (1, T, out) per sample, samples in the order of `ids`.
 
     By default the model is whole in memory; a walk over a streamed source passes `load(i)` /
     `unload(i)`, which bring block i's weights in and out, and `new_stream()`, an empty
@@ -88,7 +92,7 @@ def gradients(model: nn.Module, ids: torch.Tensor, modules: dict[str, nn.Module]
             done += 1
             report("gradients", done, steps)
         head = {k: m for k, m in modules.items() if not k.startswith(prefix + ".")}
-        with _watching(head, fisher, out), bf16_head(model, bf16 and not head):
+        with _watching(head, fisher, out, per_token), bf16_head(model, bf16 and not head):
             grads = _head(model, stream, ids, causal, seed, sampled)  # and --include'd head layers
         stream.drop()
         done += 1
@@ -97,7 +101,7 @@ def gradients(model: nn.Module, ids: torch.Tensor, modules: dict[str, nn.Module]
             load(i)
             mine = {k: m for k, m in modules.items() if k.startswith(f"{prefix}.{i}.")}
             grads = _backward(blocks[i], boundaries[i], captured.kwargs[i], grads, mine, fisher,
-                              out)
+                              out, per_token)
             boundaries[i].drop()
             unload(i)
             done += 1
@@ -139,9 +143,11 @@ def _head(model: nn.Module, last: Stream, ids: torch.Tensor, causal: bool,
 
 @contextlib.contextmanager
 def _watching(modules: dict[str, nn.Module], fisher: bool,
-              out: dict[str, tuple[torch.Tensor | None, float]]) -> Iterator[None]:
+              out: dict[str, tuple[torch.Tensor | None, float]],
+              per_token: dict[str, list[torch.Tensor]] | None = None) -> Iterator[None]:
     """While the body runs backward passes, accumulate the statistics of `modules` (hooks on
-    their outputs and, with `fisher`, their weights' gradients); into `out` at the end."""
+    their outputs and, with `fisher`, their weights' gradients); into `out` at the end, each
+    sample's per-token ‖g_t‖² into `per_token` as they come."""
     conv1d = conv1d_type()
     transposed = {n: conv1d is not None and isinstance(m, conv1d) for n, m in modules.items()}
     rows = {n: (m.weight.shape[-1] if transposed[n] else m.weight.shape[0]) for n, m in modules.items()}
@@ -152,6 +158,8 @@ def _watching(modules: dict[str, nn.Module], fisher: bool,
     def output_hook(name: str) -> Callable:
         def accumulate(g: torch.Tensor) -> None:  # returns None: the gradient flows on unchanged
             grad2[name].add_(g.detach().double().pow(2).sum())
+            if per_token is not None and g.dim() == 3 and g.shape[0] == 1:
+                per_token.setdefault(name, []).append(g.detach()[0].float().pow(2).sum(-1).cpu())
 
         def hook(module, args, output):
             y = output[0] if isinstance(output, tuple) else output
@@ -187,11 +195,12 @@ def _watching(modules: dict[str, nn.Module], fisher: bool,
 
 def _backward(block: nn.Module, inputs: Stream, kwargs: list[dict], grads: list[torch.Tensor],
               modules: dict[str, nn.Module], fisher: bool,
-              out: dict[str, tuple[torch.Tensor | None, float]]) -> list[torch.Tensor]:
+              out: dict[str, tuple[torch.Tensor | None, float]],
+              per_token: dict[str, list[torch.Tensor]] | None = None) -> list[torch.Tensor]:
     """Backpropagate each sample's ∂L/∂(block output) through `block`, accumulating the
     statistics of `modules` into `out`; returns ∂L/∂(block input) per sample."""
     new = []
-    with _watching(modules, fisher, out), torch.enable_grad():
+    with _watching(modules, fisher, out, per_token), torch.enable_grad():
         for h, kw, g in zip(inputs, kwargs, grads):
             h = h.detach().requires_grad_(True)
             model_blocks.call_block(block, h, kw).backward(g.to(h.device, h.dtype))

@@ -18,7 +18,7 @@ from svdq.algo.residual import Residual, residual_of
 from svdq.algo.search import factor_bits
 from svdq.algo.sparse import sparse_count
 from svdq.config import Settings
-from svdq.pipeline import fast
+from svdq.pipeline import fast, probe
 from svdq.pipeline.options import UNIFORM_EPS, bases, layer_options
 from svdq.pipeline.work import LayerWork
 
@@ -26,12 +26,14 @@ from svdq.pipeline.work import LayerWork
 @dataclass
 class LayerOptions:
     """One layer's options, the option each uniform eps picks, its raw sensitivity (None
-    without gradient statistics) and its float16 bytes."""
+    without gradient statistics), its float16 bytes and each option's token-probe factor
+    (`pipeline.probe`; None: all 1)."""
 
     options: list[Option]
     uniform: dict[float, int]
     sensitivity: float | None
     fp16: int
+    factors: list[float] | None = None
 
 
 def raw_sensitivity(work: LayerWork) -> float | None:
@@ -98,11 +100,14 @@ def measure_layer(work: LayerWork, settings: Settings,
     GPTQ runs in this layer's column loop where all fit in `dense.STACK` weights together."""
     grids = bases(settings, average)
 
+    built: dict[tuple, Residual] = {}  # each base, its factors cut: for the probe and pass 2
+
     def base(b: int, block: int, g: str):
         res = residual_of(work.w, work.stats, b, block, settings.method, g, settings.gptq,
                           fast.factor_dtype(settings.fast))
+        built[(b, block, g)] = cut(res, *work.w.shape)
         if made is not None:
-            made.setdefault("residuals", {})[(b, block, g)] = cut(res, *work.w.shape)
+            made.setdefault("residuals", {})[(b, block, g)] = built[(b, block, g)]
         return res
     residuals = {(b, block, g): (lambda b=b, block=block, g=g: base(b, block, g))
                  for b, block, g in grids}
@@ -123,6 +128,8 @@ def measure_layer(work: LayerWork, settings: Settings,
                          residuals=residuals, closed=settings.method == "whiten",
                          gptq=settings.gptq, sparse=nnz, method=settings.method,
                          dense=dense_forms(settings))
+    factors = probe.factors(work, opts, settings, built)
+    built.clear()
     quantized = release(work.w, work.stats)
     if made is not None and quantized is not None:
         made["quantized"] = quantized
@@ -130,7 +137,7 @@ def measure_layer(work: LayerWork, settings: Settings,
         made["output_norm2"] = output_norm2(work.w, work.bias, work.stats)
     uniform = {eps: _uniform(opts, settings.bits, eps) for eps in UNIFORM_EPS}
     fp16 = 2 * (work.w.numel() + (0 if work.bias is None else work.bias.numel()))
-    return LayerOptions(opts, uniform, raw_sensitivity(work), fp16)
+    return LayerOptions(opts, uniform, raw_sensitivity(work), fp16, factors)
 
 
 def cut(res: Residual, out_f: int, in_f: int) -> Residual:
@@ -153,9 +160,11 @@ class Measured:
     @classmethod
     def of(cls, layers: list[LayerOptions], settings: Settings) -> "Measured":
         """Options weighted by each layer's sensitivity scaled to average 1 (all 1 where
-        a layer has no gradient statistics)."""
+        a layer has no gradient statistics), times each option's probe factor."""
         weights = sensitivities([lo.sensitivity for lo in layers])
-        options = [[replace(o, weight=wt) for o in lo.options] for lo, wt in zip(layers, weights)]
+        options = [[replace(o, weight=wt * f) for o, f in
+                    zip(lo.options, lo.factors or [1.0] * len(lo.options))]
+                   for lo, wt in zip(layers, weights)]
         uniform = {eps: [lo.uniform[eps] for lo in layers] for eps in UNIFORM_EPS}
         return cls(options, uniform, bits_choices(settings), sum(lo.fp16 for lo in layers))
 

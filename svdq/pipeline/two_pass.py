@@ -26,7 +26,7 @@ from svdq.config import Settings
 from svdq.models.attention import heads
 from svdq.models.layers import set_module
 from svdq.models.stream import give_back
-from svdq.pipeline import budget as budgets, fast, product as products
+from svdq.pipeline import budget as budgets, fast, probe, product as products
 from svdq.pipeline.forms import codebooks, realize, refitted
 from svdq.pipeline.judge import losses
 from svdq.pipeline.kept import Kept, keeps
@@ -51,7 +51,8 @@ def walk(walker: Walker, ids: torch.Tensor, settings: Settings, out: "_Out",
     few = (fast.samples(len(ids), fast.GRADIENT_SHARE, fast.GRADIENT_LEAST) if settings.fast
            else len(ids))
     walker.gradients(ids[:few], fisher=settings.method == "fisher", scale=len(ids) / few,
-                     sampled=SAMPLED)
+                     sampled=SAMPLED, probe=probe.PROBE if walker.source.is_causal else 0,
+                     tokens=probe.TOKENS)
     walker.start(ids)  # pass 1: each layer's options, numbers only
     layers, names = [], []
     blocks = len(walker.blocks)
@@ -123,7 +124,10 @@ def walk(walker: Walker, ids: torch.Tensor, settings: Settings, out: "_Out",
                                                     walker.source.stored_dtype)
                     each[label] = (plan.noted(**notes), tensors, module, stored.error)
                 for label, (plan, tensors, module, error) in each.items():
-                    plans[label].append(plan.noted(sensitivity=weights[n + j]))
+                    factor = (measured.options[n + j][picks[label]].weight / weights[n + j]
+                              if label in picks and weights[n + j] else 1.0)
+                    plans[label].append(plan.noted(sensitivity=weights[n + j],
+                                                   token_factor=round(factor, 4)))
                     errors[label].append(error)
                     _put(stores[label], tensors)
                     if module is not None:

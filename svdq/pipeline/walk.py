@@ -51,6 +51,8 @@ class Walker:
         self.ids: torch.Tensor | None = None
         self.scratch = scratch
         self.grads: dict[str, tuple[torch.Tensor | None, float]] = {}
+        self.token_g2: dict[str, torch.Tensor] = {}  # the probe's per-token ‖g‖², by layer
+        self.probe = 0  # tokens the main stream's statistics keep as the probe
         self.main: Stream | None = None
         self.kwargs: list[list[dict]] = []  # what block i receives besides hidden states, per batch
         self.paired: Stream | None = None  # --sequential --refit: the source's own stream
@@ -112,19 +114,24 @@ class Walker:
 
     # ------------------------------------------------------------------ the passes
     def gradients(self, ids: torch.Tensor, fisher: bool, scale: float = 1.0,
-                  sampled: bool = False) -> None:
+                  sampled: bool = False, probe: int = 0, tokens: int | None = None) -> None:
         """Gradient statistics of every target layer (`calibration.gradients`; `sampled`: drawn
         labels), kept for each layer's statistics as the walk reaches it; `scale` multiplies
         them (`--fast`'s sums over some sequences stand for all; it also runs the head in
-        bfloat16 where that is native, `loss.native_bf16`)."""
+        bfloat16 where that is native, `loss.native_bf16`). `probe`: the first sequences
+        whose tokens (at most `tokens` of them) the main stream's statistics keep with each
+        one's own ‖g‖² (`LayerStats.probe`, `token_g2`: `pipeline.probe`)."""
         offload = self._offload(len(self.blocks) + 1)
         self.outside(True)
         modules = {n: self.model.get_submodule(n) for n in self.names}
+        per_token: dict[str, list[torch.Tensor]] | None = {} if probe else None
         self.grads = gradients(self.model, ids, modules, self.source.is_causal, self.settings.seed,
                                self.report, fisher, self.load, self.unload,
                                lambda: self.new_stream(offload),
                                bf16=self.settings.fast and native_bf16(self.device),
-                               sampled=sampled)
+                               sampled=sampled, per_token=per_token)
+        self.token_g2 = {n: torch.cat(t[:probe])[:tokens] for n, t in (per_token or {}).items()}
+        self.probe = min((len(t) for t in self.token_g2.values()), default=0)
         if scale != 1.0:
             self.grads = {n: (None if f is None else f * scale, g * scale)
                           for n, (f, g) in self.grads.items()}
@@ -198,7 +205,7 @@ class Walker:
             self._outputs = self._paired_outputs = None
             return self._works(mine, stats)
         outputs, paired = self.main.like(), None if self.paired is None else self.paired.like()
-        with Collector(mine, paired=paired is not None) as collector:
+        with Collector(mine, paired=paired is not None, probe=self.probe) as collector:
             for j, h in enumerate(self.main):
                 kw = self.kwargs[i][j]
                 if paired is not None:  # the block is still the source's here
@@ -218,6 +225,9 @@ class Walker:
                 fisher, grad2 = self.grads[name]
                 st.row_fisher = None if fisher is None else fisher.to(self.device)
                 st.grad2 = grad2
+            if st.probe is not None and name in self.token_g2:  # the same tokens, in order
+                n = min(len(st.probe), len(self.token_g2[name]))
+                st.probe, st.token_g2 = st.probe[:n], self.token_g2[name][:n].to(self.device)
             bias = None if module.bias is None else module.bias.detach().float()
             works.append(LayerWork(name, module, None, bias, st,
                                    self.settings.method))
@@ -285,26 +295,3 @@ class Walker:
             if s is not None:
                 s.drop()
 
-
-def analyse(source: Source, settings: Settings, ids: torch.Tensor, report: Progress,
-            clock: Clock, gradients: bool = False, fisher: bool = False) -> list[LayerWork]:
-    """Every target layer's work at once, for a model whole in memory (sweep, tests): the
-    statistics of all layers are kept. With `gradients` (or method fisher) each carries its
-    gradient statistics; `fisher` adds the row Fisher sums."""
-    if source.weights is not None:
-        raise SvdqError("analysing every layer at once needs the model whole in memory; load "
-                        "it without streaming")
-    walker = Walker(source, settings, report, clock)
-    fisher = fisher or settings.method == "fisher"
-    try:
-        if gradients or fisher:
-            walker.gradients(ids, fisher=fisher)
-        walker.start(ids)
-        works = []
-        for i in range(len(walker.blocks)):
-            works += walker.enter(i)
-            walker.leave(i)
-        works += walker.enter_head()
-    finally:
-        walker.close()
-    return works

@@ -33,7 +33,7 @@ from svdq.pipeline.judge import judge_of
 from svdq.pipeline.measured import measure
 from svdq.pipeline.options import RESIDUAL_BASES
 from svdq.pipeline.inputs import calibration_ids
-from svdq.pipeline.walk import analyse
+from svdq.pipeline.analyse import analyse
 from svdq.pipeline.work import Clock, LayerWork, Progress
 from svdq.sweep.results import pareto, plot, write  # noqa: F401 - the results' API
 
@@ -169,7 +169,7 @@ def run(source: Source, settings: Settings, eps_list: list[float], bits_list: li
     gradients = bool(ratios) or "fisher" in methods  # budgets weigh layers by sensitivity
     ids = calibration_ids(source, settings, report, calibration)
     works = analyse(source, settings, ids, report, clock, gradients=gradients,
-                    fisher="fisher" in methods)
+                    fisher="fisher" in methods, budget=bool(ratios))
     factors = {settings.method: [w.factors for w in works]}
     judge = judge_of(source, works, ids, settings) if ratios else None  # one for every budget
     for method in methods:

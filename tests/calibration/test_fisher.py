@@ -20,7 +20,7 @@ from svdq.models import layers as surgery
 from svdq.models import load as hf
 from svdq.pipeline.compress import compress
 from svdq.pipeline.inputs import calibration_ids
-from svdq.pipeline.walk import analyse
+from svdq.pipeline.analyse import analyse
 from svdq.pipeline.work import Clock
 
 from conftest import make_text
@@ -202,6 +202,32 @@ def test_gradients_equal_per_sample_autograd(loaded, arch, target):
     model.zero_grad(set_to_none=True)
     summed = (g.T if isinstance(module, surgery.conv1d_type()) else g).pow(2).sum(1)
     assert not torch.allclose(got_rows, summed, rtol=1e-2)
+
+
+def test_per_token_gradients_are_each_sample_own_and_add_up_to_grad2(loaded):
+    """`per_token`: one (T,) vector of ‖∂L_s/∂y_t‖² per sample, in the order of ids, equal to
+    plain autograd's; summed, the layer's grad2."""
+    model = loaded["llama"].model
+    ids = sample_ids(loaded["llama"].tokenizer)
+    target = "model.layers.0.self_attn.k_proj"
+    modules = {n: model.get_submodule(n) for n in surgery.targets(model, (), ())}
+    per_token: dict = {}
+    _, grad2 = gradients(model, ids, modules, True, 0, fisher=False, per_token=per_token)[target]
+    assert set(per_token) == set(modules)
+    got = per_token[target]
+    assert [t.shape for t in got] == [(ids.shape[1],)] * ids.shape[0]
+    seen = []
+    module = model.get_submodule(target)
+    handle = module.register_full_backward_hook(lambda m, gi, go: seen.append(go[0].detach()))
+    try:
+        for s in range(ids.shape[0]):
+            model(input_ids=ids[s: s + 1], labels=ids[s: s + 1], use_cache=False).loss.backward()
+    finally:
+        handle.remove()
+        model.zero_grad(set_to_none=True)
+    for mine, theirs in zip(got, seen):
+        assert torch.allclose(mine, theirs[0].float().pow(2).sum(-1), rtol=1e-4, atol=1e-12)
+    assert float(sum(t.double().sum() for t in got)) == pytest.approx(grad2, rel=1e-5)
 
 
 def test_sampled_labels_give_the_fisher_of_the_model_own_predictions(loaded):

@@ -17,7 +17,7 @@ from svdq.config import Settings
 from svdq.models import load as hf
 from svdq.pipeline.compress import compress
 from svdq.pipeline.inputs import calibration_ids
-from svdq.pipeline.walk import analyse
+from svdq.pipeline.analyse import analyse
 from svdq.pipeline.work import Clock
 
 BLOCKS_AND_HEAD = ["--include", "resnet.encoder.*", "--include", "classifier.*"]

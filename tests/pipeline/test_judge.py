@@ -16,7 +16,7 @@ from svdq.pipeline.compress import realize
 from svdq.pipeline.judge import judge_of
 from svdq.pipeline.measured import measure
 from svdq.pipeline.inputs import calibration_ids
-from svdq.pipeline.walk import analyse
+from svdq.pipeline.analyse import analyse
 from svdq.pipeline.work import Clock, swapped
 
 CALIB = dict(calib_samples=4, calib_len=32, batch_size=4)

@@ -14,7 +14,7 @@ from svdq.config import Settings
 from svdq.models import load as hf
 from svdq.pipeline import measured, options
 from svdq.pipeline.inputs import calibration_ids
-from svdq.pipeline.walk import analyse
+from svdq.pipeline.analyse import analyse
 from svdq.pipeline.options import layer_options, rank_grid, stored_of
 from svdq.pipeline.work import Clock
 
