@@ -278,7 +278,8 @@ def summary(measured: Measured, budget: int, found: list[tuple[str, list[int]]],
             "objective": "sensitivity-weighted error²" if weighted else "error²",
             "error_cap": next((c for c in ERROR_CAPS if label == f"error cap {c:g}"), None),
             "plan": label, "candidates": judged,
-            "error2": math.fsum(wt * e ** 2 for wt, e in zip(weights, errors)),
+            "error2": math.fsum(opts[k].weight * e ** 2  # the token probe's factors too
+                                for opts, k, e in zip(options, picks, errors)),
             "bits_choices": list(measured.bits_choices),
             "uniform": [dict(zip(("eps", "bytes", "error2"), (eps, *total(options, p))))
                         for eps, p in measured.uniform.items()]}

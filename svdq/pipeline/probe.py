@@ -17,9 +17,9 @@ multiplies each option's cost by its `factors`: Σ_t ‖g_t‖² ‖e_t‖² ove
 Σ_t ‖e_t‖²), e_t the option's output error at token t (Q − W) x_t, Q the layer quantized on
 its grid, with a correction's terms taken off at its rank (`curve`). It is 1 where errors and
 gradients are spread alike over the tokens, below 1 where the errors sit on tokens the loss
-hardly sees (a whitened correction spends its rank where the inputs are large: on those
-tokens, so its factor can rise above its base's). An option without a quantized base (kept,
-low rank alone) takes 1.
+hardly sees. A correction's factor is its own, not its base's: the whitened SVD spends the
+rank where the inputs are large, so what it removes need not be what the loss sees. An
+option without a quantized base (kept, low rank alone) takes 1.
 """
 from __future__ import annotations
 
@@ -61,15 +61,6 @@ def curve(work: LayerWork, quantized, factors: Factors | None = None) -> tuple[t
 
 def _ratio(weighted: float, plain: float, mean: float) -> float:
     return 1.0 if plain <= 0.0 or mean <= 0.0 or weighted < 0.0 else weighted / (mean * plain)
-
-
-def factor(work: LayerWork, quantized) -> float:
-    """The probe's factor of the layer quantized as `quantized` (1 without a probe)."""
-    st = work.stats
-    if st.probe is None or st.token_g2 is None or not len(st.token_g2):
-        return 1.0
-    weighted, plain = curve(work, quantized)
-    return _ratio(float(weighted[0]), float(plain[0]), float(st.token_g2.double().mean()))
 
 
 def factors(work: LayerWork, options: list[Option], settings: Settings,

@@ -127,7 +127,7 @@ def walk(walker: Walker, ids: torch.Tensor, settings: Settings, out: "_Out",
                     factor = (measured.options[n + j][picks[label]].weight / weights[n + j]
                               if label in picks and weights[n + j] else 1.0)
                     plans[label].append(plan.noted(sensitivity=weights[n + j],
-                                                   token_factor=round(factor, 4)))
+                                                   token_factor=factor))
                     errors[label].append(error)
                     _put(stores[label], tensors)
                     if module is not None:
@@ -173,7 +173,8 @@ def walk(walker: Walker, ids: torch.Tensor, settings: Settings, out: "_Out",
     for entry, label in zip(info["candidates"], labels):  # as built (a product stores fewer)
         entry["bytes"] = sum(p.bytes for p in plans[label])
     if settings.refit:  # the refit changed the errors the allocation planned with
-        info["error2"] = math.fsum(p.notes["sensitivity"] * p.error ** 2 for p in plans[winner])
+        info["error2"] = math.fsum(p.notes["sensitivity"] * p.notes["token_factor"] * p.error ** 2
+                                   for p in plans[winner])
     return plans[winner], info
 
 

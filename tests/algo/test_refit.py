@@ -190,5 +190,5 @@ def test_budget_with_refit_records_the_refitted_errors(models, calib_file, tmp_p
     layers = manifest["layers"]
     assert manifest["totals"]["target_bytes"] <= manifest["budget"]["requested_bytes"]
     assert manifest["budget"]["error2"] == pytest.approx(
-        sum(p["sensitivity"] * p["error"] ** 2 for p in layers))
+        sum(p["sensitivity"] * p["token_factor"] * p["error"] ** 2 for p in layers))
     assert all(p["source_error"] <= p["error"] + 1e-9 for p in layers)  # one stream: the same

@@ -230,7 +230,11 @@ def test_budget_weighs_layers_by_sensitivity_and_may_correct(models, calib_file,
     assert b["objective"] == "sensitivity-weighted error²"
     weights = [p["sensitivity"] for p in layers]
     assert sum(weights) == pytest.approx(len(layers)) and len(set(weights)) > 1
-    assert b["error2"] == pytest.approx(math.fsum(p["sensitivity"] * p["error"] ** 2 for p in layers))
+    # each layer's form weighed by the token probe too (a causal LM: `pipeline.probe`)
+    assert all(p["token_factor"] > 0 for p in layers)
+    assert any(p["token_factor"] != 1.0 for p in layers)
+    assert b["error2"] == pytest.approx(math.fsum(p["sensitivity"] * p["token_factor"]
+                                                  * p["error"] ** 2 for p in layers))
     assert manifest["totals"]["target_bytes"] <= b["requested_bytes"]
     if b["error_cap"] is not None:  # an allocation under that cap won the judging
         assert b["plan"] == f"error cap {b['error_cap']:g}"

@@ -29,6 +29,14 @@ class Shifted:
         return self.w.clone()
 
 
+def factor(work, quantized):
+    """The factor of a plain int4 g64 form quantized as `quantized` (held, as prequantize
+    holds GPTQ's)."""
+    hold(work.w, work.stats, {(4, 64, "int"): quantized})
+    return probe.factors(work, [Option(20, 0.1, "dense", 0, 4, grid="int")],
+                         Settings(gptq=True, block_size=64))[0]
+
+
 def work_with(x, weights, out=6, seed=0):
     g = torch.Generator().manual_seed(seed)
     w = torch.randn(out, x.shape[1], generator=g)
@@ -41,7 +49,7 @@ def test_factor_is_one_where_gradients_weigh_every_token_alike():
     x = torch.randn(50, 8, generator=torch.Generator().manual_seed(1))
     work = work_with(x, torch.full((50,), 3.0))
     delta = 0.01 * torch.randn(6, 8, generator=torch.Generator().manual_seed(2))
-    assert probe.factor(work, Shifted(work.w, delta)) == pytest.approx(1.0, rel=1e-6)
+    assert factor(work, Shifted(work.w, delta)) == pytest.approx(1.0, rel=1e-6)
 
 
 def test_factor_weighs_each_token_error_by_its_own_gradient():
@@ -56,16 +64,16 @@ def test_factor_weighs_each_token_error_by_its_own_gradient():
     delta = 0.01 * torch.randn(6, 8, generator=g)
     e2 = (x.double() @ delta.double().T).pow(2).sum(-1)
     want = float((weights.double() * e2).sum() / (weights.double().mean() * e2.sum()))
-    got = probe.factor(work, Shifted(work.w, delta))
+    got = factor(work, Shifted(work.w, delta))
     assert got == pytest.approx(want, rel=1e-4) and got < 0.2
 
 
 def test_no_probe_no_gradient_or_no_error_gives_one():
     x = torch.randn(10, 4, generator=torch.Generator().manual_seed(4))
     work = work_with(x, torch.zeros(10))
-    assert probe.factor(work, Shifted(work.w, torch.ones(6, 4))) == 1.0  # no gradient
+    assert factor(work, Shifted(work.w, torch.ones(6, 4))) == 1.0  # no gradient
     work = work_with(x, torch.ones(10))
-    assert probe.factor(work, Shifted(work.w, torch.zeros(6, 4))) == 1.0  # no error
+    assert factor(work, Shifted(work.w, torch.zeros(6, 4))) == 1.0  # no error
     work.stats.probe = None
     opts = [Option(10, 0.0, "keep", 0, None), Option(4, 0.1, "dense", 0, 4)]
     assert probe.factors(work, opts, Settings()) == [1.0, 1.0]
@@ -88,7 +96,7 @@ def test_options_take_their_grid_factor_and_the_rest_one():
             Option(30, 0.05, "residual", 2, 4, grid="int"), Option(40, 0.01, "dense", 0, 8),
             Option(25, 0.2, "lowrank", 2, 8), Option(90, 0.3, "dense", 0, 3, grid="int")]
     got = probe.factors(work, opts, settings)
-    fa, fb = probe.factor(work, a), probe.factor(work, b)
+    fa, fb = factor(work, a), factor(work, b)
     assert got == [1.0, fa, fa, fb, 1.0, 1.0]  # int3 is not held: not made again with GPTQ
     assert fa < 1 and fb < 1 and fa != fb
 
