@@ -1,0 +1,97 @@
+"""Would GPTQ itself do better on a token-weighted Hessian? One layer type of the source
+quantized by svdq's GPTQ (int4, groups of 64) on H = Σ_t x_t x_tᵀ and on H_g = Σ_t ‖g_t‖² x_t
+x_tᵀ (each calibration token weighed by its own squared loss gradient at the layer's output,
+labels drawn from the model itself: the token probe's weighting, `pipeline.probe`, put into
+GPTQ's objective), the rest of the model as it is; the KL divergence of the next-token
+distributions from the source's on held-out text for each.
+
+    python benchmarks/gptq/weighted.py [--model gemma3] [--kind down_proj] [--sequences 8]
+        [--held-out 8]
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+from torch import nn
+
+HERE = Path(__file__).parent
+sys.path[:0] = [str(HERE), str(HERE.parent)]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", choices=["smollm2", "gemma3"], default="gemma3")
+    parser.add_argument("--kind", default="down_proj")
+    parser.add_argument("--sequences", type=int, default=8)
+    parser.add_argument("--held-out", type=int, default=8)
+    args = parser.parse_args()
+
+    from compare import plain_folder
+    from svdq import assets
+    from svdq.algo.dense import quantize_weight
+    from svdq.algo.factorize import LayerStats
+    from svdq.calibration import text
+    from svdq.calibration.loss import draw
+    from sweep import split_text
+
+    calib, held, _ = split_text(assets.cache_dir() / "bench-text")
+    _, _, source = plain_folder(args.model)
+    model = source.model.eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    ids_of = lambda path, n: text.calibration_ids(  # noqa: E731
+        None, source.tokenizer, str(path), n, 512, 8, 0, True, lambda *a: None, None)[0][:n]
+    ids, test = ids_of(calib, args.sequences), ids_of(held, args.held_out)
+    mods = {n: m for n, m in model.named_modules()
+            if isinstance(m, nn.Linear) and n.endswith("." + args.kind)}
+    grams = {n: [0, 0] for n in mods}  # H, H_g (float64)
+    inputs: dict[str, torch.Tensor] = {}
+
+    def hook(name):
+        def forward(module, a, out):
+            inputs[name] = a[0].detach()[0].double()
+            out.register_hook(lambda g: backward(name, g.detach()[0].double()))
+        return forward
+
+    def backward(name, g):
+        x = inputs.pop(name)
+        grams[name][0] = grams[name][0] + x.T @ x
+        grams[name][1] = grams[name][1] + (x * g.pow(2).sum(-1, keepdim=True)).T @ x
+
+    handles = [m.register_forward_hook(hook(n)) for n, m in mods.items()]
+    generator = torch.Generator().manual_seed(0)
+    try:
+        for k in range(len(ids)):
+            embedded = model.get_input_embeddings()(ids[k:k + 1]).requires_grad_(True)
+            with torch.enable_grad():
+                logits = model(inputs_embeds=embedded, use_cache=False).logits[0, :-1].float()
+                nn.functional.cross_entropy(logits, draw(logits, generator)).backward()
+    finally:
+        for h in handles:
+            h.remove()
+
+    def logps():
+        with torch.no_grad():
+            return [model(input_ids=test[k:k + 1], use_cache=False).logits[0, :-1].float()
+                    .log_softmax(-1) for k in range(len(test))]
+    reference = logps()
+    source_w = {n: m.weight.data.clone() for n, m in mods.items()}
+    tokens = ids.shape[1] * len(ids)
+    for label, j in (("H = Σ x xᵀ", 0), ("H_g = Σ ‖g‖² x xᵀ", 1)):
+        for n, m in mods.items():
+            h = grams[n][j]
+            stats = LayerStats(h, torch.zeros(h.shape[0], dtype=torch.float64), tokens)
+            q = quantize_weight(source_w[n].float(), stats, 4, 64, "int", gptq=True)
+            m.weight.data.copy_(q.dequantize())
+        kl = sum(float((r.exp() * (r - p)).sum()) for r, p in zip(reference, logps()))
+        print(f"{args.kind} by GPTQ int4 g64 on {label}: KL {kl / sum(len(r) for r in reference):.5f}",
+              flush=True)
+    for n, m in mods.items():
+        m.weight.data.copy_(source_w[n])
+
+
+if __name__ == "__main__":
+    main()
