@@ -2,8 +2,9 @@
 quantized by svdq's GPTQ (int4, groups of 64) on H = Σ_t x_t x_tᵀ and on H_g = Σ_t ‖g_t‖² x_t
 x_tᵀ (each calibration token weighed by its own squared loss gradient at the layer's output,
 labels drawn from the model itself: the token probe's weighting, `pipeline.probe`, put into
-GPTQ's objective), the rest of the model as it is; the KL divergence of the next-token
-distributions from the source's on held-out text for each.
+GPTQ's objective), and on their blend (each scaled to unit trace), the rest of the model as
+it is; the KL divergence of the next-token distributions from the source's on held-out text
+for each.
 
     python benchmarks/gptq/weighted.py [--model gemma3] [--kind down_proj] [--sequences 8]
         [--held-out 8]
@@ -80,9 +81,12 @@ def main() -> None:
     reference = logps()
     source_w = {n: m.weight.data.clone() for n, m in mods.items()}
     tokens = ids.shape[1] * len(ids)
-    for label, j in (("H = Σ x xᵀ", 0), ("H_g = Σ ‖g‖² x xᵀ", 1)):
+    unit = lambda h: h / h.diagonal().sum()  # noqa: E731
+    hessians = {"H = Σ x xᵀ": lambda n: grams[n][0], "H_g = Σ ‖g‖² x xᵀ": lambda n: grams[n][1],
+                "H/tr H + H_g/tr H_g": lambda n: unit(grams[n][0]) + unit(grams[n][1])}
+    for label, hessian in hessians.items():
         for n, m in mods.items():
-            h = grams[n][j]
+            h = hessian(n)
             stats = LayerStats(h, torch.zeros(h.shape[0], dtype=torch.float64), tokens)
             q = quantize_weight(source_w[n].float(), stats, 4, 64, "int", gptq=True)
             m.weight.data.copy_(q.dequantize())
