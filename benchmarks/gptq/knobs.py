@@ -44,8 +44,8 @@ KNOBS = {  # name: what it sets, against the checked-out code
     "even": EVEN + "b.candidates = lambda m, n, k, few=False: _c(m, n, k, few) + _e(m, n, k)",
     # the sensitivities from the text's next tokens (the empirical Fisher, until session 31)
     # or from labels the model draws itself (the Fisher, since)
-    "textlabels": "import svdq.pipeline.two_pass as t; t.SAMPLED = False",
-    "sampled": "import svdq.pipeline.two_pass as t; t.SAMPLED = True",
+    "textlabels": "import svdq.pipeline.probe as p; p.SAMPLED = False",
+    "sampled": "import svdq.pipeline.probe as p; p.SAMPLED = True",
     # a diagnostic, not a method: the attention projections' sensitivities × 0.1, as
     # damage.py measures them on Gemma's GPTQ int4 (nothing), the MLP's as they are
     "attention01": "import svdq.pipeline.measured as m; _r = m.raw_sensitivity; "

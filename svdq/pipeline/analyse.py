@@ -7,7 +7,7 @@ import torch
 from svdq.config import Settings
 from svdq.errors import SvdqError
 from svdq.models.load import Source
-from svdq.pipeline import probe, two_pass
+from svdq.pipeline import probe
 from svdq.pipeline.walk import Walker
 from svdq.pipeline.work import Clock, LayerWork, Progress
 
@@ -18,7 +18,7 @@ def analyse(source: Source, settings: Settings, ids: torch.Tensor, report: Progr
     """Every target layer's work at once, for a model whole in memory (sweep, tests): the
     statistics of all layers are kept. With `gradients` (or method fisher) each carries its
     gradient statistics; `fisher` adds the row Fisher sums. `budget`: the gradients as a
-    budget takes them (`two_pass`: a causal LM's labels drawn from its own predictions, and
+    budget takes them (`probe.gradients`: a causal LM's labels drawn from its own predictions, and
     the token probe, `pipeline.probe`), so sweep's budget rows are `compress --ratio`'s."""
     if source.weights is not None:
         raise SvdqError("analysing every layer at once needs the model whole in memory; load "
@@ -26,10 +26,10 @@ def analyse(source: Source, settings: Settings, ids: torch.Tensor, report: Progr
     walker = Walker(source, settings, report, clock)
     fisher = fisher or settings.method == "fisher"
     try:
-        causal = budget and source.is_causal
-        if gradients or fisher or budget:
-            walker.gradients(ids, fisher=fisher, sampled=causal and two_pass.SAMPLED,
-                             probe=probe.PROBE if causal else 0, tokens=probe.TOKENS)
+        if budget:
+            probe.gradients(walker, ids, fisher)
+        elif gradients or fisher:
+            walker.gradients(ids, fisher=fisher)
         walker.start(ids)
         works = []
         for i in range(len(walker.blocks)):

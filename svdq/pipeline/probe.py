@@ -23,6 +23,8 @@ option without a quantized base (kept, low rank alone) takes 1.
 """
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 
 from svdq.algo.allocate import Option
@@ -32,8 +34,25 @@ from svdq.algo.residual import Residual
 from svdq.config import Settings
 from svdq.pipeline.work import LayerWork
 
+if TYPE_CHECKING:
+    from svdq.pipeline.walk import Walker
+
+# A causal LM's sensitivities from labels it draws itself: the Fisher information, the
+# curvature of the loss, where the text's next tokens give the empirical Fisher, a biased
+# stand-in (`--fast` on Gemma-3-270M 0.75 better, SmolLM2 -0.11 to +0.17: RESULTS.md, session
+# 31; the token probe below then weighs each token's error by its own gradient, session 32)
+SAMPLED = True
 PROBE = 2  # calibration sequences in the probe (at most those the gradient pass saw) ...
 TOKENS = 1024  # ... and at most this many of their tokens (the first)
+
+
+def gradients(walker: "Walker", ids: torch.Tensor, fisher: bool, scale: float = 1.0) -> None:
+    """A budget's gradient statistics (`Walker.gradients`): for a causal LM the labels drawn
+    from its own predictions (`SAMPLED`) and the token probe (`PROBE` sequences, at most
+    `TOKENS` tokens); an encoder's or image model's as they are."""
+    causal = walker.source.is_causal
+    walker.gradients(ids, fisher=fisher, scale=scale, sampled=causal and SAMPLED,
+                     probe=PROBE if causal else 0, tokens=TOKENS)
 
 
 def curve(work: LayerWork, quantized, factors: Factors | None = None) -> tuple[torch.Tensor,

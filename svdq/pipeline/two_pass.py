@@ -39,20 +39,12 @@ from svdq.plan import LayerPlan
 if TYPE_CHECKING:
     from svdq.pipeline.compress import _Out
 
-# A causal LM's sensitivities from labels it draws itself: the Fisher information, the
-# curvature of the loss, where the text's next tokens give the empirical Fisher, a biased
-# stand-in (on Gemma-3-270M neither sees that GPTQ leaves the attention layers harmless;
-# --fast 0.75 better there, SmolLM2 -0.11 to +0.17: benchmarks/RESULTS.md, session 31)
-SAMPLED = True
-
 
 def walk(walker: Walker, ids: torch.Tensor, settings: Settings, out: "_Out",
             scratch: Path, average: float) -> tuple[list[LayerPlan], dict]:
     few = (fast.samples(len(ids), fast.GRADIENT_SHARE, fast.GRADIENT_LEAST) if settings.fast
            else len(ids))
-    walker.gradients(ids[:few], fisher=settings.method == "fisher", scale=len(ids) / few,
-                     sampled=SAMPLED, probe=probe.PROBE if walker.source.is_causal else 0,
-                     tokens=probe.TOKENS)
+    probe.gradients(walker, ids[:few], settings.method == "fisher", len(ids) / few)
     walker.start(ids)  # pass 1: each layer's options, numbers only
     layers, names = [], []
     blocks = len(walker.blocks)
