@@ -29,6 +29,11 @@ EVEN = ("import svdq.pipeline.budget as b; _c = b.candidates; _bits = __import__
 KNOBS = {  # name: what it sets, against the checked-out code
     "base": "",
     "noprobe": "import svdq.pipeline.probe as p; p.PROBE = 0",  # sensitivity × error² alone
+    # the gradient pass on every calibration sequence, so that the statistics weigh each token
+    # by its own ‖g‖² (`probe.WEIGHED`), or with that weighting off (the probe as in --fast)
+    "allgrad": FAST + "f.GRADIENT_SHARE = 1",
+    "allgradplain": FAST + "f.GRADIENT_SHARE = 1; import svdq.pipeline.probe as p; "
+                    "p.WEIGHED = False",
     "rounds1": FAST + "f.ROUNDS = 1",  # one round of the alternation
     "rounds0": FAST + "f.ROUNDS = 0",
     "gradient8": FAST + "f.GRADIENT_SHARE = 8; f.GRADIENT_LEAST = 4",  # an eighth, at least 4
