@@ -34,6 +34,9 @@ class LayerStats:
     # gradient pass saw, float32 (n, in), and each one's ‖∂L/∂y_t‖² at this layer (n,)
     probe: torch.Tensor | None = None
     token_g2: torch.Tensor | None = None
+    # the sums weigh each token by its own ‖∂L/∂y_t‖² (over their mean): Σ w_t x_t x_tᵀ, Σ w_t x_t
+    # (a budget's token-weighted statistics, `pipeline.probe.WEIGHED`)
+    weighted: bool = False
     # what is derived from the Gram once and shared by every form of the layer (its root, GPTQ's
     # inverse Hessian), by name
     cache: dict = field(default_factory=dict, repr=False, compare=False)

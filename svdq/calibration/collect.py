@@ -83,12 +83,16 @@ class Collector:
     held until the next forward, which adds Σ x̃ x₀ᵀ (`LayerStats.cross`), Σ x₀ x₀ᵀ and Σ x₀
     (x̃ the layer's input on the compressed stream, x₀ on the source stream, token for token).
     With `probe`, a linear layer's first `probe` input rows are kept as well
-    (`LayerStats.probe`: the first tokens of the first sequences, in order).
+    (`LayerStats.probe`: the first tokens of the first sequences, in order). With `weights`
+    ({name: (tokens,) float}, one per row the layer will see, in order), that linear layer's
+    sums weigh each row: Σ w_t x_t x_tᵀ, Σ w_t x_t (`LayerStats.weighted`); it then shares
+    no accumulators.
     """
 
     def __init__(self, modules: dict[str, nn.Module], paired: bool = False,
-                 probe: int = 0) -> None:
+                 probe: int = 0, weights: dict[str, torch.Tensor] | None = None) -> None:
         self.modules, self.paired, self.probe = modules, paired, probe
+        self.weights = weights or {}
         self._acc: dict[str, LayerStats] = {}  # by the name of the layer that accumulates
         self._leader: dict[str, str] = {}  # each layer -> whose accumulators it shares
         self._last: tuple = ()  # (input, its version, held, name) last accumulated
@@ -118,7 +122,7 @@ class Collector:
                                        cross=acc.cross, source_gram=None if acc.source_gram is None
                                        else mirrored(acc.source_gram),
                                        source_total=acc.source_total, cache=acc.cache,
-                                       probe=acc.probe)
+                                       probe=acc.probe, weighted=name in self.weights)
         return out
 
     @contextlib.contextmanager
@@ -148,14 +152,22 @@ class Collector:
             if conv is None and have < self.probe:  # the first tokens, kept as they are
                 more = x[: self.probe - have].clone()
                 st.probe = more if st.probe is None else torch.cat([st.probe, more])
+            rows_in, root = x.shape[0], None
+            if name in self.weights:  # each row times √w_t: Σ w_t x_t x_tᵀ from the same products
+                w = self.weights[name][st.tokens: st.tokens + rows_in]
+                if len(w) != rows_in:
+                    raise RuntimeError(f"{name}: more input rows than token weights")
+                root = w.to(x.device, x.dtype).sqrt()[:, None]
+                x, x0 = x * root, None if x0 is None else x0 * root
             _add_products(st.gram, x, x)
-            st.total += x.sum(0)
-            st.abs_total += x.abs().sum(0)
-            st.tokens += x.shape[0]
+            again = lambda t: t if root is None else t * root  # noqa: E731  (√w · √w x = w x)
+            st.total += again(x).sum(0)
+            st.abs_total += again(x.abs()).sum(0)
+            st.tokens += rows_in
             if x0 is not None:
                 _add_products(st.cross, x, x0)
                 _add_products(st.source_gram, x0, x0)
-                st.source_total += x0.sum(0)
+                st.source_total += again(x0).sum(0)
 
     def _hook_for(self, name: str) -> Callable:
         def hook(module, args):
@@ -170,7 +182,8 @@ class Collector:
             version = None if src.is_inference() else src._version
             shared = bool(self._last) and self._last[0] is src and \
                 self._last[1] == version and self._last[2] is held and \
-                conv_of(self.modules[self._last[3]]) == conv_of(module)
+                conv_of(self.modules[self._last[3]]) == conv_of(module) and \
+                name not in self.weights
             leader = self._leader.setdefault(
                 name, self._leader[self._last[3]] if shared else name)
             if (leader != name) != shared:
@@ -178,7 +191,8 @@ class Collector:
                                    "and not in another")
             if leader == name:
                 self._accumulate(name, src, held)
-                self._last = (src, version, held, name)
+                if name not in self.weights:  # a weighted layer's sums are its own
+                    self._last = (src, version, held, name)
         return hook
 
 

@@ -67,7 +67,8 @@ class Kept:
         self._files.append(path)
         try:
             torch.save({"names": names, "groups": [(cpu(g.gram), cpu(g.total), g.tokens,
-                                                    cpu(g.abs_total)) for g in groups]}, path)
+                                                    cpu(g.abs_total)) for g in groups],
+                        "weighted": [g.weighted for g in groups]}, path)
         except OSError as e:  # a full disk: keeping is a speed-up only, pass 2 gathers them
             if not disk_full(e):
                 raise
@@ -83,7 +84,8 @@ class Kept:
         data = torch.load(path, weights_only=True, map_location=self.device)
         path.unlink()
         caches = [{} for _ in data["groups"]]
-        return {name: LayerStats(*data["groups"][k], cache=caches[k])
+        return {name: LayerStats(*data["groups"][k], cache=caches[k],
+                                 weighted=data["weighted"][k])
                 for name, k in data["names"].items()}
 
     def put_bases(self, n: int, made: dict) -> None:

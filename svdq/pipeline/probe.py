@@ -42,6 +42,10 @@ if TYPE_CHECKING:
 # stand-in (`--fast` on Gemma-3-270M 0.75 better, SmolLM2 -0.11 to +0.17: RESULTS.md, session
 # 31; the token probe below then weighs each token's error by its own gradient, session 32)
 SAMPLED = True
+# ... and where the gradient pass saw every calibration sequence (not `--fast`), the
+# statistics themselves weigh each token by its own ‖g_t‖² (`LayerStats.weighted`): GPTQ, the
+# whitened corrections and the errors all see Σ_t ‖g_t‖² x_t x_tᵀ, and the probe's factor is 1
+WEIGHED = True
 PROBE = 2  # calibration sequences in the probe (at most those the gradient pass saw) ...
 TOKENS = 1024  # ... and at most this many of their tokens (the first)
 
@@ -49,10 +53,12 @@ TOKENS = 1024  # ... and at most this many of their tokens (the first)
 def gradients(walker: "Walker", ids: torch.Tensor, fisher: bool, scale: float = 1.0) -> None:
     """A budget's gradient statistics (`Walker.gradients`): for a causal LM the labels drawn
     from its own predictions (`SAMPLED`) and the token probe (`PROBE` sequences, at most
-    `TOKENS` tokens); an encoder's or image model's as they are."""
+    `TOKENS` tokens) and, on all of them (`scale` 1), its token-weighted statistics
+    (`WEIGHED`); an encoder's or image model's as they are."""
     causal = walker.source.is_causal
     walker.gradients(ids, fisher=fisher, scale=scale, sampled=causal and SAMPLED,
-                     probe=PROBE if causal else 0, tokens=TOKENS)
+                     probe=PROBE if causal else 0, tokens=TOKENS,
+                     weigh=causal and WEIGHED and scale == 1.0)
 
 
 def curve(work: LayerWork, quantized, factors: Factors | None = None) -> tuple[torch.Tensor,
@@ -89,7 +95,7 @@ def factors(work: LayerWork, options: list[Option], settings: Settings,
     a corrected one's at its rank, from its base's factors in `residuals`
     ({(bits, block, grid): Residual}; a base not there: its plain factor)."""
     st = work.stats
-    if st.probe is None or st.token_g2 is None or not len(st.token_g2):
+    if st.weighted or st.probe is None or st.token_g2 is None or not len(st.token_g2):
         return [1.0] * len(options)
     kept, curves, residuals = held(work.w, st) or {}, {}, residuals or {}
     mean = float(st.token_g2.double().mean())

@@ -159,6 +159,7 @@ def walk(walker: Walker, ids: torch.Tensor, settings: Settings, out: "_Out",
     info = budgets.summary(measured, limit, found, scores, best, errors[winner],
                            [p.name for p in plans[winner]])
     info["achieved_bytes"] = sum(p.bytes for p in plans[winner])
+    info["token_weighted_layers"] = len(set(walker.weights) & set(names))  # `probe.WEIGHED`
     if settings.fast:  # what the quicker search saw
         info["fast"] = {"gradient_samples": few, "judged_samples": scored if judged else 0,
                         "bases": [list(b) for b in bases(settings, (average, average))]}

@@ -53,6 +53,8 @@ class Walker:
         self.grads: dict[str, tuple[torch.Tensor | None, float]] = {}
         self.token_g2: dict[str, torch.Tensor] = {}  # the probe's per-token ‖g‖², by layer
         self.probe = 0  # tokens the main stream's statistics keep as the probe
+        self.weights: dict[str, torch.Tensor] = {}  # token weights by layer, for `weighed`
+        self.weighed: torch.Tensor | None = None  # ... the ids they were taken on
         self.main: Stream | None = None
         self.kwargs: list[list[dict]] = []  # what block i receives besides hidden states, per batch
         self.paired: Stream | None = None  # --sequential --refit: the source's own stream
@@ -114,24 +116,31 @@ class Walker:
 
     # ------------------------------------------------------------------ the passes
     def gradients(self, ids: torch.Tensor, fisher: bool, scale: float = 1.0,
-                  sampled: bool = False, probe: int = 0, tokens: int | None = None) -> None:
+                  sampled: bool = False, probe: int = 0, tokens: int | None = None,
+                  weigh: bool = False) -> None:
         """Gradient statistics of every target layer (`calibration.gradients`; `sampled`: drawn
         labels), kept for each layer's statistics as the walk reaches it; `scale` multiplies
         them (`--fast`'s sums over some sequences stand for all; it also runs the head in
         bfloat16 where that is native, `loss.native_bf16`). `probe`: the first sequences
         whose tokens (at most `tokens` of them) the main stream's statistics keep with each
-        one's own ‖g‖² (`LayerStats.probe`, `token_g2`: `pipeline.probe`)."""
+        one's own ‖g‖² (`LayerStats.probe`, `token_g2`: `pipeline.probe`). `weigh`: the
+        statistics on these `ids` weigh each token by its ‖g‖² over their mean (`enter`)."""
         offload = self._offload(len(self.blocks) + 1)
         self.outside(True)
         modules = {n: self.model.get_submodule(n) for n in self.names}
-        per_token: dict[str, list[torch.Tensor]] | None = {} if probe else None
+        per_token: dict[str, list[torch.Tensor]] | None = {} if probe or weigh else None
         self.grads = gradients(self.model, ids, modules, self.source.is_causal, self.settings.seed,
                                self.report, fisher, self.load, self.unload,
                                lambda: self.new_stream(offload),
                                bf16=self.settings.fast and native_bf16(self.device),
                                sampled=sampled, per_token=per_token)
-        self.token_g2 = {n: torch.cat(t[:probe])[:tokens] for n, t in (per_token or {}).items()}
+        self.token_g2 = {n: torch.cat(t[:probe])[:tokens] for n, t in (per_token or {}).items()
+                         if probe}
         self.probe = min((len(t) for t in self.token_g2.values()), default=0)
+        self.weights = {n: w for n, w in ((n, torch.cat(t)) for n, t in per_token.items())
+                        if len(w) == ids.numel() and w.mean() > 0} if weigh else {}
+        self.weights = {n: w / w.mean() for n, w in self.weights.items()}  # mean 1: as many
+        self.weighed = ids if weigh else None  # tokens in effect, the same sums' scale
         if scale != 1.0:
             self.grads = {n: (None if f is None else f * scale, g * scale)
                           for n, (f, g) in self.grads.items()}
@@ -189,9 +198,11 @@ class Walker:
         stage("forward and statistics" + (f" ({label})" if label else ""))
         block, mine = self.blocks[i], self.layers_of(i)
         self._entered = mine
+        weights = {} if self.weighed is None or not torch.equal(self.ids, self.weighed) else \
+            {n: self.weights[n] for n in mine if n in self.weights}  # the tokens they came from
         if label is not None:
             source = self.main if self.settings.refit else None
-            with Collector(mine, paired=source is not None) as collector:
+            with Collector(mine, paired=source is not None, weights=weights) as collector:
                 for j, h in enumerate(self.variants[label]):
                     kw = self.kwargs[i][j]
                     if source is not None:
@@ -205,7 +216,8 @@ class Walker:
             self._outputs = self._paired_outputs = None
             return self._works(mine, stats)
         outputs, paired = self.main.like(), None if self.paired is None else self.paired.like()
-        with Collector(mine, paired=paired is not None, probe=self.probe) as collector:
+        with Collector(mine, paired=paired is not None, probe=self.probe,
+                       weights=weights) as collector:
             for j, h in enumerate(self.main):
                 kw = self.kwargs[i][j]
                 if paired is not None:  # the block is still the source's here

@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from svdq.algo import error
-from svdq.calibration.collect import collect
+from svdq.calibration.collect import Collector, collect
 
 F64 = torch.float64
 IN, OUT, TOKENS, BATCHES = 40, 24, 90, 3
@@ -136,6 +136,31 @@ def test_layers_fed_the_same_tensor_get_the_same_stats():
     # each accumulated once per batch (not once per layer that shares the product)
     assert rel(stats["q"].gram, h.T @ h) < 1e-6
     assert rel(stats["other"].gram, x.T @ x) < 1e-6
+
+
+def test_token_weights_weigh_every_sum_and_part_shared_inputs():
+    """With `weights` a layer's sums are Σ w_t x_t x_tᵀ, Σ w_t x_t, Σ w_t |x_t| over the rows
+    in order, across batches; a weighted layer shares no accumulators with the layers fed the
+    same tensor (their weights differ), the unweighted ones still share theirs; more rows than
+    weights is an error, not a silent wrap."""
+    x = correlated("float64")
+    q, k, v = linear(True, 4), linear(False, 5), linear(True, 6)
+    w = torch.rand(TOKENS, generator=_gen(9), dtype=F64) * 3
+    mods = {"q": q, "k": k, "v": v}
+    with Collector(mods, weights={"k": w}) as collector, torch.no_grad():
+        for xb in x.chunk(BATCHES):
+            h = torch.tanh(xb)
+            q(h), k(h), v(h)
+    stats, h = collector.stats, torch.tanh(x)
+    assert stats["k"].weighted and not stats["q"].weighted
+    assert rel(stats["k"].gram, (h * w[:, None]).T @ h) < 1e-6
+    assert rel(stats["k"].total, (h * w[:, None]).sum(0)) < 1e-6
+    assert rel(stats["k"].abs_total, (h.abs() * w[:, None]).sum(0)) < 1e-6
+    assert stats["k"].tokens == TOKENS
+    assert rel(stats["q"].gram, h.T @ h) < 1e-6 and stats["v"].gram is stats["q"].gram
+    with pytest.raises(RuntimeError, match="more input rows"), \
+            Collector({"k": k}, weights={"k": w[:TOKENS - 1]}), torch.no_grad():
+        k(torch.tanh(x))
 
 
 def _norm_then_linear(lin: nn.Linear, x: torch.Tensor) -> None:

@@ -172,3 +172,52 @@ def test_curve_takes_a_correction_off_rank_by_rank():
     got = probe.factors(work, opts, Settings(gptq=True, block_size=64), {(4, 64, "int"): res})
     mean = float(weights.double().mean())
     assert got == pytest.approx([float(weighted[k] / (mean * plain[k])) for k in (0, 2)])
+
+
+def test_the_walk_weighs_each_token_by_its_own_gradient(models, calib_file):
+    """Walker.gradients(weigh=True) on every calibration sequence: pass 1's statistics on
+    those ids are Σ w_t x_t x_tᵀ with w_t = ‖g_t‖² over its mean at each layer (the gradient
+    pass's own), the probe's factors are then 1; statistics on other ids are not weighted."""
+    source = hf.load_source(str(models["llama"]))
+    settings = Settings(budget_ratio=0.3, calib=str(calib_file), calib_samples=4,
+                        calib_len=16, batch_size=2)
+    model = source.model
+    ids = torch.randint(0, model.config.vocab_size, (4, 16),
+                        generator=torch.Generator().manual_seed(0))
+    names = targets(model, (), ())
+    per_token: dict = {}
+    gradients(model, ids, {n: model.get_submodule(n) for n in names}, True, 0,
+              per_token=per_token)
+    seen: dict = {}
+
+    def keep(name):
+        def hook(module, args):
+            seen[name] = args[0].detach().reshape(-1, args[0].shape[-1]).double()
+        return hook
+    hooks = [model.get_submodule(n).register_forward_pre_hook(keep(n)) for n in names]
+    with torch.no_grad():
+        model(input_ids=ids, use_cache=False)
+    for h in hooks:
+        h.remove()
+    walker = Walker(source, settings, lambda *a: None, Clock())
+    walker.gradients(ids, fisher=False, probe=2, weigh=True)
+    walker.start(ids)
+    works = walker.enter(0)
+    assert works
+    for work in works:
+        w = torch.cat(per_token[work.name]).double()
+        w = w / w.mean()
+        x = seen[work.name]
+        assert work.stats.weighted and work.stats.tokens == len(x)
+        rel = lambda a, b: float((a - b).norm() / b.norm())  # noqa: E731
+        assert rel(work.stats.gram, (x * w[:, None]).T @ x) < 1e-5
+        assert rel(work.stats.total, (x * w[:, None]).sum(0)) < 1e-5
+        assert rel(work.stats.gram, x.T @ x) > 0.01  # the weights matter here
+        opts = [Option(20, 0.1, "dense", 0, 4, grid="int")]
+        assert probe.factors(work, opts, Settings(block_size=64)) == [1.0]
+    walker.close()
+    walker = Walker(source, settings, lambda *a: None, Clock())
+    walker.gradients(ids[:2], fisher=False, weigh=True)  # --fast: gradients on some sequences
+    walker.start(ids)
+    assert not any(work.stats.weighted for work in walker.enter(0))
+    walker.close()
