@@ -29,9 +29,9 @@ EVEN = ("import svdq.pipeline.budget as b; _c = b.candidates; _bits = __import__
 KNOBS = {  # name: what it sets, against the checked-out code
     "base": "",
     "noprobe": "import svdq.pipeline.probe as p; p.PROBE = 0",  # sensitivity × error² alone
-    # the gradient pass on every calibration sequence, so that the statistics weigh each token
-    # by its own ‖g‖² (`probe.WEIGHED`), or with that weighting off (the probe as in --fast)
-    "allgrad": FAST + "f.GRADIENT_SHARE = 1",
+    # the gradient pass on every calibration sequence, with the statistics weighing each token
+    # by its own ‖g‖² (`probe.WEIGHED`), or without (the probe as in --fast)
+    "allgrad": FAST + "f.GRADIENT_SHARE = 1; import svdq.pipeline.probe as p; p.WEIGHED = True",
     "allgradplain": FAST + "f.GRADIENT_SHARE = 1; import svdq.pipeline.probe as p; "
                     "p.WEIGHED = False",
     "rounds1": FAST + "f.ROUNDS = 1",  # one round of the alternation

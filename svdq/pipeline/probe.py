@@ -43,9 +43,11 @@ if TYPE_CHECKING:
 # 31; the token probe below then weighs each token's error by its own gradient, session 32)
 SAMPLED = True
 # ... and where the gradient pass saw every calibration sequence (not `--fast`), the
-# statistics themselves weigh each token by its own ‖g_t‖² (`LayerStats.weighted`): GPTQ, the
-# whitened corrections and the errors all see Σ_t ‖g_t‖² x_t x_tᵀ, and the probe's factor is 1
-WEIGHED = True
+# statistics themselves may weigh each token by its own ‖g_t‖² (`LayerStats.weighted`): GPTQ,
+# the whitened corrections and the errors all see Σ_t ‖g_t‖² x_t x_tᵀ, and the probe's factor
+# is 1. Off until measured beyond one model and bit width: Gemma-3-270M at GPTQ w4 g64's bytes
+# 59.07 → 57.80 (RESULTS.md, session 33); the tests show it changes which plans win
+WEIGHED = False
 PROBE = 2  # calibration sequences in the probe (at most those the gradient pass saw) ...
 TOKENS = 1024  # ... and at most this many of their tokens (the first)
 
