@@ -101,32 +101,44 @@ def test_options_take_their_grid_factor_and_the_rest_one():
     assert fa < 1 and fb < 1 and fa != fb
 
 
+def walked(models, calib_file, batch_size):
+    """The tiny Llama, budget settings, 4 × 16 random ids and each layer's per-token ‖g‖² on
+    them (the gradient pass as the walk runs it, text labels)."""
+    source = hf.load_source(str(models["llama"]))
+    settings = Settings(budget_ratio=0.3, calib=str(calib_file), calib_samples=4,
+                        calib_len=16, batch_size=batch_size)
+    model = source.model
+    ids = torch.randint(0, model.config.vocab_size, (4, 16),
+                        generator=torch.Generator().manual_seed(0))
+    per_token: dict = {}
+    gradients(model, ids, {n: model.get_submodule(n) for n in targets(model, (), ())}, True, 0,
+              per_token=per_token)
+    return source, settings, ids, per_token
+
+
+def inputs_of(model, names, ids) -> dict:
+    """Each named layer's inputs (tokens × in) in one plain forward of `ids`."""
+    seen: dict = {}
+
+    def keep(name):
+        def hook(module, args):  # returns None: the input flows on unchanged
+            seen[name] = args[0].detach().reshape(-1, args[0].shape[-1]).clone()
+        return hook
+    hooks = [model.get_submodule(n).register_forward_pre_hook(keep(n)) for n in names]
+    with torch.no_grad():
+        model(input_ids=ids, use_cache=False)
+    for h in hooks:
+        h.remove()
+    return seen
+
+
 def test_the_walk_pairs_the_probe_inputs_with_their_gradients(models, calib_file):
     """Walker.gradients(probe=2) keeps the first two sequences' per-token ‖g‖²; pass 1's
     statistics keep those sequences' inputs, token for token: here each layer's probe rows
     equal its inputs in a plain forward of those sequences, and its token weights the
     gradient pass's own."""
-    source = hf.load_source(str(models["llama"]))
-    settings = Settings(budget_ratio=0.3, calib=str(calib_file), calib_samples=4,
-                        calib_len=16, batch_size=4)
-    model = source.model
-    ids = torch.randint(0, model.config.vocab_size, (4, 16),
-                        generator=torch.Generator().manual_seed(0))
-    names = targets(model, (), ())
-    per_token: dict = {}
-    gradients(model, ids, {n: model.get_submodule(n) for n in names}, True, 0,
-              per_token=per_token)
-    seen: dict = {}
-
-    def keep(name):
-        def hook(module, args):  # returns None: the input flows on unchanged
-            seen.setdefault(name, args[0].detach().reshape(-1, args[0].shape[-1]).clone())
-        return hook
-    hooks = [model.get_submodule(n).register_forward_pre_hook(keep(n)) for n in names]
-    with torch.no_grad():
-        model(input_ids=ids[:2], use_cache=False)
-    for h in hooks:
-        h.remove()
+    source, settings, ids, per_token = walked(models, calib_file, 4)
+    seen = inputs_of(source.model, per_token, ids[:2])
     walker = Walker(source, settings, lambda *a: None, Clock())
     walker.gradients(ids, fisher=False, probe=2)
     walker.start(ids)
@@ -178,27 +190,8 @@ def test_the_walk_weighs_each_token_by_its_own_gradient(models, calib_file):
     """Walker.gradients(weigh=True) on every calibration sequence: pass 1's statistics on
     those ids are Σ w_t x_t x_tᵀ with w_t = ‖g_t‖² over its mean at each layer (the gradient
     pass's own), the probe's factors are then 1; statistics on other ids are not weighted."""
-    source = hf.load_source(str(models["llama"]))
-    settings = Settings(budget_ratio=0.3, calib=str(calib_file), calib_samples=4,
-                        calib_len=16, batch_size=2)
-    model = source.model
-    ids = torch.randint(0, model.config.vocab_size, (4, 16),
-                        generator=torch.Generator().manual_seed(0))
-    names = targets(model, (), ())
-    per_token: dict = {}
-    gradients(model, ids, {n: model.get_submodule(n) for n in names}, True, 0,
-              per_token=per_token)
-    seen: dict = {}
-
-    def keep(name):
-        def hook(module, args):
-            seen[name] = args[0].detach().reshape(-1, args[0].shape[-1]).double()
-        return hook
-    hooks = [model.get_submodule(n).register_forward_pre_hook(keep(n)) for n in names]
-    with torch.no_grad():
-        model(input_ids=ids, use_cache=False)
-    for h in hooks:
-        h.remove()
+    source, settings, ids, per_token = walked(models, calib_file, 2)
+    seen = {n: x.double() for n, x in inputs_of(source.model, per_token, ids).items()}
     walker = Walker(source, settings, lambda *a: None, Clock())
     walker.gradients(ids, fisher=False, probe=2, weigh=True)
     walker.start(ids)
