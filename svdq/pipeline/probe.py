@@ -45,8 +45,8 @@ SAMPLED = True
 # ... and where the gradient pass saw every calibration sequence (not `--fast`), the
 # statistics themselves may weigh each token by its own ‖g_t‖² (`LayerStats.weighted`): GPTQ,
 # the whitened corrections and the errors all see Σ_t ‖g_t‖² x_t x_tᵀ, and the probe's factor
-# is 1. Off until measured beyond one model and bit width: Gemma-3-270M at GPTQ w4 g64's bytes
-# 59.07 → 57.80 (RESULTS.md, session 33); the tests show it changes which plans win
+# is 1. Off: on Gemma-3-270M it took GPTQ w4 g64's bytes 59.07 → 57.80 but w3 g64's 74.32 →
+# 80.58 (`--fast` with every sequence's gradients; RESULTS.md, session 33)
 WEIGHED = False
 PROBE = 2  # calibration sequences in the probe (at most those the gradient pass saw) ...
 TOKENS = 1024  # ... and at most this many of their tokens (the first)
