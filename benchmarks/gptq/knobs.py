@@ -38,6 +38,7 @@ KNOBS = {  # name: what it sets, against the checked-out code
     "rounds0": FAST + "f.ROUNDS = 0",
     "gradient8": FAST + "f.GRADIENT_SHARE = 8; f.GRADIENT_LEAST = 4",  # an eighth, at least 4
     "gradient16": FAST + "f.GRADIENT_SHARE = 16; f.GRADIENT_LEAST = 2",
+    "gradient4": FAST + "f.GRADIENT_SHARE = 4; f.GRADIENT_LEAST = 2",  # a quarter: 8 of 32
     "gradient1": FAST + "f.GRADIENT_SHARE = 32; f.GRADIENT_LEAST = 1",  # one sequence of 32
     # the judge's and the gradient pass's head in float32 even where bfloat16 is native
     "fp32head": "import svdq.pipeline.two_pass as t, svdq.pipeline.walk as w; "
