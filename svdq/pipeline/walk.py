@@ -137,10 +137,11 @@ class Walker:
         self.token_g2 = {n: torch.cat(t[:probe])[:tokens] for n, t in (per_token or {}).items()
                          if probe}
         self.probe = min((len(t) for t in self.token_g2.values()), default=0)
-        self.weights = {n: w for n, w in ((n, torch.cat(t)) for n, t in per_token.items())
-                        if len(w) == ids.numel() and w.mean() > 0} if weigh else {}
-        self.weights = {n: w / w.mean() for n, w in self.weights.items()}  # mean 1: as many
-        self.weighed = ids if weigh else None  # tokens in effect, the same sums' scale
+        self.weights, self.weighed = {}, ids if weigh else None
+        for n, t in per_token.items() if weigh else ():
+            w = torch.cat(t)  # every token, in order; over its mean: the sums keep their scale
+            if len(w) == ids.numel() and w.mean() > 0:
+                self.weights[n] = w / w.mean()
         if scale != 1.0:
             self.grads = {n: (None if f is None else f * scale, g * scale)
                           for n, (f, g) in self.grads.items()}
