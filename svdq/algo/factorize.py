@@ -84,10 +84,23 @@ class Factors:
     # ‖X Wᵀ‖² = tr(W G Wᵀ) of the factorized W, where its factorization had it for free
     # (`whiten`: the trace of a product it makes anyway), in the factorization's dtype; else None
     energy: float | None = None
+    # Σσ² of the triples past the last one kept (factors cut at a rank: `top`), float64
+    rest2: float = 0.0
 
     @property
     def max_rank(self) -> int:
         return self.s.shape[0]
+
+    def total2(self) -> float:
+        """Σσ² over every triple, those cut off included."""
+        return float(self.s.double().pow(2).sum()) + self.rest2
+
+    def top(self, k: int) -> "Factors":
+        """The first `k` triples (copies: no view keeps the rest), what they leave in `rest2`."""
+        if k >= self.max_rank:
+            return self
+        return Factors(self.u[:, :k].clone(), self.s[:k].clone(), self.vt[:k].clone(),
+                       self.energy, self.rest2 + float(self.s[k:].double().pow(2).sum()))
 
 
 Method = Callable[..., Factors]  # (w, stats, dtype=float64): the weight's factors
@@ -138,7 +151,8 @@ def gram_root(gram: torch.Tensor, rel_damp: float = ROOT_DAMP) -> tuple[torch.Te
 
 
 @register("whiten")
-def whitened_svd(w: torch.Tensor, stats: LayerStats, dtype: torch.dtype = torch.float64) -> Factors:
+def whitened_svd(w: torch.Tensor, stats: LayerStats, dtype: torch.dtype = torch.float64,
+                 rank: int | None = None) -> Factors:
     """Truncation-aware SVD (SVD-LLM): factorize A = W S with G = S Sᵀ, store Vᵀ S⁻¹.
 
     Truncating W S at rank k is then optimal for the output error on the calibration inputs,
@@ -155,6 +169,10 @@ def whitened_svd(w: torch.Tensor, stats: LayerStats, dtype: torch.dtype = torch.
     error forms (`error.products_in`). The wide branch adds λ W to W G's band before the last
     product (no product of its own for λ W Wᵀ) and takes the energy from W G's band as
     `error.trace_form` does.
+
+    `rank`: only the first `rank` triples are made (the eigendecomposition is whole either
+    way); where the rank is known — a chosen correction's refinement — Vᵀ's other rows, or
+    U's other columns and their unwhitening, would be made only to be dropped.
     """
     w64 = w.to(dtype)
     out_f, in_f = w64.shape
@@ -171,22 +189,35 @@ def whitened_svd(w: torch.Tensor, stats: LayerStats, dtype: torch.dtype = torch.
         energy = float(energy)
         u, s = _eigen(m)
         del m
-        vt = torch.empty(out_f, in_f, device=w64.device)
-        for i in range(0, out_f, ROWS):
+        k = out_f if rank is None else min(rank, out_f)
+        rest2 = float(s[k:].double().pow(2).sum())
+        u, s = u[:, :k], s[:k]
+        vt = torch.empty(k, in_f, device=w64.device)
+        for i in range(0, k, ROWS):
             uw = u[:, i:i + ROWS].T @ w64
             # σᵢ² ≥ λ‖uᵢᵀW‖² exactly; holding to it in floating point bounds Vᵀ's rows by 1/√λ
             s[i:i + ROWS] = torch.maximum(s[i:i + ROWS], damp ** 0.5 * uw.norm(dim=1))
             vt[i:i + ROWS] = uw / torch.where(s[i:i + ROWS] > 0, s[i:i + ROWS], 1.0)[:, None]
-        return Factors(u.float(), s.float(), vt, energy)
+        return Factors(u.float(), s.float(), vt, energy, rest2)
     root, inverse = stats.root()
     a = w64 @ root.to(dtype)
     energy = None
     if inverse is None:  # Cholesky: S Sᵀ = G + λI, so ‖W S‖² = tr(W G Wᵀ) + λ‖W‖²
         damp = (float(root.pow(2).sum()) - float(stats.gram.diagonal().sum())) / in_f
-        energy = float(a.double().pow(2).sum()) - damp * float(w64.double().pow(2).sum())
+        energy = _norm2(a) - damp * _norm2(w64)
+    del w64  # (a float64 copy of W: 92 MB at 5632 × 2048)
     v, s = _eigen(a.T @ a)
+    rest2 = 0.0
+    if rank is not None:
+        rest2 = float(s[rank:].double().pow(2).sum())
+        v, s = v[:, :rank], s[:rank]
     u = (a @ v) / torch.where(s > 0, s, torch.ones_like(s))
-    return Factors(u.float(), s.float(), stats.unwhiten(v.T).float(), energy)
+    return Factors(u.float(), s.float(), stats.unwhiten(v.T).float(), energy, rest2)
+
+
+def _norm2(m: torch.Tensor) -> float:
+    """‖m‖² summed in float64, with no squared copy of `m`."""
+    return float(torch.linalg.vector_norm(m, dtype=torch.float64)) ** 2
 
 
 def _eigen(m: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -265,8 +296,12 @@ def fisher_weighted_svd(w: torch.Tensor, stats: LayerStats,
 
 
 def factorize(method: str, w: torch.Tensor, stats: LayerStats,
-              dtype: torch.dtype = torch.float64) -> Factors:
-    """`w`'s factors by `method`, decomposed in `dtype` (float32: `--fast`'s bases)."""
+              dtype: torch.dtype = torch.float64, rank: int | None = None) -> Factors:
+    """`w`'s factors by `method`, decomposed in `dtype` (float32: `--fast`'s bases); with
+    `rank`, only the first `rank` (`whiten` makes no others; the rest are sliced)."""
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; choose one of {', '.join(sorted(METHODS))}")
-    return METHODS[method](w, stats, dtype)
+    if METHODS[method] is whitened_svd:
+        return whitened_svd(w, stats, dtype, rank)
+    f = METHODS[method](w, stats, dtype)
+    return f if rank is None else f.top(rank)

@@ -54,11 +54,14 @@ class Residual:
 
 def residual_of(w: torch.Tensor, stats: LayerStats, bits: int, block_size: int,
                 method: str, grid: str = "bnb", gptq: bool = False,
-                dtype: torch.dtype = torch.float64) -> Residual:
+                dtype: torch.dtype = torch.float64, cut: bool = False) -> Residual:
     """Quantize `w` (`dense.quantize_weight`), then factorize its quantization error with
-    `method` (`--method`), decomposed in `dtype`."""
+    `method` (`--method`), decomposed in `dtype`; with `cut`, only to the break-even rank
+    (`Residual.k_break`: a budget's options store none past it, so none is made)."""
     q = quantize_weight(w, stats, bits, block_size, grid, gptq)
-    return known(w, Residual(q, factorize(method, w - q.dequantize(), stats, dtype), gptq), stats)
+    top = residual_break_rank(*w.shape, bits, block_size, grid) if cut else None
+    return known(w, Residual(q, factorize(method, w - q.dequantize(), stats, dtype, top), gptq),
+                 stats)
 
 
 def known(w: torch.Tensor, res: Residual, stats: LayerStats) -> Residual:
@@ -79,6 +82,8 @@ def stored_residual(w: torch.Tensor, res: Residual, stats: LayerStats, ref: floa
     e2 = base_error2(w, q, stats)  # every rank's error starts from the base's, made once
     if k == 0:
         return Stored("dense", 0, k_break, bits, e2 ** 0.5 / ref, weight=q)
+    if k > res.factors.max_rank:  # factors made only to a rank (`residual_of(cut=True)`)
+        raise ValueError(f"rank {k} asked of a correction made to rank {res.factors.max_rank}")
     e = w - q.dequantize()
     u = quantize(res.factors.u[:, :k].T, RESIDUAL_FACTOR_BITS, block_size)
     v = quantize(res.factors.vt[:k], RESIDUAL_FACTOR_BITS, block_size)
@@ -115,8 +120,8 @@ def refine_residuals(w: torch.Tensor, stored: list[Stored], stats: LayerStats, r
             bases = [(best[i].weight.bits, best[i].weight.block_size, best[i].weight.grid)
                      for i in chunk]
             for i, q in zip(chunk, quantize_each(targets, stats, bases, gptq)):
-                res = known(w, Residual(q, factorize(method, w - q.dequantize(), stats, dtype),
-                                        gptq), stats)
+                res = known(w, Residual(q, factorize(method, w - q.dequantize(), stats, dtype,
+                                                     best[i].rank), gptq), stats)
                 trial = stored_residual(w, res, stats, ref, best[i].rank, best[i].k_break)
                 if trial.error < best[i].error:
                     best[i] = trial

@@ -13,7 +13,6 @@ from svdq import runtime
 from svdq.algo.allocate import Option
 from svdq.algo.dense import STACK, held, prequantize, release
 from svdq.algo.error import output_norm2
-from svdq.algo.factorize import Factors
 from svdq.algo.residual import Residual, residual_of
 from svdq.algo.search import factor_bits
 from svdq.algo.sparse import sparse_count
@@ -104,8 +103,8 @@ def measure_layer(work: LayerWork, settings: Settings,
 
     def base(b: int, block: int, g: str):
         res = residual_of(work.w, work.stats, b, block, settings.method, g, settings.gptq,
-                          fast.factor_dtype(settings.fast))
-        built[(b, block, g)] = cut(res, *work.w.shape)
+                          fast.factor_dtype(settings.fast), cut=True)
+        built[(b, block, g)] = res
         if made is not None:
             made.setdefault("residuals", {})[(b, block, g)] = built[(b, block, g)]
         return res
@@ -138,14 +137,6 @@ def measure_layer(work: LayerWork, settings: Settings,
     uniform = {eps: _uniform(opts, settings.bits, eps) for eps in UNIFORM_EPS}
     fp16 = 2 * (work.w.numel() + (0 if work.bias is None else work.bias.numel()))
     return LayerOptions(opts, uniform, raw_sensitivity(work), fp16, factors)
-
-
-def cut(res: Residual, out_f: int, in_f: int) -> Residual:
-    """`res` with its factors cut at its break-even rank (copies: no view keeps the rest)."""
-    k = res.k_break(out_f, in_f)
-    f = res.factors
-    return replace(res, factors=Factors(f.u[:, :k].clone(), f.s[:k].clone(), f.vt[:k].clone(),
-                                        f.energy))
 
 
 @dataclass

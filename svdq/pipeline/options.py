@@ -219,8 +219,7 @@ def layer_options(w: torch.Tensor, bias: torch.Tensor | None, factors: Factors |
         key = ("dense", bits, 0) if tag is None else ("dense", bits, 0, block, base_grid)
         if closed and key not in cache:  # the base alone: its error's energy (else Σσ²)
             e2 = res.factors.energy
-            err = (float(res.factors.s.double().pow(2).sum()) if e2 is None
-                   else max(e2, 0.0)) ** 0.5 / ref
+            err = (res.factors.total2() if e2 is None else max(e2, 0.0)) ** 0.5 / ref
         else:
             err = measured(key, lambda: stored_residual(w, res, stats, ref, 0, 0))
         options.append(Option(weight_bytes(out_f, in_f, bits, block, base_grid) + bias_bytes,
@@ -233,12 +232,12 @@ def layer_options(w: torch.Tensor, bias: torch.Tensor | None, factors: Factors |
                   lambda res=res, k=max(sparse_ranks(ks), default=0), kb=kb:
                   stored_residual(w, res, stats, ref, k, kb),
                   lambda t, bits=bits, block=block, g=base_grid:
-                  residual_of(t, stats, bits, block, method, g, gptq))
+                  residual_of(t, stats, bits, block, method, g, gptq, cut=True))
         if sparse:
             variant(options[-1], key, lambda t, r, res=res: stored_residual(t, r or res, stats,
                                                                             ref, 0, 0), *family)
         if closed and ks:
-            e2 = float(res.factors.s.double().pow(2).sum())
+            e2 = res.factors.total2()
             top = measured(("residual", bits, ks[-1], block, base_grid),
                            lambda: stored_residual(w, res, stats, ref, ks[-1], kb))
             errs = _closed(res.factors.s, e2, ref, ks, top)

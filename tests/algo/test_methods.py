@@ -86,6 +86,23 @@ def test_factors_made_in_float32_are_float64s_to_float32_precision(layer, method
             unquantized_error(w, None, stats, f64, k), abs=1e-3 * whole)
 
 
+@pytest.mark.parametrize("method", sorted(METHODS))
+@pytest.mark.parametrize("shape", [(24, 40), (40, 24)], ids=["wide", "tall"])
+def test_factors_made_only_to_a_rank_are_the_whole_factors_first_columns(layer, method, shape):
+    """A refinement that knows its rank asks for only those triples: the same numbers as the
+    whole factorization's first ones (and its energy), on both of whitening's branches."""
+    w, _, _, stats = layer
+    w = w[:, :shape[1]] if shape[0] <= shape[1] else torch.cat([w, w[:16] * 0.5])[:, :shape[1]]
+    stats = LayerStats(stats.gram[:shape[1], :shape[1]], stats.total[:shape[1]], stats.tokens,
+                       stats.abs_total[:shape[1]], row_fisher=torch.rand(shape[0]) + 0.1)
+    whole = factorize(method, w.float(), stats)
+    top = factorize(method, w.float(), stats, rank=7)
+    assert (top.u.shape, top.s.shape, top.vt.shape) == ((shape[0], 7), (7,), (7, shape[1]))
+    for part, full in ((top.u, whole.u[:, :7]), (top.s, whole.s[:7]), (top.vt, whole.vt[:7])):
+        assert torch.allclose(part, full, rtol=1e-5, atol=1e-6)
+    assert top.energy == whole.energy
+
+
 @pytest.mark.parametrize("dtype,rel", [(torch.float64, 1e-10), (torch.float32, 1e-5)])
 @pytest.mark.parametrize("shape", [(24, 40), (40, 24)], ids=["wide", "tall"])
 def test_whitened_factors_carry_the_weights_exact_energy(layer, shape, dtype, rel):

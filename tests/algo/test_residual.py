@@ -172,6 +172,27 @@ def test_layer_options_offer_corrections_and_stored_of_rebuilds_them(layer):
         stored_of(big[0], w, b, f, st, 64, 0, residual=residuals[4, 64])
 
 
+@pytest.mark.parametrize("closed", [False, True])
+def test_a_budgets_bases_cut_at_the_break_rank_give_the_same_options(layer, closed):
+    """A budget's bases are factorized only to their break-even rank (`residual_of(cut=True)`):
+    the options, closed-form estimates included (Σσ² of the cut-off triples kept aside), are
+    those of the whole factors; a rank past the cut is refused, not silently shortened."""
+    w, b, st = layer
+    whole = {(4, 64): residual.residual_of(w, st, 4, 64, "whiten")}
+    cut = {(4, 64): residual.residual_of(w, st, 4, 64, "whiten", cut=True)}
+    kb = residual.residual_break_rank(48, 96, 4, 64)
+    assert cut[4, 64].factors.max_rank == kb < whole[4, 64].factors.max_rank
+    assert cut[4, 64].k_break(48, 96) == whole[4, 64].k_break(48, 96) == kb
+    assert cut[4, 64].factors.total2() == pytest.approx(whole[4, 64].factors.total2(), rel=1e-6)
+    got, want = (layer_options(w, b, None, st, (4,), 64, elsize=4, residuals=r, closed=closed)
+                 for r in (cut, whole))
+    assert [(o.kind, o.rank, o.bytes) for o in got] == [(o.kind, o.rank, o.bytes) for o in want]
+    assert [o.error for o in got] == pytest.approx([o.error for o in want], rel=1e-6)
+    ref = error.reference(w, b, st)
+    with pytest.raises(ValueError, match="made to rank"):
+        residual.stored_residual(w, cut[4, 64], st, ref, kb + 1, kb + 1)
+
+
 def test_sensitivities_scale_error_to_loss_and_average_one():
     class Work:  # what `raw_sensitivity` reads of a LayerWork
         def __init__(self, out_f, grad2, scale):

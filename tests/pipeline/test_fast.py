@@ -89,8 +89,8 @@ def test_a_fast_budget_is_judged_on_a_share_within_its_bytes(models, calib_file,
                                                              monkeypatch, arch, ratio, extra):
     rounds, grads, scored, dtypes = [], [], [], []
     real_factorize = residual.factorize  # every base's error: decomposed in float32
-    monkeypatch.setattr(residual, "factorize", lambda m, w, st, dtype=torch.float64: dtypes.append(
-        dtype) or real_factorize(m, w, st, dtype))
+    monkeypatch.setattr(residual, "factorize", lambda m, w, st, dtype=torch.float64, rank=None:
+                        dtypes.append(dtype) or real_factorize(m, w, st, dtype, rank))
     from svdq.algo import error
     forms = []  # every trace form's Gram: float32 under --fast (error.products_in)
     real_form = error.trace_form

@@ -30,9 +30,9 @@ def test_sparse_variants_refit_each_base_once(models, calib_file, monkeypatch):
     calls: list[tuple] = []
     real = options.residual_of
 
-    def counted(w, stats, bits, block, *rest):
+    def counted(w, stats, bits, block, *rest, **kw):
         calls.append((bits, block, *rest[1:2]))
-        return real(w, stats, bits, block, *rest)
+        return real(w, stats, bits, block, *rest, **kw)
     monkeypatch.setattr(measured, "residual_of", counted)  # the bases
     monkeypatch.setattr(options, "residual_of", counted)  # their refits to W − S
     opts = measured.measure_layer(work, settings).options
