@@ -28,6 +28,8 @@ EVEN = ("import svdq.pipeline.budget as b; _c = b.candidates; _bits = __import__
         "['KNOB_BITS']; _e = lambda m, n, k: b.even(m.options, n, int(_bits), k); ")
 KNOBS = {  # name: what it sets, against the checked-out code
     "base": "",
+    # the default budget (not --fast): the gradient pass on every sequence, the full options
+    "default": "import sys; sys.argv.remove('--fast')",
     "noprobe": "import svdq.pipeline.probe as p; p.PROBE = 0",  # sensitivity × error² alone
     # the gradient pass on every calibration sequence, with the statistics weighing each token
     # by its own ‖g‖² (`probe.WEIGHED`), or without (the probe as in --fast)
@@ -100,7 +102,7 @@ def main() -> None:
                                 "KNOB_BITS": str(args.bits)})
         manifest = json.loads((out / "svdq.json").read_text())
         budget = manifest["budget"]
-        rows.append({"knob": name, "stages_s": manifest["timings_s"], "bases": budget["fast"]["bases"],
+        rows.append({"knob": name, "stages_s": manifest["timings_s"], "bases": budget.get("fast", {}).get("bases"),
                      "candidates": [(c["plan"], c["calibration_loss"]) for c in budget["candidates"]]})
         print(json.dumps(rows[-1]), flush=True)
     score, _ = evaluator(source, (evaluation.read_text(), str(evaluation)), None, 512, 512,
