@@ -11,6 +11,8 @@ from typing import Callable
 
 import torch
 
+from svdq.algo.spectral import ROOT_DAMP, eigen_roots, gram_root, norm2
+
 
 @dataclass
 class LayerStats:
@@ -123,31 +125,6 @@ def plain_svd(w: torch.Tensor, stats: LayerStats, dtype: torch.dtype = torch.flo
 
 
 ROWS = 512  # rows per band of the whitening's float64 products
-ROOT_DAMP = 1e-6  # the Gram's damping before its root, relative to its mean diagonal
-
-
-def gram_root(gram: torch.Tensor, rel_damp: float = ROOT_DAMP) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """A square root S of the damped Gram matrix (G + λI = S Sᵀ), float64, and its inverse
-    where S is not triangular (a triangular S is solved with instead: `LayerStats.unwhiten`).
-
-    ‖X Δᵀ‖_F = ‖Δ S‖_F, so S carries the calibration data into weight space. Cholesky first,
-    with the damping raised tenfold while it fails; for a Gram that stays indefinite in
-    floating point, the eigendecomposition (S = Q √Λ, eigenvalues floored at the damping).
-    Beside the Gram, at most two in × in float64 matrices are alive (the damped copy and S:
-    508 MB at 5632 inputs, where an identity and an inverse made it 1 GB).
-    """
-    g = gram.double()
-    scale = float(g.diagonal().mean()) or 1.0
-    for damp in (rel_damp, rel_damp * 10, rel_damp * 100, rel_damp * 1000):
-        damped = g.clone()
-        damped.diagonal().add_(damp * scale)
-        root, info = torch.linalg.cholesky_ex(damped)
-        del damped
-        if int(info) == 0:
-            return root, None
-    values, vectors = eigh(g)
-    values = values.clamp_min(rel_damp * scale).sqrt()
-    return vectors * values, (vectors / values).T
 
 
 @register("whiten")
@@ -187,7 +164,7 @@ def whitened_svd(w: torch.Tensor, stats: LayerStats, dtype: torch.dtype = torch.
             energy += torch.sum(wg * band, dtype=torch.float64)  # tr(W G Wᵀ) as error.trace_form
             m[i:i + ROWS] = wg.add_(band, alpha=damp) @ w64.T
         energy = float(energy)
-        u, s = _eigen(m)
+        u, s = eigen_roots(m)
         del m
         k = out_f if rank is None else min(rank, out_f)
         rest2 = float(s[k:].double().pow(2).sum())
@@ -204,49 +181,15 @@ def whitened_svd(w: torch.Tensor, stats: LayerStats, dtype: torch.dtype = torch.
     energy = None
     if inverse is None:  # Cholesky: S Sᵀ = G + λI, so ‖W S‖² = tr(W G Wᵀ) + λ‖W‖²
         damp = (float(root.pow(2).sum()) - float(stats.gram.diagonal().sum())) / in_f
-        energy = _norm2(a) - damp * _norm2(w64)
+        energy = norm2(a) - damp * norm2(w64)
     del w64  # (a float64 copy of W: 92 MB at 5632 × 2048)
-    v, s = _eigen(a.T @ a)
+    v, s = eigen_roots(a.T @ a)
     rest2 = 0.0
     if rank is not None:
         rest2 = float(s[rank:].double().pow(2).sum())
         v, s = v[:, :rank], s[:rank]
     u = (a @ v) / torch.where(s > 0, s, torch.ones_like(s))
     return Factors(u.float(), s.float(), stats.unwhiten(v.T).float(), energy, rest2)
-
-
-def _norm2(m: torch.Tensor) -> float:
-    """‖m‖² summed in float64, with no squared copy of `m`."""
-    return float(torch.linalg.vector_norm(m, dtype=torch.float64)) ** 2
-
-
-def _eigen(m: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Eigenvectors (columns) and the square roots of the eigenvalues of the symmetric PSD
-    `m`, largest first (rounding's negative eigenvalues at 0)."""
-    values, vectors = eigh(m)
-    return vectors.flip(1), values.flip(0).clamp_min(0).sqrt()
-
-
-def eigh(m: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """`torch.linalg.eigh` of the symmetric PSD `m` (eigenvalues ascending, eigenvectors as
-    columns), which does not give up where LAPACK's does. Its divide and conquer fails now and
-    then on matrices of low rank with many equal eigenvalues (PyTorch issue 145801 on the
-    CPU); a progressive schedule's second stage met it on SmolLM2, where the error of a weight
-    quantized a second time is mostly zero. Then: the same matrix shifted by δI (the same
-    eigenvectors, eigenvalues δ higher), and failing that its SVD (a PSD matrix's singular
-    vectors and values are its eigenvectors and eigenvalues)."""
-    try:
-        return torch.linalg.eigh(m)
-    except torch.linalg.LinAlgError:
-        pass
-    delta = 1e-9 * (float(m.diagonal().abs().max()) or 1.0)
-    try:
-        values, vectors = torch.linalg.eigh(m + delta * torch.eye(len(m), dtype=m.dtype,
-                                                                  device=m.device))
-        return values - delta, vectors
-    except torch.linalg.LinAlgError:
-        u, values, _ = torch.linalg.svd(m)
-        return values.flip(0), u.flip(1)
 
 
 ASVD_ALPHA = 0.5

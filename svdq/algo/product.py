@@ -27,7 +27,8 @@ from dataclasses import dataclass
 
 import torch
 
-from svdq.algo.factorize import LayerStats, eigh
+from svdq.algo.factorize import LayerStats
+from svdq.algo.spectral import eigh
 from svdq.algo.quant import quantize
 
 FLOOR = 1e-12  # eigenvalues of C_q, C_k below FLOOR × the largest are directions the data never reach

@@ -66,17 +66,26 @@ def test_every_method_reconstructs_at_full_rank(layer, method):
     assert torch.allclose((f.u * f.s) @ f.vt, w.float(), atol=1e-3)
 
 
+BRANCHES = pytest.mark.parametrize("shape", [(24, 40), (40, 24)], ids=["wide", "tall"])
+
+
+def shaped(layer, shape):
+    """The fixture's layer cut or stacked to `shape` (wide: whitening's root-free branch; tall:
+    its root), with statistics of that many inputs and a row Fisher for `fisher`."""
+    w, _, _, stats = layer
+    w = w[:, :shape[1]] if shape[0] <= shape[1] else torch.cat([w, w[:16] * 0.5])[:, :shape[1]]
+    return w, LayerStats(stats.gram[:shape[1], :shape[1]], stats.total[:shape[1]], stats.tokens,
+                         stats.abs_total[:shape[1]],
+                         row_fisher=torch.rand(shape[0], generator=torch.Generator().manual_seed(1),
+                                               dtype=torch.float64) + 0.1)
+
+
 @pytest.mark.parametrize("method", sorted(METHODS))
-@pytest.mark.parametrize("shape", [(24, 40), (40, 24)], ids=["wide", "tall"])
+@BRANCHES
 def test_factors_made_in_float32_are_float64s_to_float32_precision(layer, method, shape):
     """`--fast` decomposes its bases' errors in float32: each rank's calibration error is the
     float64 factors' within 1e-3 of the whole error, on both of whitening's branches."""
-    w, _, _, stats = layer
-    w = w[:, :shape[1]] if shape[0] <= shape[1] else torch.cat([w, w[:16] * 0.5])[:, :shape[1]]
-    stats = LayerStats(stats.gram[:shape[1], :shape[1]], stats.total[:shape[1]], stats.tokens,
-                       stats.abs_total[:shape[1]],
-                       row_fisher=torch.rand(shape[0], generator=torch.Generator().manual_seed(1),
-                                             dtype=torch.float64) + 0.1)
+    w, stats = shaped(layer, shape)
     f64 = factorize(method, w.float(), stats)
     f32 = factorize(method, w.float(), stats, torch.float32)
     assert f32.u.dtype == f32.s.dtype == f32.vt.dtype == torch.float32
@@ -87,14 +96,11 @@ def test_factors_made_in_float32_are_float64s_to_float32_precision(layer, method
 
 
 @pytest.mark.parametrize("method", sorted(METHODS))
-@pytest.mark.parametrize("shape", [(24, 40), (40, 24)], ids=["wide", "tall"])
+@BRANCHES
 def test_factors_made_only_to_a_rank_are_the_whole_factors_first_columns(layer, method, shape):
     """A refinement that knows its rank asks for only those triples: the same numbers as the
     whole factorization's first ones (and its energy), on both of whitening's branches."""
-    w, _, _, stats = layer
-    w = w[:, :shape[1]] if shape[0] <= shape[1] else torch.cat([w, w[:16] * 0.5])[:, :shape[1]]
-    stats = LayerStats(stats.gram[:shape[1], :shape[1]], stats.total[:shape[1]], stats.tokens,
-                       stats.abs_total[:shape[1]], row_fisher=torch.rand(shape[0]) + 0.1)
+    w, stats = shaped(layer, shape)
     whole = factorize(method, w.float(), stats)
     top = factorize(method, w.float(), stats, rank=7)
     assert (top.u.shape, top.s.shape, top.vt.shape) == ((shape[0], 7), (7,), (7, shape[1]))
@@ -104,13 +110,11 @@ def test_factors_made_only_to_a_rank_are_the_whole_factors_first_columns(layer, 
 
 
 @pytest.mark.parametrize("dtype,rel", [(torch.float64, 1e-10), (torch.float32, 1e-5)])
-@pytest.mark.parametrize("shape", [(24, 40), (40, 24)], ids=["wide", "tall"])
+@BRANCHES
 def test_whitened_factors_carry_the_weights_exact_energy(layer, shape, dtype, rel):
     """`Factors.energy` (a quantized base's error, taken from it instead of a trace form) is
     tr(W G Wᵀ) on both of whitening's branches, the tall one's root damping taken out."""
-    w, _, _, stats = layer
-    w = w[:, :shape[1]] if shape[0] <= shape[1] else torch.cat([w, w[:16] * 0.5])[:, :shape[1]]
-    stats = LayerStats(stats.gram[:shape[1], :shape[1]], stats.total[:shape[1]], stats.tokens)
+    w, stats = shaped(layer, shape)
     f = factorize("whiten", w.float(), stats, dtype)
     assert f.energy == pytest.approx(error_norm2(w.float().double(), stats), rel=rel)
     assert factorize("svd", w.float(), stats).energy is None  # nothing for free there
@@ -164,7 +168,7 @@ def test_an_eigendecomposition_lapack_gives_up_on_is_made_another_way(layer, mon
     """Where LAPACK's eigh fails (PyTorch issue 145801), the shifted matrix's (one failure) or
     the SVD's (two) give the same eigenvalues and an eigenbasis of the same matrix, and the
     whitened factorization built on them is the same."""
-    from svdq.algo import factorize as fz
+    from svdq.algo import spectral
 
     w, b, _, stats = layer
     m = (w @ stats.gram.double() @ w.T)
@@ -179,7 +183,7 @@ def test_an_eigendecomposition_lapack_gives_up_on_is_made_another_way(layer, mon
         return real(a)
 
     monkeypatch.setattr(torch.linalg, "eigh", flaky)
-    values, vectors = fz.eigh(m)
+    values, vectors = spectral.eigh(m)
     torch.testing.assert_close(values, want_values, rtol=1e-9, atol=1e-9 * float(values[-1]))
     torch.testing.assert_close(vectors @ torch.diag(values) @ vectors.T, m,
                                rtol=1e-9, atol=1e-9 * float(values[-1]))
