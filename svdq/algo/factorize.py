@@ -168,7 +168,8 @@ def whitened_svd(w: torch.Tensor, stats: LayerStats, dtype: torch.dtype = torch.
         del m
         k = out_f if rank is None else min(rank, out_f)
         rest2 = float(s[k:].double().pow(2).sum())
-        u, s = u[:, :k], s[:k]
+        if k < out_f:  # copies: a view would keep (and `Kept` save) the whole eigenbasis
+            u, s = u[:, :k].clone(), s[:k].clone()
         vt = torch.empty(k, in_f, device=w64.device)
         for i in range(0, k, ROWS):
             uw = u[:, i:i + ROWS].T @ w64
@@ -187,7 +188,7 @@ def whitened_svd(w: torch.Tensor, stats: LayerStats, dtype: torch.dtype = torch.
     rest2 = 0.0
     if rank is not None:
         rest2 = float(s[rank:].double().pow(2).sum())
-        v, s = v[:, :rank], s[:rank]
+        v, s = v[:, :rank], s[:rank].clone()
     u = (a @ v) / torch.where(s > 0, s, torch.ones_like(s))
     return Factors(u.float(), s.float(), stats.unwhiten(v.T).float(), energy, rest2)
 

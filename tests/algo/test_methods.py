@@ -101,12 +101,15 @@ def test_factors_made_only_to_a_rank_are_the_whole_factors_first_columns(layer, 
     """A refinement that knows its rank asks for only those triples: the same numbers as the
     whole factorization's first ones (and its energy), on both of whitening's branches."""
     w, stats = shaped(layer, shape)
-    whole = factorize(method, w.float(), stats)
-    top = factorize(method, w.float(), stats, rank=7)
-    assert (top.u.shape, top.s.shape, top.vt.shape) == ((shape[0], 7), (7,), (7, shape[1]))
-    for part, full in ((top.u, whole.u[:, :7]), (top.s, whole.s[:7]), (top.vt, whole.vt[:7])):
-        assert torch.allclose(part, full, rtol=1e-5, atol=1e-6)
-    assert top.energy == whole.energy
+    for dtype in (torch.float64, torch.float32):
+        whole = factorize(method, w.float(), stats, dtype)
+        top = factorize(method, w.float(), stats, dtype, rank=7)
+        assert (top.u.shape, top.s.shape, top.vt.shape) == ((shape[0], 7), (7,), (7, shape[1]))
+        for part, full in ((top.u, whole.u[:, :7]), (top.s, whole.s[:7]), (top.vt, whole.vt[:7])):
+            assert torch.allclose(part, full, rtol=1e-5, atol=1e-6)
+            # its own storage: no view keeps (or `Kept` saves) the whole factorization
+            assert part.untyped_storage().nbytes() == part.numel() * part.element_size()
+        assert top.energy == whole.energy
 
 
 @pytest.mark.parametrize("dtype,rel", [(torch.float64, 1e-10), (torch.float32, 1e-5)])
