@@ -11,7 +11,7 @@ from typing import Callable
 
 import torch
 
-from svdq.algo.spectral import ROOT_DAMP, eigen_roots, gram_root, norm2
+from svdq.algo.spectral import ROOT_DAMP, eigen_roots, gram_root, norm2, tail2
 
 
 @dataclass
@@ -95,14 +95,14 @@ class Factors:
 
     def total2(self) -> float:
         """Σσ² over every triple, those cut off included."""
-        return float(self.s.double().pow(2).sum()) + self.rest2
+        return tail2(self.s, 0) + self.rest2
 
     def top(self, k: int) -> "Factors":
         """The first `k` triples (copies: no view keeps the rest), what they leave in `rest2`."""
         if k >= self.max_rank:
             return self
         return Factors(self.u[:, :k].clone(), self.s[:k].clone(), self.vt[:k].clone(),
-                       self.energy, self.rest2 + float(self.s[k:].double().pow(2).sum()))
+                       self.energy, self.rest2 + tail2(self.s, k))
 
 
 Method = Callable[..., Factors]  # (w, stats, dtype=float64): the weight's factors
@@ -164,14 +164,10 @@ def whitened_svd(w: torch.Tensor, stats: LayerStats, dtype: torch.dtype = torch.
             energy += torch.sum(wg * band, dtype=torch.float64)  # tr(W G Wᵀ) as error.trace_form
             m[i:i + ROWS] = wg.add_(band, alpha=damp) @ w64.T
         energy = float(energy)
-        u, s = eigen_roots(m)
+        u, s, rest2 = eigen_roots(m, rank)
         del m
-        k = out_f if rank is None else min(rank, out_f)
-        rest2 = float(s[k:].double().pow(2).sum())
-        if k < out_f:  # copies: a view would keep (and `Kept` save) the whole eigenbasis
-            u, s = u[:, :k].clone(), s[:k].clone()
-        vt = torch.empty(k, in_f, device=w64.device)
-        for i in range(0, k, ROWS):
+        vt = torch.empty(len(s), in_f, device=w64.device)
+        for i in range(0, len(s), ROWS):
             uw = u[:, i:i + ROWS].T @ w64
             # σᵢ² ≥ λ‖uᵢᵀW‖² exactly; holding to it in floating point bounds Vᵀ's rows by 1/√λ
             s[i:i + ROWS] = torch.maximum(s[i:i + ROWS], damp ** 0.5 * uw.norm(dim=1))
@@ -184,11 +180,7 @@ def whitened_svd(w: torch.Tensor, stats: LayerStats, dtype: torch.dtype = torch.
         damp = (float(root.pow(2).sum()) - float(stats.gram.diagonal().sum())) / in_f
         energy = norm2(a) - damp * norm2(w64)
     del w64  # (a float64 copy of W: 92 MB at 5632 × 2048)
-    v, s = eigen_roots(a.T @ a)
-    rest2 = 0.0
-    if rank is not None:
-        rest2 = float(s[rank:].double().pow(2).sum())
-        v, s = v[:, :rank], s[:rank].clone()
+    v, s, rest2 = eigen_roots(a.T @ a, rank)
     u = (a @ v) / torch.where(s > 0, s, torch.ones_like(s))
     return Factors(u.float(), s.float(), stats.unwhiten(v.T).float(), energy, rest2)
 

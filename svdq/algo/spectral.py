@@ -36,11 +36,21 @@ def norm2(m: torch.Tensor) -> float:
     return float(torch.linalg.vector_norm(m, dtype=torch.float64)) ** 2
 
 
-def eigen_roots(m: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def tail2(s: torch.Tensor, k: int) -> float:
+    """Σ_{i≥k} sᵢ², summed in float64."""
+    return float(s[k:].double().pow(2).sum())
+
+
+def eigen_roots(m: torch.Tensor, rank: int | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor, float]:
     """Eigenvectors (columns) and the square roots of the eigenvalues of the symmetric PSD
-    `m`, largest first (rounding's negative eigenvalues at 0)."""
+    `m`, largest first (rounding's negative eigenvalues at 0); with `rank`, the first `rank`
+    of them (copies: no view keeps the whole eigenbasis), and the cut-off roots' Σσ²."""
     values, vectors = eigh(m)
-    return vectors.flip(1), values.flip(0).clamp_min(0).sqrt()
+    vectors, roots = vectors.flip(1), values.flip(0).clamp_min(0).sqrt()
+    if rank is None or rank >= len(roots):
+        return vectors, roots, 0.0
+    return vectors[:, :rank].clone(), roots[:rank].clone(), tail2(roots, rank)
 
 
 def eigh(m: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
